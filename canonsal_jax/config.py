@@ -1,0 +1,35 @@
+"""The default configuration: every key the library and scripts read, with its meaning.
+
+`configs/*.py` files start from `default_config()` and override what differs; scripts load them with
+`ml_collections.config_flags` and `lock_config=True`, so a misspelt key is an error, not a silent default.
+"""
+
+import ml_collections
+
+__all__ = ["default_config"]
+
+
+def default_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = "gender"  # a name from canonsal_jax.models.names()
+
+  # Face detection (dlib HOG; "cnn" uses dlib's mmod detector). The largest face is explained.
+  config.detector = "hog"
+  config.upsample = 1  # detector image pyramid upsampling; raise it for small faces
+
+  config.occlusion = ml_collections.ConfigDict()
+  # Patch side: an odd int in crop pixels, or a float fraction of the face width. The paper uses 15 px
+  # patches on a 224 px face, about 7% of its width.
+  config.occlusion.patch_size = 0.07
+  config.occlusion.stride = 1
+  # "black" / "white" (that pixel colour run through the model's preprocessing, the paper's black square),
+  # a float constant in model input space, "mean" (the crop's per-channel mean) or "blur".
+  config.occlusion.baseline = "black"
+  config.occlusion.batch_size = 16  # occluded images per forward pass (16 is the fastest on a 2-core CPU)
+  config.occlusion.reduce = "mean"  # "mean" or "sum" of the drops of the patches covering a pixel
+  # Score: "" for the model's natural score (gender: log-odds, age: expected age, expression: log-softmax),
+  # else one of canonsal_jax.models.SCORE_KINDS.
+  config.occlusion.score = ""
+  config.occlusion.target = -1  # class index to explain; -1 = the unoccluded prediction
+  config.occlusion.contrast = -1  # a second class index: explain score(target) - score(contrast); -1 = none
+  return config

@@ -1,0 +1,17 @@
+"""Default settings for occlusion saliency of one face (every key lives here; variants override a few).
+
+Run:
+  python scripts/occlusion.py --out_dir=/tmp/canonsal_out
+  python scripts/occlusion.py --config=configs/default.py --config.model=age --image=face.jpg --out_dir=out
+
+Expect `heatmap.npy` (the model-crop heatmap), `heatmap_image.npy`, `count.npy`, `result.json` and
+`overlay.png` (the photo and the model's crop with the heatmap and the predicted label) in the output folder.
+"""
+
+import ml_collections
+
+from canonsal_jax import config as config_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return config_lib.default_config()

@@ -1,0 +1,15 @@
+"""Occlusion saliency of the `expression` model; everything else as configs/default.py.
+
+Run:
+  python scripts/occlusion.py --config=configs/expression.py --out_dir=/tmp/canonsal_expression
+"""
+
+import ml_collections
+
+from canonsal_jax import config as config_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = config_lib.default_config()
+  config.model = "expression"
+  return config
