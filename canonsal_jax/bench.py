@@ -22,12 +22,12 @@ __all__ = ["environment", "median_seconds", "sweep_vs_forward"]
 def environment() -> dict[str, Any]:
   """What the numbers were measured on."""
   return {
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "cpu_count": __import__("os").cpu_count(),
-      "python": platform.python_version(),
-      "machine": platform.machine(),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "cpu_count": __import__("os").cpu_count(),
+    "python": platform.python_version(),
+    "machine": platform.machine(),
   }
 
 
@@ -53,13 +53,13 @@ def _forward_program(apply_fn: Callable, batch_size: int) -> Callable:
 
 
 def sweep_vs_forward(
-    model: models.FaceModel,
-    *,
-    patch_size: int | float = 0.07,
-    stride: int = 1,
-    batch_sizes: Sequence[int] = (8, 16, 32),
-    repeats: int = 5,
-    seed: int = 0,
+  model: models.FaceModel,
+  *,
+  patch_size: int | float = 0.07,
+  stride: int = 1,
+  batch_sizes: Sequence[int] = (8, 16, 32),
+  repeats: int = 5,
+  seed: int = 0,
 ) -> dict[str, Any]:
   """Times the occlusion sweep against a plain batched forward pass over the same number of images.
 
@@ -83,32 +83,32 @@ def sweep_vs_forward(
   for bs in batch_sizes:
     sweep = occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=bs, score=score)
     compiled_sweep = sweep.lower(model.params, image, centres, valid).compile()
-    t_sweep = median_seconds(lambda: compiled_sweep(model.params, image, centres, valid), repeats=repeats)
+    t_sweep = median_seconds(lambda f=compiled_sweep: f(model.params, image, centres, valid), repeats=repeats)
     padded = -(-n // bs) * bs  # the sweep pads the patch axis the same way
     images = np.broadcast_to(image, (padded // bs, bs, *image.shape)).copy()
     images += rng.normal(scale=1e-3, size=images.shape).astype(np.float32)  # distinct images, same statistics
     images = jax.device_put(images)
     compiled_fwd = _forward_program(model.apply_fn, bs).lower(model.params, images).compile()
-    t_fwd = median_seconds(lambda: compiled_fwd(model.params, images), repeats=repeats)
+    t_fwd = median_seconds(lambda f=compiled_fwd, x=images: f(model.params, x), repeats=repeats)
     rows.append(
-        {
-            "batch_size": bs,
-            "sweep_s": t_sweep,
-            "forward_s": t_fwd,
-            "sweep_images_per_s": n / t_sweep,
-            "forward_images_per_s": padded / t_fwd,
-        }
+      {
+        "batch_size": bs,
+        "sweep_s": t_sweep,
+        "forward_s": t_fwd,
+        "sweep_images_per_s": n / t_sweep,
+        "forward_images_per_s": padded / t_fwd,
+      }
     )
   best_sweep = max(r["sweep_images_per_s"] for r in rows)
   best_fwd = max(r["forward_images_per_s"] for r in rows)
   return {
-      "model": model.name,
-      "input_shape": list(model.input_shape),
-      "patch_size_px": patch_px,
-      "stride": stride,
-      "num_patches": n,
-      "rows": rows,
-      "best_sweep_images_per_s": best_sweep,
-      "best_forward_images_per_s": best_fwd,
-      "ratio": best_sweep / best_fwd,
+    "model": model.name,
+    "input_shape": list(model.input_shape),
+    "patch_size_px": patch_px,
+    "stride": stride,
+    "num_patches": n,
+    "rows": rows,
+    "best_sweep_images_per_s": best_sweep,
+    "best_forward_images_per_s": best_fwd,
+    "ratio": best_sweep / best_fwd,
   }

@@ -16,10 +16,15 @@ def default_config() -> ml_collections.ConfigDict:
   # Face detection (dlib HOG; "cnn" uses dlib's mmod detector). The largest face is explained.
   config.detector = "hog"
   config.upsample = 1  # detector image pyramid upsampling; raise it for small faces
+  # Added to the detector's threshold (dlib's adjust_threshold). dlib's own default is 0; at upsample 1 the
+  # HOG detector finds a weak false face (score 0.12) on the astronaut's suit, nearly as large as her face
+  # (score 1.16). Lower this for hard images (profiles, blur), raise it if false faces win.
+  config.detector_threshold = 0.3
 
   config.occlusion = ml_collections.ConfigDict()
-  # Patch side: an odd int in crop pixels, or a float fraction of the face width. The paper uses 15 px
-  # patches on a 224 px face, about 7% of its width.
+  # Patch side: odd crop pixels if >= 1 (e.g. 3), a fraction of the face width if < 1. The paper uses 15 px
+  # patches on a 224 px face, about 7% of its width (0.07: 1 px on the gender model's 32 px chip, 3 px on
+  # the 64 px age and expression crops).
   config.occlusion.patch_size = 0.07
   config.occlusion.stride = 1
   # "black" / "white" (that pixel colour run through the model's preprocessing, the paper's black square),

@@ -31,6 +31,7 @@ from canonsal_jax import io as cs_io
 from canonsal_jax.models.base import CropSpec
 
 __all__ = [
+  "DETECTOR_KINDS",
   "Face",
   "FaceDetector",
   "NoFaceError",
@@ -47,6 +48,9 @@ __all__ = [
 PREDICTOR_68 = "shape_predictor_68_face_landmarks.dat"
 PREDICTOR_5 = "shape_predictor_5_face_landmarks.dat"
 CNN_DETECTOR = "mmod_human_face_detector.dat"
+
+# Face detectors by name (`config.detector`): dlib's HOG + linear SVM, or its CNN "mmod" detector.
+DETECTOR_KINDS = ("hog", "cnn")
 
 # dlib's `extract_image_chips` (dlib/image_transforms/interpolation.h) samples a chip from a `pyramid_down<2>`
 # level of the image when the chip is much smaller than its rectangle: it halves the image once for every
@@ -115,21 +119,31 @@ class FaceDetector:
   """dlib's face detector and landmark predictors, loaded once (each load reads tens of MB).
 
   Args:
-    cnn: detect with dlib's CNN (mmod) detector instead of HOG: finds more non-frontal faces, but takes
-      seconds per image on a CPU. Landmarks always come from the 68- and 5-point shape predictors.
+    kind: one of `DETECTOR_KINDS`: "hog" (`dlib.get_frontal_face_detector`, fast, frontal faces) or "cnn"
+      (`dlib.cnn_face_detection_model_v1` with mmod_human_face_detector.dat: finds more non-frontal faces, but
+      takes seconds per image on a CPU). Landmarks always come from the 68- and 5-point shape predictors.
+
+  Raises:
+    ValueError: an unknown `kind`.
 
   Instances hold no per-call state; share one per process (`default_detector`). dlib does not promise that
   one object may be used from several threads at once; give each thread its own instance to be safe.
   """
 
-  def __init__(self, *, cnn: bool = False):
-    self.cnn = cnn
-    if cnn:
+  def __init__(self, kind: str = "hog"):
+    if kind not in DETECTOR_KINDS:
+      raise ValueError(f"unknown face detector {kind!r}; known detectors: {DETECTOR_KINDS}")
+    self.kind = kind
+    if self.cnn:
       self._detector = dlib.cnn_face_detection_model_v1(str(assets.path(CNN_DETECTOR)))
     else:
       self._detector = dlib.get_frontal_face_detector()
     self._predictor68 = dlib.shape_predictor(str(assets.path(PREDICTOR_68)))
     self._predictor5 = dlib.shape_predictor(str(assets.path(PREDICTOR_5)))
+
+  @property
+  def cnn(self) -> bool:
+    return self.kind == "cnn"
 
   def _boxes(self, image: np.ndarray, upsample: int, adjust_threshold: float) -> list[tuple[dlib.rectangle, float]]:
     if self.cnn:
@@ -186,9 +200,13 @@ class FaceDetector:
 
 
 @functools.cache
-def default_detector(cnn: bool = False) -> FaceDetector:
-  """The process-wide `FaceDetector` (one per detector kind), built on first use."""
-  return FaceDetector(cnn=cnn)
+def _cached_detector(kind: str) -> FaceDetector:
+  return FaceDetector(kind)
+
+
+def default_detector(kind: str = "hog") -> FaceDetector:
+  """The process-wide `FaceDetector` of a kind (one of `DETECTOR_KINDS`), built on first use and kept."""
+  return _cached_detector(kind)  # keyed by the kind alone, so default_detector() is default_detector("hog")
 
 
 def largest_face(
@@ -204,7 +222,7 @@ def largest_face(
   Args:
     image: an image array (see `FaceDetector.detect`).
     name: what to call the image in the error message (its file name, say).
-    detector: defaults to `default_detector()` (HOG).
+    detector: defaults to `default_detector()` ("hog").
     upsample: see `FaceDetector.detect`.
     adjust_threshold: see `FaceDetector.detect`.
 
@@ -219,7 +237,7 @@ def largest_face(
   if not found:
     shape = np.shape(image)
     raise NoFaceError(
-      f"{name}: no face found ({shape[1]}x{shape[0]} px, {'CNN' if detector.cnn else 'HOG'} detector, "
+      f"{name}: no face found ({shape[1]}x{shape[0]} px, {detector.kind} detector, "
       f"upsample={upsample}, adjust_threshold={adjust_threshold})"
     )
   return found[0]

@@ -40,16 +40,16 @@ from jax.sharding import PartitionSpec as P
 from canonsal_jax.models.base import SCORE_KINDS
 
 __all__ = [
-    "BASELINES",
-    "REDUCTIONS",
-    "Score",
-    "SweepResult",
-    "check_finite",
-    "grid_centres",
-    "make_sweep",
-    "occlusion_map",
-    "pad_centres",
-    "resolve_patch_size",
+  "BASELINES",
+  "REDUCTIONS",
+  "Score",
+  "SweepResult",
+  "check_finite",
+  "grid_centres",
+  "make_sweep",
+  "occlusion_map",
+  "pad_centres",
+  "resolve_patch_size",
 ]
 
 BASELINES = ("mean", "blur")  # besides a constant (scalar or per channel) in model input space
@@ -114,8 +114,9 @@ class Score:
     else:
       want = ()
     if target.shape != want:
-      raise ValueError(f"{self.kind} score{' contrast' if self.contrast else ''} needs a target of shape {want}, "
-                       f"got {target.shape}")
+      raise ValueError(
+        f"{self.kind} score{' contrast' if self.contrast else ''} needs a target of shape {want}, got {target.shape}"
+      )
     if self.kind in _CLASS_KINDS and not jnp.issubdtype(target.dtype, jnp.integer):
       raise ValueError(f"class targets must be integers, got {target.dtype}")
 
@@ -181,31 +182,33 @@ def check_finite(result: SweepResult, name: str = "image") -> SweepResult:
   bad = int(result.num_nonfinite)
   if bad or not np.isfinite(float(result.score)):
     raise ValueError(
-        f"{name}: the model's score is not finite on {bad} occluded input(s)"
-        + ("" if np.isfinite(float(result.score)) else " and on the unoccluded input")
-        + " (NaN or inf from the model; check its weights and the input's preprocessing)"
+      f"{name}: the model's score is not finite on {bad} occluded input(s)"
+      + ("" if np.isfinite(float(result.score)) else " and on the unoccluded input")
+      + " (NaN or inf from the model; check its weights and the input's preprocessing)"
     )
   return result
 
 
 def resolve_patch_size(patch_size: int | float, face_width: float | None = None) -> int:
-  """Patch side in pixels: an odd int as is, or a fraction of the face width rounded to the nearest odd int.
+  """Patch side in pixels from a size in pixels (>= 1) or a fraction of the face width (< 1).
 
-  The paper uses 15 px patches on a 224 px face, about 7% of its width (`patch_size=0.07`).
+  Sizes of 1 or more are pixels and must be odd integers (``3`` or ``3.0``, as a config float gives it);
+  sizes in (0, 1) are fractions of `face_width`, rounded to the nearest odd number of pixels. The paper uses
+  15 px patches on a 224 px face, about 7% of its width (``patch_size=0.07``).
 
   Raises:
-    ValueError: an even or non-positive pixel size, a fraction outside (0, 1], or a fraction with no face width.
+    ValueError: an even, non-integral or non-positive pixel size, or a fraction with no face width.
   """
   if isinstance(patch_size, bool) or not isinstance(patch_size, (int, float, np.integer, np.floating)):
-    raise ValueError(f"patch_size must be an odd int (pixels) or a float fraction of the face, got {patch_size!r}")
-  if isinstance(patch_size, (int, np.integer)):
-    if patch_size < 1 or patch_size % 2 == 0:
-      raise ValueError(f"patch_size must be a positive odd number of pixels, got {patch_size}")
+    raise ValueError(f"patch_size must be odd pixels (>= 1) or a fraction of the face (< 1), got {patch_size!r}")
+  if not np.isfinite(patch_size) or patch_size <= 0:
+    raise ValueError(f"patch_size must be positive, got {patch_size}")
+  if patch_size >= 1:
+    if patch_size != int(patch_size) or int(patch_size) % 2 == 0:
+      raise ValueError(f"patch_size in pixels must be an odd integer, got {patch_size}")
     return int(patch_size)
-  if not 0.0 < patch_size <= 1.0:
-    raise ValueError(f"a relative patch_size must be in (0, 1], got {patch_size}")
   if face_width is None or face_width <= 0:
-    raise ValueError("a relative patch_size needs the face width in pixels")
+    raise ValueError(f"a relative patch_size ({patch_size}) needs the face width in pixels")
   pixels = patch_size * face_width
   return max(1, 2 * math.floor(pixels / 2.0) + 1)  # nearest odd integer
 
@@ -292,15 +295,15 @@ def _check_baseline(baseline: Any) -> float | str | tuple[float, ...]:
 
 
 def make_sweep(
-    apply_fn: Callable[[Any, jax.Array], jax.Array],
-    *,
-    patch_size: int,
-    batch_size: int,
-    baseline: float | str | Sequence[float] = 0.0,
-    score: Score,
-    reduce: str = "mean",
-    blur_sigma: float | None = None,
-    devices: Sequence[jax.Device] | None = None,
+  apply_fn: Callable[[Any, jax.Array], jax.Array],
+  *,
+  patch_size: int,
+  batch_size: int,
+  baseline: float | str | Sequence[float] = 0.0,
+  score: Score,
+  reduce: str = "mean",
+  blur_sigma: float | None = None,
+  devices: Sequence[jax.Device] | None = None,
 ) -> Callable[..., SweepResult]:
   """Builds the jitted occlusion sweep for one model and one set of static settings.
 
@@ -360,10 +363,10 @@ def make_sweep(
 
   if mesh is not None:
     occluded_scores = jax.shard_map(
-        occluded_scores,
-        mesh=mesh,
-        in_specs=(P(), P(), P(), P(_AXIS), P()),
-        out_specs=P(_AXIS),
+      occluded_scores,
+      mesh=mesh,
+      in_specs=(P(), P(), P(), P(_AXIS), P()),
+      out_specs=P(_AXIS),
     )
 
   def sweep(params, image, centres_rc, valid, target=None) -> SweepResult:
@@ -403,30 +406,30 @@ def make_sweep(
     count = jnp.matmul((rows * valid_p[:, None]).T, cols, precision=hi)
     heatmap = total if reduce == "sum" else jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
     return SweepResult(
-        drops=drops[:n],
-        heatmap=heatmap,
-        count=jnp.rint(count).astype(jnp.int32),
-        score=original,
-        outputs=outputs[0],
-        target=target,
-        num_nonfinite=jnp.sum(valid_p & ~finite),
+      drops=drops[:n],
+      heatmap=heatmap,
+      count=jnp.rint(count).astype(jnp.int32),
+      score=original,
+      outputs=outputs[0],
+      target=target,
+      num_nonfinite=jnp.sum(valid_p & ~finite),
     )
 
   return jax.jit(sweep)
 
 
 def occlusion_map(
-    score_fn: Callable[[jax.Array], jax.Array],
-    image: jax.typing.ArrayLike,
-    *,
-    patch_size: int | float,
-    stride: int | None = None,
-    centres: np.ndarray | None = None,
-    baseline: float | str | Sequence[float] = 0.0,
-    batch_size: int = 16,
-    reduce: str = "mean",
-    face_width: float | None = None,
-    name: str = "image",
+  score_fn: Callable[[jax.Array], jax.Array],
+  image: jax.typing.ArrayLike,
+  *,
+  patch_size: int | float,
+  stride: int | None = None,
+  centres: np.ndarray | None = None,
+  baseline: float | str | Sequence[float] = 0.0,
+  batch_size: int = 16,
+  reduce: str = "mean",
+  face_width: float | None = None,
+  name: str = "image",
 ) -> SweepResult:
   """Occlusion saliency of any callable; a convenience wrapper around `make_sweep` (it may retrace).
 
@@ -459,11 +462,11 @@ def occlusion_map(
     centres = grid_centres(height, width, patch_size=patch_size, stride=1 if stride is None else stride)
   centres_rc, valid = pad_centres(centres, len(centres))
   sweep = make_sweep(
-      lambda params, x: score_fn(x)[:, None],
-      patch_size=patch_size,
-      batch_size=batch_size,
-      baseline=baseline,
-      score=Score("logit"),
-      reduce=reduce,
+    lambda params, x: score_fn(x)[:, None],
+    patch_size=patch_size,
+    batch_size=batch_size,
+    baseline=baseline,
+    score=Score("logit"),
+    reduce=reduce,
   )
   return check_finite(sweep(None, image, centres_rc, valid, jnp.int32(0)), name)

@@ -84,7 +84,7 @@ def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tupl
 @functools.lru_cache(maxsize=16)
 def _cached_sweep(apply_fn: Callable, patch_size: int, batch_size: int, baseline, score, reduce: str):
   return occlusion.make_sweep(
-      apply_fn, patch_size=patch_size, batch_size=batch_size, baseline=baseline, score=score, reduce=reduce
+    apply_fn, patch_size=patch_size, batch_size=batch_size, baseline=baseline, score=score, reduce=reduce
   )
 
 
@@ -117,11 +117,11 @@ def _target(score: occlusion.Score, occ: ml_collections.ConfigDict, num_outputs:
 
 
 def explain_image(
-    config: ml_collections.ConfigDict,
-    image: str | pathlib.Path | np.ndarray | None = None,
-    *,
-    name: str | None = None,
-    detector: faces.FaceDetector | None = None,
+  config: ml_collections.ConfigDict,
+  image: str | pathlib.Path | np.ndarray | None = None,
+  *,
+  name: str | None = None,
+  detector: faces.FaceDetector | None = None,
 ) -> OcclusionResult:
   """Occlusion saliency of the largest face in one photo.
 
@@ -145,7 +145,9 @@ def explain_image(
     pixels = io.validate_image(image, name)
   model = models.load(config.model)
   detector = detector or faces.default_detector(config.detector)
-  face = faces.largest_face(pixels, detector=detector, upsample=config.upsample, name=name)
+  face = faces.largest_face(
+    pixels, name, detector=detector, upsample=config.upsample, adjust_threshold=config.detector_threshold
+  )
   crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
 
   occ = config.occlusion
@@ -154,33 +156,40 @@ def explain_image(
   if not isinstance(occ.stride, int) or occ.stride < 1:
     raise ValueError(f"occlusion.stride must be a positive int, got {occ.stride!r}")
   centres = occlusion.grid_centres(size, size, patch_size=patch_size, stride=occ.stride)
-  result = sweep(model.params, model.preprocess(crop), centres, np.ones(len(centres), bool), _target(score, occ, len(model.labels)))
+  result = sweep(
+    model.params, model.preprocess(crop), centres, np.ones(len(centres), bool), _target(score, occ, len(model.labels))
+  )
   result = occlusion.check_finite(jax.device_get(result), name)
   outputs = np.asarray(result.outputs, np.float64)
   probabilities = np.exp(outputs - outputs.max())
   probabilities /= probabilities.sum()
   target = int(result.target) if result.target.ndim == 0 and score.kind not in ("expected_value",) else -1
-  label = model.labels[int(np.argmax(outputs))] if score.kind != "cosine" else ""
+  if score.kind == "expected_value":
+    label = f"{float(result.score):.1f}"  # e.g. the expected age; the arg-max bin says less
+  elif score.kind == "cosine":
+    label = ""
+  else:
+    label = model.labels[int(np.argmax(outputs))]
   heatmap = np.asarray(result.heatmap, np.float32)
   heatmap_image = faces.warp_to_image(np.where(result.count > 0, heatmap, np.nan), crop_from_image, pixels.shape[:2])
   return OcclusionResult(
-      name=name,
-      model=model.name,
-      label=label,
-      score_kind=score.kind + (" contrast" if score.contrast else ""),
-      target=target,
-      score=float(result.score),
-      probabilities=probabilities,
-      image=pixels,
-      face=face,
-      crop=crop,
-      crop_from_image=np.asarray(crop_from_image),
-      heatmap=heatmap,
-      count=np.asarray(result.count),
-      heatmap_image=np.asarray(heatmap_image, np.float32),
-      patch_size=patch_size,
-      stride=int(occ.stride),
-      num_patches=len(centres),
+    name=name,
+    model=model.name,
+    label=label,
+    score_kind=score.kind + (" contrast" if score.contrast else ""),
+    target=target,
+    score=float(result.score),
+    probabilities=probabilities,
+    image=pixels,
+    face=face,
+    crop=crop,
+    crop_from_image=np.asarray(crop_from_image),
+    heatmap=heatmap,
+    count=np.asarray(result.count),
+    heatmap_image=np.asarray(heatmap_image, np.float32),
+    patch_size=patch_size,
+    stride=int(occ.stride),
+    num_patches=len(centres),
   )
 
 
@@ -208,21 +217,21 @@ def write_occlusion(result: OcclusionResult, out_dir: str | pathlib.Path) -> dic
   """
   out = pathlib.Path(out_dir)
   summary = {
-      "format": _OUTPUT_FORMAT,
-      "version": _OUTPUT_VERSION,
-      "name": result.name,
-      "model": result.model,
-      "label": result.label,
-      "score_kind": result.score_kind,
-      "target": result.target,
-      "score": result.score,
-      "probabilities": [float(p) for p in result.probabilities],
-      "face_box_xyxy": [float(v) for v in result.face.box_xyxy],
-      "crop_from_image": np.asarray(result.crop_from_image).tolist(),
-      "patch_size_px": result.patch_size,
-      "stride_px": result.stride,
-      "num_patches": result.num_patches,
-      "uncovered_crop_pixels": int(np.sum(result.count == 0)),
+    "format": _OUTPUT_FORMAT,
+    "version": _OUTPUT_VERSION,
+    "name": result.name,
+    "model": result.model,
+    "label": result.label,
+    "score_kind": result.score_kind,
+    "target": result.target,
+    "score": result.score,
+    "probabilities": [float(p) for p in result.probabilities],
+    "face_box_xyxy": [float(v) for v in result.face.box_xyxy],
+    "crop_from_image": np.asarray(result.crop_from_image).tolist(),
+    "patch_size_px": result.patch_size,
+    "stride_px": result.stride,
+    "num_patches": result.num_patches,
+    "uncovered_crop_pixels": int(np.sum(result.count == 0)),
   }
   io.save_npy(out / "heatmap.npy", result.heatmap)
   io.save_npy(out / "count.npy", result.count)

@@ -10,16 +10,23 @@ __all__ = ["colorize", "overlay", "panel", "upscale"]
 # Sequential map for unsigned saliency: anchor colours of matplotlib's "inferno" (BSD-style licence data,
 # 9 evenly spaced samples), interpolated linearly.
 _INFERNO = np.array(
-    [
-        [0, 0, 4], [31, 12, 72], [85, 15, 109], [136, 34, 106], [186, 54, 85],
-        [227, 89, 51], [249, 140, 10], [249, 201, 50], [252, 255, 164],
-    ],
-    np.float64,
+  [
+    [0, 0, 4],
+    [31, 12, 72],
+    [85, 15, 109],
+    [136, 34, 106],
+    [186, 54, 85],
+    [227, 89, 51],
+    [249, 140, 10],
+    [249, 201, 50],
+    [252, 255, 164],
+  ],
+  np.float64,
 )
 # Diverging map for signed saliency (negative blue, zero white, positive red), as ColorBrewer's RdBu.
 _RDBU = np.array(
-    [[5, 48, 97], [67, 147, 195], [209, 229, 240], [247, 247, 247], [253, 219, 199], [214, 96, 77], [103, 0, 31]],
-    np.float64,
+  [[5, 48, 97], [67, 147, 195], [209, 229, 240], [247, 247, 247], [253, 219, 199], [214, 96, 77], [103, 0, 31]],
+  np.float64,
 )
 _NO_DATA_RGB = (128, 128, 128)
 
@@ -33,7 +40,7 @@ def _interp(stops: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def colorize(
-    values: np.ndarray, *, valid: np.ndarray | None = None, signed: bool | None = None, vmax: float | None = None
+  values: np.ndarray, *, valid: np.ndarray | None = None, signed: bool | None = None, vmax: float | None = None
 ) -> np.ndarray:
   """Maps `[H, W]` values to uint8 RGB `[H, W, 3]` on a shared scale.
 

@@ -1,7 +1,7 @@
 r"""Benchmarks: ratios against baselines measured in the same run (see BENCHMARKS.md).
 
-  python scripts/benchmark.py --suite=sweep --json_out=/tmp/bench.json
-  python scripts/benchmark.py --suite=sweep --models=age --batch_sizes=16 --repeats=3
+python scripts/benchmark.py --suite=sweep --json_out=/tmp/bench.json
+python scripts/benchmark.py --suite=sweep --models=age --batch_sizes=16 --repeats=3
 """
 
 import json
@@ -29,21 +29,21 @@ def main(argv):
   for name in _MODELS.value:
     model = models.load(name)
     res = bench.sweep_vs_forward(
-        model,
-        patch_size=_PATCH.value,
-        stride=_STRIDE.value,
-        batch_sizes=[int(b) for b in _BATCH_SIZES.value],
-        repeats=_REPEATS.value,
+      model,
+      patch_size=_PATCH.value,
+      stride=_STRIDE.value,
+      batch_sizes=[int(b) for b in _BATCH_SIZES.value],
+      repeats=_REPEATS.value,
     )
     results.append(res)
     for row in res["rows"]:
       print(
-          f"{name:10s} bs={row['batch_size']:3d}  sweep {row['sweep_images_per_s']:8.0f} img/s"
-          f"  forward {row['forward_images_per_s']:8.0f} img/s"
+        f"{name:10s} bs={row['batch_size']:3d}  sweep {row['sweep_images_per_s']:8.0f} img/s"
+        f"  forward {row['forward_images_per_s']:8.0f} img/s"
       )
     print(
-        f"{name:10s} {res['num_patches']} patches of {res['patch_size_px']} px: "
-        f"sweep/forward throughput ratio {res['ratio']:.3f} (target >= 0.95)"
+      f"{name:10s} {res['num_patches']} patches of {res['patch_size_px']} px: "
+      f"sweep/forward throughput ratio {res['ratio']:.3f} (target >= 0.95)"
     )
   if _JSON_OUT.value:
     path = pathlib.Path(_JSON_OUT.value)

@@ -1,8 +1,8 @@
 r"""Occlusion saliency of one face: writes the heatmap (.npy) and an overlay PNG with the prediction.
 
-  python scripts/occlusion.py --out_dir=/tmp/canonsal_out                      # astronaut, gender model
-  python scripts/occlusion.py --image=face.jpg --model=age --out_dir=out
-  python scripts/occlusion.py --config=configs/paper.py --config.occlusion.stride=2 --out_dir=out
+python scripts/occlusion.py --out_dir=/tmp/canonsal_out                      # astronaut, gender model
+python scripts/occlusion.py --image=face.jpg --model=age --out_dir=out
+python scripts/occlusion.py --config=configs/paper.py --config.occlusion.stride=2 --out_dir=out
 """
 
 import pathlib
@@ -13,8 +13,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"), "Configuration file.",
-    lock_config=True,
+  "config",
+  str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"),
+  "Configuration file.",
+  lock_config=True,
 )
 _IMAGE = flags.DEFINE_string("image", None, "Photo to explain (default: scikit-image's astronaut).")
 _MODEL = flags.DEFINE_string("model", None, "Face model to explain (overrides config.model).")

@@ -13,7 +13,7 @@ from canonsal_jax import assets
 def fake_asset(monkeypatch, tmp_path):
   payload = b"weights of a face model"
   asset = assets.Asset(
-      "fake.bin", "fake-pkg", "1.0", "fake_pkg", "data/fake.bin", hashlib.sha256(payload).hexdigest(), "CC0-1.0"
+    "fake.bin", "fake-pkg", "1.0", "fake_pkg", "data/fake.bin", hashlib.sha256(payload).hexdigest(), "CC0-1.0"
   )
   monkeypatch.setitem(assets.ASSETS, asset.name, asset)
   monkeypatch.setenv("CANONSAL_CACHE_DIR", str(tmp_path / "cache"))
@@ -21,7 +21,7 @@ def fake_asset(monkeypatch, tmp_path):
 
 
 def test_unknown_asset_lists_known_names():
-  with pytest.raises(ValueError, match="gender-v1.onnx"):
+  with pytest.raises(ValueError, match=r"gender-v1\.onnx"):
     assets.path("no-such-file")
 
 
@@ -64,12 +64,12 @@ def test_cached_copy_is_verified_and_a_corrupt_one_refetched(fake_asset, monkeyp
 
 def test_no_fetch_raises_clear_error(fake_asset):
   asset, _ = fake_asset
-  with pytest.raises(assets.AssetError, match="fake.bin.*fetching is disabled"):
+  with pytest.raises(assets.AssetError, match=r"fake\.bin.*fetching is disabled"):
     assets.path(asset.name, fetch=False)
 
 
 def test_pip_failure_is_a_clear_error(fake_asset, monkeypatch):
   asset, _ = fake_asset
   monkeypatch.setattr(assets.sys, "executable", "/bin/false")
-  with pytest.raises(assets.AssetError, match="fake-pkg==1.0"):
+  with pytest.raises(assets.AssetError, match=r"fake-pkg==1\.0"):
     assets.path(asset.name)

@@ -116,7 +116,9 @@ def test_scores_known_values():
   chex.assert_trees_all_close(Score("logit", contrast=True)(outputs, jnp.array([1, 0])), outputs[:, 1] - outputs[:, 0])
   ev = Score("expected_value", values=(10.0, 20.0, 30.0))(outputs, jnp.int32(0))
   chex.assert_trees_all_close(ev, p @ jnp.array([10.0, 20.0, 30.0]))
-  chex.assert_trees_all_close(Score("cosine")(outputs, outputs[1]), jnp.array([1.0 / np.sqrt(14 * 0.75), 1.0]), rtol=1e-6)
+  chex.assert_trees_all_close(
+    Score("cosine")(outputs, outputs[1]), jnp.array([1.0 / np.sqrt(14 * 0.75), 1.0]), rtol=1e-6
+  )
 
 
 def test_cosine_self_similarity_default_target():
@@ -139,10 +141,10 @@ def test_no_recompile_for_new_weights_image_centres_and_target():
   for i in range(3):
     centres = rng.integers(0, [h, w], size=(int(rng.integers(5, 20)), 2))
     sweep(
-        params * (i + 1),
-        rng.normal(size=(h, w, c)).astype(np.float32),
-        *occlusion.pad_centres(centres, 20),
-        target=jnp.int32(i),
+      params * (i + 1),
+      rng.normal(size=(h, w, c)).astype(np.float32),
+      *occlusion.pad_centres(centres, 20),
+      target=jnp.int32(i),
     )
   assert sweep._cache_size() == 1
 
@@ -171,7 +173,7 @@ def test_peak_memory_bounded_by_batch_not_patches():
 
 def test_four_devices_equal_one():
   code = textwrap.dedent(
-      """
+    """
       import jax, jax.numpy as jnp, numpy as np
       from canonsal_jax import occlusion
       assert len(jax.devices()) == 4
@@ -200,7 +202,8 @@ def test_resolve_patch_size():
   assert occlusion.resolve_patch_size(0.07, 224) == 15  # the paper's 15 px on a 224 px face
   assert occlusion.resolve_patch_size(0.07, 64) == 5
   assert occlusion.resolve_patch_size(7) == 7
-  for bad in (4, 0, -3, 1.5, 0.0, True, "7"):
+  assert occlusion.resolve_patch_size(7.0) == 7  # a config float holding pixels
+  for bad in (4, 4.0, 0, -3, 1.5, 0.0, float("nan"), True, "7"):
     with pytest.raises(ValueError):
       occlusion.resolve_patch_size(bad, 100)
   with pytest.raises(ValueError, match="face width"):
@@ -243,7 +246,7 @@ def test_bad_input_errors():
     occlusion.make_sweep(apply_fn, patch_size=9, batch_size=2, score=score)(params, image, centres, valid)
   with pytest.raises(ValueError, match="explicit target"):
     occlusion.make_sweep(apply_fn, patch_size=3, batch_size=2, score=Score("logit", contrast=True))(
-        params, image, centres, valid
+      params, image, centres, valid
     )
 
 
@@ -253,3 +256,31 @@ def test_nan_scores_raise_naming_the_input():
 
   with pytest.raises(ValueError, match=r"face_007\.png.*not finite on 1 "):
     occlusion.occlusion_map(score_fn, np.ones((6, 6, 1)), patch_size=3, stride=1, name="face_007.png")
+
+
+@pytest.mark.parametrize("name,score_kind", [("gender", "log_odds"), ("age", "expected_value")])
+def test_matches_naive_loop_on_real_model(name, score_kind):
+  """A real ported network: the compiled sweep equals one occluded image at a time, to 1e-5 of the largest drop."""
+  from canonsal_jax import faces, io, models
+
+  model = models.load(name)
+  image = io.default_image()
+  face = faces.largest_face(image, "astronaut", adjust_threshold=0.3)
+  crop, _ = faces.crop_face(image, face, model.crop)
+  x = model.preprocess(crop)
+  size, patch = model.crop.size, 5
+  centres = occlusion.grid_centres(size, size, patch_size=patch, stride=4 if size > 32 else 2, include_borders=True)
+  score = Score.for_model(model)
+  assert score.kind == score_kind
+  black = tuple(model.preprocess(np.zeros((size, size, 3), np.uint8))[0, 0])
+  with jax.default_matmul_precision("highest"):
+    sweep = occlusion.make_sweep(model.apply_fn, patch_size=patch, batch_size=16, baseline=black, score=score)
+    got = sweep(model.params, x, *occlusion.pad_centres(centres, len(centres)))
+    target = got.target
+    apply = jax.jit(model.apply_fn)
+    score_fn = lambda batch: np.asarray(score(apply(model.params, jnp.asarray(batch, jnp.float32)), target))
+    drops, heat, _ = _naive_sweep(score_fn, x, centres, patch, np.broadcast_to(np.asarray(black, np.float32), x.shape))
+  scale = np.abs(drops).max()
+  assert scale > 0
+  np.testing.assert_allclose(np.asarray(got.drops), drops, atol=1e-5 * scale)
+  np.testing.assert_allclose(np.asarray(got.heatmap), heat, atol=1e-5 * scale)

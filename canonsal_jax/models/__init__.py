@@ -35,9 +35,9 @@ def _expression() -> FaceModel:
 
 
 _REGISTRY: dict[str, Callable[[], FaceModel]] = {
-    "gender": _gender,
-    "age": _age,
-    "expression": _expression,
+  "gender": _gender,
+  "age": _age,
+  "expression": _expression,
 }
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["CropSpec", "FaceModel", "CROP_KINDS", "SCORE_KINDS"]
+__all__ = ["CROP_KINDS", "SCORE_KINDS", "CropSpec", "FaceModel"]
 
 # How a model's face crop is made from a photo (see `canonsal_jax.faces`):
 #   "dlib_chip": `dlib.get_face_chip_details(shape, size, padding)` on the predictor's landmarks (a similarity
@@ -113,9 +113,7 @@ class FaceModel:
     """
     face = np.asarray(face_rgb_uint8)
     if face.dtype != np.uint8 or face.ndim != 3 or face.shape[2] != 3 or min(face.shape[:2]) < 1:
-      raise ValueError(
-          f"{self.name}: preprocess expects a uint8 RGB crop [h, w, 3], got {face.dtype} {face.shape}"
-      )
+      raise ValueError(f"{self.name}: preprocess expects a uint8 RGB crop [h, w, 3], got {face.dtype} {face.shape}")
     out = np.asarray(self.preprocess_fn(face), dtype=np.float32)
     if out.shape != self.input_shape:
       raise AssertionError(f"{self.name}: preprocess gave {out.shape}, expected {self.input_shape}")

