@@ -49,20 +49,20 @@ from canonsal_jax import assets
 from canonsal_jax.models.base import CropSpec, FaceModel
 
 __all__ = [
-    "CROP_PADDING",
-    "DEPTHWISE_IMPLS",
-    "INPUT_SIZE",
-    "LABELS",
-    "MiniXception",
-    "convert_hdf5",
-    "depthwise_conv_grouped",
-    "depthwise_conv_shifts",
-    "load_expression",
-    "load_params",
-    "load_weights",
-    "preprocess",
-    "resize_linear_opencv",
-    "rgb_to_grey_opencv",
+  "CROP_PADDING",
+  "DEPTHWISE_IMPLS",
+  "INPUT_SIZE",
+  "LABELS",
+  "MiniXception",
+  "convert_hdf5",
+  "depthwise_conv_grouped",
+  "depthwise_conv_shifts",
+  "load_expression",
+  "load_params",
+  "load_weights",
+  "preprocess",
+  "resize_linear_opencv",
+  "rgb_to_grey_opencv",
 ]
 
 # fer.FER._get_labels() in fer 25.10.3, in output order.
@@ -71,14 +71,15 @@ LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 # The network's input side (the file's `batch_input_shape` [None, 64, 64, 1]).
 INPUT_SIZE = 64
 
-# fer's crop is OpenCV's Haar-cascade box grown by `offsets=(10, 10)` pixels on every side; we crop around
-# dlib's HOG box, which is tighter. On the scikit-image astronaut the Haar cascade
-# (haarcascade_frontalface_default.xml, detectMultiScale(scaleFactor=1.1, minNeighbors=5) as fer calls it)
-# returns a box 1.21x the side of dlib's HOG box around the same centre (measured once with a numpy port of
-# the cascade, see tests/test_models_fer.py for the dlib side), and for a typical 100-150 px Haar box fer's
-# 10 px offsets add another 7-10% of the Haar side per side. fer's crop is therefore about
-# 1.21 * (1 + 2 * 0.085) = 1.42 dlib box widths, i.e. a margin of (1.42 - 1) / 2 = 0.21 box widths per side.
-CROP_PADDING = 0.21
+# fer crops OpenCV's Haar-cascade box (haarcascade_frontalface_default, detectMultiScale with scaleFactor 1.1,
+# minNeighbors 5) grown by `offsets=(10, 10)` pixels per side; we crop around dlib's HOG box (upsample 1). On
+# scikit-image's astronaut, its mirror image and a 1.5x enlargement, a numpy re-implementation of that Haar
+# detection (OpenCV itself is not a dependency) gave boxes 1.02, 1.09 and 1.10 times dlib's width (mean 1.07),
+# centred 0.08-0.15 box widths higher (more forehead, less chin). For a face the size of the astronaut's (dlib
+# box 91 px, typical of the photos and webcam frames fer is used on) fer's crop is then
+# (1.07 * 91 + 2 * 10) / 91 = 1.29 dlib widths, i.e. a margin of 0.14 widths per side; the fixed 10 px make the
+# margin smaller on larger faces (0.11 at 130 px). The vertical shift is not reproduced: "box" crops are centred.
+CROP_PADDING = 0.14
 
 # Which depthwise conv implementation `MiniXception` uses (see the module docstring).
 DEPTHWISE_IMPLS = ("shifts", "grouped")
@@ -137,8 +138,12 @@ def depthwise_conv_grouped(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike
   """
   x = jnp.asarray(x)
   return lax.conv_general_dilated(
-      x, jnp.asarray(kernel), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1],
+    x,
+    jnp.asarray(kernel),
+    (1, 1),
+    "SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=x.shape[-1],
   )
 
 
@@ -163,11 +168,18 @@ class ConvBN(nnx.Module):
   """Bias-free conv followed by an inference-mode batch norm."""
 
   def __init__(
-      self, in_features: int, out_features: int, *, kernel_size: int, strides: int = 1, padding: str,
-      epsilon: float, rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    kernel_size: int,
+    strides: int = 1,
+    padding: str,
+    epsilon: float,
+    rngs: nnx.Rngs,
   ):
     self.conv = nnx.Conv(
-        in_features, out_features, (kernel_size, kernel_size), strides, padding=padding, use_bias=False, rngs=rngs
+      in_features, out_features, (kernel_size, kernel_size), strides, padding=padding, use_bias=False, rngs=rngs
     )
     self.bn = nnx.BatchNorm(out_features, use_running_average=True, epsilon=epsilon, rngs=rngs)
 
@@ -194,7 +206,7 @@ class ResidualModule(nnx.Module):
     self.sep1 = SeparableConvBN(in_features, out_features, epsilon=epsilon, depthwise=depthwise, rngs=rngs)
     self.sep2 = SeparableConvBN(out_features, out_features, epsilon=epsilon, depthwise=depthwise, rngs=rngs)
     self.shortcut = ConvBN(
-        in_features, out_features, kernel_size=1, strides=2, padding="SAME", epsilon=epsilon, rngs=rngs
+      in_features, out_features, kernel_size=1, strides=2, padding="SAME", epsilon=epsilon, rngs=rngs
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -213,8 +225,14 @@ class MiniXception(nnx.Module):
   """
 
   def __init__(
-      self, *, num_classes: int = len(LABELS), stem_features: int = 8, features: tuple[int, ...] = (16, 32, 64, 128),
-      epsilon: float = 1e-3, depthwise: str = "shifts", rngs: nnx.Rngs,
+    self,
+    *,
+    num_classes: int = len(LABELS),
+    stem_features: int = 8,
+    features: tuple[int, ...] = (16, 32, 64, 128),
+    epsilon: float = 1e-3,
+    depthwise: str = "shifts",
+    rngs: nnx.Rngs,
   ):
     self.stem1 = ConvBN(1, stem_features, kernel_size=3, padding="VALID", epsilon=epsilon, rngs=rngs)
     self.stem2 = ConvBN(stem_features, stem_features, kernel_size=3, padding="VALID", epsilon=epsilon, rngs=rngs)
@@ -271,8 +289,8 @@ def convert_hdf5(path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
     config = json.loads(f.attrs["model_config"])
     layers = config["config"]["layers"]
     inbound = {
-        lay["config"]["name"]: [node[0] for node in lay["inbound_nodes"][0]] if lay["inbound_nodes"] else []
-        for lay in layers
+      lay["config"]["name"]: [node[0] for node in lay["inbound_nodes"][0]] if lay["inbound_nodes"] else []
+      for lay in layers
     }
     by_name = {lay["config"]["name"]: lay for lay in layers}
 
@@ -290,8 +308,14 @@ def convert_hdf5(path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
       _expect(c["kernel_size"] == [1, 1] and c["strides"] == [2, 2] and c["padding"] == "same", f"{c['name']}")
     _expect(convs[6]["padding"] == "same" and convs[6]["use_bias"], "head conv with bias, same padding")
     for c in seps:
-      _expect(c["kernel_size"] == [3, 3] and c["strides"] == [1, 1] and c["padding"] == "same"
-              and c["depth_multiplier"] == 1 and not c["use_bias"], f"separable conv {c['name']}")
+      _expect(
+        c["kernel_size"] == [3, 3]
+        and c["strides"] == [1, 1]
+        and c["padding"] == "same"
+        and c["depth_multiplier"] == 1
+        and not c["use_bias"],
+        f"separable conv {c['name']}",
+      )
     epsilons = {lay["config"]["epsilon"] for lay in layers if lay["class_name"] == "BatchNormalization"}
     _expect(len(epsilons) == 1, f"one batch-norm epsilon, found {epsilons}")
 
@@ -369,7 +393,7 @@ def load_weights(*, weights_dir: os.PathLike[str] | str | None = None) -> dict[s
 
 
 def load_params(
-    *, depthwise: str = "shifts", weights_dir: os.PathLike[str] | str | None = None
+  *, depthwise: str = "shifts", weights_dir: os.PathLike[str] | str | None = None
 ) -> tuple[nnx.GraphDef, nnx.State]:
   """The fer network split into its graph and its weights (`nnx.split`), from the cached conversion.
 
@@ -502,13 +526,13 @@ def load_expression(*, depthwise: str = "shifts") -> FaceModel:
   graphdef, state = load_params(depthwise=depthwise)
   asset = assets.ASSETS[_ASSET]
   return FaceModel(
-      name="expression",
-      labels=LABELS,
-      input_shape=(INPUT_SIZE, INPUT_SIZE, 1),
-      apply_fn=functools.partial(_apply, graphdef),
-      params=state,
-      preprocess_fn=preprocess,
-      crop=CropSpec("box", INPUT_SIZE, CROP_PADDING, landmarks=5),
-      score="log_softmax",
-      source=f"{asset.member} from the {asset.package}=={asset.version} package ({asset.licence})",
+    name="expression",
+    labels=LABELS,
+    input_shape=(INPUT_SIZE, INPUT_SIZE, 1),
+    apply_fn=functools.partial(_apply, graphdef),
+    params=state,
+    preprocess_fn=preprocess,
+    crop=CropSpec("box", INPUT_SIZE, CROP_PADDING, landmarks=5),
+    score="log_softmax",
+    source=f"{asset.member} from the {asset.package}=={asset.version} package ({asset.licence})",
   )
