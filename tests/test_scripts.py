@@ -14,14 +14,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _run(script, *args, timeout=600):
   return subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=timeout
+    [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=timeout
   )
 
 
 def test_occlusion_script_on_the_astronaut(tmp_path):
-  proc = _run(
-      "occlusion.py", f"--out_dir={tmp_path}", "--config.occlusion.stride=2", "--config.occlusion.patch_size=3"
-  )
+  proc = _run("occlusion.py", f"--out_dir={tmp_path}", "--config.occlusion.stride=2", "--config.occlusion.patch_size=3")
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((tmp_path / "result.json").read_text())
   assert summary["model"] == "gender" and summary["label"] == "female"
@@ -39,12 +37,12 @@ def test_occlusion_script_on_the_astronaut(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args,expected",
-    [
-        (["--model=nope"], "Unknown model 'nope'; known models: gender, age, expression"),
-        (["--config.occlusion.stride=0"], "stride"),
-        (["--config.occlusion.patch_size=4"], "odd"),
-    ],
+  "args,expected",
+  [
+    (["--model=nope"], "Unknown model 'nope'; known models: gender, age, expression"),
+    (["--config.occlusion.stride=0"], "stride"),
+    (["--config.occlusion.patch_size=4"], "odd"),
+  ],
 )
 def test_bad_flags_give_one_line_errors(tmp_path, args, expected):
   proc = _run("occlusion.py", f"--out_dir={tmp_path}", *args)
