@@ -1,0 +1,5 @@
+"""3D morphable face models: the `MorphableModel` pytree, its loaders and the batched fitter."""
+
+from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableModel
+
+__all__ = ["NUM_LANDMARKS", "REGION_NAMES", "MorphableModel"]
