@@ -39,6 +39,7 @@ setup(
       "ruff>=0.6",
       "onnxruntime>=1.18",  # independent runtime for the ONNX parity tests
       "keras>=3.5",  # independent runtime for the HDF5 parity test (run on its jax backend)
+      "eos-py==1.5.0",  # independent reader of the Surrey Face Model, and the fitting reference
     ],
     "baseline": [
       "torch==2.13.0",
