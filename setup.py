@@ -17,7 +17,7 @@ setup(
   license="Apache-2.0",
   python_requires=">=3.11",
   packages=find_packages(include=["canonsal_jax", "canonsal_jax.*"]),
-  include_package_data=True,
+  package_data={"canonsal_jax.morphable": ["data/*.json"]},
   install_requires=[
     "jax>=0.7",
     "flax>=0.11",

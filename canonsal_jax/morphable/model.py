@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["MorphableModel", "REGION_NAMES", "NUM_LANDMARKS"]
+__all__ = ["NUM_LANDMARKS", "REGION_NAMES", "MorphableModel"]
 
 # dlib / iBUG 300-W 68-point markup.
 NUM_LANDMARKS = 68
