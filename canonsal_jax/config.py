@@ -21,6 +21,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (score 1.16). Lower this for hard images (profiles, blur), raise it if false faces win.
   config.detector_threshold = 0.3
 
+  # The 3D morphable model: "default" (built from CC0 MakeHuman assets at first use) or the folder of a
+  # Surrey Face Model copy (sfm_shape_3448.bin and its companions; non-commercial licence, never bundled).
+  config.morphable_model = "default"
+
   config.occlusion = ml_collections.ConfigDict()
   # Patch side: odd crop pixels if >= 1 (e.g. 3), a fraction of the face width if < 1. The paper uses 15 px
   # patches on a 224 px face, about 7% of its width (0.07: 1 px on the gender model's 32 px chip, 3 px on

@@ -19,9 +19,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from canonsal_jax import faces, io, models, occlusion, viz
+from canonsal_jax import faces, io, models, morphable, occlusion, raster, viz
 
-__all__ = ["OcclusionResult", "explain_image", "model_baseline", "model_sweep", "write_occlusion"]
+__all__ = [
+  "FaceFit",
+  "OcclusionResult",
+  "explain_image",
+  "fit_image",
+  "load_morphable",
+  "model_baseline",
+  "model_sweep",
+  "write_fit",
+  "write_occlusion",
+]
 
 # Pixel colours that the "black" and "white" baselines stand for, before the model's preprocessing.
 _NAMED_BASELINES = {"black": 0, "white": 255}
@@ -116,6 +126,22 @@ def _target(score: occlusion.Score, occ: ml_collections.ConfigDict, num_outputs:
   return np.int32(occ.target)
 
 
+def _load_pixels(image, name: str | None) -> tuple[str, np.ndarray]:
+  if image is None:
+    return name or "astronaut", io.default_image()
+  if isinstance(image, (str, pathlib.Path)):
+    return name or str(image), io.load_image(image)
+  name = name or "array"
+  return name, io.validate_image(image, name)
+
+
+def _largest_face(config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None) -> faces.Face:
+  detector = detector or faces.default_detector(config.detector)
+  return faces.largest_face(
+    pixels, name, detector=detector, upsample=config.upsample, adjust_threshold=config.detector_threshold
+  )
+
+
 def explain_image(
   config: ml_collections.ConfigDict,
   image: str | pathlib.Path | np.ndarray | None = None,
@@ -136,18 +162,9 @@ def explain_image(
     faces.NoFaceError: no face is found.
     ValueError: bad settings, or non-finite model scores.
   """
-  if image is None:
-    name, pixels = name or "astronaut", io.default_image()
-  elif isinstance(image, (str, pathlib.Path)):
-    name, pixels = name or str(image), io.load_image(image)
-  else:
-    name = name or "array"
-    pixels = io.validate_image(image, name)
+  name, pixels = _load_pixels(image, name)
   model = models.load(config.model)
-  detector = detector or faces.default_detector(config.detector)
-  face = faces.largest_face(
-    pixels, name, detector=detector, upsample=config.upsample, adjust_threshold=config.detector_threshold
-  )
+  face = _largest_face(config, pixels, name, detector)
   crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
 
   occ = config.occlusion
@@ -239,4 +256,125 @@ def write_occlusion(result: OcclusionResult, out_dir: str | pathlib.Path) -> dic
   io.save_png(out / "crop.png", result.crop)
   io.save_png(out / "overlay.png", _overlay_png(result))
   io.save_json(out / "result.json", summary)
+  return summary
+
+
+@functools.cache
+def load_morphable(spec: str) -> morphable.MorphableModel:
+  """The 3DMM named by `config.morphable_model`: "default", or the folder of a Surrey Face Model copy.
+
+  Raises:
+    FileNotFoundError: the Surrey Face Model is not where the path says (the message says what is expected).
+  """
+  if spec == "default":
+    return morphable.default_model()
+  return morphable.load_sfm(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceFit:
+  """A 3DMM fitted to the largest face of one photo.
+
+  Attributes:
+    name: the input's name.
+    image: `uint8 [H, W, 3]` the photo.
+    face: the detected face (box and 68 landmarks).
+    model: the morphable model.
+    fit: the `morphable.FitResult` of this face, batch axis removed, as numpy arrays.
+  """
+
+  name: str
+  image: np.ndarray
+  face: faces.Face
+  model: morphable.MorphableModel
+  fit: Any
+
+
+def fit_image(
+  config: ml_collections.ConfigDict,
+  image: str | pathlib.Path | np.ndarray | None = None,
+  *,
+  name: str | None = None,
+  detector: faces.FaceDetector | None = None,
+) -> FaceFit:
+  """Detects the largest face and fits `config.morphable_model` to its 68 landmarks.
+
+  Raises:
+    io.ImageError: the image cannot be read.
+    faces.NoFaceError: no face is found.
+    FileNotFoundError: the morphable model is missing.
+  """
+  name, pixels = _load_pixels(image, name)
+  face = _largest_face(config, pixels, name, detector)
+  model = load_morphable(config.morphable_model)
+  result = morphable.fit(model, face.landmarks_xy[None], image_size=pixels.shape[:2])
+  result = jax.tree.map(lambda a: np.asarray(a)[0], result)
+  if not np.all(np.isfinite(result.vertices_xyd)):
+    raise ValueError(f"{name}: the 3DMM fit diverged (non-finite vertices)")
+  return FaceFit(name=name, image=pixels, face=face, model=model, fit=result)
+
+
+def _visible_edges(vertices_xyd: np.ndarray, triangles: np.ndarray, height: int, width: int) -> np.ndarray:
+  """`[K, 2, 2]` xy segments of the edges of the triangles visible in the image (z-buffered)."""
+  box = raster.required_box(vertices_xyd[:, :2], triangles, height, width)
+  frags = raster.rasterize(vertices_xyd, triangles, height, width, max_box=box)
+  visible = np.unique(np.asarray(frags.tri_id))
+  tris = triangles[visible[visible >= 0]]
+  edges = np.concatenate([tris[:, [0, 1]], tris[:, [1, 2]], tris[:, [2, 0]]])
+  edges = np.unique(np.sort(edges, axis=1), axis=0)
+  return vertices_xyd[edges][:, :, :2]
+
+
+def _fit_overlay(fit: FaceFit) -> np.ndarray:
+  from PIL import Image, ImageDraw
+
+  height, width = fit.image.shape[:2]
+  triangles = np.asarray(fit.model.triangles)
+  canvas = Image.fromarray(fit.image)
+  draw = ImageDraw.Draw(canvas, "RGBA")
+  for (x0, y0), (x1, y1) in _visible_edges(np.asarray(fit.fit.vertices_xyd), triangles, height, width):
+    draw.line([(x0, y0), (x1, y1)], fill=(255, 255, 255, 90), width=1)
+  for colour, points in (((0, 220, 0, 255), fit.face.landmarks_xy), ((255, 40, 40, 255), fit.fit.landmarks_xy)):
+    for x, y in points[np.all(np.isfinite(points), axis=1)]:
+      draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+  yaw, pitch, roll = np.degrees(fit.fit.yaw_pitch_roll)
+  title = (
+    f"{fit.model.name} fit: yaw {yaw:.1f}, pitch {pitch:.1f}, roll {roll:.1f} deg | green: dlib landmarks, "
+    f"red: model landmarks | {fit.name}"
+  )
+  return viz.panel([np.asarray(canvas)], title, height=max(320, min(height, 720)))
+
+
+def write_fit(fit: FaceFit, out_dir: str | pathlib.Path) -> dict[str, Any]:
+  """Writes `mesh.obj` (fitted shape in model space, with UVs), `mesh_image.ply` (image coordinates: x, y
+  pixels, y down, z = depth), `overlay.png` and `fit.json`, each atomically. Returns the JSON summary."""
+  import trimesh
+
+  out = pathlib.Path(out_dir)
+  model = fit.model
+  triangles = np.asarray(model.triangles)
+  shape = np.asarray(model.vertices(fit.fit.alpha, fit.fit.beta))
+  visual = trimesh.visual.TextureVisuals(uv=np.asarray(model.uv))
+  obj = trimesh.Trimesh(shape, triangles, visual=visual, process=False).export(file_type="obj")
+  io.write_atomic(out / "mesh.obj", obj.encode() if isinstance(obj, str) else obj)
+  ply = trimesh.Trimesh(np.asarray(fit.fit.vertices_xyd), triangles, process=False).export(file_type="ply")
+  io.write_atomic(out / "mesh_image.ply", ply)
+  io.save_png(out / "overlay.png", _fit_overlay(fit))
+  fitted = np.asarray(fit.fit.landmarks_xy)
+  ok = np.all(np.isfinite(fitted), axis=1)
+  err = np.linalg.norm(fitted[ok] - fit.face.landmarks_xy[ok], axis=1)
+  summary = {
+    "format": "canonsal_jax.fit_result",
+    "version": 1,
+    "name": fit.name,
+    "morphable_model": model.name,
+    "yaw_pitch_roll_deg": np.degrees(fit.fit.yaw_pitch_roll).tolist(),
+    "scale_px_per_unit": float(fit.fit.scale),
+    "translation_xy": np.asarray(fit.fit.translation).tolist(),
+    "alpha": np.asarray(fit.fit.alpha).tolist(),
+    "beta": np.asarray(fit.fit.beta).tolist(),
+    "landmark_rms_px": float(np.sqrt(np.mean(err**2))),
+    "face_box_xyxy": [float(v) for v in fit.face.box_xyxy],
+  }
+  io.save_json(out / "fit.json", summary)
   return summary

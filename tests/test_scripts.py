@@ -66,3 +66,31 @@ def test_no_face_and_corrupt_files_name_the_input(tmp_path):
   proc = _run("occlusion.py", f"--out_dir={tmp_path / 'b'}", f"--image={corrupt}")
   assert proc.returncode != 0 and "corrupt.jpg" in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "b" / "result.json").exists()
+
+
+def test_fit_script_default_and_surrey(tmp_path, shared_dir):
+  import trimesh
+
+  for spec, vertices in (("default", None), (str(shared_dir / "assets" / "sfm"), 3448)):
+    out = tmp_path / pathlib.Path(spec).name
+    proc = _run("fit.py", f"--out_dir={out}", f"--morphable_model={spec}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "fit.json").read_text())
+    assert summary["landmark_rms_px"] < 4.0  # dlib's 68 points on a ~90 px face, fitted by the 3DMM
+    assert all(abs(a) < 15 for a in summary["yaw_pitch_roll_deg"])  # the astronaut faces the camera
+    mesh = trimesh.load(out / "mesh.obj", process=False)
+    image_mesh = trimesh.load(out / "mesh_image.ply", process=False)
+    assert len(mesh.vertices) == len(image_mesh.vertices)
+    if vertices is not None:
+      assert len(mesh.vertices) == vertices
+    # The fitted mesh lies on the face: its image-space bounding box is inside dlib's box grown by half.
+    x0, y0, x1, y1 = summary["face_box_xyxy"]
+    lo, hi = image_mesh.vertices[:, :2].min(axis=0), image_mesh.vertices[:, :2].max(axis=0)
+    w = x1 - x0
+    assert lo[0] > x0 - w / 2 and hi[0] < x1 + w / 2 and hi[1] < y1 + w / 2
+    assert (out / "overlay.png").stat().st_size > 0
+
+
+def test_fit_script_missing_surrey_model_says_where(tmp_path):
+  proc = _run("fit.py", f"--out_dir={tmp_path}", f"--morphable_model={tmp_path / 'nowhere'}")
+  assert proc.returncode != 0 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
