@@ -88,6 +88,7 @@ def test_fit_script_default_and_surrey(tmp_path, shared_dir):
     lo, hi = image_mesh.vertices[:, :2].min(axis=0), image_mesh.vertices[:, :2].max(axis=0)
     w = x1 - x0
     assert lo[0] > x0 - w / 2 and hi[0] < x1 + w / 2 and hi[1] < y1 + w / 2
+    assert lo[1] > y0 - 1.5 * w  # the default model's head reaches over the skull, the box stops at the brows
     assert (out / "overlay.png").stat().st_size > 0
 
 
