@@ -15,13 +15,17 @@ __version__ = "0.1.0"
 _SUBMODULES = (
   "assets",
   "bench",
+  "canonical",
+  "cms",
   "config",
+  "datasets",
   "faces",
   "io",
   "models",
   "morphable",
   "occlusion",
   "pipeline",
+  "raster",
   "viz",
 )
 
