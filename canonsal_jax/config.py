@@ -41,4 +41,19 @@ def default_config() -> ml_collections.ConfigDict:
   config.occlusion.score = ""
   config.occlusion.target = -1  # class index to explain; -1 = the unoccluded prediction
   config.occlusion.contrast = -1  # a second class index: explain score(target) - score(contrast); -1 = none
+
+  # Canonical Image Saliency: the crop heatmap carried onto the 3DMM's texture through the fitted mesh.
+  config.cis = ml_collections.ConfigDict()
+  config.cis.texture_size = 0  # texture side in texels; 0 = what the model crop resolves on this 3DMM's UV layout
+  config.cis.cosine_weight = False  # weight texels by cos(view angle), so grazing views count less
+  config.cis.render_size = 256  # side of the canonical face render, pixels
+
+  # Canonical Model Saliency over a dataset.
+  config.cms = ml_collections.ConfigDict()
+  config.cms.dataset = ""  # a folder, a .txt list or a glob; "" = the embedded default photo set
+  config.cms.normalisation = "max_abs"  # per-image normaliser: "none", "max_abs" or "sum_abs" (see cms.py)
+  config.cms.group_by_prediction = True  # also keep one CMS per predicted class (besides "all")
+  config.cms.checkpoint_every = 8  # images between atomic checkpoints (a resumed run equals an uninterrupted one)
+  config.cms.max_images = 0  # process at most this many new images in this run (0 = all); rerun to go on
+  config.cms.num_threads = 2  # host threads decoding and detecting ahead of the device work
   return config

