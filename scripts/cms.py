@@ -17,10 +17,12 @@ _CONFIG = config_flags.DEFINE_config_file(
   "Configuration file.",
   lock_config=True,
 )
-_DATASET = flags.DEFINE_string("dataset", None, "Folder, .txt list or glob of photos (overrides config.cms.dataset).")
+_IMAGES = flags.DEFINE_string(
+  "images", None, 'Folder, .txt list, glob, or "builtin:lfw" / "builtin:photos" (overrides config.cms.dataset).'
+)
 _MODEL = flags.DEFINE_string("model", None, "Face model to explain (overrides config.model).")
 _MORPHABLE = flags.DEFINE_string("morphable_model", None, '"default" or a Surrey Face Model folder.')
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs and the checkpoint.", required=True)
+_OUT_DIR = flags.DEFINE_string("out_dir", "outputs", "Folder for the outputs and the checkpoint.")
 
 
 def main(argv):
@@ -33,8 +35,8 @@ def main(argv):
     config.model = _MODEL.value
   if _MORPHABLE.value is not None:
     config.morphable_model = _MORPHABLE.value
-  if _DATASET.value is not None:
-    config.cms.dataset = _DATASET.value
+  if _IMAGES.value is not None:
+    config.cms.dataset = _IMAGES.value
   logging.info("config:\n%s", config)
   start = time.perf_counter()
 

@@ -1,0 +1,102 @@
+"""The CIS and CMS drivers end to end on real photos: outputs, skipped inputs, and exact resume."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from canonsal_jax import cms, io, pipeline
+from canonsal_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _fast_config():
+  config = config_lib.default_config()
+  config.occlusion.patch_size = 3.0
+  config.occlusion.stride = 2
+  config.cms.checkpoint_every = 1
+  return config
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """The astronaut, two LFW crops, a corrupt file and a photo without a face, in a fixed order."""
+  folder = tmp_path_factory.mktemp("photos")
+  lfw = pipeline.builtin_dataset("lfw")
+  files = [folder / "a_astronaut.png", folder / "b_lfw0.png", folder / "c_corrupt.jpg", folder / "d_blank.png"]
+  shutil.copy(lfw[0], files[0])
+  shutil.copy(lfw[1], files[1])
+  files[2].write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(files[3])
+  shutil.copy(lfw[2], folder / "e_lfw1.png")
+  return folder
+
+
+def test_builtin_lfw_dataset_is_stable():
+  files = pipeline.builtin_dataset("lfw")
+  assert len(files) == 101 and files[0].endswith("astronaut.png")
+  assert files == pipeline.builtin_dataset("lfw")  # same order, same files, built once
+  assert io.load_image(files[1]).shape == (222, 222, 3)
+  with pytest.raises(ValueError, match="unknown built-in dataset"):
+    pipeline.builtin_dataset("nope")
+
+
+@pytest.mark.slow
+def test_cms_skips_bad_inputs_and_resumes_exactly(dataset, tmp_path):
+  config = _fast_config()
+  whole = pipeline.run_cms(config, tmp_path / "whole", dataset=str(dataset))
+  summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+  assert summary["images_listed"] == 5 and summary["images_accumulated"] == 3 and summary["images_skipped"] == 2
+  reasons = {pathlib.Path(s["name"]).name: s["reason"] for s in summary["skipped"]}
+  assert "c_corrupt.jpg" in reasons["c_corrupt.jpg"] and "ImageError" in reasons["c_corrupt.jpg"]
+  assert "NoFaceError" in reasons["d_blank.png"]
+  assert set(summary["stage_seconds_this_run"]) >= {"host_load_detect", "sweep", "fit", "texture", "accumulate"}
+  assert (tmp_path / "whole" / "cms_all.png").is_file() and (tmp_path / "whole" / "cms.npz").is_file()
+  mean, valid = whole.mean("all")
+  assert valid.sum() > 1000 and np.isfinite(mean[valid]).all() and np.isnan(mean[~valid]).all()
+
+  # Interrupted after two images, then run again: the same sums bit for bit, nothing recomputed.
+  config.cms.max_images = 2
+  first = pipeline.run_cms(config, tmp_path / "resumed", dataset=str(dataset))
+  assert first.done_indices() == frozenset({0, 1})
+  config.cms.max_images = 0
+  resumed = pipeline.run_cms(config, tmp_path / "resumed", dataset=str(dataset))
+  summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+  assert summary["resumed_with"] == 2 and summary["processed_this_run"] == 3
+  for group in whole.groups():
+    a, b = whole.sums(group), resumed.sums(group)
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x, y)
+  reloaded = cms.CMSAccumulator.load(tmp_path / "resumed" / "cms.npz")
+  np.testing.assert_array_equal(reloaded.mean("all")[0], resumed.mean("all")[0])
+
+
+@pytest.mark.slow
+def test_cis_script_writes_maps(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "scripts" / "cis.py"),
+      f"--out_dir={tmp_path}",
+      "--model=age",
+      "--config.occlusion.stride=2",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads((tmp_path / "cis.json").read_text())
+  texture, weight = np.load(tmp_path / "cis_texture.npy"), np.load(tmp_path / "cis_weight.npy")
+  assert texture.shape == weight.shape == (summary["texture_size"],) * 2
+  assert 0 < summary["texels_with_data"] == int((weight > 0).sum())
+  assert 0.0 <= summary["outside_mesh_share"] < 0.5
+  assert abs(sum(summary["region_mass"].values()) - 1.0) < 1e-6
+  assert np.all(texture[weight == 0] == 0)  # no data is not written as saliency
+  assert (tmp_path / "cis.png").stat().st_size > 0
