@@ -538,12 +538,16 @@ def _render(model3d, texture, weight, size, vmax=None) -> np.ndarray:
 
 
 def write_cis(result: CISResult, out_dir: str | pathlib.Path, *, render_size: int = 256) -> dict[str, Any]:
-  """Writes the occlusion outputs plus `cis_texture.npy`, `cis_weight.npy`, `cis.png` and `cis.json`."""
+  """Writes the occlusion outputs plus `cis_texture.npz` (texture and weight, versioned), `cis.png` (the
+  occlusion overlay beside the CIS on the canonical face), `cis_mesh.ply` / `.glb` (the fitted mesh coloured
+  by saliency) and `cis.json`."""
   out = pathlib.Path(out_dir)
   summary = write_occlusion(result.occlusion, out)
   model3d = result.fit.model
-  io.save_npy(out / "cis_texture.npy", result.texture)
-  io.save_npy(out / "cis_weight.npy", result.weight)
+  io.save_npz_versioned(
+    out / "cis_texture.npz", "canonsal_jax.cis_texture", 1, texture=result.texture, weight=result.weight
+  )
+  _write_saliency_mesh(result, out)
   render = _render(model3d, result.texture, result.weight, render_size)
   io.save_png(out / "cis.png", viz.panel([_overlay_png(result.occlusion), render], _cis_title(result)))
   summary.update(
@@ -559,6 +563,26 @@ def write_cis(result: CISResult, out_dir: str | pathlib.Path, *, render_size: in
   )
   io.save_json(out / "cis.json", summary)
   return summary
+
+
+def _write_saliency_mesh(result: CISResult, out: pathlib.Path) -> None:
+  """The fitted mesh (model space) coloured by the CIS at each vertex's UV, as `cis_mesh.ply` and `.glb`.
+
+  Vertices whose texel has no data are grey, as in the renders.
+  """
+  import trimesh
+
+  model3d = result.fit.model
+  size = result.texture.shape[0]
+  uv = np.asarray(model3d.uv)
+  col = np.clip(np.floor(uv[:, 0] * size), 0, size - 1).astype(int)
+  row = np.clip(np.floor((1.0 - uv[:, 1]) * size), 0, size - 1).astype(int)
+  values, seen = result.texture[row, col], result.weight[row, col] > 0
+  colours = viz.colorize(values[None], valid=seen[None])[0]
+  shape = np.asarray(model3d.vertices(result.fit.fit.alpha, result.fit.fit.beta))
+  mesh = trimesh.Trimesh(shape, np.asarray(model3d.triangles), vertex_colors=colours, process=False)
+  io.write_atomic(out / "cis_mesh.ply", mesh.export(file_type="ply"))
+  io.write_atomic(out / "cis_mesh.glb", mesh.export(file_type="glb"))
 
 
 def _cis_title(result: CISResult) -> str:

@@ -93,10 +93,17 @@ def test_cis_script_writes_maps(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((tmp_path / "cis.json").read_text())
-  texture, weight = np.load(tmp_path / "cis_texture.npy"), np.load(tmp_path / "cis_weight.npy")
+  arrays = io.load_npz_versioned(tmp_path / "cis_texture.npz", "canonsal_jax.cis_texture", 1)
+  texture, weight = arrays["texture"], arrays["weight"]
   assert texture.shape == weight.shape == (summary["texture_size"],) * 2
   assert 0 < summary["texels_with_data"] == int((weight > 0).sum())
   assert 0.0 <= summary["outside_mesh_share"] < 0.5
   assert abs(sum(summary["region_mass"].values()) - 1.0) < 1e-6
   assert np.all(texture[weight == 0] == 0)  # no data is not written as saliency
   assert (tmp_path / "cis.png").stat().st_size > 0
+  import trimesh
+
+  mesh = trimesh.load(tmp_path / "cis_mesh.ply", process=False)
+  colours = np.asarray(mesh.visual.vertex_colors)[:, :3]
+  assert len(np.unique(colours, axis=0)) > 10  # coloured by saliency, not one flat colour
+  assert (tmp_path / "cis_mesh.glb").stat().st_size > 0
