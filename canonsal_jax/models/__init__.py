@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 
 from canonsal_jax.models.base import CROP_KINDS, SCORE_KINDS, CropSpec, FaceModel
@@ -34,10 +35,17 @@ def _expression() -> FaceModel:
   return fer.load_expression()
 
 
+def _identity() -> FaceModel:
+  from canonsal_jax.models import dlib_resnet
+
+  return dlib_resnet.load_identity()
+
+
 _REGISTRY: dict[str, Callable[[], FaceModel]] = {
   "gender": _gender,
   "age": _age,
   "expression": _expression,
+  "identity": _identity,
 }
 
 
@@ -48,16 +56,37 @@ def names() -> tuple[str, ...]:
 
 @functools.cache
 def load(name: str) -> FaceModel:
-  """Loads a registered face model (weights fetched, verified and converted once, then cached).
+  """Loads a registered face model, or a user's model given as ``"package.module:factory"``.
+
+  Registered models' weights are fetched, verified and converted once, then cached. A user's factory is
+  imported and called with no arguments; it must return a `FaceModel` built from the user's own JAX/Flax code
+  (a pure `apply_fn(params, x)`, its params, input shape, preprocessing, labels and crop convention).
 
   Args:
-    name: one of `names()`.
+    name: one of `names()`, or ``"package.module:factory"``.
 
   Raises:
-    ValueError: `name` is unknown; the message lists the known names.
+    ValueError: `name` is unknown (the message lists the known names), or the factory cannot be imported or
+      does not return a `FaceModel`.
   """
+  if ":" in name:
+    return _user_model(name)
   try:
     loader = _REGISTRY[name]
   except KeyError:
-    raise ValueError(f"Unknown model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+    raise ValueError(
+      f"Unknown model {name!r}; known models: {', '.join(_REGISTRY)} (or give package.module:factory)"
+    ) from None
   return loader()
+
+
+def _user_model(spec: str) -> FaceModel:
+  module_name, _, factory_name = spec.partition(":")
+  try:
+    factory = getattr(importlib.import_module(module_name), factory_name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"model {spec!r}: cannot import {factory_name!r} from module {module_name!r} ({e})") from e
+  model = factory()
+  if not isinstance(model, FaceModel):
+    raise ValueError(f"model {spec!r}: the factory returned {type(model).__name__}, not a canonsal_jax FaceModel")
+  return model
