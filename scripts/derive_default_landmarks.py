@@ -124,13 +124,17 @@ def render_frontal(vertices: np.ndarray, triangles: np.ndarray, size: int) -> di
 
 
 def visible_vertices(vertices: np.ndarray, render: dict[str, np.ndarray]) -> np.ndarray:
-  """Bool `[V]`: the vertex is in the image and at most `VISIBLE_TOLERANCE_MM` behind the z-buffer there."""
+  """Bool `[V]`: the vertex's pixel is covered by the mesh and it is at most `VISIBLE_TOLERANCE_MM` behind the
+  z-buffer there. A pixel the mesh does not cover (the eyeless sockets, the open mouth) hides nothing behind it
+  from the z-buffer, but the vertices seen through it are on the inside of the back of the head, not visible."""
   size = render["depth"].shape[0]
   ij = np.round(render["xy"][:, ::-1]).astype(int)
   inside = ((ij >= 0) & (ij < size)).all(axis=1)
+  covered = np.zeros(len(vertices), bool)
+  covered[inside] = render["tri_id"][ij[inside, 0], ij[inside, 1]] >= 0
   zbuf = np.full(len(vertices), np.inf)
-  zbuf[inside] = render["depth"][ij[inside, 0], ij[inside, 1]]
-  return inside & (vertices[:, 2] >= zbuf - VISIBLE_TOLERANCE_MM)
+  zbuf[covered] = render["depth"][ij[covered, 0], ij[covered, 1]]
+  return covered & (vertices[:, 2] >= zbuf - VISIBLE_TOLERANCE_MM)
 
 
 def landmark_vertices(vertices: np.ndarray, render: dict[str, np.ndarray], landmarks_xy: np.ndarray) -> np.ndarray:
@@ -142,7 +146,9 @@ def landmark_vertices(vertices: np.ndarray, render: dict[str, np.ndarray], landm
   for k, pt in enumerate(landmarks_xy):
     i, j = round(float(pt[1])), round(float(pt[0]))
     on_mesh = 0 <= i < size and 0 <= j < size and render["tri_id"][i, j] >= 0
-    pool = np.flatnonzero(visible if on_mesh else front)
+    # Through the eyeless sockets the render shows the inside of the back of the head: a landmark there must
+    # still go to a vertex on the front of the face (the socket's rim), never to one behind it.
+    pool = np.flatnonzero((visible & front) if on_mesh else front)
     ids[k] = pool[np.argmin(np.linalg.norm(render["xy"][pool] - pt, axis=1))]
   return ids
 

@@ -185,3 +185,23 @@ def test_render_landmarks_match_dlib(model, script):
   err = np.linalg.norm(render["xy"][ids] - found[0].landmarks_xy, axis=1)
   # A vertex is ~2-4 px from its neighbours at this size; nearest-vertex snapping costs up to about that.
   assert np.median(err) < 4.0 and err.max() < 8.0, err
+
+
+def test_landmark_vertices_are_on_the_front_of_the_face(model):
+  """Every mapped landmark (the jaw's reference ids too) sits on the front of the head, and every landmark the fit
+  uses (all but the jaw contour) faces the camera.
+
+  Catches landmarks mapped through the eyeless sockets onto the inside of the back of the head, which made every
+  fit of a turned face wrong (outer eye corners at z = -87 mm).
+  """
+  mean = _np(model.mean)
+  ids = np.asarray(json.loads(default.LANDMARKS_FILE.read_text())["landmark_vertex_ids"])
+  tri = _np(model.triangles)
+  normals = np.zeros_like(mean)
+  face_normals = np.cross(mean[tri[:, 1]] - mean[tri[:, 0]], mean[tri[:, 2]] - mean[tri[:, 0]])
+  for k in range(3):
+    np.add.at(normals, tri[:, k], face_normals)
+  assert np.all(mean[ids, 2] > 0.0), ids[mean[ids, 2] <= 0.0]
+  inner = _np(model.landmark_ids)
+  inner = inner[inner >= 0]
+  assert np.all(normals[inner, 2] > 0.0), inner[normals[inner, 2] <= 0.0]
