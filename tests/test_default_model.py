@@ -189,7 +189,7 @@ def test_render_landmarks_match_dlib(model, script):
 
 def test_landmark_vertices_are_on_the_front_of_the_face(model):
   """Every mapped landmark (the jaw's reference ids too) sits on the front of the head, and every landmark the fit
-  uses (all but the jaw contour) faces the camera.
+  uses faces the camera (but the jaw contour, and the inner lip line 61-68, where the closed lips curl inwards).
 
   Catches landmarks mapped through the eyeless sockets onto the inside of the back of the head, which made every
   fit of a turned face wrong (outer eye corners at z = -87 mm).
@@ -202,6 +202,6 @@ def test_landmark_vertices_are_on_the_front_of_the_face(model):
   for k in range(3):
     np.add.at(normals, tri[:, k], face_normals)
   assert np.all(mean[ids, 2] > 0.0), ids[mean[ids, 2] <= 0.0]
-  inner = _np(model.landmark_ids)
+  inner = _np(model.landmark_ids)[:60]
   inner = inner[inner >= 0]
   assert np.all(normals[inner, 2] > 0.0), inner[normals[inner, 2] <= 0.0]
