@@ -26,7 +26,9 @@ _SUBMODULES = (
   "occlusion",
   "pipeline",
   "raster",
+  "synthetic",
   "viz",
+  "warp2d",
 )
 
 __all__ = ["__version__", *_SUBMODULES]
