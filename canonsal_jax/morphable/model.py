@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-__all__ = ["NUM_LANDMARKS", "REGION_NAMES", "MorphableModel"]
+__all__ = ["NUM_LANDMARKS", "REGION_NAMES", "MorphableModel", "edge_topology_from_triangles"]
 
 # dlib / iBUG 300-W 68-point markup.
 NUM_LANDMARKS = 68
@@ -45,6 +46,10 @@ class MorphableModel(struct.PyTreeNode):
       image left).
     contour_left_ids: `[Cl]` int32 candidate vertices for the left jaw contour (landmarks 10-17).
     regions: `[V]` int32 index into `REGION_NAMES` per vertex.
+    edge_vertex_ids: `[Ne, 2]` int32 the two vertices of each mesh edge (`edge_topology_from_triangles`); empty
+      when the model has none (the fitter's occluding-contour matching needs them).
+    edge_face_ids: `[Ne, 2]` int32 the triangles on either side of each edge, -1 for the missing one of an edge
+      on the mesh border.
     name: a short name for reports ("sfm_3448", "default").
     shape_names: names of the shape components (for artist targets) or "pc0", "pc1", ...
     expression_names: names of the expression components.
@@ -63,6 +68,8 @@ class MorphableModel(struct.PyTreeNode):
   contour_right_ids: jax.Array
   contour_left_ids: jax.Array
   regions: jax.Array
+  edge_vertex_ids: jax.Array = struct.field(default_factory=lambda: np.zeros((0, 2), np.int32))
+  edge_face_ids: jax.Array = struct.field(default_factory=lambda: np.zeros((0, 2), np.int32))
   name: str = struct.field(pytree_node=False, default="model")
   shape_names: tuple[str, ...] = struct.field(pytree_node=False, default=())
   expression_names: tuple[str, ...] = struct.field(pytree_node=False, default=())
@@ -109,4 +116,35 @@ class MorphableModel(struct.PyTreeNode):
         raise ValueError(f"{self.name}: {field} has shape {got}, expected {shape}")
     if self.triangles.ndim != 2 or self.triangles.shape[1] != 3:
       raise ValueError(f"{self.name}: triangles must be [F, 3], got {self.triangles.shape}")
+    edges = tuple(self.edge_vertex_ids.shape), tuple(self.edge_face_ids.shape)
+    if len(edges[0]) != 2 or edges[0][1:] != (2,) or edges[0] != edges[1]:
+      raise ValueError(f"{self.name}: edge_vertex_ids and edge_face_ids must both be [Ne, 2], got {edges}")
     return self
+
+
+def edge_topology_from_triangles(triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The edges of a triangle mesh and the faces on either side, as `MorphableModel.edge_*` wants them.
+
+  The same information as eos's edge topology file (`sfm.load_edge_topology`), computed from the triangles, in
+  the order of the sorted vertex pairs; a border edge's one face comes first, -1 second.
+
+  Args:
+    triangles: `[F, 3]` vertex ids.
+
+  Returns:
+    `(edge_vertex_ids [Ne, 2], edge_face_ids [Ne, 2])`, int32, the vertex pairs sorted (smaller id first).
+
+  Raises:
+    ValueError: an edge is shared by more than two triangles (a non-manifold mesh).
+  """
+  triangles = np.asarray(triangles, np.int64)
+  pairs = np.sort(np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]]), axis=1)
+  faces = np.tile(np.arange(triangles.shape[0]), 3)
+  edges, inverse, counts = np.unique(pairs, axis=0, return_inverse=True, return_counts=True)
+  if counts.size and counts.max() > 2:
+    raise ValueError(f"{int((counts > 2).sum())} edges are shared by more than two triangles")
+  order = np.argsort(inverse.reshape(-1), kind="stable")  # the faces grouped by edge
+  starts = np.cumsum(counts) - counts
+  second = faces[order[np.minimum(starts + 1, order.size - 1)]]
+  edge_faces = np.stack([faces[order[starts]], np.where(counts == 2, second, -1)], axis=1)
+  return edges.astype(np.int32), edge_faces.astype(np.int32)

@@ -53,7 +53,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableModel
+from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableModel, edge_topology_from_triangles
 
 __all__ = [
   "SFM_EXPRESSION_UPPER",
@@ -408,7 +408,8 @@ def load_sfm(path: str | os.PathLike, *, expression_upper: float = SFM_EXPRESSIO
     that alpha ~ N(0, I), unbounded; `expression_basis [V, 3, 6]` the blendshapes, bounded to
     [0, expression_upper]; `triangles [F, 3]` counter-clockwise seen from outside; `uv [V, 2]` with v up;
     `landmark_ids [68]` (-1 for the jaw points 1-8, 10-17 and the inner mouth corners 61, 65); the jaw
-    contours; `regions [V]` from `label_regions`. Float32 and int32 arrays.
+    contours; `regions [V]` from `label_regions`; the edges (`edge_topology_from_triangles`, the same as
+    eos's edge topology file). Float32 and int32 arrays.
 
   Raises:
     FileNotFoundError: the folder or one of its files is missing.
@@ -463,6 +464,7 @@ def load_sfm(path: str | os.PathLike, *, expression_upper: float = SFM_EXPRESSIO
   landmark_ids = _read_landmark_ids(_need(folder, SFM_FILES["landmarks"]), num_vertices)
   contour_right, contour_left = _read_contours(_need(folder, SFM_FILES["contours"]), num_vertices)
   regions = label_regions(mean, landmark_ids)
+  edge_vertex_ids, edge_face_ids = edge_topology_from_triangles(triangles)  # as eos's edge topology file
 
   return MorphableModel(
     mean=jnp.asarray(mean, jnp.float32),
@@ -478,6 +480,8 @@ def load_sfm(path: str | os.PathLike, *, expression_upper: float = SFM_EXPRESSIO
     contour_right_ids=jnp.asarray(contour_right, jnp.int32),
     contour_left_ids=jnp.asarray(contour_left, jnp.int32),
     regions=jnp.asarray(regions, jnp.int32),
+    edge_vertex_ids=jnp.asarray(edge_vertex_ids),
+    edge_face_ids=jnp.asarray(edge_face_ids),
     name=f"sfm_{num_vertices}",
     shape_names=tuple(f"pc{i}" for i in range(num_shape)),
     expression_names=tuple(expression_names),
