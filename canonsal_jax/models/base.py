@@ -72,6 +72,11 @@ class FaceModel:
     score: the natural default score kind (one of `SCORE_KINDS`).
     output_values: per-output values for "expected_value" scores (the age bins), else None.
     source: where the weights came from (file, package, licence), for reports.
+    features_fn: optional `(params, x[B, H, W, C]) -> [B, h, w, D]`, the last convolutional feature map (what
+      Grad-CAM, Grad-CAM++ and Score-CAM weigh, see `canonsal_jax.attribution`); None where the model does not
+      expose it. Given together with `head_fn`.
+    head_fn: optional `(params, features[B, h, w, D]) -> [B, num_outputs]`, the rest of the network, so that
+      `head_fn(params, features_fn(params, x))` is `apply_fn(params, x)`.
   """
 
   name: str
@@ -84,8 +89,12 @@ class FaceModel:
   score: str
   output_values: tuple[float, ...] | None = None
   source: str = ""
+  features_fn: Callable[[Any, jax.Array], jax.Array] | None = None
+  head_fn: Callable[[Any, jax.Array], jax.Array] | None = None
 
   def __post_init__(self):
+    if (self.features_fn is None) != (self.head_fn is None):
+      raise ValueError("features_fn and head_fn are given together or not at all")
     if self.score not in SCORE_KINDS:
       raise ValueError(f"score {self.score!r} is not one of {SCORE_KINDS}")
     if self.score == "expected_value" and self.output_values is None:

@@ -206,12 +206,19 @@ class GenderNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, 32, 32, 3]` (normalised RGB) -> logits `[B, 2]`."""
+    return self.head(self.features(x))
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """The last conv layer's rectified output: `x[B, 32, 32, 3]` -> `[B, 16, 16, 64]` (before the last pool)."""
     x = jax.nn.relu(self.affine1(self.conv1(x)))
     x = jax.nn.relu(self.affine2(self.conv2(x)))
     x = _avg_pool_2x2(x)  # [B, 16, 16, 32]
     x = jax.nn.relu(self.affine3(self.conv3(x)))
-    x = jax.nn.relu(self.affine4(self.conv4(x)))
-    x = _avg_pool_2x2(x)  # [B, 8, 8, 64]
+    return jax.nn.relu(self.affine4(self.conv4(x)))
+
+  def head(self, features: jax.Array) -> jax.Array:
+    """`features[B, 16, 16, 64]` -> logits `[B, 2]`."""
+    x = _avg_pool_2x2(features)  # [B, 8, 8, 64]
     x = jax.nn.relu(self.fc1(self.dropout1(x)))
     return self.fc2(self.dropout2(x))
 
@@ -231,14 +238,21 @@ class AgeNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, 64, 64, 3]` (normalised RGB) -> logits `[B, 81]`."""
+    return self.head(self.features(x))
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """The last residual block's output: `x[B, 64, 64, 3]` -> `[B, 3, 3, 256]`."""
     x = jax.nn.relu(self.stem_affine(self.stem_conv(x)))  # [B, 29, 29, 64]
     x = _max_pool_3x3_s2(x)  # [B, 14, 14, 64]
     x = self.block1(x)
     x = self.block2(x)  # [B, 7, 7, 128]: the 6x6 conv branch is zero-padded to the 7x7 shortcut
     x = self.block3(x)
     x = self.block4(x)  # [B, 3, 3, 256]
-    x = self.block5(x)
-    return self.fc(jnp.mean(x, axis=(1, 2)))
+    return self.block5(x)
+
+  def head(self, features: jax.Array) -> jax.Array:
+    """`features[B, 3, 3, 256]` -> logits `[B, 81]` (global average pool, fc)."""
+    return self.fc(jnp.mean(features, axis=(1, 2)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,6 +376,16 @@ def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -
   return nnx.merge(graphdef, params)(jnp.asarray(x, jnp.float32))
 
 
+def _features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
+  """`x[B, S, S, 3]` -> the last conv feature map `[B, h, w, D]` (the module's `features`)."""
+  return nnx.merge(graphdef, params).features(jnp.asarray(x, jnp.float32))
+
+
+def _head(graphdef: nnx.GraphDef, params: nnx.State, features: jax.typing.ArrayLike) -> jax.Array:
+  """`features[B, h, w, D]` -> logits `[B, num_outputs]` (the module's `head`)."""
+  return nnx.merge(graphdef, params).head(jnp.asarray(features, jnp.float32))
+
+
 def _preprocess(face: np.ndarray, *, size: int, means: np.ndarray, scale: np.float32) -> np.ndarray:
   """`uint8 [h, w, 3]` RGB chip -> `float32 [size, size, 3]`, `(RGB - means) * scale` as dlib's input layer.
 
@@ -403,6 +427,8 @@ def _build(
       f"{asset.name} (dlib {entry['source']['filename']} by {spec['license']['attribution']}) from "
       f"{asset.package}=={asset.version}, {asset.licence}"
     ),
+    features_fn=functools.partial(_features, graphdef),
+    head_fn=functools.partial(_head, graphdef),
   )
 
 

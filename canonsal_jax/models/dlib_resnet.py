@@ -542,11 +542,19 @@ class FaceDescriptorNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, 150, 150, 3]` -> `[B, 128]`."""
+    return self.head(self.features(x))
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """The last residual block's output: `x[B, 150, 150, 3]` -> `[B, 2, 2, 256]`."""
     x = jax.nn.relu(self.stem_affine(self.stem_conv(x)))  # [B, 72, 72, 32]
     x = _max_pool_3x3_s2(x)  # [B, 35, 35, 32]
     for block in self.blocks:
       x = block(x)  # ... [B, 17, 17, 64], [B, 8, 8, 128], [B, 4, 4, 256], [B, 2, 2, 256]
-    return jnp.mean(x, axis=(1, 2)) @ self.fc[...]
+    return x
+
+  def head(self, features: jax.Array) -> jax.Array:
+    """`features[B, 2, 2, 256]` -> descriptors `[B, 128]` (global average pool, fc)."""
+    return jnp.mean(features, axis=(1, 2)) @ self.fc[...]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -556,6 +564,16 @@ class FaceDescriptorNet(nnx.Module):
 def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
   """`x[B, 150, 150, 3]` -> descriptors `[B, 128]` with the weights `params`."""
   return nnx.merge(graphdef, params)(jnp.asarray(x, jnp.float32))
+
+
+def _features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
+  """`x[B, 150, 150, 3]` -> the last residual block's output `[B, 2, 2, 256]`."""
+  return nnx.merge(graphdef, params).features(jnp.asarray(x, jnp.float32))
+
+
+def _head(graphdef: nnx.GraphDef, params: nnx.State, features: jax.typing.ArrayLike) -> jax.Array:
+  """`features[B, 2, 2, 256]` -> descriptors `[B, 128]`."""
+  return nnx.merge(graphdef, params).head(jnp.asarray(features, jnp.float32))
 
 
 def _preprocess(face: np.ndarray, *, means: np.ndarray) -> np.ndarray:
@@ -587,4 +605,6 @@ def load_identity() -> FaceModel:
     crop=CropSpec("dlib_chip", CHIP_SIZE, CHIP_PADDING, landmarks=5),
     score="cosine",
     source=f"{asset.name} (dlib, Davis King) from {asset.package}=={asset.version}, {asset.licence}",
+    features_fn=functools.partial(_features, graphdef),
+    head_fn=functools.partial(_head, graphdef),
   )

