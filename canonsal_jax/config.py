@@ -58,4 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.cms.checkpoint_every = 8  # images between atomic checkpoints (a resumed run equals an uninterrupted one)
   config.cms.max_images = 0  # process at most this many new images in this run (0 = all); rerun to go on
   config.cms.num_threads = 2  # host threads decoding and detecting ahead of the device work
+  # Faces per device in the batched device programs (sweep, fit, rasterisation, texture sampling): a batch holds
+  # face_batch x local devices faces, the last one padded. 0 = one face at a time through `cis_face`.
+  config.cms.face_batch = 8
+  # A CSV of true labels, rows `path_or_basename,label` (paths relative to the CSV's folder): adds the groups
+  # "label_<label>", and "correct" / "misclassified" (prediction equal to the label, case-insensitive). "" = none.
+  config.cms.labels_csv = ""
   return config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import pathlib
 import platform
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from canonsal_jax import assets, canonical, cms, datasets, faces, io, models, morphable, occlusion, raster, viz
 
@@ -39,6 +41,7 @@ __all__ = [
   "load_morphable",
   "model_baseline",
   "model_sweep",
+  "read_labels",
   "run_cms",
   "write_cis",
   "write_cms",
@@ -180,38 +183,58 @@ def explain_image(
   return explain_face(config, pixels, face, name)
 
 
-def explain_face(config: ml_collections.ConfigDict, pixels: np.ndarray, face: faces.Face, name: str) -> OcclusionResult:
-  """Occlusion saliency of one detected face (`explain_image` without the loading and detection)."""
-  model = models.load(config.model)
-  crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
+@dataclasses.dataclass(frozen=True)
+class _SweepPlan:
+  """What every face of a run shares: the compiled sweep, its patch grid and target."""
 
+  sweep: Callable
+  patch_size: int
+  stride: int
+  score: occlusion.Score
+  centres: np.ndarray  # [N, 2] int32 (row, col)
+  valid: np.ndarray  # [N] bool
+  target: np.ndarray | None
+
+
+def _sweep_plan(config: ml_collections.ConfigDict, model: models.FaceModel) -> _SweepPlan:
   occ = config.occlusion
   sweep, patch_size, score = model_sweep(model, occ)
   size = model.crop.size
   if not isinstance(occ.stride, int) or occ.stride < 1:
     raise ValueError(f"occlusion.stride must be a positive int, got {occ.stride!r}")
   centres = occlusion.grid_centres(size, size, patch_size=patch_size, stride=occ.stride)
-  result = sweep(
-    model.params, model.preprocess(crop), centres, np.ones(len(centres), bool), _target(score, occ, len(model.labels))
-  )
+  target = _target(score, occ, len(model.labels))
+  return _SweepPlan(sweep, patch_size, int(occ.stride), score, centres, np.ones(len(centres), bool), target)
+
+
+def _prediction(model: models.FaceModel, score: occlusion.Score, result: occlusion.SweepResult) -> tuple[str, int]:
+  """The model's label for an unoccluded face and the explained class (-1 for targetless scores)."""
+  target = int(result.target) if result.target.ndim == 0 and score.kind not in ("expected_value",) else -1
+  if score.kind == "expected_value":
+    return f"{float(result.score):.1f}", target  # e.g. the expected age; the arg-max bin says less
+  if score.kind == "cosine":
+    return "", target
+  return model.labels[int(np.argmax(np.asarray(result.outputs)))], target
+
+
+def explain_face(config: ml_collections.ConfigDict, pixels: np.ndarray, face: faces.Face, name: str) -> OcclusionResult:
+  """Occlusion saliency of one detected face (`explain_image` without the loading and detection)."""
+  model = models.load(config.model)
+  crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
+  plan = _sweep_plan(config, model)
+  result = plan.sweep(model.params, model.preprocess(crop), plan.centres, plan.valid, plan.target)
   result = occlusion.check_finite(jax.device_get(result), name)
   outputs = np.asarray(result.outputs, np.float64)
   probabilities = np.exp(outputs - outputs.max())
   probabilities /= probabilities.sum()
-  target = int(result.target) if result.target.ndim == 0 and score.kind not in ("expected_value",) else -1
-  if score.kind == "expected_value":
-    label = f"{float(result.score):.1f}"  # e.g. the expected age; the arg-max bin says less
-  elif score.kind == "cosine":
-    label = ""
-  else:
-    label = model.labels[int(np.argmax(outputs))]
+  label, target = _prediction(model, plan.score, result)
   heatmap = np.asarray(result.heatmap, np.float32)
   heatmap_image = faces.warp_to_image(np.where(result.count > 0, heatmap, np.nan), crop_from_image, pixels.shape[:2])
   return OcclusionResult(
     name=name,
     model=model.name,
     label=label,
-    score_kind=score.kind + (" contrast" if score.contrast else ""),
+    score_kind=plan.score.kind + (" contrast" if plan.score.contrast else ""),
     target=target,
     score=float(result.score),
     probabilities=probabilities,
@@ -222,9 +245,9 @@ def explain_face(config: ml_collections.ConfigDict, pixels: np.ndarray, face: fa
     heatmap=heatmap,
     count=np.asarray(result.count),
     heatmap_image=np.asarray(heatmap_image, np.float32),
-    patch_size=patch_size,
-    stride=int(occ.stride),
-    num_patches=len(centres),
+    patch_size=plan.patch_size,
+    stride=plan.stride,
+    num_patches=len(plan.centres),
   )
 
 
@@ -661,38 +684,302 @@ def _dataset_files(spec: str | Sequence[str]) -> list[str]:
   return datasets.list_images(spec)
 
 
+def read_labels(path: str | pathlib.Path) -> dict[str, str]:
+  """True labels from a CSV of rows `path_or_basename,label` (blank lines and `#` comments skipped).
+
+  Keys are kept as written, and paths (keys holding a separator) also resolved against the CSV's folder, so
+  an image matches by its listed path, its resolved path or its base name (`_true_label`).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a row without two fields, or an image given two different labels (naming the row).
+  """
+  import csv
+
+  path = pathlib.Path(path)
+  labels: dict[str, str] = {}
+  with path.open(newline="", encoding="utf-8") as f:
+    for line, row in enumerate(csv.reader(f), start=1):
+      if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+        continue
+      if len(row) != 2 or not row[0].strip() or not row[1].strip():
+        raise ValueError(f"{path}:{line}: expected `path_or_basename,label`, got {row!r}")
+      key, label = row[0].strip(), row[1].strip()
+      keys = [key] + ([str((path.parent / key).resolve())] if ("/" in key or "\\" in key) else [])
+      for k in keys:
+        if labels.setdefault(k, label) != label:
+          raise ValueError(f"{path}:{line}: {key!r} has two labels, {labels[k]!r} and {label!r}")
+  return labels
+
+
+def _true_label(labels: dict[str, str], name: str) -> str | None:
+  found = labels.get(name)
+  if found is None:
+    found = labels.get(str(pathlib.Path(name).resolve()), labels.get(pathlib.Path(name).name))
+  return found
+
+
+@dataclasses.dataclass(frozen=True)
+class _FaceOutcome:
+  """What a CMS run keeps of one face's CIS."""
+
+  label: str
+  score: float
+  score_kind: str
+  texture: np.ndarray  # [T, T] float32
+  weight: np.ndarray  # [T, T] float32
+  outside_mesh_share: float
+  region_mass: dict[str, float]
+
+  @classmethod
+  def from_cis(cls, result: CISResult) -> _FaceOutcome:
+    occ = result.occlusion
+    return cls(
+      occ.label, occ.score, occ.score_kind, result.texture, result.weight, result.outside_mesh_share, result.region_mass
+    )
+
+
+def _region_mass(texture: np.ndarray, weight: np.ndarray, regions: np.ndarray) -> dict[str, float]:
+  mass = np.abs(texture) * weight
+  total = float(mass.sum())
+  return {
+    region: (float(mass[regions == i].sum()) / total if total > 0 else 0.0)
+    for i, region in enumerate(morphable.REGION_NAMES)
+  }
+
+
+_FACES = "faces"  # the mesh axis that batches of faces are split over
+
+
+def _over_faces(fn: Callable, devices: tuple[jax.Device, ...], batched: tuple[bool, ...]) -> Callable:
+  """`jax.jit(fn)` with the leading (face) axis of the `batched` arguments and of every output split over
+  `devices` by `shard_map` (each device runs `fn` on its share of the faces; no collectives)."""
+  if len(devices) == 1:
+    return jax.jit(fn)
+  mesh = jax.sharding.Mesh(np.asarray(devices), (_FACES,))
+  specs = tuple(P(_FACES) if b else P() for b in batched)
+  # No collectives inside, so nothing for the varying-axis check to guard; and it rejects the rasteriser's scans,
+  # whose carries start replicated (a constant z-buffer) and come out varying over faces.
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(_FACES), check_vma=False))
+
+
+@functools.lru_cache(maxsize=16)
+def _batched_sweep(
+  apply_fn: Callable, patch_size: int, batch_size: int, baseline, score, reduce: str, devices: tuple, has_target: bool
+) -> Callable:
+  """`sweep(params, images[B, S, S, C], centres, valid, *target) -> SweepResult` with a leading face axis: the
+  per-image sweep of `occlusion.make_sweep` (on one device: faces, not patches, are split) vmapped over faces."""
+  single = occlusion.make_sweep(
+    apply_fn,
+    patch_size=patch_size,
+    batch_size=batch_size,
+    baseline=baseline,
+    score=score,
+    reduce=reduce,
+    devices=devices[:1],
+  )
+
+  def sweep(params, images, centres, valid, *target):
+    one = lambda image: single(params, image, centres, valid, target[0] if target else None)
+    return jax.vmap(one)(images)
+
+  return _over_faces(sweep, devices, (False, True, False, False) + (False,) * has_target)
+
+
+def _face_texture(vertices_xyd, crop_from_image, heatmap, count, triangles, uv_raster, *, size, cosine_weight):
+  """One face's CIS texture and weight, its off-mesh share and the crop rasteriser's counters (vmapped)."""
+  mesh = canonical.mesh_to_crop(vertices_xyd, crop_from_image)
+  frags = raster.rasterize(mesh, triangles, size, size, max_box=_CROP_MAX_BOX, max_oversized=_CROP_MAX_OVERSIZED)
+  valid = count > 0
+  texture, weight = canonical.to_texture(
+    heatmap, frags, mesh, uv_raster, triangles, valid_heatmap=valid, cosine_weight=cosine_weight
+  )
+  outside = canonical.outside_mesh_share(heatmap, frags, valid)
+  return texture, weight, outside, frags.num_oversized, frags.num_dropped
+
+
+@functools.lru_cache(maxsize=8)
+def _batched_texture(size: int, cosine_weight: bool, devices: tuple) -> Callable:
+  one = functools.partial(_face_texture, size=size, cosine_weight=cosine_weight)
+  return _over_faces(jax.vmap(one, in_axes=(0, 0, 0, 0, None, None)), devices, (True,) * 4 + (False,) * 2)
+
+
+def _pad_rows(rows: Sequence[np.ndarray], size: int) -> np.ndarray:
+  """Stacks `rows` and pads to `size` with copies of the first (the padded results are thrown away)."""
+  return np.stack(list(rows) + [rows[0]] * (size - len(rows)))
+
+
+class _FaceBatcher:
+  """Runs batches of detected faces through the sweep, the 3DMM fit and the texture sampler: one compiled
+  program per stage for the padded batch size, faces split over the local devices."""
+
+  def __init__(self, config: ml_collections.ConfigDict, timings: dict[str, float]):
+    self.timings = timings
+    self.model = models.load(config.model)
+    self.model3d = load_morphable(config.morphable_model)
+    self.plan = _sweep_plan(config, self.model)
+    occ = config.occlusion
+    self.devices = tuple(jax.local_devices())
+    # `face_batch` faces per device: each device runs the same program whatever their number, so a face's
+    # result does not depend on how many devices share the batch.
+    self.per_device = int(config.cms.face_batch)
+    self.batch = self.per_device * len(self.devices)
+    baseline = model_baseline(self.model, occ.baseline)
+    baseline = tuple(baseline) if isinstance(baseline, list) else baseline
+    args = (self.model.apply_fn, self.plan.patch_size, int(occ.batch_size), baseline, self.plan.score, occ.reduce)
+    self.sweep = _batched_sweep(*args, self.devices, self.plan.target is not None)
+    self.texture_size = config.cis.texture_size or canonical.default_texture_size(self.model.crop.size, self.model3d)
+    self.uv_raster = canonical.model_uv_raster(self.model3d, self.texture_size)
+    self.regions = _texture_regions(self.model3d, self.texture_size)
+    self.texture = _batched_texture(self.model.crop.size, bool(config.cis.cosine_weight), self.devices)
+
+  def _fit(self, landmarks: list[np.ndarray], sizes: list[tuple[int, int]]) -> np.ndarray:
+    """`[n, V, 3]` fitted vertices, `face_batch` faces per call of `morphable.fit`'s compiled program.
+
+    Faces of one image size share a call (`morphable.fit` takes one image size: it sets the solver's numerical
+    frame). The calls run on the default device: `fit` is jitted inside, and one executable per device would
+    be compiled once per device for a small share of the work.
+    """
+    calls = []
+    for size in dict.fromkeys(sizes):
+      idx = [i for i, s in enumerate(sizes) if s == size]
+      for start in range(0, len(idx), self.per_device):
+        part = idx[start : start + self.per_device]
+        batch = _pad_rows([landmarks[i] for i in part], self.per_device)
+        calls.append((part, morphable.fit(self.model3d, batch, image_size=size).vertices_xyd))  # async dispatch
+    out: list[Any] = [None] * len(landmarks)
+    for part, vertices in calls:
+      vertices = np.asarray(vertices)
+      for j, i in enumerate(part):
+        out[i] = vertices[j]
+    return np.stack(out)
+
+  def __call__(self, faces_in: Sequence[tuple[str, np.ndarray, faces.Face]]) -> list[_FaceOutcome | str]:
+    """Outcomes of up to `self.batch` faces `(name, pixels, face)`, in order; a failed face gives its reason."""
+    clock = _StageClock(self.timings)
+    model, plan = self.model, self.plan
+    outcomes: list[Any] = [None] * len(faces_in)
+    crops: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i, (_, pixels, face) in enumerate(faces_in):
+      try:
+        crops[i] = faces.crop_face(pixels, face, model.crop)
+      except ValueError as e:
+        outcomes[i] = f"{type(e).__name__}: {e}"
+    if not crops:
+      return outcomes
+    ok = list(crops)
+    images = _pad_rows([np.asarray(model.preprocess(crops[i][0]), np.float32) for i in ok], self.batch)
+    target = () if plan.target is None else (plan.target,)
+    swept = jax.device_get(self.sweep(model.params, images, plan.centres, plan.valid, *target))
+    predicted: dict[int, tuple[int, str, float]] = {}  # face -> (row in the batch, label, unoccluded score)
+    for j, i in enumerate(ok):
+      try:
+        one = occlusion.check_finite(jax.tree.map(lambda a, j=j: a[j], swept), faces_in[i][0])
+      except ValueError as e:
+        outcomes[i] = f"{type(e).__name__}: {e}"
+      else:
+        predicted[i] = (j, _prediction(model, plan.score, one)[0], float(one.score))
+    clock.lap("sweep")
+
+    ok = list(predicted)
+    if not ok:
+      return outcomes
+    vertices = self._fit([faces_in[i][2].landmarks_xy for i in ok], [faces_in[i][1].shape[:2] for i in ok])
+    fitted = []
+    for k, i in enumerate(ok):
+      if np.all(np.isfinite(vertices[k])):
+        fitted.append(k)
+      else:
+        outcomes[i] = f"ValueError: {faces_in[i][0]}: the 3DMM fit diverged (non-finite vertices)"
+    clock.lap("fit")
+    if not fitted:
+      return outcomes
+
+    rows = [predicted[ok[k]][0] for k in fitted]
+    texture, weight, outside, oversized, dropped = jax.device_get(
+      self.texture(
+        _pad_rows([vertices[k] for k in fitted], self.batch),
+        _pad_rows([np.asarray(crops[ok[k]][1], np.float32) for k in fitted], self.batch),
+        _pad_rows([swept.heatmap[r] for r in rows], self.batch),
+        _pad_rows([swept.count[r] for r in rows], self.batch),
+        self.model3d.triangles,
+        self.uv_raster,
+      )
+    )
+    kind = plan.score.kind + (" contrast" if plan.score.contrast else "")
+    for m, k in enumerate(fitted):
+      i = ok[k]
+      try:
+        raster.check_complete(
+          raster.Fragments(tri_id=None, bary=None, depth=None, num_oversized=oversized[m], num_dropped=dropped[m])
+        )
+      except ValueError as e:
+        outcomes[i] = f"{type(e).__name__}: {e}"
+        continue
+      tex, wgt = np.asarray(texture[m], np.float32), np.asarray(weight[m], np.float32)
+      _, label, score = predicted[i]
+      outcomes[i] = _FaceOutcome(label, score, kind, tex, wgt, float(outside[m]), _region_mass(tex, wgt, self.regions))
+    clock.lap("texture")
+    return outcomes
+
+
+def _process_checkpoint(out: pathlib.Path, process_index: int, num_processes: int) -> pathlib.Path:
+  return out / ("cms.npz" if num_processes == 1 else f"cms.process{process_index}.npz")
+
+
 def run_cms(
   config: ml_collections.ConfigDict,
   out_dir: str | pathlib.Path,
   *,
   dataset: str | Sequence[str] | None = None,
   progress: Callable[[int, int, str], None] | None = None,
+  process_index: int | None = None,
+  num_processes: int | None = None,
 ) -> cms.CMSAccumulator:
   """Canonical Model Saliency over a dataset, resumable: checkpoints in `out_dir/cms.npz`.
 
   Every image of the list gets its index; images already in the checkpoint are not redone; a bad image
   (unreadable, no face, NaN scores, diverged fit) is skipped and recorded with its reason, and nothing already
-  computed is lost. Decoding and face detection run on host threads ahead of the device work. Killed and run
-  again, the result equals an uninterrupted run exactly (`cms` sums are exact and order-independent).
+  computed is lost. Decoding and face detection run on host threads ahead of the device work; faces go through
+  the device in batches of `config.cms.face_batch` per local device (one compiled program per stage). Killed
+  and run again, the result equals an uninterrupted run exactly (`cms` sums are exact and order-independent).
+
+  In a multi-process job (`jax.distributed`), process i takes images i, i + N, ... and checkpoints them in
+  `cms.process<i>.npz`; after a barrier, process 0 merges every process's checkpoint into `cms.npz` and writes
+  the outputs. The merged CMS equals a single-process run's exactly.
 
   Args:
     config: the configuration (`config.cms`, `config.cis`, `config.occlusion`, `config.model`, ...).
     out_dir: output folder: `cms.npz` (checkpoint), `cms_<group>.npy`/`.png`, `records.json`, `summary.json`.
     dataset: overrides `config.cms.dataset` (a folder, a .txt list, a glob, or a list of paths).
-    progress: called as `progress(done, total, name)` after each image.
+    progress: called as `progress(done, total, name)` after each image (a batch's images at its end).
+    process_index: this process's index (default `jax.process_index()`).
+    num_processes: processes sharing the job (default `jax.process_count()`); out_dir must be shared by them.
+      Without `jax.distributed` there is no barrier: run processes 1..N-1 first, process 0 last.
 
   Returns:
-    The accumulator.
+    The accumulator: on process 0 the merged one, elsewhere this process's.
+
+  Example:
+    >>> acc = run_cms(config_lib.default_config(), "/tmp/cms")  # doctest: +SKIP
+    >>> mean, valid = acc.mean("all")  # doctest: +SKIP
   """
   out = pathlib.Path(out_dir)
   start = time.perf_counter()
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  num_processes = jax.process_count() if num_processes is None else int(num_processes)
+  if not 0 <= process_index < num_processes:
+    raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
+  if not isinstance(config.cms.face_batch, int) or config.cms.face_batch < 0:
+    raise ValueError(f"cms.face_batch must be a non-negative int, got {config.cms.face_batch!r}")
   spec = dataset if dataset is not None else (config.cms.dataset or default_dataset())
   files = _dataset_files(spec)
+  labels = read_labels(config.cms.labels_csv) if config.cms.labels_csv else None
   model = models.load(config.model)
   model3d = load_morphable(config.morphable_model)
   texture_size = config.cis.texture_size or canonical.default_texture_size(model.crop.size, model3d)
   settings = cms.CMSSettings(texture_size, normalisation=config.cms.normalisation, on_invalid="skip")
-  checkpoint = out / "cms.npz"
+  checkpoint = _process_checkpoint(out, process_index, num_processes)
   acc = cms.CMSAccumulator.load(checkpoint, settings=settings) if checkpoint.exists() else cms.CMSAccumulator(settings)
   resumed_with = len(acc.done_indices())
   local = threading.local()  # dlib's detectors are not safe to share between threads: one per thread
@@ -709,83 +996,225 @@ def run_cms(
       timings["host_load_detect"] = timings.get("host_load_detect", 0.0) + time.perf_counter() - begin
     return pixels, face
 
-  skip = set(acc.done_indices())
+  skip = set(acc.done_indices()) | {i for i in range(len(files)) if i % num_processes != process_index}
   if config.cms.max_images > 0:  # a time-boxed run: the rest is left to the next run (resume)
     todo = [i for i in range(len(files)) if i not in skip]
     skip |= set(todo[config.cms.max_images :])
-  done, since_checkpoint, processed = len(acc.done_indices()), 0, 0
-  items = datasets.prefetch(files, host_work, num_threads=config.cms.num_threads, skip=skip, name_fn=str)
-  for item in items:
-    if item.error is not None:
-      acc.skip(item.index, item.name, f"{type(item.error).__name__}: {item.error}")
-    else:
+  mine = sum(1 for i in range(len(files)) if i % num_processes == process_index)
+  done, processed, since_checkpoint, num_batches = len(acc.done_indices()), 0, 0, 0
+  face_batch = int(config.cms.face_batch)
+  batcher = _FaceBatcher(config, timings) if face_batch > 0 else None
+  group = batcher.batch if batcher is not None else 1  # faces per device call
+  items = datasets.prefetch(
+    files, host_work, num_threads=config.cms.num_threads, depth=max(8, 2 * group), skip=skip, name_fn=str
+  )
+
+  def per_image(batch: list[datasets.Prefetched]) -> list[_FaceOutcome | str]:
+    found = []
+    for item in batch:
       pixels, face = item.value
       try:
-        result = cis_face(config, pixels, face, item.name, timings=timings)
+        found.append(_FaceOutcome.from_cis(cis_face(config, pixels, face, item.name, timings=timings)))
       except ValueError as e:
-        acc.skip(item.index, item.name, f"{type(e).__name__}: {e}")
-      else:
-        clock = _StageClock(timings)
-        occ = result.occlusion
-        groups = ["all"] + ([f"pred_{occ.label}"] if config.cms.group_by_prediction and occ.label else [])
-        acc.add(
-          item.index,
-          item.name,
-          result.texture,
-          result.weight,
-          group=groups,
-          record={
-            "prediction": occ.label,
-            "score": occ.score,
-            "score_kind": occ.score_kind,
-            "outside_mesh_share": result.outside_mesh_share,
-            "region_mass": result.region_mass,
-          },
-        )
-        clock.lap("accumulate")
-    done += 1
-    processed += 1
-    since_checkpoint += 1
+        found.append(f"{type(e).__name__}: {e}")
+    return found
+
+  def flush(batch: list[datasets.Prefetched]) -> None:
+    nonlocal done, processed, since_checkpoint, num_batches
+    num_batches += 1 if batcher is not None else len(batch)
+    found = batcher([(item.name, *item.value) for item in batch]) if batcher is not None else per_image(batch)
+    clock = _StageClock(timings)
+    for item, outcome in zip(batch, found):
+      _accumulate(acc, item.index, item.name, outcome, config, labels)
+    clock.lap("accumulate")
+    done += len(batch)
+    processed += len(batch)
+    since_checkpoint += len(batch)
     if since_checkpoint >= config.cms.checkpoint_every:
-      clock = _StageClock(timings)
       acc.save(checkpoint)
       clock.lap("checkpoint")
       since_checkpoint = 0
     if progress is not None:
-      progress(done, len(files), item.name)
+      for k, item in enumerate(batch, start=done - len(batch) + 1):
+        progress(k, mine, item.name)
+
+  pending: list[datasets.Prefetched] = []
+  for item in items:
+    if item.error is not None:
+      record = {} if labels is None else {"true_label": _true_label(labels, item.name)}
+      acc.skip(item.index, item.name, f"{type(item.error).__name__}: {item.error}", record=record)
+      done += 1
+      processed += 1
+      since_checkpoint += 1
+      if progress is not None:
+        progress(done, mine, item.name)
+      continue
+    pending.append(item)
+    if len(pending) == group:
+      flush(pending)
+      pending = []
+  if pending:
+    flush(pending)
   acc.save(checkpoint)
-  write_cms(acc, out, model3d, render_size=config.cis.render_size)
   elapsed = time.perf_counter() - start
-  records = acc.records()
-  skipped = [{"index": r["index"], "name": r["name"], "reason": r["reason"]} for r in records if r["status"] != "ok"]
-  io.save_json(
-    out / "summary.json",
-    {
-      "format": "canonsal_jax.cms_summary",
-      "version": 1,
-      "images_listed": len(files),
-      "images_seen": len(records),
-      "images_accumulated": len(records) - len(skipped),
-      "images_skipped": len(skipped),
-      "skipped": skipped,
-      "resumed_with": resumed_with,
-      "processed_this_run": processed,
-      "seconds_this_run": elapsed,
-      "images_per_second_this_run": processed / elapsed if elapsed > 0 else None,
-      "stage_seconds_this_run": timings,
-      "groups": {group: acc.num_images(group) for group in acc.groups()},
-      "texture_size": texture_size,
-      "reproducibility": {
-        "config": config.to_dict(),
-        "face_model": model.source,
-        "morphable_model": model3d.name,
-        "asset_sha256": {a.name: a.sha256 for a in assets.ASSETS.values()},
-        "versions": _versions(),
-        "note": "no randomness: detection, sweep, fit and accumulation are deterministic",
-      },
+  summary = _run_summary(
+    acc,
+    listed=len(files),
+    resumed_with=resumed_with,
+    processed=processed,
+    elapsed=elapsed,
+    timings=timings,
+    num_batches=num_batches,
+    face_batch=face_batch,
+  )
+  summary_name = "summary.json" if num_processes == 1 else f"summary.process{process_index}.json"
+  if num_processes > 1:
+    summary.update(process_index=process_index, num_processes=num_processes)
+  io.save_json(out / summary_name, _with_reproducibility(summary, config, model, model3d, texture_size))
+  if num_processes > 1:
+    if jax.process_count() == num_processes:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("canonsal_jax.run_cms: process checkpoints written")
+    if process_index != 0:
+      return acc
+    acc, summary = _merge_processes(
+      out,
+      settings,
+      num_processes,
+      listed=len(files),
+      elapsed=time.perf_counter() - start,
+      face_batch=face_batch,
+    )
+    acc.save(out / "cms.npz")
+    io.save_json(out / "summary.json", _with_reproducibility(summary, config, model, model3d, texture_size))
+  write_cms(acc, out, model3d, render_size=config.cis.render_size)
+  return acc
+
+
+def _accumulate(
+  acc: cms.CMSAccumulator,
+  index: int,
+  name: str,
+  outcome: _FaceOutcome | str,
+  config: ml_collections.ConfigDict,
+  labels: dict[str, str] | None,
+) -> None:
+  """Adds one face's outcome (or records why it failed) with its groups: "all", "pred_<label>", and with true
+  labels "label_<label>" and "correct" / "misclassified"."""
+  record: dict[str, Any] = {}
+  true = None
+  if labels is not None:
+    true = _true_label(labels, name)
+    record["true_label"] = true
+  if isinstance(outcome, str):
+    acc.skip(index, name, outcome, record=record)
+    return
+  groups = ["all"] + ([f"pred_{outcome.label}"] if config.cms.group_by_prediction and outcome.label else [])
+  if true is not None:
+    groups.append(f"label_{true}")
+    if outcome.label:
+      groups.append("correct" if outcome.label.casefold() == true.casefold() else "misclassified")
+  acc.add(
+    index,
+    name,
+    outcome.texture,
+    outcome.weight,
+    group=groups,
+    record={
+      "prediction": outcome.label,
+      "score": outcome.score,
+      "score_kind": outcome.score_kind,
+      "outside_mesh_share": outcome.outside_mesh_share,
+      "region_mass": outcome.region_mass,
+      **record,
     },
   )
-  return acc
+
+
+def _run_summary(
+  acc: cms.CMSAccumulator,
+  *,
+  listed: int,
+  resumed_with: int | None,
+  processed: int,
+  elapsed: float,
+  timings: dict[str, float],
+  num_batches: int,
+  face_batch: int,
+) -> dict[str, Any]:
+  records = acc.records()
+  skipped = [{"index": r["index"], "name": r["name"], "reason": r["reason"]} for r in records if r["status"] != "ok"]
+  device_stages = ("sweep", "fit", "texture")
+  return {
+    "format": "canonsal_jax.cms_summary",
+    "version": 1,
+    "images_listed": listed,
+    "images_seen": len(records),
+    "images_accumulated": len(records) - len(skipped),
+    "images_skipped": len(skipped),
+    "skipped": skipped,
+    "resumed_with": resumed_with,
+    "processed_this_run": processed,
+    "seconds_this_run": elapsed,
+    "images_per_second_this_run": processed / elapsed if elapsed > 0 else None,
+    "stage_seconds_this_run": timings,
+    "face_batch": face_batch,
+    "batches_this_run": num_batches,
+    # Mean wall seconds of each device stage per batch (the first batch includes compilation).
+    "stage_seconds_per_batch": {k: timings[k] / num_batches for k in device_stages if k in timings and num_batches},
+    "groups": {group: acc.num_images(group) for group in acc.groups()},
+  }
+
+
+def _with_reproducibility(summary, config, model, model3d, texture_size) -> dict[str, Any]:
+  return {
+    **summary,
+    "texture_size": texture_size,
+    "reproducibility": {
+      "config": config.to_dict(),
+      "face_model": model.source,
+      "morphable_model": model3d.name,
+      "asset_sha256": {a.name: a.sha256 for a in assets.ASSETS.values()},
+      "versions": _versions(),
+      "note": "no randomness: detection, sweep, fit and accumulation are deterministic",
+    },
+  }
+
+
+_PER_PROCESS_KEYS = ("processed_this_run", "seconds_this_run", "images_per_second_this_run", "stage_seconds_this_run")
+
+
+def _merge_processes(
+  out: pathlib.Path, settings: cms.CMSSettings, num_processes: int, *, listed: int, elapsed: float, face_batch: int
+) -> tuple[cms.CMSAccumulator, dict[str, Any]]:
+  """Process 0's merge of every process's checkpoint and summary, after the barrier.
+
+  `elapsed` is the job's wall time up to the merge; images/s are the job's (all processes' images over it).
+  """
+  merged = cms.merge(
+    *(
+      cms.CMSAccumulator.load(_process_checkpoint(out, i, num_processes), settings=settings)
+      for i in range(num_processes)
+    )
+  )
+  summaries = [json.loads((out / f"summary.process{i}.json").read_text()) for i in range(num_processes)]
+  timings: dict[str, float] = {}
+  for s in summaries:
+    for k, v in s["stage_seconds_this_run"].items():
+      timings[k] = timings.get(k, 0.0) + v
+  summary = _run_summary(
+    merged,
+    listed=listed,
+    resumed_with=sum(s["resumed_with"] for s in summaries),
+    processed=sum(s["processed_this_run"] for s in summaries),
+    elapsed=elapsed,
+    timings=timings,  # summed over processes: seconds of work, not of the job's wall time
+    num_batches=sum(s["batches_this_run"] for s in summaries),
+    face_batch=face_batch,
+  )
+  summary.update(num_processes=num_processes, per_process=[{k: s[k] for k in _PER_PROCESS_KEYS} for s in summaries])
+  return merged, summary
 
 
 def _versions() -> dict[str, str]:

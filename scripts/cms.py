@@ -2,6 +2,12 @@ r"""Canonical Model Saliency over a dataset: resumable, bad images skipped and r
 
 python scripts/cms.py --out_dir=/tmp/cms                                  # default photos, gender model
 python scripts/cms.py --dataset=photos/ --model=age --out_dir=out         # rerun the same command to resume
+
+A multi-process job (`jax.distributed`; on CPUs the collectives go through gloo), one command per process, all
+writing to the same out_dir; process 0 merges the processes' checkpoints into the final outputs:
+
+python scripts/cms.py --out_dir=out --num_processes=2 --process_id=0 --coordinator=127.0.0.1:12345 &
+python scripts/cms.py --out_dir=out --num_processes=2 --process_id=1 --coordinator=127.0.0.1:12345
 """
 
 import pathlib
@@ -23,13 +29,26 @@ _IMAGES = flags.DEFINE_string(
 _MODEL = flags.DEFINE_string("model", None, "Face model to explain (overrides config.model).")
 _MORPHABLE = flags.DEFINE_string("morphable_model", None, '"default" or a Surrey Face Model folder.')
 _OUT_DIR = flags.DEFINE_string("out_dir", "outputs", "Folder for the outputs and the checkpoint.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a jax.distributed job (1: no job).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in the job, 0 .. num_processes - 1.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0's coordination service.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  import jax
+
   from canonsal_jax import io, pipeline
 
+  if _NUM_PROCESSES.value > 1:
+    if not _COORDINATOR.value:
+      raise app.UsageError("--num_processes > 1 needs --coordinator=host:port")
+    if "jax_cpu_collectives_implementation" in jax.config.values:  # gloo: the barrier's collective on CPUs
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (jax 0.10.2's default; said explicitly)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
   config = _CONFIG.value
   if _MODEL.value is not None:
     config.model = _MODEL.value
@@ -38,6 +57,7 @@ def main(argv):
   if _IMAGES.value is not None:
     config.cms.dataset = _IMAGES.value
   logging.info("config:\n%s", config)
+  logging.info("process %d of %d; local devices: %s", jax.process_index(), jax.process_count(), jax.local_devices())
   start = time.perf_counter()
 
   def progress(done, total, name):
@@ -49,6 +69,9 @@ def main(argv):
   except (ValueError, FileNotFoundError, io.ImageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  finally:
+    if _NUM_PROCESSES.value > 1:
+      jax.distributed.shutdown()
   skipped = [r for r in acc.records() if r["status"] != "ok"]
   print(
     f"CMS of {acc.num_images('all') if 'all' in acc.groups() else 0} images ({len(skipped)} skipped), "
