@@ -40,6 +40,8 @@ setup(
       "onnxruntime>=1.18",  # independent runtime for the ONNX parity tests
       "keras>=3.5",  # independent runtime for the HDF5 parity test (run on its jax backend)
       "eos-py==1.5.0",  # independent reader of the Surrey Face Model, and the fitting reference
+      "torch==2.13.0",  # the PyTorch twins of the ported networks and the paper's procedure (baseline tests)
+      "captum==0.9.0",  # Captum's Occlusion, the other PyTorch baseline
     ],
     "baseline": [
       "torch==2.13.0",

@@ -5,6 +5,7 @@ Used by `scripts/benchmark.py`; results go to `BENCHMARKS.md` with the command t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import statistics
@@ -17,7 +18,7 @@ import numpy as np
 
 from canonsal_jax import models, occlusion
 
-__all__ = ["environment", "fit_vs_eos", "median_seconds", "sweep_vs_forward"]
+__all__ = ["environment", "fit_vs_eos", "median_seconds", "sweep_vs_forward", "sweep_vs_torch"]
 
 
 def environment() -> dict[str, Any]:
@@ -184,4 +185,138 @@ def fit_vs_eos(
     "ours_errors": summary(ours_errors),
     "eos_errors": summary(eos_errors),
     "mean_face_mm": float(ours_errors["mean_face_mm"].mean()),
+  }
+
+
+def sweep_vs_torch(
+  model: models.FaceModel,
+  *,
+  patch_size: int | float = 0.07,
+  strides: Sequence[int] = (1, 4, 8),
+  num_positions: int | None = None,
+  batch_size: int = 16,
+  perturbations_per_eval: Sequence[int] = (16, 64, 256),
+  repeats: int = 3,
+  seed: int = 0,
+  device: str = "cpu",
+) -> dict[str, Any]:
+  """Times our sweep against the paper's PyTorch procedure and Captum's `Occlusion` on the same patches.
+
+  All three get the same patch set (Captum's windows, `reference.captum_centres`) or, with `num_positions`, a
+  random subsample of it (Captum cannot run a subsample and is skipped), on one random face crop, constant
+  baseline 0. Ours is compiled ahead with `.lower().compile()`; the paper's procedure batches 16 images; Captum
+  is timed at each `perturbations_per_eval` (it refuses strides larger than the window). Plain batched forward
+  throughput of each framework over the same number of ready-made images comes along: JAX as in
+  `sweep_vs_forward`, PyTorch as one `net(batch)` per batch under `torch.inference_mode()`. Heatmaps are
+  checked equal (to 1e-4 of the largest value) before timing. Times are medians of `repeats`.
+
+  Both sides compute in full float32: ours is compiled under ``jax.default_matmul_precision("highest")`` and
+  PyTorch's TF32 is switched off (no-ops on a CPU), so the heatmaps can be compared on a GPU too. `device`
+  ("cpu", "cuda") is where the PyTorch side runs; ours runs on JAX's default device. Captum is skipped when it
+  is not installed.
+
+  Returns:
+    A dict per stride with seconds and images/s of each side, and ratios of ours to each.
+  """
+  import torch
+
+  from canonsal_jax.baselines import reference, torch_models
+
+  if importlib.util.find_spec("captum") is None:
+    perturbations_per_eval = ()
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+
+  def sync():
+    if torch.device(device).type == "cuda":
+      torch.cuda.synchronize()
+
+  rng = np.random.default_rng(seed)
+  size = model.crop.size
+  image = model.preprocess(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+  patch_px = occlusion.resolve_patch_size(patch_size, model.crop.face_width)
+  score = occlusion.Score.for_model(model)
+  net = torch_models.from_face_model(model).to(device)
+  x = torch_models.to_nchw(image[None])[0]
+  rows = []
+  for stride in strides:
+    centres = reference.captum_centres(size, size, patch_size=patch_px, stride=stride)
+    grid = num_positions is None or num_positions >= len(centres)
+    if not grid:
+      centres = centres[np.sort(rng.choice(len(centres), num_positions, replace=False))]
+    n = len(centres)
+    valid = np.ones(n, bool)
+    sweep = occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score)
+    with jax.default_matmul_precision("highest"):
+      compiled = sweep.lower(model.params, image, centres, valid).compile()
+    ours = compiled(model.params, image, centres, valid)
+    target = None if score.kind == "expected_value" else int(ours.target)
+    score_fn = reference.torch_score(score.kind, target=target, values=score.values)
+
+    def check(heatmap, what, ours=ours):
+      # 1e-4 of the largest heatmap value; where the drops are tiny next to the score itself (a random VGG's
+      # logit barely moves under a 15 px patch), float32 rounding of the two forwards (~1e-6 of the score,
+      # measured 4e-6 on VGG's logits) sets the floor instead.
+      expected = np.asarray(ours.heatmap)
+      scale = max(float(np.abs(expected).max()), 0.1 * abs(float(ours.score)))
+      err = float(np.abs(np.asarray(heatmap) - expected).max() / scale)
+      if err > 1e-4:
+        raise AssertionError(f"{model.name}: {what} heatmap differs from ours by {err:.2e} of its largest value")
+      return err
+
+    row: dict[str, Any] = {"stride": stride, "num_patches": n, "grid": grid}
+    row["ours_s"] = median_seconds(
+      lambda c=compiled, ctr=centres, v=valid: c(model.params, image, ctr, v), repeats=repeats
+    )
+
+    def paper(ctr=centres, score_fn=score_fn):
+      return reference.paper_occlusion(
+        net, x, ctr, patch_size=patch_px, score_fn=score_fn, batch_size=batch_size, device=device
+      )
+
+    row["paper_err"] = check(paper(), "paper")
+    row["paper_s"] = median_seconds(paper, repeats=repeats, warmup=0)
+    row["captum"] = {}
+    if grid and stride <= patch_px:
+      for ppe in perturbations_per_eval:
+
+        def captum(ppe=ppe, stride=stride, score_fn=score_fn):
+          return reference.captum_occlusion(
+            net, x.to(device), patch_size=patch_px, stride=stride, score_fn=score_fn, perturbations_per_eval=ppe
+          ).cpu()
+
+        err = check(captum(), f"Captum (perturbations_per_eval={ppe})")
+        row["captum"][ppe] = {"s": median_seconds(captum, repeats=repeats, warmup=0), "err": err}
+    padded = -(-n // batch_size) * batch_size
+    images = np.broadcast_to(image, (padded // batch_size, batch_size, *image.shape)).copy()
+    images += rng.normal(scale=1e-3, size=images.shape).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+      fwd = _forward_program(model.apply_fn, batch_size).lower(model.params, images).compile()
+    images_dev = jax.device_put(images)
+    row["jax_forward_s"] = median_seconds(lambda f=fwd, i=images_dev: f(model.params, i), repeats=repeats) * n / padded
+    batches = [torch_models.to_nchw(b).to(device) for b in images]
+
+    def torch_forward(batches=batches):
+      with torch.inference_mode():
+        out = [net(b) for b in batches]
+      sync()
+      return out
+
+    row["torch_forward_s"] = median_seconds(torch_forward, repeats=repeats) * n / padded
+    best_captum = min(row["captum"].items(), key=lambda kv: kv[1]["s"], default=(None, None))
+    row["captum_best_ppe"] = best_captum[0]
+    row["captum_best_s"] = best_captum[1]["s"] if best_captum[1] else None
+    row["ours_vs_best_forward"] = min(row["jax_forward_s"], row["torch_forward_s"]) / row["ours_s"]
+    row["paper_over_ours"] = row["paper_s"] / row["ours_s"]
+    row["captum_over_ours"] = row["captum_best_s"] / row["ours_s"] if row["captum_best_s"] else None
+    rows.append(row)
+  return {
+    "model": model.name,
+    "input_shape": list(model.input_shape),
+    "patch_size_px": patch_px,
+    "batch_size": batch_size,
+    "torch": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "torch_device": device,
+    "rows": rows,
   }

@@ -216,9 +216,10 @@ def resolve_patch_size(patch_size: int | float, face_width: float | None = None)
 def grid_centres(height: int, width: int, *, patch_size: int, stride: int, include_borders: bool = False) -> np.ndarray:
   """Patch centres `[N, 2]` int32 (row, col) on a regular grid.
 
-  By default patches lie wholly inside the image, top-left corners at 0, stride, 2*stride, ... as Captum's
-  `Occlusion` slides its windows; `include_borders` centres patches on every stride-th pixel from 0, so border
-  pixels are covered by clipped patches.
+  By default patches lie wholly inside the image, top-left corners at 0, stride, 2*stride, ... (Captum's
+  `Occlusion` adds one more, border-clipped window per axis when (size - patch) is not a multiple of the stride;
+  `canonsal_jax.baselines.reference.captum_centres` gives its exact set); `include_borders` centres patches on
+  every stride-th pixel from 0, so border pixels are covered by clipped patches.
 
   Raises:
     ValueError: stride < 1, or a patch larger than the image.

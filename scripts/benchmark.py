@@ -3,6 +3,7 @@ r"""Benchmarks: ratios against baselines measured in the same run (see BENCHMARK
 python scripts/benchmark.py --suite=sweep --json_out=/tmp/bench.json
 python scripts/benchmark.py --suite=sweep --models=age --batch_sizes=16 --repeats=3
 python scripts/benchmark.py --suite=fit --morphable_model=../shared/assets/sfm --fit_batch_size=64
+python scripts/benchmark.py --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
 """
 
 import json
@@ -13,8 +14,9 @@ from absl import app, flags, logging
 _SUITE = flags.DEFINE_enum(
   "suite",
   "sweep",
-  ["sweep", "fit"],
-  "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face.",
+  ["sweep", "fit", "torch"],
+  "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face; "
+  "torch: our sweep vs the paper's PyTorch procedure and Captum's Occlusion (needs the baseline extra).",
 )
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
@@ -26,6 +28,13 @@ _MORPHABLE_MODEL = flags.DEFINE_string(
   "morphable_model", None, "fit suite: the Surrey Face Model folder (eos's share/ files)."
 )
 _FIT_BATCH = flags.DEFINE_integer("fit_batch_size", 64, "fit suite: faces per batch.")
+_STRIDES = flags.DEFINE_list("strides", ["1", "4", "8"], "torch suite: patch strides on the face models.")
+_PPE = flags.DEFINE_list("perturbations_per_eval", ["16", "64", "256"], "torch suite: Captum batch sizes to try.")
+_VGG_POSITIONS = flags.DEFINE_integer(
+  "vgg_positions", 32, "torch suite: random patch positions on vgg16 (15 px patches, from the --vgg_stride grid)."
+)
+_VGG_STRIDE = flags.DEFINE_integer("vgg_stride", 15, "torch suite: stride of the vgg16 grid the positions come from.")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "torch suite: where PyTorch runs (cpu, cuda).")
 _EOS_REPEATS = flags.DEFINE_integer("eos_repeats", 3, "fit suite: timed repeats of eos's loop over the batch.")
 
 
@@ -78,6 +87,36 @@ def _fit_suite() -> list[dict]:
   return [res]
 
 
+def _torch_suite() -> list[dict]:
+  from canonsal_jax import bench, models
+  from canonsal_jax.baselines import vgg
+
+  results = []
+  for name in _MODELS.value:
+    is_vgg = name == "vgg16"
+    res = bench.sweep_vs_torch(
+      vgg.load_vgg16() if is_vgg else models.load(name),
+      patch_size=_PATCH.value,
+      strides=[_VGG_STRIDE.value] if is_vgg else [int(s) for s in _STRIDES.value],
+      num_positions=_VGG_POSITIONS.value if is_vgg else None,
+      batch_size=int(_BATCH_SIZES.value[0]),
+      perturbations_per_eval=[int(p) for p in _PPE.value],
+      repeats=_REPEATS.value,
+      device=_TORCH_DEVICE.value,
+    )
+    results.append(res)
+    for r in res["rows"]:
+      n = r["num_patches"]
+      captum = ", ".join(f"ppe {k}: {n / v['s']:.0f}" for k, v in r["captum"].items()) or "n/a"
+      print(
+        f"{name:10s} stride {r['stride']:2d} {n:5d} patches of {res['patch_size_px']} px (img/s): "
+        f"ours {n / r['ours_s']:.1f}, paper {n / r['paper_s']:.1f}, captum [{captum}], "
+        f"jax fwd {n / r['jax_forward_s']:.1f}, torch fwd {n / r['torch_forward_s']:.1f}; "
+        f"ours/best fwd {r['ours_vs_best_forward']:.3f}; torch threads {res['torch_threads']}"
+      )
+  return results
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -85,7 +124,7 @@ def main(argv):
 
   env = bench.environment()
   logging.info("environment: %s", env)
-  results = {"sweep": _sweep_suite, "fit": _fit_suite}[_SUITE.value]()
+  results = {"sweep": _sweep_suite, "fit": _fit_suite, "torch": _torch_suite}[_SUITE.value]()
   if _JSON_OUT.value:
     path = pathlib.Path(_JSON_OUT.value)
     path.parent.mkdir(parents=True, exist_ok=True)
