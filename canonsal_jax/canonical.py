@@ -78,6 +78,7 @@ __all__ = [
   "sample_canonical",
   "to_texture",
   "uv_density",
+  "vertex_normals",
 ]
 
 # Depth slack of the visibility test, in crop pixels (depth shares x/y's units): absorbs float32 rounding of
@@ -392,7 +393,7 @@ class CanonicalSample(NamedTuple):
   lambert: np.ndarray
 
 
-def _vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
   """Area-weighted unit vertex normals [V, 3] (outward for counter-clockwise triangles)."""
   a, b, c = (vertices[triangles[:, k]] for k in range(3))
   face_normals = np.cross(b - a, c - a)
@@ -423,7 +424,7 @@ def _canonical_geometry(model: MorphableModel, size: int, margin: float) -> _Geo
     frags = raster.check_complete(raster.rasterize(xyd, triangles, size, size, max_box=box, chunk_size=1024))
     light = np.asarray(_LIGHT, np.float64)
     light /= np.linalg.norm(light)
-    normals = _vertex_normals(mean, triangles).astype(np.float32)
+    normals = vertex_normals(mean, triangles).astype(np.float32)
     attrs = np.concatenate([np.asarray(raster.uv_to_texel_xy(model.uv, 1)) + 0.5, normals], axis=-1)
     per_pixel = np.asarray(raster.interpolate(frags, attrs, triangles))
     n = per_pixel[..., 2:]

@@ -303,6 +303,16 @@ def save_npy(path: PathLike, array: Any) -> None:
     np.save(f, np.asarray(array), allow_pickle=False)
 
 
+def save_npz(path: PathLike, **arrays: Any) -> None:
+  """Saves named arrays as an uncompressed `.npz` atomically, at exactly `path` (no suffix is added).
+
+  For caches whose name already carries their version (converted weights, built models); files users keep
+  go through `save_npz_versioned`. Object arrays are refused.
+  """
+  with _atomic_file(path) as f:
+    np.savez(f, **{name: np.asarray(a) for name, a in arrays.items()}, allow_pickle=False)
+
+
 def save_png(path: PathLike, image: Any) -> None:
   """Saves a `uint8` image atomically as PNG.
 

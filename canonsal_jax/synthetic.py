@@ -221,7 +221,7 @@ def render(
   )
   size = face.texture.shape[0]
   texel_xy = np.asarray(raster.uv_to_texel_xy(face.uv, size))
-  normals = _vertex_normals(vertices @ rotation.T, face.triangles)
+  normals = canonical.vertex_normals(vertices @ rotation.T, face.triangles)
   attrs = np.concatenate([texel_xy, normals], axis=-1)
   per_pixel = np.asarray(raster.interpolate(frags, attrs, face.triangles))
   covered = np.asarray(frags.tri_id) >= 0
@@ -238,16 +238,6 @@ def render(
     vertices_xyd=xyd.astype(np.float32),
     yaw_pitch_roll=ypr,
   )
-
-
-def _vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-  """Area-weighted unit vertex normals [V, 3] (outward for counter-clockwise triangles)."""
-  a, b, c = (vertices[triangles[:, k]] for k in range(3))
-  face_normals = np.cross(b - a, c - a)
-  normals = np.zeros_like(vertices)
-  for k in range(3):
-    np.add.at(normals, triangles[:, k], face_normals)
-  return normals / np.maximum(np.linalg.norm(normals, axis=-1, keepdims=True), 1e-12)
 
 
 class Agreement(NamedTuple):

@@ -198,13 +198,17 @@ def test_atomic_writes_leave_no_temp_files_and_create_parents(tmp_path):
   io.save_npy(out / "a.npy", np.arange(5))
   io.save_png(out / "c.png", _gradient_rgb())
   io.save_json(out / "d.json", {"x": np.float32(1.5), "y": np.arange(3), "z": [np.int64(2)]})
+  io.save_npz(out / "e.cache", w=np.eye(2, dtype=np.float32), b=np.arange(3))
+  with np.load(out / "e.cache") as cached:  # exactly the given name, no ".npz" appended
+    np.testing.assert_array_equal(cached["w"], np.eye(2))
+    np.testing.assert_array_equal(cached["b"], np.arange(3))
   assert (out / "b.bin").read_bytes() == b"abc"
   np.testing.assert_array_equal(np.load(out / "a.npy"), np.arange(5))
   np.testing.assert_array_equal(io.load_image(out / "c.png"), _gradient_rgb())
   assert (
     out / "d.json"
   ).read_text() == '{\n  "x": 1.5,\n  "y": [\n    0,\n    1,\n    2\n  ],\n  "z": [\n    2\n  ]\n}\n'
-  assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.bin", "c.png", "d.json"]
+  assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.bin", "c.png", "d.json", "e.cache"]
   umask = os.umask(0)
   os.umask(umask)
   assert (out / "b.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

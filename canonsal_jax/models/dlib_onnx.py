@@ -27,12 +27,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,6 +41,7 @@ from flax import nnx
 from PIL import Image
 
 from canonsal_jax import assets
+from canonsal_jax import io as cs_io
 from canonsal_jax.models.base import CropSpec, FaceModel
 
 __all__ = [
@@ -350,15 +349,7 @@ def load_weights(asset_name: str, *, weights_dir: os.PathLike[str] | str | None 
     with np.load(target, allow_pickle=False) as cached:
       return {name: cached[name] for name in cached.files}
   weights = _convert_onnx(assets.path(asset_name))
-  weights_dir.mkdir(parents=True, exist_ok=True)
-  fd, partial = tempfile.mkstemp(dir=weights_dir, prefix=target.name, suffix=".partial")
-  try:
-    with os.fdopen(fd, "wb") as f:  # a file object, so that numpy does not append ".npz" to the name
-      np.savez(f, **weights)
-    os.replace(partial, target)  # atomic: readers see no file or a whole one
-  finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(partial)
+  cs_io.save_npz(target, **weights)
   return weights
 
 

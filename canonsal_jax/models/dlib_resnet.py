@@ -22,13 +22,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -38,6 +36,7 @@ from flax import nnx
 from PIL import Image
 
 from canonsal_jax import assets
+from canonsal_jax import io as cs_io
 from canonsal_jax.models.base import CropSpec, FaceModel
 from canonsal_jax.models.dlib_onnx import _add_padded
 
@@ -436,15 +435,7 @@ def load_weights(*, weights_dir: os.PathLike[str] | str | None = None) -> dict[s
       return {name: cached[name] for name in cached.files}
   path = assets.path(ASSET)
   weights = _convert(read_dlib_net(path), os.fspath(path))
-  weights_dir.mkdir(parents=True, exist_ok=True)
-  fd, partial = tempfile.mkstemp(dir=weights_dir, prefix=target.name, suffix=".partial")
-  try:
-    with os.fdopen(fd, "wb") as f:  # a file object, so that numpy does not append ".npz" to the name
-      np.savez(f, **weights)
-    os.replace(partial, target)  # atomic: readers see no file or a whole one
-  finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(partial)
+  cs_io.save_npz(target, **weights)
   return weights
 
 

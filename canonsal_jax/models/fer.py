@@ -35,7 +35,6 @@ import functools
 import json
 import os
 import pathlib
-import tempfile
 import zipfile
 
 import h5py
@@ -46,6 +45,7 @@ from flax import nnx
 from jax import lax
 
 from canonsal_jax import assets
+from canonsal_jax import io as cs_io
 from canonsal_jax.models.base import CropSpec, FaceModel
 
 __all__ = [
@@ -389,14 +389,7 @@ def load_weights(*, weights_dir: os.PathLike[str] | str | None = None) -> dict[s
   if (arrays := _read_npz(target)) is not None:
     return arrays
   arrays = convert_hdf5(assets.path(_ASSET))
-  weights_dir.mkdir(parents=True, exist_ok=True)
-  fd, partial = tempfile.mkstemp(dir=weights_dir, prefix=target.name, suffix=".partial")
-  try:
-    with os.fdopen(fd, "wb") as f:  # a file object, so that numpy does not append ".npz" to the name
-      np.savez(f, **arrays)
-    os.replace(partial, target)  # atomic: readers see no file or a whole one
-  finally:
-    pathlib.Path(partial).unlink(missing_ok=True)
+  cs_io.save_npz(target, **arrays)
   return arrays
 
 

