@@ -42,12 +42,11 @@ from PIL import Image
 
 from canonsal_jax import assets
 from canonsal_jax import io as cs_io
+from canonsal_jax.models import layers
 from canonsal_jax.models.base import CropSpec, FaceModel
 
 __all__ = [
-  "Affine",
   "AgeNet",
-  "Conv",
   "GenderNet",
   "Linear",
   "Multiply",
@@ -72,37 +71,14 @@ Weights = Mapping[str, np.ndarray]
 # Layers. Each reads its arrays from the converted weights by the ONNX initializer names.
 
 
-class Conv(nnx.Module):
-  """2-D convolution with bias, NHWC, symmetric zero padding (ONNX `Conv` with `pads=[p, p, p, p]`)."""
-
-  def __init__(self, weights: Weights, layer: str, *, stride: int = 1, padding: int = 0):
-    self.kernel = nnx.Param(jnp.asarray(weights[f"{layer}_weights"]))  # [kh, kw, C_in, C_out]
-    self.bias = nnx.Param(jnp.asarray(weights[f"{layer}_bias"]))  # [C_out]
-    self.stride = stride
-    self.padding = padding
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`x[B, H, W, C_in]` -> `[B, H', W', C_out]`."""
-    y = jax.lax.conv_general_dilated(
-      x,
-      self.kernel[...],
-      window_strides=(self.stride, self.stride),
-      padding=((self.padding, self.padding), (self.padding, self.padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    return y + self.bias[...]
+def _conv(weights: Weights, layer: str, **kwargs) -> layers.Conv:
+  """ONNX `Conv` with `pads=[p, p, p, p]` as converted: `<layer>_weights` (HWIO) and `<layer>_bias`."""
+  return layers.Conv(weights[f"{layer}_weights"], weights[f"{layer}_bias"], **kwargs)
 
 
-class Affine(nnx.Module):
-  """dlib's `affine` layer (batch norm at inference), kept as a per-channel scale and offset, not folded."""
-
-  def __init__(self, weights: Weights, layer: str):
-    self.scale = nnx.Param(jnp.asarray(weights[f"{layer}_scale"]))  # [C]
-    self.offset = nnx.Param(jnp.asarray(weights[f"{layer}_offset"]))  # [C]
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`x[..., C]` -> `[..., C]`."""
-    return x * self.scale[...] + self.offset[...]
+def _affine(weights: Weights, layer: str) -> layers.Affine:
+  """dlib's `affine` layer as converted: `<layer>_scale` and `<layer>_offset`."""
+  return layers.Affine(weights[f"{layer}_scale"], weights[f"{layer}_offset"])
 
 
 class Multiply(nnx.Module):
@@ -127,37 +103,6 @@ class Linear(nnx.Module):
     return x.reshape(x.shape[0], -1) @ self.kernel[...] + self.bias[...]
 
 
-def _avg_pool_2x2(x: jax.Array) -> jax.Array:
-  """ONNX `AveragePool` 2x2, stride 2, no padding (a trailing odd row or column is dropped): `[B, H, W, C]`."""
-  window = (1, 2, 2, 1)
-  return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID") / 4.0
-
-
-def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """ONNX `MaxPool` 3x3, stride 2, no padding: `[B, H, W, C]`."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
-
-
-def _add_padded(a: jax.Array, b: jax.Array) -> jax.Array:
-  """dlib's `add_prev`: zero-pads the trailing rows, columns and channels of each to the larger shape, then adds.
-
-  Args:
-    a: `[B, H_a, W_a, C_a]`.
-    b: `[B, H_b, W_b, C_b]`.
-
-  Returns:
-    `[B, max(H_a, H_b), max(W_a, W_b), max(C_a, C_b)]`, the top-left origin of both preserved.
-  """
-  shape = tuple(max(s, t) for s, t in zip(a.shape, b.shape, strict=True))
-
-  def pad(x: jax.Array) -> jax.Array:
-    if x.shape == shape:
-      return x
-    return jnp.pad(x, [(0, n - s) for s, n in zip(x.shape, shape, strict=True)])
-
-  return pad(a) + pad(b)
-
-
 class ResidualBlock(nnx.Module):
   """dlib's `residual` / `residual_down` block with `relu` after the add.
 
@@ -168,18 +113,18 @@ class ResidualBlock(nnx.Module):
 
   def __init__(self, weights: Weights, layers: Sequence[str], *, downsample: bool):
     conv1, affine1, conv2, affine2 = layers
-    self.conv1 = Conv(weights, conv1, stride=2 if downsample else 1, padding=0 if downsample else 1)
-    self.affine1 = Affine(weights, affine1)
-    self.conv2 = Conv(weights, conv2, padding=1)
-    self.affine2 = Affine(weights, affine2)
+    self.conv1 = _conv(weights, conv1, stride=2 if downsample else 1, padding=0 if downsample else 1)
+    self.affine1 = _affine(weights, affine1)
+    self.conv2 = _conv(weights, conv2, padding=1)
+    self.affine2 = _affine(weights, affine2)
     self.downsample = downsample
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, H, W, C]` -> `[B, H', W', C']`."""
     y = jax.nn.relu(self.affine1(self.conv1(x)))
     y = self.affine2(self.conv2(y))
-    shortcut = _avg_pool_2x2(x) if self.downsample else x
-    return jax.nn.relu(_add_padded(shortcut, y))
+    shortcut = layers.avg_pool_2x2(x) if self.downsample else x
+    return jax.nn.relu(layers.add_padded(shortcut, y))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,14 +135,14 @@ class GenderNet(nnx.Module):
   """dlib's gender classifier (`dnn_gender_classifier_v1`): `[B, 32, 32, 3]` -> logits `[B, 2]` (female, male)."""
 
   def __init__(self, weights: Weights):
-    self.conv1 = Conv(weights, "layer_19", padding=1)
-    self.affine1 = Affine(weights, "layer_18")
-    self.conv2 = Conv(weights, "layer_16", padding=1)
-    self.affine2 = Affine(weights, "layer_15")
-    self.conv3 = Conv(weights, "layer_12", padding=1)
-    self.affine3 = Affine(weights, "layer_11")
-    self.conv4 = Conv(weights, "layer_9", padding=1)
-    self.affine4 = Affine(weights, "layer_8")
+    self.conv1 = _conv(weights, "layer_19", padding=1)
+    self.affine1 = _affine(weights, "layer_18")
+    self.conv2 = _conv(weights, "layer_16", padding=1)
+    self.affine2 = _affine(weights, "layer_15")
+    self.conv3 = _conv(weights, "layer_12", padding=1)
+    self.affine3 = _affine(weights, "layer_11")
+    self.conv4 = _conv(weights, "layer_9", padding=1)
+    self.affine4 = _affine(weights, "layer_8")
     self.dropout1 = Multiply(weights, "layer_5")
     self.fc1 = Linear(weights, "layer_4")
     self.dropout2 = Multiply(weights, "layer_2")
@@ -211,13 +156,13 @@ class GenderNet(nnx.Module):
     """The last conv layer's rectified output: `x[B, 32, 32, 3]` -> `[B, 16, 16, 64]` (before the last pool)."""
     x = jax.nn.relu(self.affine1(self.conv1(x)))
     x = jax.nn.relu(self.affine2(self.conv2(x)))
-    x = _avg_pool_2x2(x)  # [B, 16, 16, 32]
+    x = layers.avg_pool_2x2(x)  # [B, 16, 16, 32]
     x = jax.nn.relu(self.affine3(self.conv3(x)))
     return jax.nn.relu(self.affine4(self.conv4(x)))
 
   def head(self, features: jax.Array) -> jax.Array:
     """`features[B, 16, 16, 64]` -> logits `[B, 2]`."""
-    x = _avg_pool_2x2(features)  # [B, 8, 8, 64]
+    x = layers.avg_pool_2x2(features)  # [B, 8, 8, 64]
     x = jax.nn.relu(self.fc1(self.dropout1(x)))
     return self.fc2(self.dropout2(x))
 
@@ -226,8 +171,8 @@ class AgeNet(nnx.Module):
   """dlib's age predictor (`dnn_age_predictor_v1`): `[B, 64, 64, 3]` -> logits `[B, 81]` over age bins."""
 
   def __init__(self, weights: Weights):
-    self.stem_conv = Conv(weights, "layer_52", stride=2, padding=0)
-    self.stem_affine = Affine(weights, "layer_51")
+    self.stem_conv = _conv(weights, "layer_52", stride=2, padding=0)
+    self.stem_affine = _affine(weights, "layer_51")
     self.block1 = ResidualBlock(weights, ("layer_47", "layer_46", "layer_44", "layer_43"), downsample=False)
     self.block2 = ResidualBlock(weights, ("layer_39", "layer_38", "layer_36", "layer_35"), downsample=True)
     self.block3 = ResidualBlock(weights, ("layer_28", "layer_27", "layer_25", "layer_24"), downsample=False)
@@ -242,7 +187,7 @@ class AgeNet(nnx.Module):
   def features(self, x: jax.Array) -> jax.Array:
     """The last residual block's output: `x[B, 64, 64, 3]` -> `[B, 3, 3, 256]`."""
     x = jax.nn.relu(self.stem_affine(self.stem_conv(x)))  # [B, 29, 29, 64]
-    x = _max_pool_3x3_s2(x)  # [B, 14, 14, 64]
+    x = layers.max_pool_3x3_s2(x)  # [B, 14, 14, 64]
     x = self.block1(x)
     x = self.block2(x)  # [B, 7, 7, 128]: the 6x6 conv branch is zero-padded to the 7x7 shortcut
     x = self.block3(x)
@@ -362,21 +307,6 @@ def _manifest() -> dict[str, Any]:
     return json.load(f)
 
 
-def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
-  """`x[B, S, S, 3]` -> logits `[B, num_outputs]` with the weights `params`."""
-  return nnx.merge(graphdef, params)(jnp.asarray(x, jnp.float32))
-
-
-def _features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
-  """`x[B, S, S, 3]` -> the last conv feature map `[B, h, w, D]` (the module's `features`)."""
-  return nnx.merge(graphdef, params).features(jnp.asarray(x, jnp.float32))
-
-
-def _head(graphdef: nnx.GraphDef, params: nnx.State, features: jax.typing.ArrayLike) -> jax.Array:
-  """`features[B, h, w, D]` -> logits `[B, num_outputs]` (the module's `head`)."""
-  return nnx.merge(graphdef, params).head(jnp.asarray(features, jnp.float32))
-
-
 def _preprocess(face: np.ndarray, *, size: int, means: np.ndarray, scale: np.float32) -> np.ndarray:
   """`uint8 [h, w, 3]` RGB chip -> `float32 [size, size, 3]`, `(RGB - means) * scale` as dlib's input layer.
 
@@ -406,7 +336,7 @@ def _build(
     name=task,
     labels=labels,
     input_shape=(size, size, 3),
-    apply_fn=functools.partial(_apply, graphdef),
+    apply_fn=functools.partial(layers.apply, graphdef),
     params=params,
     preprocess_fn=functools.partial(
       _preprocess, size=size, means=np.asarray(norm["means"], np.float32), scale=np.float32(norm["scale"])
@@ -418,8 +348,8 @@ def _build(
       f"{asset.name} (dlib {entry['source']['filename']} by {spec['license']['attribution']}) from "
       f"{asset.package}=={asset.version}, {asset.licence}"
     ),
-    features_fn=functools.partial(_features, graphdef),
-    head_fn=functools.partial(_head, graphdef),
+    features_fn=functools.partial(layers.features, graphdef),
+    head_fn=functools.partial(layers.head, graphdef),
   )
 
 

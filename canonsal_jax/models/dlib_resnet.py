@@ -7,7 +7,7 @@ conv7x7/2 valid(32) affine relu, maxpool3x3/2 valid [35x35x32]; 3 x residual(32)
 descriptor itself: dlib's `loss_metric` compares raw Euclidean distances (same person below its
 `dist_thresh`, 0.6) and `compute_face_descriptor` returns the fc output without normalising it (norms of 1.3-1.5 on
 the chips tried). Residual blocks are `relu(shortcut ⊕ affine(conv3x3(relu(affine(conv3x3/s(x))))))`
-with dlib's zero-padding `add_prev` (`dlib_onnx._add_padded`); the 2x2 average-pool shortcut of the third
+with dlib's zero-padding `add_prev` (`layers.add_padded`); the 2x2 average-pool shortcut of the third
 downsampling block is 4x4 where its conv branch is 3x3, and of the last 2x2 against 1x1.
 
 dlib's Python API does not expose the weights, so `read_dlib_net` parses dlib's own binary serialisation
@@ -37,15 +37,13 @@ from PIL import Image
 
 from canonsal_jax import assets
 from canonsal_jax import io as cs_io
+from canonsal_jax.models import layers
 from canonsal_jax.models.base import CropSpec, FaceModel
-from canonsal_jax.models.dlib_onnx import _add_padded
 
 __all__ = [
   "ASSET",
   "EMBEDDING_DIM",
   "SAME_PERSON_DISTANCE",
-  "Affine",
-  "Conv",
   "DlibLayer",
   "DlibNet",
   "FaceDescriptorNet",
@@ -443,58 +441,14 @@ def load_weights(*, weights_dir: os.PathLike[str] | str | None = None) -> dict[s
 # The network.
 
 
-class Conv(nnx.Module):
-  """dlib's `con_`: 2-D cross-correlation with bias, NHWC, symmetric zero padding."""
-
-  def __init__(self, weights: Weights, prefix: str, *, stride: int, padding: int):
-    self.kernel = nnx.Param(jnp.asarray(weights[f"{prefix}/kernel"]))  # [kh, kw, C_in, C_out]
-    self.bias = nnx.Param(jnp.asarray(weights[f"{prefix}/bias"]))  # [C_out]
-    self.stride = stride
-    self.padding = padding
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`x[B, H, W, C_in]` -> `[B, H', W', C_out]`."""
-    y = jax.lax.conv_general_dilated(
-      x,
-      self.kernel[...],
-      window_strides=(self.stride, self.stride),
-      padding=((self.padding, self.padding), (self.padding, self.padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    return y + self.bias[...]
+def _conv(weights: Weights, prefix: str, **kwargs) -> layers.Conv:
+  """dlib's `con_` as converted: `<prefix>/kernel` (HWIO) and `<prefix>/bias`."""
+  return layers.Conv(weights[f"{prefix}/kernel"], weights[f"{prefix}/bias"], **kwargs)
 
 
-class Affine(nnx.Module):
-  """dlib's `affine_` (its batch norms at inference): per-channel `x * gamma + beta`, kept unfolded."""
-
-  def __init__(self, weights: Weights, prefix: str):
-    self.scale = nnx.Param(jnp.asarray(weights[f"{prefix}/scale"]))  # [C]
-    self.offset = nnx.Param(jnp.asarray(weights[f"{prefix}/offset"]))  # [C]
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return x * self.scale[...] + self.offset[...]
-
-
-def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """dlib's `max_pool<3,3,2,2>` (no padding): `[B, H, W, C]` -> `[B, (H-3)//2+1, (W-3)//2+1, C]`.
-
-  A max over the nine strided views rather than `reduce_window`, which XLA:CPU runs several times slower;
-  the result is the same bit for bit.
-  """
-  h, w = (x.shape[1] - _POOL_SIZE) // _POOL_STRIDE + 1, (x.shape[2] - _POOL_SIZE) // _POOL_STRIDE + 1
-  views = [
-    x[:, i : i + _POOL_STRIDE * (h - 1) + 1 : _POOL_STRIDE, j : j + _POOL_STRIDE * (w - 1) + 1 : _POOL_STRIDE]
-    for i in range(_POOL_SIZE)
-    for j in range(_POOL_SIZE)
-  ]
-  return functools.reduce(jnp.maximum, views)
-
-
-def _avg_pool_2x2(x: jax.Array) -> jax.Array:
-  """dlib's `avg_pool<2,2,2,2>` (no padding; a trailing odd row or column is dropped): `[B, H, W, C]`."""
-  h, w = x.shape[1] // 2, x.shape[2] // 2
-  x = x[:, : 2 * h, : 2 * w]
-  return x.reshape(x.shape[0], h, 2, w, 2, x.shape[3]).mean(axis=(2, 4))
+def _affine(weights: Weights, prefix: str) -> layers.Affine:
+  """dlib's `affine_` as converted: `<prefix>/scale` and `<prefix>/offset`."""
+  return layers.Affine(weights[f"{prefix}/scale"], weights[f"{prefix}/offset"])
 
 
 class ResidualBlock(nnx.Module):
@@ -506,26 +460,26 @@ class ResidualBlock(nnx.Module):
   """
 
   def __init__(self, weights: Weights, prefix: str, *, downsample: bool):
-    self.conv1 = Conv(weights, f"{prefix}/conv1", stride=2 if downsample else 1, padding=0 if downsample else 1)
-    self.affine1 = Affine(weights, f"{prefix}/affine1")
-    self.conv2 = Conv(weights, f"{prefix}/conv2", stride=1, padding=1)
-    self.affine2 = Affine(weights, f"{prefix}/affine2")
+    self.conv1 = _conv(weights, f"{prefix}/conv1", stride=2 if downsample else 1, padding=0 if downsample else 1)
+    self.affine1 = _affine(weights, f"{prefix}/affine1")
+    self.conv2 = _conv(weights, f"{prefix}/conv2", stride=1, padding=1)
+    self.affine2 = _affine(weights, f"{prefix}/affine2")
     self.downsample = downsample
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, H, W, C]` -> `[B, H', W', C']`."""
     y = jax.nn.relu(self.affine1(self.conv1(x)))
     y = self.affine2(self.conv2(y))
-    shortcut = _avg_pool_2x2(x) if self.downsample else x
-    return jax.nn.relu(_add_padded(shortcut, y))
+    shortcut = layers.avg_pool_2x2(x) if self.downsample else x
+    return jax.nn.relu(layers.add_padded(shortcut, y))
 
 
 class FaceDescriptorNet(nnx.Module):
   """dlib's face descriptor (`anet_type`): `[B, 150, 150, 3]` normalised RGB -> `[B, 128]` descriptors."""
 
   def __init__(self, weights: Weights):
-    self.stem_conv = Conv(weights, "stem/conv", stride=_STEM_STRIDE, padding=0)
-    self.stem_affine = Affine(weights, "stem/affine")
+    self.stem_conv = _conv(weights, "stem/conv", stride=_STEM_STRIDE, padding=0)
+    self.stem_affine = _affine(weights, "stem/affine")
     self.blocks = nnx.List(
       [ResidualBlock(weights, f"block{b:02d}", downsample=down) for b, (_, down) in enumerate(_BLOCKS)]
     )
@@ -538,7 +492,7 @@ class FaceDescriptorNet(nnx.Module):
   def features(self, x: jax.Array) -> jax.Array:
     """The last residual block's output: `x[B, 150, 150, 3]` -> `[B, 2, 2, 256]`."""
     x = jax.nn.relu(self.stem_affine(self.stem_conv(x)))  # [B, 72, 72, 32]
-    x = _max_pool_3x3_s2(x)  # [B, 35, 35, 32]
+    x = layers.max_pool_3x3_s2(x)  # [B, 35, 35, 32]
     for block in self.blocks:
       x = block(x)  # ... [B, 17, 17, 64], [B, 8, 8, 128], [B, 4, 4, 256], [B, 2, 2, 256]
     return x
@@ -550,21 +504,6 @@ class FaceDescriptorNet(nnx.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # FaceModel factory.
-
-
-def _apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
-  """`x[B, 150, 150, 3]` -> descriptors `[B, 128]` with the weights `params`."""
-  return nnx.merge(graphdef, params)(jnp.asarray(x, jnp.float32))
-
-
-def _features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
-  """`x[B, 150, 150, 3]` -> the last residual block's output `[B, 2, 2, 256]`."""
-  return nnx.merge(graphdef, params).features(jnp.asarray(x, jnp.float32))
-
-
-def _head(graphdef: nnx.GraphDef, params: nnx.State, features: jax.typing.ArrayLike) -> jax.Array:
-  """`features[B, 2, 2, 256]` -> descriptors `[B, 128]`."""
-  return nnx.merge(graphdef, params).head(jnp.asarray(features, jnp.float32))
 
 
 def _preprocess(face: np.ndarray, *, means: np.ndarray) -> np.ndarray:
@@ -590,12 +529,12 @@ def load_identity() -> FaceModel:
     name="identity",
     labels=tuple(f"emb{i}" for i in range(EMBEDDING_DIM)),
     input_shape=(CHIP_SIZE, CHIP_SIZE, 3),
-    apply_fn=functools.partial(_apply, graphdef),
+    apply_fn=functools.partial(layers.apply, graphdef),
     params=params,
     preprocess_fn=functools.partial(_preprocess, means=weights["input/means"]),
     crop=CropSpec("dlib_chip", CHIP_SIZE, CHIP_PADDING, landmarks=5),
     score="cosine",
     source=f"{asset.name} (dlib, Davis King) from {asset.package}=={asset.version}, {asset.licence}",
-    features_fn=functools.partial(_features, graphdef),
-    head_fn=functools.partial(_head, graphdef),
+    features_fn=functools.partial(layers.features, graphdef),
+    head_fn=functools.partial(layers.head, graphdef),
   )

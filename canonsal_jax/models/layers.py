@@ -1,0 +1,105 @@
+"""Layers shared by the ports of dlib's networks (the age and gender CNNs, the ResNet face descriptor).
+
+Each layer holds the trained arrays it is given; the port decides how its converted weights are named.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["Affine", "Conv", "add_padded", "apply", "avg_pool_2x2", "features", "head", "max_pool_3x3_s2"]
+
+
+class Conv(nnx.Module):
+  """dlib's `con_`: 2-D cross-correlation with bias, NHWC, symmetric zero padding."""
+
+  def __init__(self, kernel: jax.typing.ArrayLike, bias: jax.typing.ArrayLike, *, stride: int = 1, padding: int = 0):
+    self.kernel = nnx.Param(jnp.asarray(kernel))  # [kh, kw, C_in, C_out]
+    self.bias = nnx.Param(jnp.asarray(bias))  # [C_out]
+    self.stride = stride
+    self.padding = padding
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`x[B, H, W, C_in]` -> `[B, H', W', C_out]`."""
+    y = jax.lax.conv_general_dilated(
+      x,
+      self.kernel[...],
+      window_strides=(self.stride, self.stride),
+      padding=((self.padding, self.padding), (self.padding, self.padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y + self.bias[...]
+
+
+class Affine(nnx.Module):
+  """dlib's `affine_` (its batch norms at inference): per-channel `x * scale + offset`, kept unfolded."""
+
+  def __init__(self, scale: jax.typing.ArrayLike, offset: jax.typing.ArrayLike):
+    self.scale = nnx.Param(jnp.asarray(scale))  # [C]
+    self.offset = nnx.Param(jnp.asarray(offset))  # [C]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`x[..., C]` -> `[..., C]`."""
+    return x * self.scale[...] + self.offset[...]
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """dlib's `max_pool<3,3,2,2>` (no padding): `[B, H, W, C]` -> `[B, (H-3)//2+1, (W-3)//2+1, C]`.
+
+  A max over the nine strided views rather than `reduce_window`, which XLA:CPU runs several times slower;
+  the result is the same bit for bit (a max is exact).
+  """
+  size, stride = 3, 2
+  h, w = (x.shape[1] - size) // stride + 1, (x.shape[2] - size) // stride + 1
+  views = [
+    x[:, i : i + stride * (h - 1) + 1 : stride, j : j + stride * (w - 1) + 1 : stride]
+    for i in range(size)
+    for j in range(size)
+  ]
+  return functools.reduce(jnp.maximum, views)
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+  """dlib's `avg_pool<2,2,2,2>` (no padding; a trailing odd row or column is dropped): `[B, H, W, C]`."""
+  h, w = x.shape[1] // 2, x.shape[2] // 2
+  x = x[:, : 2 * h, : 2 * w]
+  return x.reshape(x.shape[0], h, 2, w, 2, x.shape[3]).mean(axis=(2, 4))
+
+
+def add_padded(a: jax.Array, b: jax.Array) -> jax.Array:
+  """dlib's `add_prev`: zero-pads the trailing rows, columns and channels of each to the larger shape, then adds.
+
+  Args:
+    a: `[B, H_a, W_a, C_a]`.
+    b: `[B, H_b, W_b, C_b]`.
+
+  Returns:
+    `[B, max(H_a, H_b), max(W_a, W_b), max(C_a, C_b)]`, the top-left origin of both preserved.
+  """
+  shape = tuple(max(s, t) for s, t in zip(a.shape, b.shape, strict=True))
+
+  def pad(x: jax.Array) -> jax.Array:
+    if x.shape == shape:
+      return x
+    return jnp.pad(x, [(0, n - s) for s, n in zip(x.shape, shape, strict=True)])
+
+  return pad(a) + pad(b)
+
+
+def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
+  """The module's forward pass with the weights `params` (bind `graphdef` with `functools.partial`)."""
+  return nnx.merge(graphdef, params)(jnp.asarray(x, jnp.float32))
+
+
+def features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
+  """The module's last convolutional feature map `[B, h, w, D]` (its `features` method)."""
+  return nnx.merge(graphdef, params).features(jnp.asarray(x, jnp.float32))
+
+
+def head(graphdef: nnx.GraphDef, params: nnx.State, feature_map: jax.typing.ArrayLike) -> jax.Array:
+  """The module's outputs from its feature map (its `head` method)."""
+  return nnx.merge(graphdef, params).head(jnp.asarray(feature_map, jnp.float32))
