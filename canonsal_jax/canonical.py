@@ -70,6 +70,7 @@ __all__ = [
   "CanonicalSample",
   "UVRaster",
   "default_texture_size",
+  "from_texture",
   "make_uv_raster",
   "mesh_to_crop",
   "model_uv_raster",
@@ -533,3 +534,74 @@ def render_canonical(
   grey = np.where(hatch, grey * _HATCH_DARKEN, grey)
   rgb = np.where(shown[..., None], coloured, np.where(sample.face[..., None], grey, _BACKGROUND))
   return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------ texture -> crop
+
+
+@functools.partial(jax.jit, static_argnames=("crop_size", "max_box", "max_oversized"))
+def from_texture(
+  texture: jax.typing.ArrayLike,
+  weight: jax.typing.ArrayLike,
+  vertices_in_crop: jax.typing.ArrayLike,
+  triangles: jax.typing.ArrayLike,
+  uvs: jax.typing.ArrayLike,
+  crop_size: int,
+  *,
+  max_box: int = raster.DEFAULT_MAX_BOX,
+  max_oversized: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+  """Carries a texture (a CIS, a CMS mean) back onto a crop through a fitted mesh: the inverse of `to_texture`.
+
+  The mesh is rasterised in the crop (`raster.rasterize`, z-buffered); every crop pixel whose visible triangle
+  faces the camera gets the texture sampled bilinearly at its UV, interpolated from the vertex UVs with the
+  pixel's barycentrics (exact for the orthographic projection). Sampling is over texels with data only, as in
+  `sample_canonical`: value = sum(b w t) / sum(b w) over the four taps (b bilinear, w the texel's weight), so
+  no-data texels never leak in as zeros. A pixel is valid iff it is on the mesh, its visible triangle faces the
+  camera (back faces seen through holes, e.g. inside the mouth, have no texels in `to_texture` either) and some
+  tap has weight > 0. Jitted (`crop_size`, `max_box` and `max_oversized` static); vmappable over meshes and
+  textures.
+
+  Args:
+    texture: [T, T] values on the model's UV layout (texel (i, j) centred at u = (j + 0.5) / T,
+      v = 1 - (i + 0.5) / T).
+    weight: [T, T] >= 0, 0 where the texture has no data (a CMS's `valid` mask as float works).
+    vertices_in_crop: [V, 3] the fitted mesh in crop x, y (pixels, centres at integers) and depth (larger =
+      closer), e.g. `mesh_to_crop(fit.vertices_xyd, crop_from_image)`.
+    triangles: [F, 3] int, the model's triangles.
+    uvs: [V, 2] the model's vertex UVs (u right, v up, in [0, 1]).
+    crop_size: S, the crop's side in pixels.
+    max_box: the crop rasteriser's fast-path box bound (see `raster.rasterize`).
+    max_oversized: triangles larger than the box rasterised by the exact fallback; any beyond are dropped and
+      their pixels come out invalid (call `raster.check_complete` on your own rasterisation to be sure).
+
+  Returns:
+    (map [S, S] float32, 0 where invalid; valid [S, S] bool).
+
+  Example:
+    >>> mesh = mesh_to_crop(fit.vertices_xyd, crop_from_image)  # doctest: +SKIP
+    >>> cms_map, cms_valid = acc.mean("all")  # doctest: +SKIP
+    >>> crop_map, valid = from_texture(np.nan_to_num(cms_map), cms_valid, mesh, model.triangles, model.uv, 32)
+    ... # doctest: +SKIP
+  """
+  texture = jnp.asarray(texture, jnp.float32)
+  weight = jnp.maximum(jnp.asarray(weight, jnp.float32), 0.0)
+  mesh = jnp.asarray(vertices_in_crop, jnp.float32)
+  triangles = jnp.asarray(triangles, jnp.int32)
+  size = texture.shape[-1]
+  frags = raster.rasterize(mesh, triangles, crop_size, crop_size, max_box=max_box, max_oversized=max_oversized)
+  corners = mesh[triangles[jnp.maximum(frags.tri_id, 0)]]  # [S, S, 3, 3]
+  normal_z = (corners[..., 1, 0] - corners[..., 0, 0]) * (corners[..., 2, 1] - corners[..., 0, 1]) - (
+    corners[..., 2, 0] - corners[..., 0, 0]
+  ) * (corners[..., 1, 1] - corners[..., 0, 1])
+  front = (frags.tri_id >= 0) & (normal_z < 0)  # negative signed area in crop xy (y down): facing the camera
+  texel_xy = raster.interpolate(frags, raster.uv_to_texel_xy(uvs, size), triangles)  # [S, S, 2]
+  x = jnp.clip(texel_xy[..., 0], -1.0, size)
+  y = jnp.clip(texel_xy[..., 1], -1.0, size)
+  ones = jnp.ones(texture.shape, jnp.float32)
+  data = weight > 0
+  num, _ = _bilinear(jnp.where(data, texture * weight, 0.0), ones, x, y)
+  den, _ = _bilinear(weight, ones, x, y)
+  valid = front & (den > 0)
+  value = jnp.where(valid, num / jnp.where(valid, den, 1.0), 0.0)
+  return value, valid
