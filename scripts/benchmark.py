@@ -34,6 +34,13 @@ _VGG_POSITIONS = flags.DEFINE_integer(
   "vgg_positions", 32, "torch suite: random patch positions on vgg16 (15 px patches, from the --vgg_stride grid)."
 )
 _VGG_STRIDE = flags.DEFINE_integer("vgg_stride", 15, "torch suite: stride of the vgg16 grid the positions come from.")
+_VGG_PATCHES = flags.DEFINE_enum(
+  "vgg_patches",
+  "grid",
+  ["grid", "vertices"],
+  "torch suite: vgg16's positions from the --vgg_stride grid, or from the visible vertices of the frontal mean "
+  "face of --morphable_model (default: the embedded model; about 1,800 on 224 px, the paper's setting).",
+)
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "torch suite: where PyTorch runs (cpu, cuda).")
 _EOS_REPEATS = flags.DEFINE_integer("eos_repeats", 3, "fit suite: timed repeats of eos's loop over the batch.")
 
@@ -94,6 +101,12 @@ def _torch_suite() -> list[dict]:
   results = []
   for name in _MODELS.value:
     is_vgg = name == "vgg16"
+    positions = None
+    if is_vgg and _VGG_PATCHES.value == "vertices":
+      from canonsal_jax import pipeline
+
+      positions = bench.vertex_centres(pipeline.load_morphable(_MORPHABLE_MODEL.value or "default"), vgg.INPUT_SIZE)
+      logging.info("vgg16: %d vertex-centred positions, %d timed", len(positions), _VGG_POSITIONS.value)
     res = bench.sweep_vs_torch(
       vgg.load_vgg16() if is_vgg else models.load(name),
       patch_size=_PATCH.value,
@@ -103,6 +116,7 @@ def _torch_suite() -> list[dict]:
       perturbations_per_eval=[int(p) for p in _PPE.value],
       repeats=_REPEATS.value,
       device=_TORCH_DEVICE.value,
+      positions=positions,
     )
     results.append(res)
     for r in res["rows"]:
@@ -112,7 +126,9 @@ def _torch_suite() -> list[dict]:
         f"{name:10s} stride {r['stride']:2d} {n:5d} patches of {res['patch_size_px']} px (img/s): "
         f"ours {n / r['ours_s']:.1f}, paper {n / r['paper_s']:.1f}, captum [{captum}], "
         f"jax fwd {n / r['jax_forward_s']:.1f}, torch fwd {n / r['torch_forward_s']:.1f}; "
-        f"ours/best fwd {r['ours_vs_best_forward']:.3f}; torch threads {res['torch_threads']}"
+        f"ours/best fwd {r['ours_vs_best_forward']:.3f}, paper/ours {r['paper_over_ours']:.3f}, "
+        f"captum best/ours {r['captum_over_ours'] or float('nan'):.3f} (medians of per-round ratios); "
+        f"torch threads {res['torch_threads']}"
       )
   return results
 
