@@ -41,6 +41,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.occlusion.score = ""
   config.occlusion.target = -1  # class index to explain; -1 = the unoccluded prediction
   config.occlusion.contrast = -1  # a second class index: explain score(target) - score(contrast); -1 = none
+  # Verification saliency (embedding models such as `identity`, cosine score): a photo of the person the face is
+  # compared with; the drop in cosine similarity to its descriptor is explained. "" = self-identity (the
+  # unoccluded face's own descriptor). With an impostor photo too, cos(genuine) - cos(impostor) is explained:
+  # what makes the face this person rather than that one.
+  config.occlusion.reference = ""
+  config.occlusion.impostor = ""
 
   # Canonical Image Saliency: the crop heatmap carried onto the 3DMM's texture through the fitted mesh.
   config.cis = ml_collections.ConfigDict()

@@ -64,15 +64,17 @@ class Score:
 
   The target is given at call time (so new targets reuse the compiled sweep): a class index (int32 scalar) for
   the class kinds, a pair ``(a, b)`` for a contrast ``score(a) - score(b)``, a reference embedding ``[K]`` for
-  "cosine"; "expected_value" has none. With no target, class kinds use the unoccluded prediction (argmax) and
-  "cosine" the unoccluded embedding (self-similarity).
+  "cosine" (``[2, K]``, a genuine and an impostor reference, for a cosine contrast); "expected_value" has none.
+  With no target, class kinds use the unoccluded prediction (argmax) and "cosine" the unoccluded embedding
+  (self-similarity).
 
   Attributes:
     kind: "logit" (the target logit), "log_softmax", "log_odds" (``log p_t - log(1 - p_t)``), "probability",
       "expected_value" (``sum_k softmax_k * values_k``, e.g. the age of an ordinal head) or "cosine" (cosine
       similarity of the output embedding to a reference).
     values: per-output values for "expected_value".
-    contrast: the target is a pair of classes and the score is their difference (class kinds only).
+    contrast: the target is a pair and the score is the difference of their scores: two classes for the class
+      kinds, two reference embeddings (genuine, impostor) for "cosine".
   """
 
   kind: str
@@ -84,8 +86,8 @@ class Score:
       raise ValueError(f"score kind {self.kind!r} is not one of {SCORE_KINDS}")
     if (self.kind == "expected_value") != (self.values is not None):
       raise ValueError("values are needed by, and only by, the expected_value score")
-    if self.contrast and self.kind not in _CLASS_KINDS:
-      raise ValueError(f"a contrast needs a class score ({_CLASS_KINDS}), not {self.kind!r}")
+    if self.contrast and self.kind not in (*_CLASS_KINDS, "cosine"):
+      raise ValueError(f"a contrast needs a class score ({_CLASS_KINDS}) or cosine, not {self.kind!r}")
     if self.values is not None:
       object.__setattr__(self, "values", tuple(float(v) for v in self.values))
 
@@ -98,7 +100,7 @@ class Score:
   def default_target(self, outputs: jax.Array) -> jax.Array:
     """The target used when none is given, from the unoccluded outputs `[K]`."""
     if self.contrast:
-      raise ValueError("a contrast score needs an explicit target=(class_a, class_b)")
+      raise ValueError("a contrast score needs an explicit target: (class_a, class_b), or [2, K] references")
     if self.kind in _CLASS_KINDS:
       return jnp.argmax(outputs).astype(jnp.int32)
     if self.kind == "cosine":
@@ -108,7 +110,7 @@ class Score:
   def check_target(self, target: jax.Array, num_outputs: int) -> None:
     """Raises ValueError where `target` does not fit this score (shapes are static, so this runs at trace)."""
     if self.kind == "cosine":
-      want = (num_outputs,)
+      want = (2, num_outputs) if self.contrast else (num_outputs,)
     elif self.contrast:
       want = (2,)
     else:
@@ -124,6 +126,8 @@ class Score:
     """Scores `outputs[B, K]` against `target`; returns `[B]`."""
     if self.contrast:
       return self._class_score(outputs, target[0]) - self._class_score(outputs, target[1])
+    if self.kind == "cosine" and self.contrast:
+      return self._cosine(outputs, target[0]) - self._cosine(outputs, target[1])
     if self.kind in _CLASS_KINDS:
       return self._class_score(outputs, target)
     if self.kind == "expected_value":
@@ -131,9 +135,12 @@ class Score:
       if values.shape[0] != outputs.shape[-1]:
         raise ValueError(f"{values.shape[0]} values for {outputs.shape[-1]} outputs")
       return jax.nn.softmax(outputs, axis=-1) @ values
-    # cosine
-    num = outputs @ target
-    return num / (jnp.linalg.norm(outputs, axis=-1) * jnp.linalg.norm(target) + _COSINE_EPS)
+    return self._cosine(outputs, target)
+
+  @staticmethod
+  def _cosine(outputs: jax.Array, reference: jax.Array) -> jax.Array:
+    num = outputs @ reference
+    return num / (jnp.linalg.norm(outputs, axis=-1) * jnp.linalg.norm(reference) + _COSINE_EPS)
 
   def _class_score(self, outputs: jax.Array, t: jax.Array) -> jax.Array:
     logit = jnp.take(outputs, t, axis=-1)

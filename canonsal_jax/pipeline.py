@@ -77,6 +77,7 @@ class OcclusionResult:
     patch_size: the patch side in crop pixels.
     stride: the grid stride in crop pixels.
     num_patches: the number of occluded images scored.
+    face_width: the face's width in crop pixels under the model's crop convention.
   """
 
   name: str
@@ -96,6 +97,7 @@ class OcclusionResult:
   patch_size: int
   stride: int
   num_patches: int
+  face_width: float = 0.0
 
 
 def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tuple[float, ...]:
@@ -114,14 +116,20 @@ def _cached_sweep(apply_fn: Callable, patch_size: int, batch_size: int, baseline
   )
 
 
-def model_sweep(model: models.FaceModel, occ: ml_collections.ConfigDict) -> tuple[Callable, int, occlusion.Score]:
+def model_sweep(
+  model: models.FaceModel, occ: ml_collections.ConfigDict, *, contrast: bool | None = None
+) -> tuple[Callable, int, occlusion.Score]:
   """The compiled sweep for a model and the `config.occlusion` settings, shared by every image of a run.
+
+  `contrast` overrides what the settings say (a contrast class or an impostor photo).
 
   Returns:
     `(sweep, patch_size_px, score)`.
   """
   patch_size = occlusion.resolve_patch_size(occ.patch_size, model.crop.face_width)
-  score = occlusion.Score.for_model(model, kind=occ.score or None, contrast=occ.contrast >= 0)
+  if contrast is None:
+    contrast = occ.contrast >= 0 or bool(occ.impostor)
+  score = occlusion.Score.for_model(model, kind=occ.score or None, contrast=contrast)
   baseline = model_baseline(model, occ.baseline)
   if isinstance(baseline, list):
     baseline = tuple(baseline)
@@ -130,6 +138,16 @@ def model_sweep(model: models.FaceModel, occ: ml_collections.ConfigDict) -> tupl
 
 
 def _target(score: occlusion.Score, occ: ml_collections.ConfigDict, num_outputs: int):
+  if occ.impostor and not occ.reference:
+    raise ValueError("occlusion.impostor needs occlusion.reference (the genuine reference photo) too")
+  if occ.reference:
+    if score.kind != "cosine":
+      raise ValueError(
+        f"occlusion.reference needs a cosine score (an embedding model such as identity), not {score.kind}"
+      )
+    return None  # resolved from the reference photos by `_sweep_plan`
+  if score.kind == "cosine":
+    return None  # self-similarity, or references given as the target
   for key in ("target", "contrast"):
     if not -1 <= occ[key] < num_outputs:
       raise ValueError(f"occlusion.{key}={occ[key]} is not a class index of this model (0..{num_outputs - 1})")
@@ -196,15 +214,63 @@ class _SweepPlan:
   target: np.ndarray | None
 
 
-def _sweep_plan(config: ml_collections.ConfigDict, model: models.FaceModel) -> _SweepPlan:
+def _sweep_plan(config: ml_collections.ConfigDict, model: models.FaceModel, target: Any = None) -> _SweepPlan:
+  """The plan for `config`; a given `target` replaces the configured one (for a cosine score, `[K]` is one
+  reference embedding and `[2, K]` a genuine and an impostor one, which makes the score a contrast)."""
   occ = config.occlusion
-  sweep, patch_size, score = model_sweep(model, occ)
+  override = target is not None
+  kind = occ.score or model.score
+  if override and kind == "cosine":
+    target = np.asarray(target, np.float32)
+    sweep, patch_size, score = model_sweep(model, occ, contrast=target.ndim == 2)
+  else:
+    sweep, patch_size, score = model_sweep(model, occ)
   size = model.crop.size
   if not isinstance(occ.stride, int) or occ.stride < 1:
     raise ValueError(f"occlusion.stride must be a positive int, got {occ.stride!r}")
   centres = occlusion.grid_centres(size, size, patch_size=patch_size, stride=occ.stride)
-  target = _target(score, occ, len(model.labels))
+  configured = _target(score, occ, len(model.labels))  # validates the settings even where overridden
+  if not override and occ.reference:
+    refs = [_reference_embedding(config, model, path) for path in (occ.reference, occ.impostor) if path]
+    target = np.stack(refs) if score.contrast else refs[0]
+  elif not override:
+    target = configured
   return _SweepPlan(sweep, patch_size, int(occ.stride), score, centres, np.ones(len(centres), bool), target)
+
+
+def embed_face(model: models.FaceModel, pixels: np.ndarray, face: faces.Face, name: str) -> np.ndarray:
+  """The model's outputs `[K]` (float64) for one detected face: an identity model's descriptor.
+
+  Raises:
+    ValueError: the outputs are not finite (naming `name`).
+  """
+  crop, _ = faces.crop_face(pixels, face, model.crop)
+  outputs = np.asarray(model.apply_fn(model.params, model.preprocess(crop)[None]), np.float64)[0]
+  if not np.all(np.isfinite(outputs)):
+    raise ValueError(f"{name}: the {model.name} model's outputs are not finite")
+  return outputs
+
+
+def embed_image(
+  config: ml_collections.ConfigDict, image: str | pathlib.Path | np.ndarray, *, name: str | None = None
+) -> np.ndarray:
+  """`embed_face` of the largest face in a photo (`config.model`, detector settings from `config`)."""
+  name, pixels = _load_pixels(image, name)
+  face = _largest_face(config, pixels, name, None)
+  return embed_face(models.load(config.model), pixels, face, name)
+
+
+def _reference_embedding(config: ml_collections.ConfigDict, model: models.FaceModel, path: str) -> np.ndarray:
+  """A verification reference's embedding (float32 `[K]`), cached per model, photo and detector settings."""
+  key = (config.model, str(path), config.detector, config.upsample, config.detector_threshold)
+  if key not in _REFERENCES:
+    name, pixels = _load_pixels(str(path), f"reference photo {path}")
+    face = _largest_face(config, pixels, name, None)
+    _REFERENCES[key] = embed_face(model, pixels, face, name).astype(np.float32)
+  return _REFERENCES[key]
+
+
+_REFERENCES: dict[tuple, np.ndarray] = {}
 
 
 def _prediction(model: models.FaceModel, score: occlusion.Score, result: occlusion.SweepResult) -> tuple[str, int]:
@@ -217,11 +283,17 @@ def _prediction(model: models.FaceModel, score: occlusion.Score, result: occlusi
   return model.labels[int(np.argmax(np.asarray(result.outputs)))], target
 
 
-def explain_face(config: ml_collections.ConfigDict, pixels: np.ndarray, face: faces.Face, name: str) -> OcclusionResult:
-  """Occlusion saliency of one detected face (`explain_image` without the loading and detection)."""
+def explain_face(
+  config: ml_collections.ConfigDict, pixels: np.ndarray, face: faces.Face, name: str, *, target: Any = None
+) -> OcclusionResult:
+  """Occlusion saliency of one detected face (`explain_image` without the loading and detection).
+
+  `target` overrides the configured one (e.g. a reference embedding `[K]` from `embed_face` for verification
+  saliency, or `[2, K]` genuine and impostor references with a cosine contrast score).
+  """
   model = models.load(config.model)
   crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
-  plan = _sweep_plan(config, model)
+  plan = _sweep_plan(config, model, target)
   result = plan.sweep(model.params, model.preprocess(crop), plan.centres, plan.valid, plan.target)
   result = occlusion.check_finite(jax.device_get(result), name)
   outputs = np.asarray(result.outputs, np.float64)
@@ -248,6 +320,7 @@ def explain_face(config: ml_collections.ConfigDict, pixels: np.ndarray, face: fa
     patch_size=plan.patch_size,
     stride=plan.stride,
     num_patches=len(plan.centres),
+    face_width=float(model.crop.face_width),
   )
 
 
@@ -262,6 +335,8 @@ def _overlay_png(result: OcclusionResult) -> np.ndarray:
   image_tile = viz.overlay(result.image, image_heat, alpha=np.where(inside, 0.55, 0.0))
   if result.score_kind == "expected_value":
     what = f"expected value {result.score:.1f}"
+  elif result.score_kind.startswith("cosine"):
+    what = f"{result.score_kind} similarity {result.score:.3f}"  # to itself, a reference, or genuine - impostor
   else:
     what = f"{result.label} (p={result.probabilities[result.target]:.2f}), {result.score_kind} {result.score:.2f}"
   title = f"{result.model}: {what} | patch {result.patch_size}px stride {result.stride} | {result.name}"
@@ -466,12 +541,6 @@ def _texture_regions(model: morphable.MorphableModel, size: int) -> np.ndarray:
   return np.where(tri_id >= 0, np.asarray(model.regions)[nearest], -1)
 
 
-# The crop rasteriser's box bound: fitted face triangles on 32-224 px crops span a few pixels; larger ones go
-# through the rasteriser's exact per-triangle fallback (up to this many per face), never dropped silently.
-_CROP_MAX_BOX = 8
-_CROP_MAX_OVERSIZED = 64
-
-
 def cis_face(
   config: ml_collections.ConfigDict,
   pixels: np.ndarray,
@@ -479,6 +548,7 @@ def cis_face(
   name: str,
   *,
   timings: dict[str, float] | None = None,
+  target: Any = None,
 ) -> CISResult:
   """CIS of one detected face: occlusion on the model crop, 3DMM fit, texture sampling.
 
@@ -488,12 +558,13 @@ def cis_face(
     face: the detected face.
     name: the input's name, for errors.
     timings: if given, seconds per stage ("sweep", "fit", "texture") are added to it.
+    target: overrides the configured target (see `explain_face`).
 
   Raises:
     ValueError: non-finite model scores or a diverged fit (naming `name`).
   """
   clock = _StageClock(timings)
-  occ = explain_face(config, pixels, face, name)
+  occ = explain_face(config, pixels, face, name, target=target)
   clock.lap("sweep")
   model3d = load_morphable(config.morphable_model)
   result = morphable.fit(model3d, face.landmarks_xy[None], image_size=pixels.shape[:2])
@@ -504,9 +575,8 @@ def cis_face(
   fit = FaceFit(name=name, image=pixels, face=face, model=model3d, fit=result)
   size = occ.crop.shape[0]
   mesh = canonical.mesh_to_crop(result.vertices_xyd, occ.crop_from_image)
-  frags = raster.rasterize(
-    mesh, model3d.triangles, size, size, max_box=_CROP_MAX_BOX, max_oversized=_CROP_MAX_OVERSIZED
-  )
+  max_box, max_oversized = canonical.crop_raster_bounds(occ.face_width)
+  frags = raster.rasterize(mesh, model3d.triangles, size, size, max_box=max_box, max_oversized=max_oversized)
   raster.check_complete(frags)
   texture_size = config.cis.texture_size or canonical.default_texture_size(size, model3d)
   uvr = canonical.model_uv_raster(model3d, texture_size)
@@ -541,6 +611,7 @@ def cis_image(
   *,
   name: str | None = None,
   detector: faces.FaceDetector | None = None,
+  target: Any = None,
 ) -> CISResult:
   """Canonical Image Saliency of the largest face in one photo (None: the astronaut).
 
@@ -549,7 +620,7 @@ def cis_image(
   """
   name, pixels = _load_pixels(image, name)
   face = _largest_face(config, pixels, name, detector)
-  return cis_face(config, pixels, face, name)
+  return cis_face(config, pixels, face, name, target=target)
 
 
 def _render(model3d, texture, weight, size, vmax=None) -> np.ndarray:
@@ -786,10 +857,12 @@ def _batched_sweep(
   return _over_faces(sweep, devices, (False, True, False, False) + (False,) * has_target)
 
 
-def _face_texture(vertices_xyd, crop_from_image, heatmap, count, triangles, uv_raster, *, size, cosine_weight):
+def _face_texture(
+  vertices_xyd, crop_from_image, heatmap, count, triangles, uv_raster, *, size, cosine_weight, max_box, max_oversized
+):
   """One face's CIS texture and weight, its off-mesh share and the crop rasteriser's counters (vmapped)."""
   mesh = canonical.mesh_to_crop(vertices_xyd, crop_from_image)
-  frags = raster.rasterize(mesh, triangles, size, size, max_box=_CROP_MAX_BOX, max_oversized=_CROP_MAX_OVERSIZED)
+  frags = raster.rasterize(mesh, triangles, size, size, max_box=max_box, max_oversized=max_oversized)
   valid = count > 0
   texture, weight = canonical.to_texture(
     heatmap, frags, mesh, uv_raster, triangles, valid_heatmap=valid, cosine_weight=cosine_weight
@@ -799,8 +872,11 @@ def _face_texture(vertices_xyd, crop_from_image, heatmap, count, triangles, uv_r
 
 
 @functools.lru_cache(maxsize=8)
-def _batched_texture(size: int, cosine_weight: bool, devices: tuple) -> Callable:
-  one = functools.partial(_face_texture, size=size, cosine_weight=cosine_weight)
+def _batched_texture(size: int, face_width: float, cosine_weight: bool, devices: tuple) -> Callable:
+  max_box, max_oversized = canonical.crop_raster_bounds(face_width)
+  one = functools.partial(
+    _face_texture, size=size, cosine_weight=cosine_weight, max_box=max_box, max_oversized=max_oversized
+  )
   return _over_faces(jax.vmap(one, in_axes=(0, 0, 0, 0, None, None)), devices, (True,) * 4 + (False,) * 2)
 
 
@@ -831,7 +907,8 @@ class _FaceBatcher:
     self.texture_size = config.cis.texture_size or canonical.default_texture_size(self.model.crop.size, self.model3d)
     self.uv_raster = canonical.model_uv_raster(self.model3d, self.texture_size)
     self.regions = _texture_regions(self.model3d, self.texture_size)
-    self.texture = _batched_texture(self.model.crop.size, bool(config.cis.cosine_weight), self.devices)
+    crop = self.model.crop
+    self.texture = _batched_texture(crop.size, crop.face_width, bool(config.cis.cosine_weight), self.devices)
 
   def _fit(self, landmarks: list[np.ndarray], sizes: list[tuple[int, int]]) -> np.ndarray:
     """`[n, V, 3]` fitted vertices, `face_batch` faces per call of `morphable.fit`'s compiled program.

@@ -298,10 +298,6 @@ class ViewAgreement(NamedTuple):
   warp_share: float
 
 
-# The crop rasteriser's box bound, as `pipeline.cis_face` uses it: larger triangles go to the exact fallback.
-_CROP_MAX_BOX, _CROP_MAX_OVERSIZED = 8, 64
-
-
 def crop_texture(
   result: Any,
   crop_map: np.ndarray,
@@ -326,8 +322,9 @@ def crop_texture(
   size = occ.crop.shape[0]
   vertices = result.fit.fit.vertices_xyd if vertices_xyd is None else vertices_xyd
   mesh = canonical.mesh_to_crop(vertices, occ.crop_from_image)
+  max_box, max_oversized = canonical.crop_raster_bounds(occ.face_width)
   frags = raster.check_complete(
-    raster.rasterize(mesh, model.triangles, size, size, max_box=_CROP_MAX_BOX, max_oversized=_CROP_MAX_OVERSIZED)
+    raster.rasterize(mesh, model.triangles, size, size, max_box=max_box, max_oversized=max_oversized)
   )
   uvr = canonical.model_uv_raster(model, result.texture.shape[0])
   texture, weight = canonical.to_texture(crop_map, frags, mesh, uvr, model.triangles, valid_heatmap=valid)

@@ -121,6 +121,27 @@ def test_scores_known_values():
   )
 
 
+def test_cosine_contrast_is_genuine_minus_impostor():
+  rng = np.random.default_rng(5)
+  outputs = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  refs = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+  cos = np.asarray(outputs) @ np.asarray(refs).T
+  cos /= np.linalg.norm(outputs, axis=1)[:, None] * np.linalg.norm(refs, axis=1)[None]
+  got = Score("cosine", contrast=True)(outputs, refs)
+  np.testing.assert_allclose(np.asarray(got), cos[:, 0] - cos[:, 1], rtol=1e-5, atol=1e-6)
+  h, w, c, k = 8, 8, 1, 6
+  apply_fn, params = _linear_model(h, w, c, k, seed=4)
+  image = rng.normal(size=(h, w, c)).astype(np.float32)
+  sweep = occlusion.make_sweep(apply_fn, patch_size=3, batch_size=4, score=Score("cosine", contrast=True))
+  centres, valid = occlusion.pad_centres(occlusion.grid_centres(h, w, patch_size=3, stride=2), 12)
+  res = sweep(params, image, centres, valid, refs)
+  single = occlusion.make_sweep(apply_fn, patch_size=3, batch_size=4, score=Score("cosine"))
+  genuine, impostor = (single(params, image, centres, valid, r) for r in refs)
+  np.testing.assert_allclose(np.asarray(res.drops), np.asarray(genuine.drops - impostor.drops), atol=1e-6)
+  with pytest.raises(ValueError, match=r"target of shape \(2, 6\)"):
+    sweep(params, image, centres, valid, refs[0])
+
+
 def test_cosine_self_similarity_default_target():
   h, w, c, k = 8, 8, 1, 6
   apply_fn, params = _linear_model(h, w, c, k, seed=3)
@@ -228,7 +249,7 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match="values"):
     Score("expected_value")
   with pytest.raises(ValueError, match="contrast"):
-    Score("cosine", contrast=True)
+    Score("expected_value", values=(1.0, 2.0), contrast=True)
   sweep = occlusion.make_sweep(apply_fn, patch_size=3, batch_size=2, score=score)
   centres, valid = occlusion.pad_centres(np.array([[2, 2]]), 2)
   image = np.zeros((8, 8, 1), np.float32)
