@@ -97,3 +97,16 @@ def test_bad_settings_and_inputs(photos, tmp_path):
   pipeline.io.save_png(blank, np.full((200, 200, 3), 128, np.uint8))
   with pytest.raises(faces.NoFaceError, match=r"reference photo .*blank\.png"):
     pipeline.explain_image(_config(reference=str(blank)), photos["obama"])
+
+
+def test_identity_cms_against_a_reference(photos, tmp_path):
+  """A dataset CMS of verification saliency: every face explained against one reference photo, batched."""
+  config = _config(reference=photos["obama2"])
+  config.cms.face_batch = 2
+  acc = pipeline.run_cms(config, tmp_path, dataset=[photos["obama"], photos["biden"]])
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["images_accumulated"] == 2, summary["skipped"]
+  assert acc.groups() == ["all"]  # an embedding model has no predicted class
+  records = json.loads((tmp_path / "records.json").read_text())["records"]
+  score = {pathlib.Path(r["name"]).name.rsplit("_", 1)[-1]: r["score"] for r in records}
+  assert score["obama.jpg"] > score["biden.jpg"]  # cosine to the reference: the same person is closer
