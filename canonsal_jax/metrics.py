@@ -439,8 +439,8 @@ def face_mask(
   return (frags.tri_id >= 0).astype(jnp.float32)
 
 
-def centred_gaussian(height: int, width: int | None = None, *, sigma: float = _GAUSSIAN_SIGMA) -> jax.Array:
-  """The centre-bias control: an isotropic Gaussian at the crop's centre, peak 1, [H, W] float32.
+def centred_gaussian(height: int, width: int | None = None, *, sigma: float = _GAUSSIAN_SIGMA) -> np.ndarray:
+  """The centre-bias control: an isotropic Gaussian at the crop's centre, peak 1, [H, W] float32 (numpy).
 
   Args:
     height: H.
@@ -448,9 +448,10 @@ def centred_gaussian(height: int, width: int | None = None, *, sigma: float = _G
     sigma: standard deviation as a share of the shorter side.
   """
   width = height if width is None else width
-  i, j = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij")
+  i, j = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
   s = sigma * min(height, width)
-  return jnp.exp(-0.5 * (((i - (height - 1) / 2) / s) ** 2 + ((j - (width - 1) / 2) / s) ** 2))
+  g = np.exp(-0.5 * (((i - (height - 1) / 2) / s) ** 2 + ((j - (width - 1) / 2) / s) ** 2))
+  return g.astype(np.float32)
 
 
 def _average_ranks(x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -584,14 +585,22 @@ def randomise_params(params: Any, key: jax.Array, *, select: Callable[[str], boo
     chosen = select
     select = lambda name: name in chosen
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  out = []
-  for i, (path, leaf) in enumerate(leaves):
-    name = _path_name(path)
-    if np.ndim(leaf) >= 2 and (select is None or select(name)):
-      a = jnp.asarray(leaf)
-      mean, std = jnp.mean(a.astype(jnp.float32)), jnp.std(a.astype(jnp.float32))
-      draw = jax.random.normal(jax.random.fold_in(key, i), a.shape, jnp.float32) * std + mean
-      out.append(draw.astype(a.dtype))
-    else:
-      out.append(leaf)
+  picked = [
+    i for i, (path, leaf) in enumerate(leaves) if np.ndim(leaf) >= 2 and (select is None or select(_path_name(path)))
+  ]
+  drawn = _redraw(key, tuple(picked), tuple(jnp.asarray(leaves[i][1]) for i in picked))
+  out = [leaf for _, leaf in leaves]
+  for i, new in zip(picked, drawn):
+    out[i] = new
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnames=("ids",))
+def _redraw(key: jax.Array, ids: tuple[int, ...], arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  """Normal draws with each array's own mean and std, keyed by its leaf index (one program for all leaves)."""
+  out = []
+  for i, a in zip(ids, arrays):
+    a32 = a.astype(jnp.float32)
+    draw = jax.random.normal(jax.random.fold_in(key, i), a.shape, jnp.float32) * jnp.std(a32) + jnp.mean(a32)
+    out.append(draw.astype(a.dtype))
+  return tuple(out)

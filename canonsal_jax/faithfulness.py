@@ -1,0 +1,348 @@
+"""The paper's faithfulness protocol on a test set: the CMS mapped back onto each face, against rivals and controls.
+
+`evaluate` takes a CMS (built by `pipeline.run_cms` from other images: overlap by name is refused) and a list of
+test photos. For each face it fits the 3DMM (`pipeline.fit_image`), cuts the model's crop, and makes one map per
+method on that crop:
+
+* "cms": the CMS texture carried back through the face's fitted mesh (`canonical.from_texture`);
+* "occlusion": the face's own occlusion heatmap (the sweep `pipeline.model_sweep` builds from the config);
+* any `attribution.METHODS` name ("grad_cam", "vanilla_gradient", ...), explaining the model's natural score;
+
+and the controls: "face_mask" (uniform on the mesh's pixels), "gaussian" (centred), and, given the CMS of the
+same architecture with re-initialised weights, "cms_random". All maps are scored by `metrics.make_protocol`
+(Average Drop %, % Increase in Confidence, Win %) and by deletion/insertion AUC on both substrates; each
+method's per-image Average Drop and blurred deletion AUC are tested against each control
+(`metrics.compare_with_controls`), and model randomisation is reported as the mean Spearman correlation between
+a method's maps with the trained and with re-initialised weights (`metrics.randomise_params`; for "cms" against
+"cms_random" when given).
+
+Example:
+  >>> table = evaluate(config, cms_path="/tmp/cms", images="builtin:photos", methods=("cms", "grad_cam"))
+  ... # doctest: +SKIP
+  >>> write_evaluation(table, "/tmp/eval")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io as stdio
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from canonsal_jax import attribution, canonical, cms, datasets, faces, io, metrics, models, occlusion, pipeline, raster
+
+__all__ = ["CONTROLS", "METHODS", "OverlapError", "check_disjoint", "evaluate", "load_cms", "write_evaluation"]
+
+METHODS = ("cms", "occlusion", *attribution.METHODS)
+CONTROLS = ("face_mask", "gaussian", "cms_random")
+_FORMAT = "canonsal_jax.faithfulness"
+_VERSION = 1
+# Columns of the CSV table, in order.
+_COLUMNS = (
+  "method",
+  "kind",
+  "average_drop_pct",
+  "increase_in_confidence_pct",
+  "win_pct",
+  "deletion_auc_constant",
+  "insertion_auc_constant",
+  "deletion_auc_blur",
+  "insertion_auc_blur",
+  "mean_mass",
+  "randomisation_spearman",
+  "drop_p_vs_face_mask",
+  "drop_p_vs_gaussian",
+  "deletion_blur_p_vs_face_mask",
+  "deletion_blur_p_vs_gaussian",
+  "num_images",
+  "num_excluded",
+)
+
+
+class OverlapError(ValueError):
+  """Test images that the CMS was built from (the protocol needs disjoint sets)."""
+
+
+def load_cms(path: str | pathlib.Path) -> cms.CMSAccumulator:
+  """A CMS accumulator from a run folder (its `cms.npz`) or the `.npz` itself."""
+  path = pathlib.Path(path)
+  return cms.CMSAccumulator.load(path / "cms.npz" if path.is_dir() else path)
+
+
+def _keys(name: str) -> set[str]:
+  p = pathlib.Path(name)
+  return {str(p.resolve()), p.name}
+
+
+def check_disjoint(acc: cms.CMSAccumulator, files: Sequence[str]) -> None:
+  """Raises `OverlapError` if any test image is one the CMS accumulated (same resolved path or file name)."""
+  used: dict[str, str] = {}
+  for rec in acc.records():
+    if rec["status"] == "ok":
+      for key in _keys(rec["name"]):
+        used[key] = rec["name"]
+  clash = {f: used[k] for f in files for k in sorted(_keys(f)) if k in used}
+  if clash:
+    shown = ", ".join(f"{f!r} (CMS: {c!r})" for f, c in list(clash.items())[:10])
+    raise OverlapError(
+      f"{len(clash)} test images are among the CMS's images (same path or file name); the protocol needs the "
+      f"CMS built from other images: {shown}"
+    )
+
+
+def _crop_raster_box(mesh: np.ndarray, triangles: np.ndarray, size: int) -> int:
+  """The exact fast-path box for this mesh, rounded up to a multiple of 8 so few programs get compiled."""
+  box = raster.required_box(mesh, triangles, size, size)
+  return int(-(-box // 8) * 8)
+
+
+def _finite_mean(values: Any) -> float:
+  """Mean of the finite entries (NaN when none: e.g. rank correlations with a map constant on the face)."""
+  v = np.asarray(values, np.float64)
+  v = v[np.isfinite(v)]
+  return float(v.mean()) if v.size else float("nan")
+
+
+def _method_maps(
+  names: Sequence[str], model: models.FaceModel, params: Any, x: np.ndarray, sweep_fn: Callable, settings: dict
+) -> dict[str, np.ndarray]:
+  """Maps [B, S, S] of the non-canonical methods ("occlusion" and attribution rivals) with `params`."""
+  score = occlusion.Score.for_model(model)
+  out = {}
+  for name in names:
+    if name == "occlusion":
+      out[name] = np.stack([sweep_fn(params, xi) for xi in x])
+    else:
+      out[name] = np.asarray(attribution.attribute(name, model, params, x, score, **settings.get(name, {})))
+  return out
+
+
+def evaluate(
+  config: ml_collections.ConfigDict,
+  *,
+  cms_path: str | pathlib.Path,
+  images: str | Sequence[str],
+  methods: Sequence[str] = ("cms", "occlusion", "grad_cam", "vanilla_gradient"),
+  max_images: int = 0,
+  group: str = "all",
+  cms_random_path: str | pathlib.Path | None = None,
+  mass: float = metrics.DEFAULT_MASS,
+  protocol_baseline: Any = 0.0,
+  steps: int = metrics.DEFAULT_STEPS,
+  method_settings: dict[str, dict[str, Any]] | None = None,
+  seed: int = 0,
+  progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+  """Runs the faithfulness protocol on test images; returns the table and per-image values (JSON-ready).
+
+  Args:
+    config: the configuration the CMS was made with (model, morphable model, occlusion settings, detector).
+    cms_path: the CMS run folder or its `cms.npz`.
+    images: the test photos: a folder, a .txt list, a glob, "builtin:<name>" or a list of paths.
+    methods: names from `METHODS`.
+    max_images: use at most this many test images that have a face (0: all).
+    group: the CMS group to map back ("all", "pred_female", ...).
+    cms_random_path: the CMS of the same architecture with re-initialised weights (the model-randomisation
+      control), or None.
+    mass: each map's mass in the drop protocol (share of the crop, `metrics.scale_to_mass`).
+    protocol_baseline: what maps blend towards in the drop protocol, model input space (0: the paper's).
+    steps: deletion/insertion steps.
+    method_settings: keyword settings per attribution method, e.g. {"rise": {"num_masks": 500}}.
+    seed: seeds the randomised weights and the statistics.
+    progress: called as `progress(done, total, name)` per test image.
+
+  Returns:
+    {"rows": one dict per method and control (the CSV's columns), "per_image": {...}, "images": [...],
+    "skipped": [...], "settings": {...}}.
+
+  Raises:
+    OverlapError: a test image is one of the CMS's.
+    ValueError: an unknown method, or a CMS group that does not exist.
+  """
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+  settings = dict(method_settings or {})
+  acc = load_cms(cms_path)
+  if isinstance(images, str) and images.startswith("builtin:"):
+    files = pipeline.builtin_dataset(images.removeprefix("builtin:"))
+  else:
+    files = datasets.list_images(images)
+  check_disjoint(acc, files)
+  cms_mean, cms_valid = acc.mean(group)
+  textures = {"cms": (np.nan_to_num(cms_mean), cms_valid.astype(np.float32))}
+  if cms_random_path is not None:
+    random_acc = load_cms(cms_random_path)
+    check_disjoint(random_acc, files)
+    mean_r, valid_r = random_acc.mean(group)
+    textures["cms_random"] = (np.nan_to_num(mean_r), valid_r.astype(np.float32))
+
+  model = models.load(config.model)
+  model3d = pipeline.load_morphable(config.morphable_model)
+  triangles, uv = np.asarray(model3d.triangles), np.asarray(model3d.uv)
+  size = model.crop.size
+  sweep, patch_size, _ = pipeline.model_sweep(model, config.occlusion)
+  centres = occlusion.grid_centres(size, size, patch_size=patch_size, stride=int(config.occlusion.stride))
+  valid_centres = np.ones(len(centres), bool)
+  sweep_fn = lambda params, xi: np.asarray(sweep(params, xi, centres, valid_centres).heatmap)
+  detector = faces.default_detector(config.detector)
+
+  # Faces: fit, crop, canonical maps.
+  names, inputs, crop_maps, crop_valid, masks, skipped = [], [], {}, {}, [], []
+  start = time.perf_counter()
+  limit = max_images if max_images > 0 else len(files)
+  for k, path in enumerate(files):
+    if len(names) >= limit:
+      break
+    try:
+      fit = pipeline.fit_image(config, path, detector=detector)
+      crop, crop_from_image = faces.crop_face(fit.image, fit.face, model.crop)
+    except (ValueError, FileNotFoundError, io.ImageError) as e:
+      skipped.append({"name": path, "reason": f"{type(e).__name__}: {e}"})
+      continue
+    mesh = np.asarray(canonical.mesh_to_crop(fit.fit.vertices_xyd, crop_from_image))
+    box = _crop_raster_box(mesh, triangles, size)
+    for key, (texture, weight) in textures.items():
+      value, ok = canonical.from_texture(texture, weight, mesh, triangles, uv, size, max_box=box, max_oversized=0)
+      crop_maps.setdefault(key, []).append(np.asarray(value))
+      crop_valid.setdefault(key, []).append(np.asarray(ok))
+    masks.append(np.asarray(metrics.face_mask(mesh, triangles, size, max_box=box, max_oversized=0)))
+    names.append(path)
+    inputs.append(np.asarray(model.preprocess(crop), np.float32))
+    if progress is not None:
+      progress(k + 1, len(files), path)
+  if not names:
+    raise ValueError(f"no test image had a usable face ({len(skipped)} skipped)")
+  x = np.stack(inputs)
+
+  # Every map [B, S, S] with its valid mask.
+  maps: dict[str, np.ndarray] = {}
+  valid: dict[str, np.ndarray] = {}
+  for name in methods:
+    if name == "cms":
+      maps[name], valid[name] = np.stack(crop_maps["cms"]), np.stack(crop_valid["cms"])
+  others = [m for m in methods if m != "cms"]
+  maps.update(_method_maps(others, model, model.params, x, sweep_fn, settings))
+  controls = {
+    "face_mask": np.stack(masks),
+    "gaussian": np.broadcast_to(np.asarray(metrics.centred_gaussian(size)), x.shape[:3]),
+  }
+  if "cms_random" in crop_maps:
+    controls["cms_random"] = np.stack(crop_maps["cms_random"])
+    valid["cms_random"] = np.stack(crop_valid["cms_random"])
+  maps.update(controls)
+  for name in maps:
+    valid.setdefault(name, np.ones(x.shape[:3], bool))
+  order = list(maps)
+
+  # Drop protocol.
+  protocol = metrics.make_protocol(model.apply_fn, baseline=protocol_baseline, mass=mass)
+  result = protocol(model.params, x, np.stack([maps[m] for m in order]), np.stack([valid[m] for m in order]))
+  summary = metrics.protocol_summary(result, order)
+  original = np.asarray(result.original, np.float64)
+  drops = np.where(
+    original > 0, np.maximum(original - np.asarray(result.occluded), 0) / np.where(original > 0, original, 1), np.nan
+  )
+
+  # Deletion / insertion on both substrates.
+  constant = pipeline.model_baseline(model, config.occlusion.baseline)
+  constant = tuple(constant) if isinstance(constant, list) else constant
+  curves = {
+    "constant": metrics.make_deletion_insertion(model.apply_fn, steps=steps, substrate="constant", constant=constant),
+    "blur": metrics.make_deletion_insertion(model.apply_fn, steps=steps, substrate="blur"),
+  }
+  auc: dict[str, dict[str, np.ndarray]] = {m: {} for m in order}
+  for substrate, fn in curves.items():
+    for m in order:
+      r = fn(model.params, x, maps[m], valid[m])
+      auc[m][f"deletion_auc_{substrate}"] = np.asarray(r.deletion_auc, np.float64)
+      auc[m][f"insertion_auc_{substrate}"] = np.asarray(r.insertion_auc, np.float64)
+
+  # Controls: per-image tests; model randomisation.
+  present = [c for c in ("face_mask", "gaussian") if c in maps]
+  vs_drop = metrics.compare_with_controls({m: drops[i] for i, m in enumerate(order)}, present, seed=seed)
+  vs_del = metrics.compare_with_controls(
+    {m: auc[m]["deletion_auc_blur"] for m in order}, present, higher_is_better=False, seed=seed
+  )
+  randomised = metrics.randomise_params(model.params, jax.random.key(seed))
+  random_maps = _method_maps(others, model, randomised, x, sweep_fn, settings)
+  if "cms" in methods and "cms_random" in maps:
+    random_maps["cms"] = maps["cms_random"]
+  rand_rho = {m: _finite_mean(metrics.spearman(maps[m], random_maps[m], valid[m])) for m in random_maps}
+  rows = []
+  for m in order:
+    s = summary[m]
+    rows.append(
+      {
+        "method": m,
+        "kind": "control" if m in CONTROLS else "method",
+        "average_drop_pct": s["average_drop_pct"],
+        "increase_in_confidence_pct": s["increase_in_confidence_pct"],
+        "win_pct": s["win_pct"],
+        **{k: float(np.mean(v)) for k, v in auc[m].items()},
+        "mean_mass": s["mean_mass"],
+        "randomisation_spearman": rand_rho.get(m, float("nan")),
+        **{f"drop_p_vs_{c}": vs_drop.get(m, {}).get(c, {}).get("p_value", float("nan")) for c in present},
+        **{f"deletion_blur_p_vs_{c}": vs_del.get(m, {}).get(c, {}).get("p_value", float("nan")) for c in present},
+        "num_images": s["num_images"],
+        "num_excluded": s["num_excluded"],
+      }
+    )
+  spearman_between = {
+    a: {b: _finite_mean(metrics.spearman(maps[a], maps[b], valid[a] & valid[b])) for b in order} for a in order
+  }
+  return {
+    "format": _FORMAT,
+    "version": _VERSION,
+    "rows": rows,
+    "pairwise_win_pct": {m: summary[m]["pairwise_win_pct"] for m in order},
+    "spearman_between_methods": spearman_between,
+    "vs_controls": {"average_drop": vs_drop, "deletion_auc_blur": vs_del},
+    "per_image": {
+      "names": names,
+      "original_score": original.tolist(),
+      "target": np.asarray(result.target).tolist(),
+      "average_drop": {m: drops[i].tolist() for i, m in enumerate(order)},
+      **{key: {m: auc[m][key].tolist() for m in order} for key in next(iter(auc.values()))},
+    },
+    "images": names,
+    "skipped": skipped,
+    "settings": {
+      "cms": str(cms_path),
+      "cms_random": None if cms_random_path is None else str(cms_random_path),
+      "cms_group": group,
+      "cms_images": acc.num_images(group),
+      "model": model.name,
+      "morphable_model": model3d.name,
+      "score": "probability of the target class (each image's prediction)",
+      "direction": "higher average drop and win %, lower increase in confidence and deletion AUC, higher "
+      "insertion AUC: the map found what the model needs",
+      "mass": mass,
+      "mass_rule": "clipped: every map hides the same mass after clipping to [0, 1]",
+      "protocol_baseline": protocol_baseline,
+      "deletion_steps": steps,
+      "constant_substrate": constant,
+      "method_settings": settings,
+      "seed": seed,
+      "seconds": time.perf_counter() - start,
+    },
+  }
+
+
+def write_evaluation(table: dict[str, Any], out_dir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes `metrics.csv` (one row per method and control) and `metrics.json` (everything), atomically."""
+  out = pathlib.Path(out_dir)
+  buffer = stdio.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, extrasaction="ignore", lineterminator="\n")
+  writer.writeheader()
+  for row in table["rows"]:
+    writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+  io.write_atomic(out / "metrics.csv", buffer.getvalue().encode("utf-8"))
+  io.save_json(out / "metrics.json", table)
+  return out / "metrics.csv", out / "metrics.json"

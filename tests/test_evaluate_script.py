@@ -1,0 +1,94 @@
+"""End-to-end: scripts/evaluate.py on three faces against a small CMS made from other images."""
+
+import csv
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from canonsal_jax import assets, canonical, cms, faithfulness, io, models, pipeline
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+
+
+def _test_images() -> list[str]:
+  lfw = pipeline.builtin_dataset("lfw")
+  return [str(io.default_image_path()), lfw[1], lfw[2]]  # the astronaut, lfw_000, lfw_001
+
+
+def _constant_cms(path: pathlib.Path, names: list[str]) -> None:
+  """A CMS whose texture is 1 on the whole UV layout of the default 3DMM, "made" from images named `names`.
+
+  Mapped back onto any face it is uniform on the face's front-facing mesh pixels: the face-mask control.
+  """
+  model3d = pipeline.load_morphable("default")
+  size = canonical.default_texture_size(models.load("gender").crop.size, model3d)
+  layout = (np.asarray(canonical.model_uv_raster(model3d, size).tri_id) >= 0).astype(np.float32)
+  acc = cms.CMSAccumulator(cms.CMSSettings(size, normalisation="none"))
+  for i, name in enumerate(names):
+    acc.add(i, name, layout.copy(), layout, group="all", record={"prediction": "female", "score": 1.0})
+  acc.save(path / "cms.npz")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, CANONSAL_CACHE_DIR=str(assets.cache_dir()))
+  env["JAX_COMPILATION_CACHE_DIR"] = str(assets.cache_dir() / "jax_compilation_cache")  # as conftest.py
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  return subprocess.run([sys.executable, str(_SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_overlapping_test_images_are_refused(tmp_path):
+  images = _test_images()
+  _constant_cms(tmp_path, ["/elsewhere/other.png", "/data/" + pathlib.Path(images[1]).name])
+  with pytest.raises(faithfulness.OverlapError, match=r"lfw_000\.png"):
+    faithfulness.check_disjoint(faithfulness.load_cms(tmp_path), images)
+  faithfulness.check_disjoint(faithfulness.load_cms(tmp_path), [images[0], images[2]])  # disjoint: fine
+  listing = tmp_path / "test.txt"
+  listing.write_text("\n".join(images) + "\n")
+  proc = _run(f"--images={listing}", f"--cms={tmp_path}", f"--out_dir={tmp_path / 'out'}")
+  assert proc.returncode == 1
+  assert "among the CMS's images" in proc.stderr and "lfw_000.png" in proc.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_script_writes_the_metric_table(tmp_path):
+  images = _test_images()
+  _constant_cms(tmp_path, [f"/elsewhere/face_{i}.png" for i in range(3)])
+  listing = tmp_path / "test.txt"
+  listing.write_text("\n".join(images) + "\n")
+  out = tmp_path / "eval"
+  proc = _run(
+    f"--images={listing}",
+    f"--cms={tmp_path / 'cms.npz'}",
+    f"--out_dir={out}",
+    "--methods=cms,occlusion,grad_cam",
+    "--steps=8",
+    "--max_images=3",
+    "--config.occlusion.patch_size=3",
+    "--config.occlusion.stride=2",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with (out / "metrics.csv").open() as f:
+    rows = {row["method"]: row for row in csv.DictReader(f)}
+  assert list(rows) == ["cms", "occlusion", "grad_cam", "face_mask", "gaussian"]
+  assert [rows[m]["kind"] for m in rows] == ["method"] * 3 + ["control"] * 2
+  table = json.loads((out / "metrics.json").read_text())
+  assert len(table["images"]) + len(table["skipped"]) == 3 and len(table["images"]) >= 2
+  for row in table["rows"]:
+    for key in ("average_drop_pct", "deletion_auc_blur", "insertion_auc_constant", "mean_mass"):
+      assert math.isfinite(row[key]), (row["method"], key)
+    assert 0 <= row["average_drop_pct"] <= 100 and 0 <= row["win_pct"] <= 100
+    # Every map hides the same mass (10% of the 32 x 32 crop) unless it has fewer positive pixels than that.
+    assert row["mean_mass"] == pytest.approx(0.1 * 32 * 32, rel=1e-3)
+  assert sum(row["win_pct"] for row in table["rows"]) == pytest.approx(100.0)
+  # A constant CMS carried back is the face mask (up to back-facing mesh pixels), so it scores like it.
+  by_method = {row["method"]: row for row in table["rows"]}
+  assert by_method["cms"]["average_drop_pct"] == pytest.approx(by_method["face_mask"]["average_drop_pct"], abs=2.0)
+  assert table["spearman_between_methods"]["grad_cam"]["grad_cam"] == pytest.approx(1.0)
+  assert -1 <= by_method["grad_cam"]["randomisation_spearman"] <= 1
+  assert len(table["per_image"]["average_drop"]["cms"]) == len(table["images"])
