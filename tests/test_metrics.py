@@ -306,3 +306,24 @@ def test_occlusion_maps_of_a_randomised_gender_model_do_not_rank_like_the_traine
     for s in range(3)
   ]
   assert max(abs(r) for r in rhos) < 0.4, rhos
+
+
+def test_protocol_and_curves_do_not_retrace_for_new_inputs_of_the_same_shapes():
+  base_fn, w = _linear_two_class()
+  traces = []
+
+  def apply_fn(params, x):
+    traces.append(x.shape)  # runs only while tracing
+    return base_fn(params, x)
+
+  protocol = metrics.make_protocol(apply_fn)
+  curves = metrics.make_deletion_insertion(apply_fn, steps=4)
+  rng = np.random.default_rng(10)
+  for k in range(2):
+    x = rng.normal(size=(3, _H, _W, _C)).astype(np.float32)
+    maps = rng.random((2, 3, _H, _W)).astype(np.float32)
+    protocol(w * rng.random(), x, maps)
+    curves(w, x, maps[0])
+    if k == 0:
+      first = len(traces)
+  assert first > 0 and len(traces) == first
