@@ -79,6 +79,7 @@ __all__ = [
   "FORMAT_KIND",
   "FORMAT_VERSION",
   "FRACTION_BITS",
+  "MAP_KINDS",
   "MAX_CONTRIBUTION",
   "NORMALISATIONS",
   "NUM_LIMBS",
@@ -91,7 +92,8 @@ __all__ = [
 ]
 
 FORMAT_KIND = "canonsal_jax.cms"
-FORMAT_VERSION = 1
+MAP_KINDS = ("signed", "absolute")
+FORMAT_VERSION = 2  # 2: absolute-value sums (absolute CMS); version 1 checkpoints lack them
 
 Normalisation = Literal["none", "max_abs", "sum_abs"]
 NORMALISATIONS: tuple[str, ...] = ("none", "max_abs", "sum_abs")
@@ -150,6 +152,7 @@ class GroupSums(NamedTuple):
 
   Attributes:
     value_sum: float64 [T, T], sum over images of weight * normalised value.
+    abs_sum: float64 [T, T], sum over images of weight * |normalised value|.
     weight_sum: float64 [T, T], sum over images of weight.
     count: int64 [T, T], number of images with weight > 0 at the texel.
     num_images: images accumulated into the group (skipped ones excluded).
@@ -159,6 +162,7 @@ class GroupSums(NamedTuple):
   weight_sum: np.ndarray
   count: np.ndarray
   num_images: int
+  abs_sum: np.ndarray
 
 
 # ------------------------------------------------------------------------------------------ exact sums
@@ -208,11 +212,12 @@ class _Group:
   weight_limbs: np.ndarray  # int64 [NUM_LIMBS, T, T]
   count: np.ndarray  # int64 [T, T]
   num_images: int
+  abs_limbs: np.ndarray  # int64 [NUM_LIMBS, T, T]
 
   @classmethod
   def empty(cls, t: int) -> _Group:
     z = lambda: np.zeros((NUM_LIMBS, t, t), np.int64)
-    return cls(z(), z(), np.zeros((t, t), np.int64), 0)
+    return cls(z(), z(), np.zeros((t, t), np.int64), 0, z())
 
   def plus(self, other: _Group) -> _Group:
     return _Group(
@@ -220,6 +225,12 @@ class _Group:
       _add_limbs(self.weight_limbs, other.weight_limbs),
       self.count + other.count,
       self.num_images + other.num_images,
+      _add_limbs(self.abs_limbs, other.abs_limbs),
+    )
+
+  def copy(self) -> _Group:
+    return _Group(
+      self.value_limbs.copy(), self.weight_limbs.copy(), self.count.copy(), self.num_images, self.abs_limbs.copy()
     )
 
 
@@ -260,6 +271,12 @@ def _check_groups(group: str | Sequence[str], where: str) -> list[str]:
   if len(set(groups)) != len(groups):
     raise ValueError(f"{where}: group names repeat: {groups}")
   return sorted(groups)
+
+
+def _check_min_count(min_count: Any) -> int:
+  if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+    raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
+  return int(min_count)
 
 
 def normaliser(texture: np.ndarray, weight: np.ndarray, normalisation: str) -> float:
@@ -407,7 +424,9 @@ class CMSAccumulator:
       self._put_skip(index, name, reason, groups, extra)
       return False
 
-    one = _Group(_to_limbs(contribution), _to_limbs(w64), visible.astype(np.int64), 1)
+    limbs = _to_limbs(contribution)
+    # |x| rounds to the grid exactly as x does (rint is odd-symmetric), so abs_sum >= |value_sum| holds exactly.
+    one = _Group(limbs, _to_limbs(w64), visible.astype(np.int64), 1, _to_limbs(np.abs(contribution)))
     # Compute every new group total before storing any, so an error cannot leave a half-added image.
     updated = {g: self._groups.get(g, _Group.empty(t)).plus(one) for g in groups}
     self._groups.update(updated)
@@ -475,24 +494,63 @@ class CMSAccumulator:
   def sums(self, group: str) -> GroupSums:
     """The group's sums as float64 (see `GroupSums`); fresh arrays, safe to modify."""
     g = self._group(group)
-    return GroupSums(_limbs_to_float(g.value_limbs), _limbs_to_float(g.weight_limbs), g.count.copy(), g.num_images)
+    return GroupSums(
+      _limbs_to_float(g.value_limbs),
+      _limbs_to_float(g.weight_limbs),
+      g.count.copy(),
+      g.num_images,
+      _limbs_to_float(g.abs_limbs),
+    )
 
-  def mean(self, group: str, *, min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The group's CMS: the weighted mean of normalised saliency per texel.
+  def mean(self, group: str, *, min_count: int = 1, kind: str = "signed") -> tuple[np.ndarray, np.ndarray]:
+    """The group's CMS: the weighted mean of normalised saliency per texel over the images that saw it.
 
     Args:
       group: a name from `groups()`.
-      min_count: texels seen by fewer images than this are reported as no data.
+      min_count: texels seen by fewer images than this are reported as no data (a mean of one or two images
+        is mostly noise; see `config.cms.min_count`).
+      kind: "signed" (the mean value: where occluding lowers the score, and where it raises it) or "absolute"
+        (the mean |value|: where occluding changes the score either way, so opposite signs do not cancel).
 
     Returns:
-      `(cms, valid)`: float64 [T, T], `value_sum / weight_sum`, NaN where not valid; bool [T, T], True where
-      `weight_sum > 0` and `count >= min_count`.
+      `(cms, valid)`: float64 [T, T], `value_sum / weight_sum` (or `abs_sum / weight_sum`), NaN where not
+      valid; bool [T, T], True where `weight_sum > 0` and `count >= min_count`.
     """
+    if kind not in MAP_KINDS:
+      raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
+    _check_min_count(min_count)
     s = self.sums(group)
     valid = (s.weight_sum > 0) & (s.count >= min_count)
     cms = np.full(s.value_sum.shape, np.nan)
-    np.divide(s.value_sum, s.weight_sum, out=cms, where=valid)
+    np.divide(s.value_sum if kind == "signed" else s.abs_sum, s.weight_sum, out=cms, where=valid)
     return cms, valid
+
+  def plain_sum(self, group: str, *, kind: str = "signed") -> tuple[np.ndarray, np.ndarray]:
+    """The paper's CMS: the plain per-texel sum of the images' (weighted, normalised) CIS, not divided by how
+    many images saw the texel, so texels that every pose shows weigh more than rarely seen ones.
+
+    Returns:
+      `(sum, valid)`: float64 [T, T] (NaN where no image saw the texel); bool [T, T], `weight_sum > 0`.
+    """
+    if kind not in MAP_KINDS:
+      raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
+    s = self.sums(group)
+    valid = s.weight_sum > 0
+    return np.where(valid, s.value_sum if kind == "signed" else s.abs_sum, np.nan), valid
+
+  def difference(
+    self, group_a: str, group_b: str, *, min_count: int = 1, kind: str = "signed"
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """`mean(group_a) - mean(group_b)` where both groups have data (`min_count` applies to each); show it on a
+    diverging scale. Whether a difference is real is for `canonsal_jax.stats`' permutation tests to say.
+
+    Returns:
+      `(difference, valid)`: float64 [T, T] (NaN where not valid); bool [T, T].
+    """
+    a, valid_a = self.mean(group_a, min_count=min_count, kind=kind)
+    b, valid_b = self.mean(group_b, min_count=min_count, kind=kind)
+    valid = valid_a & valid_b
+    return np.where(valid, a - b, np.nan), valid
 
   def done_indices(self) -> frozenset[int]:
     """Indices already added or skipped: a resumed run passes over these."""
@@ -562,6 +620,7 @@ class CMSAccumulator:
       FORMAT_KIND,
       FORMAT_VERSION,
       value_limbs=stack(lambda g: g.value_limbs, (NUM_LIMBS, t, t)),
+      abs_limbs=stack(lambda g: g.abs_limbs, (NUM_LIMBS, t, t)),
       weight_limbs=stack(lambda g: g.weight_limbs, (NUM_LIMBS, t, t)),
       count=stack(lambda g: g.count, (t, t)),
       meta=np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), np.uint8),
@@ -587,7 +646,7 @@ class CMSAccumulator:
     def bad(what: str) -> io.FormatError:
       return io.FormatError(f"{name}: corrupt CMS checkpoint: {what}")
 
-    if missing := sorted({"value_limbs", "weight_limbs", "count", "meta"} - set(arrays)):
+    if missing := sorted({"value_limbs", "abs_limbs", "weight_limbs", "count", "meta"} - set(arrays)):
       raise bad(f"missing arrays {missing}")
     try:
       meta = json.loads(arrays["meta"].astype(np.uint8).tobytes().decode("utf-8"))
@@ -601,12 +660,13 @@ class CMSAccumulator:
       diff = {k: (v, getattr(settings, k)) for k, v in loaded.to_dict().items() if v != getattr(settings, k)}
       raise ValueError(f"{name}: checkpoint settings differ from this run's (checkpoint, run): {diff}")
     t, g = loaded.texture_size, len(names)
-    expect = {"value_limbs": (g, NUM_LIMBS, t, t), "weight_limbs": (g, NUM_LIMBS, t, t), "count": (g, t, t)}
+    limbs = (g, NUM_LIMBS, t, t)
+    expect = {"value_limbs": limbs, "abs_limbs": limbs, "weight_limbs": limbs, "count": (g, t, t)}
     for key, shape in expect.items():
       a = arrays[key]
       if a.dtype != np.int64 or a.shape != shape:
         raise bad(f"{key} is {a.dtype} {a.shape}, expected int64 {shape}")
-    for key in ("value_limbs", "weight_limbs"):
+    for key in ("value_limbs", "abs_limbs", "weight_limbs"):
       low = arrays[key][:, : NUM_LIMBS - 1]
       if low.size and (low.min() < 0 or low.max() > _LIMB_MASK):
         raise bad(f"{key} holds limbs outside [0, 2**{LIMB_BITS})")
@@ -624,7 +684,11 @@ class CMSAccumulator:
       raise bad(f"bad records ({type(e).__name__}: {e})") from e
     for i, group in enumerate(names):
       acc._groups[group] = _Group(
-        arrays["value_limbs"][i].copy(), arrays["weight_limbs"][i].copy(), arrays["count"][i].copy(), num_images[i]
+        arrays["value_limbs"][i].copy(),
+        arrays["weight_limbs"][i].copy(),
+        arrays["count"][i].copy(),
+        num_images[i],
+        arrays["abs_limbs"][i].copy(),
       )
       in_records = sum(r["status"] == _STATUS_OK and group in r["groups"] for r in records)
       if in_records != num_images[i]:
@@ -652,12 +716,6 @@ def merge(first: CMSAccumulator, *others: CMSAccumulator) -> CMSAccumulator:
       examples = [(k, out._records[k]["name"], acc._records[k]["name"]) for k in dup[:5]]
       raise ValueError(f"merge: {len(dup)} image indices are in more than one accumulator, e.g. {examples}")
     for group, g in acc._groups.items():
-      out._groups[group] = (
-        out._groups[group].plus(g)
-        if group in out._groups
-        else dataclasses.replace(
-          g, value_limbs=g.value_limbs.copy(), weight_limbs=g.weight_limbs.copy(), count=g.count.copy()
-        )
-      )
+      out._groups[group] = out._groups[group].plus(g) if group in out._groups else g.copy()
     out._records.update(copy.deepcopy(acc._records))
   return out

@@ -59,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   # A folder, a .txt list or a glob of photos; "builtin:lfw" (the astronaut and scikit-image's 100 LFW face
   # crops, upscaled) or "builtin:photos" (9 real colour photos); "" = "builtin:lfw".
   config.cms.dataset = ""
+  config.cms.min_count = 1  # written maps show texels seen by at least this many images (the rest: no data)
   config.cms.normalisation = "max_abs"  # per-image normaliser: "none", "max_abs" or "sum_abs" (see cms.py)
   config.cms.group_by_prediction = True  # also keep one CMS per predicted class (besides "all")
   config.cms.checkpoint_every = 8  # images between atomic checkpoints (a resumed run equals an uninterrupted one)

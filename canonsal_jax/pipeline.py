@@ -1165,7 +1165,7 @@ def run_cms(
     )
     acc.save(out / "cms.npz")
     io.save_json(out / "summary.json", _with_reproducibility(summary, config, model, model3d, texture_size))
-  write_cms(acc, out, model3d, render_size=config.cis.render_size)
+  write_cms(acc, out, model3d, render_size=config.cis.render_size, min_count=config.cms.min_count)
   return acc
 
 
@@ -1306,23 +1306,60 @@ def _versions() -> dict[str, str]:
   return found
 
 
-def write_cms(
-  acc: cms.CMSAccumulator, out_dir: str | pathlib.Path, model3d: morphable.MorphableModel, *, render_size: int = 256
-) -> None:
-  """Writes each group's CMS (`cms_<group>.npy`, its valid mask, a canonical render) and `records.json`.
+def _comparisons(groups: Sequence[str]) -> list[tuple[str, str]]:
+  """Group pairs whose difference maps are written: the two predicted classes of a binary model, the two true
+  labels of a binary labels CSV, and correct vs misclassified."""
+  pairs = []
+  for prefix in ("pred_", "label_"):
+    named = sorted(g for g in groups if g.startswith(prefix))
+    if len(named) == 2:
+      pairs.append((named[0], named[1]))
+  if "correct" in groups and "misclassified" in groups:
+    pairs.append(("correct", "misclassified"))
+  return pairs
 
-  All groups' renders share one colour scale, so they can be compared side by side.
+
+def write_cms(
+  acc: cms.CMSAccumulator,
+  out_dir: str | pathlib.Path,
+  model3d: morphable.MorphableModel,
+  *,
+  render_size: int = 256,
+  min_count: int = 1,
+) -> None:
+  """Writes the CMS views and `records.json`.
+
+  Per group: `cms_<group>.npy/.png` (the mean over the images that saw each texel; texels seen by fewer than
+  `min_count` images are no data), `cms_<group>_valid.npy`, `cms_<group>_abs.npy/.png` (mean |saliency|: where
+  occlusion moves the score either way) and `cms_<group>_sum.npy` (the paper's plain sum). Difference maps
+  `cms_diff_<a>_vs_<b>.npy/.png` (diverging scale) for the pairs of `_comparisons`. Group renders of a kind
+  share one colour scale, so they can be compared side by side.
   """
   out = pathlib.Path(out_dir)
-  means = {group: acc.mean(group) for group in acc.groups()}
-  shown = [np.abs(m[v]) for m, v in means.values() if v.any()]
-  vmax = float(max(a.max() for a in shown)) if shown else 1.0
-  for group, (mean, valid) in means.items():
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in group)
-    io.save_npy(out / f"cms_{safe}.npy", mean.astype(np.float32))
-    io.save_npy(out / f"cms_{safe}_valid.npy", valid)
-    texture = np.where(valid, mean, 0.0)
-    io.save_png(out / f"cms_{safe}.png", _render(model3d, texture, valid.astype(np.float32), render_size, vmax))
+
+  def safe(group: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in group)
+
+  def write_views(views: dict[str, tuple[np.ndarray, np.ndarray]], suffix: str, with_valid: bool) -> None:
+    shown = [np.abs(m[v]) for m, v in views.values() if v.any()]
+    vmax = float(max(a.max() for a in shown)) if shown else 1.0
+    for name, (values, valid) in views.items():
+      io.save_npy(out / f"cms_{name}{suffix}.npy", values.astype(np.float32))
+      if with_valid:
+        io.save_npy(out / f"cms_{name}_valid.npy", valid)
+      texture = np.where(valid, values, 0.0)
+      io.save_png(
+        out / f"cms_{name}{suffix}.png", _render(model3d, texture, valid.astype(np.float32), render_size, vmax)
+      )
+
+  groups = acc.groups()
+  write_views({safe(g): acc.mean(g, min_count=min_count) for g in groups}, "", True)
+  write_views({safe(g): acc.mean(g, min_count=min_count, kind="absolute") for g in groups}, "_abs", False)
+  for g in groups:
+    io.save_npy(out / f"cms_{safe(g)}_sum.npy", acc.plain_sum(g)[0].astype(np.float32))
+  diffs = {f"diff_{safe(a)}_vs_{safe(b)}": acc.difference(a, b, min_count=min_count) for a, b in _comparisons(groups)}
+  if diffs:
+    write_views(diffs, "", False)
   io.save_json(
     out / "records.json",
     {"format": "canonsal_jax.cms_records", "version": 1, "groups": acc.groups(), "records": acc.records()},

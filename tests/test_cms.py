@@ -39,7 +39,9 @@ def _assert_bitwise_equal(a: cms.CMSAccumulator, b: cms.CMSAccumulator):
   assert a.groups() == b.groups()
   for g in a.groups():
     sa, sb = a.sums(g), b.sums(g)
-    for x, y in zip(sa[:3], sb[:3]):
+    for x, y in zip(
+      (sa.value_sum, sa.weight_sum, sa.count, sa.abs_sum), (sb.value_sum, sb.weight_sum, sb.count, sb.abs_sum)
+    ):
       assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
     assert sa.num_images == sb.num_images
     for x, y in zip(a.mean(g), b.mean(g)):
@@ -201,8 +203,9 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
   truncated.write_bytes(good.read_bytes()[:200])
   foreign = tmp_path / "foreign.npz"
   io.save_npz_versioned(foreign, "morphable_model", 1, mean=np.zeros(3))
-  wrong_version = tmp_path / "v2.npz"
-  io.save_npz_versioned(wrong_version, cms.FORMAT_KIND, 2, meta=np.zeros(3, np.uint8))
+  wrong_version = tmp_path / "v1.npz"  # version 1 had no absolute sums
+  old = {k: v for k, v in io.load_npz_versioned(good, cms.FORMAT_KIND, cms.FORMAT_VERSION).items() if k != "abs_limbs"}
+  io.save_npz_versioned(wrong_version, cms.FORMAT_KIND, 1, **old)
   bad_meta = tmp_path / "bad_meta.npz"
   arrays = io.load_npz_versioned(good, cms.FORMAT_KIND, cms.FORMAT_VERSION)
   io.save_npz_versioned(bad_meta, cms.FORMAT_KIND, cms.FORMAT_VERSION, **{**arrays, "meta": arrays["meta"][:-5]})
@@ -334,3 +337,47 @@ def test_fixed_point_round_trip_is_exact_where_the_grid_allows():
   np.testing.assert_array_equal(cms._limbs_to_float(cms._to_limbs(np.array([2.0**-66, -(2.0**-63)]))), [0, -(2.0**-63)])
   total = cms._add_limbs(cms._to_limbs(x), cms._to_limbs(-x))
   assert not total.any()
+
+
+def test_derived_views_known_answers():
+  """Signed and absolute means, the paper's plain sum, group differences and the min-count mask, by hand."""
+  acc = cms.CMSAccumulator(_settings(texture_size=2))
+  ones = np.ones((2, 2), np.float32)
+  seen_once = np.array([[1, 1], [1, 0]], np.float32)
+  acc.add(0, "a", np.array([[1, -2], [3, 9]], np.float32), seen_once, group=("all", "f"))
+  acc.add(1, "b", np.array([[-1, -2], [1, 5]], np.float32), ones * 0.5, group=("all", "m"))
+  mean, valid = acc.mean("all")
+  np.testing.assert_allclose(mean[valid], [(1 - 0.5) / 1.5, -2.0, (3 + 0.5) / 1.5, 5.0])
+  absolute, _ = acc.mean("all", kind="absolute")
+  np.testing.assert_allclose(absolute[valid], [(1 + 0.5) / 1.5, 2.0, (3 + 0.5) / 1.5, 5.0])
+  total, total_valid = acc.plain_sum("all")
+  np.testing.assert_allclose(total[total_valid], [0.5, -3.0, 3.5, 2.5])
+  assert total_valid.all()
+  _, twice = acc.mean("all", min_count=2)
+  np.testing.assert_array_equal(twice, [[True, True], [True, False]])
+  diff, diff_valid = acc.difference("f", "m")
+  np.testing.assert_array_equal(diff_valid, [[True, True], [True, False]])
+  np.testing.assert_allclose(diff[diff_valid], [1 - (-1), -2 - (-2), 3 - 1])
+  assert np.isnan(diff[1, 1]) and np.isnan(acc.mean("f")[0][1, 1])
+  with pytest.raises(ValueError, match="kind"):
+    acc.mean("all", kind="max")
+  with pytest.raises(ValueError, match="min_count"):
+    acc.mean("all", min_count=0)
+  with pytest.raises(ValueError, match="unknown CMS group"):
+    acc.difference("f", "nobody")
+
+
+def test_absolute_sums_bound_signed_sums_and_survive_merge_and_checkpoint(tmp_path):
+  images = _random_images(6, T, seed=3)
+  whole = _fill(cms.CMSAccumulator(_settings("max_abs")), images, range(6))
+  parts = [_fill(cms.CMSAccumulator(_settings("max_abs")), images, idx) for idx in ([0, 2, 4], [5, 3, 1])]
+  merged = cms.merge(*parts)
+  _assert_bitwise_equal(whole, merged)
+  path = tmp_path / "cms.npz"
+  merged.save(path)
+  loaded = cms.CMSAccumulator.load(path)
+  for acc in (merged, loaded):
+    s = acc.sums("all")
+    np.testing.assert_array_equal(s.abs_sum, whole.sums("all").abs_sum)
+    assert np.all(s.abs_sum >= np.abs(s.value_sum))
+    assert np.any(s.abs_sum > np.abs(s.value_sum))  # the random images have both signs somewhere

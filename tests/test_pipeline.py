@@ -60,6 +60,16 @@ def test_cms_skips_bad_inputs_and_resumes_exactly(dataset, tmp_path):
   assert (tmp_path / "whole" / "cms_all.png").is_file() and (tmp_path / "whole" / "cms.npz").is_file()
   mean, valid = whole.mean("all")
   assert valid.sum() > 1000 and np.isfinite(mean[valid]).all() and np.isnan(mean[~valid]).all()
+  out = tmp_path / "whole"
+  np.testing.assert_array_equal(np.load(out / "cms_all_sum.npy"), whole.plain_sum("all")[0].astype(np.float32))
+  assert (out / "cms_all_abs.png").is_file()
+  np.testing.assert_array_equal(
+    np.load(out / "cms_all_abs.npy"), whole.mean("all", kind="absolute")[0].astype(np.float32)
+  )
+  preds = sorted(g for g in whole.groups() if g.startswith("pred_"))
+  if len(preds) == 2:
+    diff = np.load(out / f"cms_diff_{preds[0]}_vs_{preds[1]}.npy")
+    np.testing.assert_array_equal(diff, whole.difference(*preds)[0].astype(np.float32))
 
   # Interrupted after two images, then run again: the same sums bit for bit, nothing recomputed.
   config.cms.max_images = 2
