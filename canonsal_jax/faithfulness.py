@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io as stdio
+import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +74,26 @@ def load_cms(path: str | pathlib.Path) -> cms.CMSAccumulator:
   """A CMS accumulator from a run folder (its `cms.npz`) or the `.npz` itself."""
   path = pathlib.Path(path)
   return cms.CMSAccumulator.load(path / "cms.npz" if path.is_dir() else path)
+
+
+def _check_made_with(path: str | pathlib.Path, acc: cms.CMSAccumulator, config, model, model3d) -> None:
+  """Raises ValueError if the CMS was made with another face model or 3DMM than `config` names.
+
+  Reads the run's `summary.json` beside the checkpoint when there is one; always checks the texture size.
+  """
+  path = pathlib.Path(path)
+  summary = (path if path.is_dir() else path.parent) / "summary.json"
+  if summary.is_file():
+    made = json.loads(summary.read_text()).get("reproducibility", {}).get("config", {})
+    for key in ("model", "morphable_model"):
+      if key in made and made[key] != config[key]:
+        raise ValueError(f"the CMS at {path} was made with {key}={made[key]!r}, not {config[key]!r}")
+  expected = config.cis.texture_size or canonical.default_texture_size(model.crop.size, model3d)
+  if acc.texture_size != expected:
+    raise ValueError(
+      f"the CMS at {path} has {acc.texture_size} px textures; {model.name} on {model3d.name} makes {expected} px ones "
+      "(another face model, 3DMM or config.cis.texture_size?)"
+    )
 
 
 def _keys(name: str) -> set[str]:
@@ -185,6 +206,9 @@ def evaluate(
 
   model = models.load(config.model)
   model3d = pipeline.load_morphable(config.morphable_model)
+  _check_made_with(cms_path, acc, config, model, model3d)
+  if cms_random_path is not None:
+    _check_made_with(cms_random_path, random_acc, config, model, model3d)
   triangles, uv = np.asarray(model3d.triangles), np.asarray(model3d.uv)
   size = model.crop.size
   sweep, patch_size, _ = pipeline.model_sweep(model, config.occlusion)

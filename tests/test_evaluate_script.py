@@ -92,3 +92,16 @@ def test_evaluate_script_writes_the_metric_table(tmp_path):
   assert table["spearman_between_methods"]["grad_cam"]["grad_cam"] == pytest.approx(1.0)
   assert -1 <= by_method["grad_cam"]["randomisation_spearman"] <= 1
   assert len(table["per_image"]["average_drop"]["cms"]) == len(table["images"])
+
+
+def test_a_cms_of_another_model_or_3dmm_is_refused(tmp_path):
+  from canonsal_jax import config as config_lib
+
+  acc = cms.CMSAccumulator(cms.CMSSettings(8, normalisation="none"))
+  acc.add(0, "/elsewhere/a.png", np.ones((8, 8), np.float32), np.ones((8, 8), np.float32))
+  acc.save(tmp_path / "cms.npz")
+  with pytest.raises(ValueError, match="has 8 px textures"):
+    faithfulness.evaluate(config_lib.default_config(), cms_path=tmp_path, images=_test_images()[:1])
+  io.save_json(tmp_path / "summary.json", {"reproducibility": {"config": {"model": "age"}}})
+  with pytest.raises(ValueError, match="made with model='age'"):
+    faithfulness.evaluate(config_lib.default_config(), cms_path=tmp_path, images=_test_images()[:1])
