@@ -49,6 +49,7 @@ __all__ = [
   "group_mean",
   "holm",
   "label_clusters",
+  "records_in_group",
   "records_region_masses",
   "region_labels",
   "region_mass",
@@ -150,6 +151,12 @@ def records_region_masses(
     names.append(rec.get("name"))
     rows.append([float(masses.get(r, np.nan)) for r in regions])
   return names, np.asarray(rows, np.float64).reshape(len(rows), len(regions))
+
+
+def records_in_group(records: Sequence[Mapping[str, Any]], group: str) -> np.ndarray:
+  """[N] bool over the records with status "ok" (in order, as `records_region_masses` lists them): whether
+  each image was accumulated into `group` (e.g. "pred_female", "label_male", "misclassified")."""
+  return np.array([group in rec.get("groups", ()) for rec in records if rec.get("status", "ok") == "ok"], bool)
 
 
 # ------------------------------------------------------------------------------------------ bootstrap

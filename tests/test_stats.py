@@ -45,8 +45,10 @@ def test_records_region_masses_reads_both_keys_and_skips_failures():
     {"index": 1, "name": "b", "status": "skipped", "reason": "no face"},
     {"index": 2, "name": "c", "status": "ok", "region_masses": {"eyes": 0.1}},
   ]
+  records[0]["groups"], records[2]["groups"] = ["all", "pred_female"], ["all"]
   names, shares = stats.records_region_masses(records, regions=("eyes", "nose"))
   assert names == ["a", "c"]
+  np.testing.assert_array_equal(stats.records_in_group(records, "pred_female"), [True, False])
   np.testing.assert_allclose(shares, [[0.5, 0.25], [0.1, np.nan]])
 
 
