@@ -48,6 +48,18 @@ def default_config() -> ml_collections.ConfigDict:
   config.occlusion.reference = ""
   config.occlusion.impostor = ""
 
+  # What makes the crop heatmap: "occlusion" (the paper's method), or a rival from canonsal_jax.attribution
+  # ("vanilla_gradient", "integrated_gradients", "grad_cam", "grad_cam_plus_plus", "score_cam", "rise"), carried
+  # through the same canonical pipeline so comparisons are like for like (a canonical Grad-CAM map). Rivals
+  # explain the same score and target as `occlusion` (config.occlusion.score / target / contrast / reference).
+  config.explainer = "occlusion"
+  config.attribution = ml_collections.ConfigDict()
+  config.attribution.baseline = "black"  # integrated gradients' start, Score-CAM's and RISE's fill (as occlusion)
+  config.attribution.steps = 32  # integrated gradients: quadrature nodes
+  config.attribution.num_masks = 2000  # RISE: random masks
+  config.attribution.seed = 0  # RISE: mask seed
+  config.attribution.batch_size = 16  # inputs per forward pass
+
   # Canonical Image Saliency: the crop heatmap carried onto the 3DMM's texture through the fitted mesh.
   config.cis = ml_collections.ConfigDict()
   config.cis.texture_size = 0  # texture side in texels; 0 = what the model crop resolves on this 3DMM's UV layout

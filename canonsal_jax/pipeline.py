@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
@@ -78,6 +79,7 @@ class OcclusionResult:
     stride: the grid stride in crop pixels.
     num_patches: the number of occluded images scored.
     face_width: the face's width in crop pixels under the model's crop convention.
+    method: "occlusion", or the rival `attribution` method that made the heatmap (patch fields then 0).
   """
 
   name: str
@@ -98,6 +100,7 @@ class OcclusionResult:
   stride: int
   num_patches: int
   face_width: float = 0.0
+  method: str = "occlusion"
 
 
 def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tuple[float, ...]:
@@ -273,6 +276,46 @@ def _reference_embedding(config: ml_collections.ConfigDict, model: models.FaceMo
 _REFERENCES: dict[tuple, np.ndarray] = {}
 
 
+def _attribution_result(
+  config: ml_collections.ConfigDict, model: models.FaceModel, plan: _SweepPlan, x: np.ndarray
+) -> occlusion.SweepResult:
+  """A rival method's map (`config.explainer`, an `attribution.METHODS` name) as a `SweepResult`, so that it
+  goes through the canonical pipeline exactly as the occlusion heatmap does (every pixel covered)."""
+  from canonsal_jax import attribution
+
+  if config.explainer not in attribution.METHODS:
+    raise ValueError(
+      f"explainer must be 'occlusion' or one of {', '.join(attribution.METHODS)}, got {config.explainer!r}"
+    )
+  att = config.attribution
+  baseline = model_baseline(model, att.baseline)
+  baseline = tuple(baseline) if isinstance(baseline, list) else baseline
+  settings = {
+    "integrated_gradients": {"steps": att.steps, "baseline": baseline, "batch_size": att.batch_size},
+    "score_cam": {"baseline": baseline, "batch_size": att.batch_size},
+    "rise": {
+      "key": jax.random.key(att.seed),
+      "num_masks": att.num_masks,
+      "baseline": baseline,
+      "batch_size": att.batch_size,
+    },
+  }.get(config.explainer, {})
+  outputs = model.apply_fn(model.params, x[None])
+  target = plan.score.default_target(outputs[0]) if plan.target is None else jnp.asarray(plan.target)
+  heatmap = attribution.attribute(config.explainer, model, model.params, x[None], plan.score, target, **settings)[0]
+  heatmap = jnp.asarray(heatmap, jnp.float32)
+  finite = jnp.all(jnp.isfinite(heatmap))
+  return occlusion.SweepResult(
+    drops=jnp.zeros((0,), jnp.float32),
+    heatmap=jnp.where(finite, heatmap, 0.0),
+    count=jnp.ones(heatmap.shape, jnp.int32),
+    score=plan.score(outputs, target)[0],
+    outputs=outputs[0],
+    target=target,
+    num_nonfinite=jnp.where(finite, 0, 1),
+  )
+
+
 def _prediction(model: models.FaceModel, score: occlusion.Score, result: occlusion.SweepResult) -> tuple[str, int]:
   """The model's label for an unoccluded face and the explained class (-1 for targetless scores)."""
   target = int(result.target) if result.target.ndim == 0 and score.kind not in ("expected_value",) else -1
@@ -294,7 +337,11 @@ def explain_face(
   model = models.load(config.model)
   crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
   plan = _sweep_plan(config, model, target)
-  result = plan.sweep(model.params, model.preprocess(crop), plan.centres, plan.valid, plan.target)
+  if config.explainer == "occlusion":
+    result = plan.sweep(model.params, model.preprocess(crop), plan.centres, plan.valid, plan.target)
+  else:
+    result = _attribution_result(config, model, plan, model.preprocess(crop))
+    plan = dataclasses.replace(plan, patch_size=0, stride=0, centres=plan.centres[:0])
   result = occlusion.check_finite(jax.device_get(result), name)
   outputs = np.asarray(result.outputs, np.float64)
   probabilities = np.exp(outputs - outputs.max())
@@ -321,6 +368,7 @@ def explain_face(
     stride=plan.stride,
     num_patches=len(plan.centres),
     face_width=float(model.crop.face_width),
+    method=config.explainer,
   )
 
 
@@ -339,7 +387,8 @@ def _overlay_png(result: OcclusionResult) -> np.ndarray:
     what = f"{result.score_kind} similarity {result.score:.3f}"  # to itself, a reference, or genuine - impostor
   else:
     what = f"{result.label} (p={result.probabilities[result.target]:.2f}), {result.score_kind} {result.score:.2f}"
-  title = f"{result.model}: {what} | patch {result.patch_size}px stride {result.stride} | {result.name}"
+  how = f"patch {result.patch_size}px stride {result.stride}" if result.method == "occlusion" else result.method
+  title = f"{result.model}: {what} | {how} | {result.name}"
   return viz.panel([image_tile, crop_tile, viz.upscale(crop_heat, factor)], title)
 
 
@@ -364,6 +413,7 @@ def write_occlusion(result: OcclusionResult, out_dir: str | pathlib.Path) -> dic
     "patch_size_px": result.patch_size,
     "stride_px": result.stride,
     "num_patches": result.num_patches,
+    "method": result.method,
     "uncovered_crop_pixels": int(np.sum(result.count == 0)),
   }
   io.save_npy(out / "heatmap.npy", result.heatmap)
@@ -1079,7 +1129,8 @@ def run_cms(
     skip |= set(todo[config.cms.max_images :])
   mine = sum(1 for i in range(len(files)) if i % num_processes == process_index)
   done, processed, since_checkpoint, num_batches = len(acc.done_indices()), 0, 0, 0
-  face_batch = int(config.cms.face_batch)
+  # The batched device programs run the occlusion sweep; a rival explainer goes one face at a time (cis_face).
+  face_batch = int(config.cms.face_batch) if config.explainer == "occlusion" else 0
   batcher = _FaceBatcher(config, timings) if face_batch > 0 else None
   group = batcher.batch if batcher is not None else 1  # faces per device call
   items = datasets.prefetch(
