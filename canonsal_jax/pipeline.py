@@ -731,9 +731,10 @@ def _write_saliency_mesh(result: CISResult, out: pathlib.Path) -> None:
 
 def _cis_title(result: CISResult) -> str:
   occ = result.occlusion
+  what = f"{occ.label} ({occ.score_kind} {occ.score:.2f})" if occ.label else f"{occ.score_kind} {occ.score:.3f}"
   return (
-    f"CIS | {occ.model}: {occ.label} ({occ.score_kind} {occ.score:.2f}) | {result.outside_mesh_share:.0%} of the "
-    f"saliency off the mesh | {result.fit.model.name} | {occ.name}"
+    f"CIS | {occ.model}: {what} | {result.outside_mesh_share:.0%} of the saliency off the mesh | "
+    f"{result.fit.model.name} | {occ.name}"
   )
 
 
