@@ -83,4 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   # A CSV of true labels, rows `path_or_basename,label` (paths relative to the CSV's folder): adds the groups
   # "label_<label>", and "correct" / "misclassified" (prediction equal to the label, case-insensitive). "" = none.
   config.cms.labels_csv = ""
+  # Also keep each accumulated image's CIS texture and weight as textures/<index>.npz (for texel-level
+  # permutation tests and report examples; ~T*T*8 bytes per image before compression).
+  config.cms.save_textures = False
   return config

@@ -1154,7 +1154,9 @@ def run_cms(
     found = batcher([(item.name, *item.value) for item in batch]) if batcher is not None else per_image(batch)
     clock = _StageClock(timings)
     for item, outcome in zip(batch, found):
-      _accumulate(acc, item.index, item.name, outcome, config, labels)
+      added = _accumulate(acc, item.index, item.name, outcome, config, labels)
+      if added and config.cms.save_textures:  # before the checkpoint that records the image
+        io.save_npz(texture_path(out, item.index), texture=outcome.texture, weight=outcome.weight)
     clock.lap("accumulate")
     done += len(batch)
     processed += len(batch)
@@ -1228,9 +1230,9 @@ def _accumulate(
   outcome: _FaceOutcome | str,
   config: ml_collections.ConfigDict,
   labels: dict[str, str] | None,
-) -> None:
+) -> bool:
   """Adds one face's outcome (or records why it failed) with its groups: "all", "pred_<label>", and with true
-  labels "label_<label>" and "correct" / "misclassified"."""
+  labels "label_<label>" and "correct" / "misclassified". Returns whether it was accumulated."""
   record: dict[str, Any] = {}
   true = None
   if labels is not None:
@@ -1238,13 +1240,13 @@ def _accumulate(
     record["true_label"] = true
   if isinstance(outcome, str):
     acc.skip(index, name, outcome, record=record)
-    return
+    return False
   groups = ["all"] + ([f"pred_{outcome.label}"] if config.cms.group_by_prediction and outcome.label else [])
   if true is not None:
     groups.append(f"label_{true}")
     if outcome.label:
       groups.append("correct" if outcome.label.casefold() == true.casefold() else "misclassified")
-  acc.add(
+  return acc.add(
     index,
     name,
     outcome.texture,
@@ -1258,6 +1260,39 @@ def _accumulate(
       "region_mass": outcome.region_mass,
       **record,
     },
+  )
+
+
+def texture_path(out_dir: str | pathlib.Path, index: int) -> pathlib.Path:
+  """Where a CMS run with `config.cms.save_textures` keeps image `index`'s CIS texture and weight."""
+  return pathlib.Path(out_dir) / "textures" / f"{int(index):06d}.npz"
+
+
+def load_textures(out_dir: str | pathlib.Path, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """The saved per-image CIS of a CMS run (`config.cms.save_textures`), for texel-level statistics.
+
+  Args:
+    out_dir: the run's folder.
+    indices: image indices (e.g. the `index` of its accumulated records).
+
+  Returns:
+    `(textures, weights)`: float32 `[N, T, T]` each, in the order of `indices` (the values as accumulated,
+    before the per-image normalisation).
+
+  Raises:
+    FileNotFoundError: an image's texture was not saved (the message names the file and the setting).
+  """
+  textures, weights = [], []
+  for index in indices:
+    path = texture_path(out_dir, index)
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: no saved texture for image {index}; run with --config.cms.save_textures")
+    with np.load(path) as data:
+      textures.append(data["texture"].astype(np.float32))
+      weights.append(data["weight"].astype(np.float32))
+  t = textures[0].shape if textures else (0, 0)
+  return np.stack(textures) if textures else np.zeros((0, *t), np.float32), (
+    np.stack(weights) if weights else np.zeros((0, *t), np.float32)
   )
 
 

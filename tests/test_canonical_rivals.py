@@ -42,10 +42,23 @@ def test_rival_cis_is_the_method_carried_onto_the_texture(explainer):
 
 def test_rival_cms_and_bad_explainer(tmp_path):
   config = _config("vanilla_gradient")
-  config.cms.max_images = 2
+  config.cms.max_images = 3
+  config.cms.save_textures = True
   acc = pipeline.run_cms(config, tmp_path, dataset="builtin:lfw")
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["images_seen"] == 2 and summary["face_batch"] == 0  # rivals go one face at a time
-  assert acc.num_images("all") >= 1 and (tmp_path / "cms_all.png").is_file()
+  assert summary["images_seen"] == 3 and summary["face_batch"] == 0  # rivals go one face at a time
+  assert acc.num_images("all") >= 2 and (tmp_path / "cms_all.png").is_file()
+  # The saved per-image textures rebuild the CMS: sum(w * v / normaliser) / sum(w).
+  records = [r for r in acc.records() if r["status"] == "ok"]
+  textures, weights = pipeline.load_textures(tmp_path, [r["index"] for r in records])
+  norms = np.array([r["normaliser"] for r in records])[:, None, None]
+  values = np.where(weights > 0, textures, 0.0).astype(np.float64)
+  num, den = (weights * values / norms).sum(0), weights.astype(np.float64).sum(0)
+  mean, valid = acc.mean("all")
+  np.testing.assert_allclose(mean[valid], (num / np.where(den > 0, den, 1))[valid], rtol=1e-9, atol=1e-12)
+  skipped = [r["index"] for r in acc.records() if r["status"] != "ok"]
+  if skipped:
+    with pytest.raises(FileNotFoundError, match="save_textures"):
+      pipeline.load_textures(tmp_path, skipped)
   with pytest.raises(ValueError, match=r"explainer must be 'occlusion' or one of .*grad_cam"):
     pipeline.explain_image(_config("lime"))
