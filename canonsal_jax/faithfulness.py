@@ -9,7 +9,8 @@ method on that crop:
 * any `attribution.METHODS` name ("grad_cam", "vanilla_gradient", ...), explaining the model's natural score;
 
 and the controls: "face_mask" (uniform on the mesh's pixels), "gaussian" (centred), and, given the CMS of the
-same architecture with re-initialised weights, "cms_random". All maps are scored by `metrics.make_protocol`
+same architecture with re-initialised weights (`scripts/cms.py --model=canonsal_jax.faithfulness:randomised_gender`),
+"cms_random". All maps are scored by `metrics.make_protocol`
 (Average Drop %, % Increase in Confidence, Win %) and by deletion/insertion AUC on both substrates; each
 method's per-image Average Drop and blurred deletion AUC are tested against each control
 (`metrics.compare_with_controls`), and model randomisation is reported as the mean Spearman correlation between
@@ -25,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io as stdio
 import json
 import pathlib
@@ -38,7 +40,19 @@ import numpy as np
 
 from canonsal_jax import attribution, canonical, cms, datasets, faces, io, metrics, models, occlusion, pipeline, raster
 
-__all__ = ["CONTROLS", "METHODS", "OverlapError", "check_disjoint", "evaluate", "load_cms", "write_evaluation"]
+__all__ = [
+  "CONTROLS",
+  "METHODS",
+  "OverlapError",
+  "check_disjoint",
+  "evaluate",
+  "load_cms",
+  "randomised",
+  "randomised_age",
+  "randomised_expression",
+  "randomised_gender",
+  "write_evaluation",
+]
 
 METHODS = ("cms", "occlusion", *attribution.METHODS)
 CONTROLS = ("face_mask", "gaussian", "cms_random")
@@ -76,7 +90,40 @@ def load_cms(path: str | pathlib.Path) -> cms.CMSAccumulator:
   return cms.CMSAccumulator.load(path / "cms.npz" if path.is_dir() else path)
 
 
-def _check_made_with(path: str | pathlib.Path, acc: cms.CMSAccumulator, config, model, model3d) -> None:
+def randomised(name: str, seed: int = 0) -> models.FaceModel:
+  """A registered face model with every weight layer re-initialised (`metrics.randomise_params`, `seed`).
+
+  Its CMS is the model-randomisation control: the factories below make it a model name that `scripts/cms.py`
+  takes, e.g. ``--model=canonsal_jax.faithfulness:randomised_gender``; give that run to `evaluate` as
+  `cms_random_path`.
+  """
+  model = models.load(name)
+  return dataclasses.replace(
+    model,
+    name=f"{model.name}_randomised{seed}",
+    params=metrics.randomise_params(model.params, jax.random.key(seed)),
+    source=f"{model.source} (weights re-initialised layer by layer, seed {seed})",
+  )
+
+
+def randomised_gender() -> models.FaceModel:
+  """`randomised("gender")`: for ``--model=canonsal_jax.faithfulness:randomised_gender``."""
+  return randomised("gender")
+
+
+def randomised_age() -> models.FaceModel:
+  """`randomised("age")`."""
+  return randomised("age")
+
+
+def randomised_expression() -> models.FaceModel:
+  """`randomised("expression")`."""
+  return randomised("expression")
+
+
+def _check_made_with(
+  path: str | pathlib.Path, acc: cms.CMSAccumulator, config, model, model3d, *, randomised_control: bool = False
+) -> None:
   """Raises ValueError if the CMS was made with another face model or 3DMM than `config` names.
 
   Reads the run's `summary.json` beside the checkpoint when there is one; always checks the texture size.
@@ -85,9 +132,12 @@ def _check_made_with(path: str | pathlib.Path, acc: cms.CMSAccumulator, config, 
   summary = (path if path.is_dir() else path.parent) / "summary.json"
   if summary.is_file():
     made = json.loads(summary.read_text()).get("reproducibility", {}).get("config", {})
-    for key in ("model", "morphable_model"):
-      if key in made and made[key] != config[key]:
-        raise ValueError(f"the CMS at {path} was made with {key}={made[key]!r}, not {config[key]!r}")
+    want = {"model": config.model, "morphable_model": config.morphable_model}
+    if randomised_control:  # the same architecture, weights re-initialised
+      want["model"] = f"{__name__}:randomised_{config.model}"
+    for key, value in want.items():
+      if key in made and made[key] != value:
+        raise ValueError(f"the CMS at {path} was made with {key}={made[key]!r}, not {value!r}")
   expected = config.cis.texture_size or canonical.default_texture_size(model.crop.size, model3d)
   if acc.texture_size != expected:
     raise ValueError(
@@ -208,7 +258,7 @@ def evaluate(
   model3d = pipeline.load_morphable(config.morphable_model)
   _check_made_with(cms_path, acc, config, model, model3d)
   if cms_random_path is not None:
-    _check_made_with(cms_random_path, random_acc, config, model, model3d)
+    _check_made_with(cms_random_path, random_acc, config, model, model3d, randomised_control=True)
   triangles, uv = np.asarray(model3d.triangles), np.asarray(model3d.uv)
   size = model.crop.size
   sweep, patch_size, _ = pipeline.model_sweep(model, config.occlusion)

@@ -105,3 +105,15 @@ def test_a_cms_of_another_model_or_3dmm_is_refused(tmp_path):
   io.save_json(tmp_path / "summary.json", {"reproducibility": {"config": {"model": "age"}}})
   with pytest.raises(ValueError, match="made with model='age'"):
     faithfulness.evaluate(config_lib.default_config(), cms_path=tmp_path, images=_test_images()[:1])
+
+
+def test_randomised_model_keeps_the_architecture_and_changes_the_outputs():
+  trained, random = models.load("gender"), faithfulness.randomised_gender()
+  assert random.labels == trained.labels and random.input_shape == trained.input_shape
+  assert models.load("canonsal_jax.faithfulness:randomised_gender").name == "gender_randomised0"
+  x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  assert not np.allclose(np.asarray(random.logits(x)), np.asarray(trained.logits(x)), atol=1e-3)
+  import jax
+
+  for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(random.params)):
+    assert a.shape == b.shape
