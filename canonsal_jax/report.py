@@ -1,0 +1,897 @@
+"""The report people read: one static, offline HTML page about a CMS run, with its images and tables beside it.
+
+`write_report(cms_dir, out_dir)` reads a run folder written by `pipeline.run_cms` (`cms.npz`, `summary.json`,
+and, when the run kept them, the per-image textures `textures/<index>.npz`) and writes into `out_dir`:
+
+* `index.html`: no external URLs, no JavaScript, all text escaped; images are files beside it.
+* `images/*.png`: per group the CMS (signed mean), the absolute CMS (mean |saliency|) and the coverage (images
+  per texel) on the canonical face, with no-data texels hatched grey; difference maps of group pairs on a
+  diverging scale; texel t maps and their significant clusters; example CIS per group; colour bars.
+* `regions.csv`: per group and region, the CMS's region mass (`stats.region_mass` of the CMS, raw, share,
+  area share, density, mean value) and the mean per-image share with its bootstrap interval.
+* `tests.csv`: the per-region permutation tests of every group pair, with Holm-adjusted p-values.
+* `meshes/cms_<group>.ply`: the canonical (mean) face, each vertex coloured by the CMS at its UV.
+* `report.json`: every number shown, for scripts.
+
+Statistics (all seeded by `seed`, so the report is the same file for the same inputs):
+
+* Region bars: the per-image region shares kept in the records (share of |saliency| mass), their mean per group
+  with a bootstrap interval over images (`stats.bootstrap_ci`), next to the group CMS's own share and the
+  region's share of the UV layout (a region as salient as its size sits at its area share).
+* Group pairs (`comparisons`): per region, `stats.region_permutation_test` (difference of mean shares, label
+  permutations), Holm-adjusted over the regions of the pair and, more strictly, over all pairs and regions.
+* Texel level, where the run saved per-image textures: `stats.cluster_permutation_test` on the normalised
+  textures (each divided by its record's normaliser, as the CMS accumulates them).
+
+Example:
+  >>> path = write_report("/tmp/cms", "/tmp/cms_report", seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import html
+import io as stdio
+import json
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from canonsal_jax import canonical, cms, io, morphable, pipeline, stats, viz
+
+__all__ = ["REGION_COLUMNS", "ReportOptions", "comparisons", "load_metrics", "vertex_values", "write_report"]
+
+# Columns of regions.csv, in order.
+REGION_COLUMNS = (
+  "group",
+  "region",
+  "images",
+  "cms_mass",
+  "cms_share",
+  "area_share",
+  "cms_density",
+  "cms_mean_value",
+  "abs_cms_share",
+  "image_share_mean",
+  "image_share_low",
+  "image_share_high",
+)
+_TEST_COLUMNS = (
+  "group_a",
+  "group_b",
+  "region",
+  "images_a",
+  "images_b",
+  "mean_share_a",
+  "mean_share_b",
+  "difference",
+  "p_value",
+  "p_holm_regions",
+  "p_holm_all",
+  "significant",
+)
+# Group-name prefixes that pipeline.run_cms writes for classes; pairs within one prefix are compared.
+_CLASS_PREFIXES = ("pred_", "label_")
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; max-width: 1250px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: .5em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; }
+th:first-child, td:first-child, td.text { text-align: left; }
+tr.control td { background: #f3f3f3; font-style: italic; } tr.significant td { background: #fff3c4; }
+figure { display: inline-block; margin: .3em .6em .6em 0; vertical-align: top; }
+figcaption { font-size: .85em; max-width: 260px; }
+.note { background: #eef4fb; border-left: 4px solid #4a7ab5; padding: .4em .8em; }
+.missing { background: #fdf0e6; border-left: 4px solid #c06a2b; padding: .4em .8em; }
+pre { background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .8em; max-height: 40em; }
+.scale { font-size: .8em; } .scale img { vertical-align: middle; }
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+  """What the report computes; the same options and inputs give the same files.
+
+  Attributes:
+    min_count: texels seen by fewer images are no data (None: the run's `config.cms.min_count`, else 1).
+    num_bootstrap: bootstrap resamples for the region intervals.
+    num_permutations: label permutations for the region and cluster tests.
+    seed: seeds the bootstrap, the permutations and the choice of example images.
+    confidence: coverage of the bootstrap intervals.
+    alpha: family-wise level for "significant".
+    render_size: side in pixels of the canonical-face renders.
+    max_examples: example CIS shown per group.
+  """
+
+  min_count: int | None = None
+  num_bootstrap: int = 2000
+  num_permutations: int = 999
+  seed: int = 0
+  confidence: float = 0.95
+  alpha: float = 0.05
+  render_size: int = 256
+  max_examples: int = 4
+
+  def __post_init__(self):
+    for name in ("num_bootstrap", "num_permutations", "render_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ReportOptions.{name} must be >= 1, got {getattr(self, name)}")
+    if self.min_count is not None and self.min_count < 1:
+      raise ValueError(f"ReportOptions.min_count must be >= 1, got {self.min_count}")
+    if self.max_examples < 0:
+      raise ValueError(f"ReportOptions.max_examples must be >= 0, got {self.max_examples}")
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  folder: pathlib.Path
+  acc: cms.CMSAccumulator
+  summary: dict[str, Any] | None
+  model3d: morphable.MorphableModel
+  morphable_spec: str
+  ok: list[dict[str, Any]]  # records with status "ok", by index
+  textures_saved: bool
+
+
+def _run_config(summary: Mapping[str, Any] | None) -> dict[str, Any]:
+  return ((summary or {}).get("reproducibility") or {}).get("config") or {}
+
+
+def _load_run(cms_dir: str | pathlib.Path, morphable_model: str | None) -> _Run:
+  folder = pathlib.Path(cms_dir)
+  checkpoint = folder / "cms.npz"
+  if not checkpoint.is_file():
+    raise FileNotFoundError(f"{checkpoint}: no CMS checkpoint; --cms must be a run folder of scripts/cms.py")
+  acc = cms.CMSAccumulator.load(checkpoint)
+  summary_path = folder / "summary.json"
+  summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+  spec = morphable_model or _run_config(summary).get("morphable_model") or "default"
+  model3d = pipeline.load_morphable(spec)
+  made_with = ((summary or {}).get("reproducibility") or {}).get("morphable_model")
+  if made_with is not None and made_with != model3d.name:
+    raise ValueError(f"{folder}: the CMS was made with the 3DMM {made_with!r}, but {spec!r} is {model3d.name!r}")
+  ok = [r for r in acc.records() if r["status"] == "ok"]
+  saved = bool(ok) and all(pipeline.texture_path(folder, r["index"]).is_file() for r in ok)
+  return _Run(folder, acc, summary, model3d, spec, ok, saved)
+
+
+def load_metrics(path: str | pathlib.Path) -> dict[str, Any]:
+  """A metrics table written by `scripts/evaluate.py`: its folder, its `metrics.json`, or its `metrics.csv`.
+
+  Returns:
+    `{"rows": [...], "settings": {...}, ...}` as `faithfulness.evaluate` returns it (from a CSV: rows only, the
+    numbers as floats where they parse).
+
+  Raises:
+    FileNotFoundError: neither file is there.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / "metrics.json" if (path / "metrics.json").is_file() else path / "metrics.csv"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no metrics table (write one with scripts/evaluate.py)")
+  if path.suffix == ".json":
+    table = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+      raise ValueError(f"{path}: not a metrics table (no 'rows' list)")
+    return table
+
+  def number(text: str) -> Any:
+    try:
+      return float(text)
+    except ValueError:
+      return text
+
+  with path.open(newline="", encoding="utf-8") as f:
+    rows = [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+  return {"rows": rows, "settings": {}}
+
+
+def comparisons(groups: Sequence[str]) -> list[tuple[str, str]]:
+  """Group pairs the report compares: every pair of predicted classes ("pred_*"), every pair of true labels
+  ("label_*"), and "correct" vs "misclassified"; in a fixed order."""
+  pairs = []
+  for prefix in _CLASS_PREFIXES:
+    named = sorted(g for g in groups if g.startswith(prefix))
+    pairs += [(a, b) for i, a in enumerate(named) for b in named[i + 1 :]]
+  if "correct" in groups and "misclassified" in groups:
+    pairs.append(("correct", "misclassified"))
+  return pairs
+
+
+# ------------------------------------------------------------------------------------------ pictures
+
+
+def vertex_values(model3d: morphable.MorphableModel, texture: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, ...]:
+  """A texture sampled at each vertex's UV (the texel holding it, as `pipeline._write_saliency_mesh` does).
+
+  Args:
+    model3d: the morphable model (its `uv` [V, 2], u right, v up).
+    texture: [T, T] values.
+    valid: [T, T] bool, False = no data.
+
+  Returns:
+    `(values [V] float64, seen [V] bool)`.
+  """
+  size = texture.shape[0]
+  uv = np.asarray(model3d.uv)
+  col = np.clip(np.floor(uv[:, 0] * size), 0, size - 1).astype(int)
+  row = np.clip(np.floor((1.0 - uv[:, 1]) * size), 0, size - 1).astype(int)
+  return np.asarray(texture, np.float64)[row, col], np.asarray(valid, bool)[row, col]
+
+
+def _write_ply(path: pathlib.Path, model3d, texture, valid, *, vmax: float, signed: bool) -> None:
+  import trimesh
+
+  values, seen = vertex_values(model3d, texture, valid)
+  colours = viz.colorize(values[None], valid=seen[None], signed=signed, vmax=vmax)[0]
+  mesh = trimesh.Trimesh(np.asarray(model3d.mean), np.asarray(model3d.triangles), vertex_colors=colours, process=False)
+  io.write_atomic(path, mesh.export(file_type="ply"))
+
+
+def _vmax(maps: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+  shown = [np.abs(m[v]).max() for m, v in maps if v.any()]
+  return float(max(shown)) if shown and max(shown) > 0 else 1.0
+
+
+def _colorbar(signed: bool, width: int = 200, height: int = 12) -> np.ndarray:
+  ramp = np.linspace(-1.0 if signed else 0.0, 1.0, width)
+  return np.repeat(viz.colorize(ramp[None], signed=signed, vmax=1.0), height, axis=0)
+
+
+def _safe(name: str) -> str:
+  return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+class _Files:
+  """Unique, filesystem-safe names for the report's images (group names may hold any character)."""
+
+  def __init__(self, out: pathlib.Path):
+    self.out = out
+    self.used: set[str] = set()
+
+  def name(self, stem: str, suffix: str) -> str:
+    base, k = _safe(stem), 1
+    name = base + suffix
+    while name.casefold() in self.used:
+      k += 1
+      name = f"{base}_{k}{suffix}"
+    self.used.add(name.casefold())
+    return name
+
+  def png(self, stem: str, rgb: np.ndarray) -> str:
+    rel = "images/" + self.name(stem, ".png")
+    io.save_png(self.out / rel, rgb)
+    return rel
+
+
+def _render(run: _Run, texture, valid, size: int, *, vmax: float, signed: bool) -> np.ndarray:
+  texture = np.where(valid, texture, 0.0)
+  return canonical.render_canonical(run.model3d, texture, valid.astype(np.float32), size, vmax=vmax, signed=signed)
+
+
+# ------------------------------------------------------------------------------------------ html helpers
+
+
+def _e(value: Any) -> str:
+  return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+  if value is None:
+    return "–"
+  if isinstance(value, bool | np.bool_):
+    return "yes" if value else "no"
+  if isinstance(value, int | np.integer):
+    return str(int(value))
+  if isinstance(value, float | np.floating):
+    return "–" if not math.isfinite(value) else f"{value:.{digits}g}"
+  return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequence[str] | None = None) -> str:
+  head = "".join(f"<th>{_e(h)}</th>" for h in header)
+  body = []
+  for i, row in enumerate(rows):
+    cls = f' class="{_e(classes[i])}"' if classes and classes[i] else ""
+    cells = "".join(f'<td class="text">{_e(v)}</td>' if isinstance(v, str) else f"<td>{_e(_fmt(v))}</td>" for v in row)
+    body.append(f"<tr{cls}>{cells}</tr>")
+  return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure(src: str, caption: str, alt: str, size: tuple[int, int]) -> str:
+  return (
+    f'<figure><img src="{_e(src)}" alt="{_e(alt)}" width="{size[1]}" height="{size[0]}">'
+    f"<figcaption>{_e(caption)}</figcaption></figure>"
+  )
+
+
+def _scale(bar: str, low: str, high: str, what: str) -> str:
+  return (
+    f'<p class="scale">{_e(what)}: {_e(low)} <img src="{_e(bar)}" alt="colour scale" width="200" height="12"> '
+    f"{_e(high)}; hatched grey = no data</p>"
+  )
+
+
+def _region_svg(names: Sequence[str], est, low, high, cms_share, area_share, title: str) -> str:
+  """Horizontal bars (mean per-image share) with interval whiskers, the CMS share (black diamond) and the area
+  share (grey tick), one row per region, as inline SVG."""
+  label_w, bar_w, row_h, top = 80, 440, 18, 24
+  finite = [v for v in (*high, *est, *cms_share, *area_share) if np.isfinite(v)]
+  top_value = max(max(finite, default=0.0), 1e-12)
+  x = lambda v: label_w + bar_w * float(v) / top_value
+  height = top + row_h * len(names) + 20
+  parts = [
+    f'<svg width="{label_w + bar_w + 90}" height="{height}" role="img" aria-label="{_e(title)}">',
+    f'<text x="0" y="14" font-size="12">{_e(title)}</text>',
+  ]
+  for i, name in enumerate(names):
+    y = top + i * row_h
+    parts.append(f'<text x="0" y="{y + 12}" font-size="11">{_e(name)}</text>')
+    if np.isfinite(est[i]):
+      parts.append(
+        f'<rect x="{label_w}" y="{y + 3}" width="{x(est[i]) - label_w:.1f}" height="{row_h - 6}" fill="#7fa7d6"/>'
+      )
+    if np.isfinite(low[i]) and np.isfinite(high[i]):
+      parts.append(
+        f'<line x1="{x(low[i]):.1f}" x2="{x(high[i]):.1f}" y1="{y + row_h / 2}" y2="{y + row_h / 2}" '
+        'stroke="#1f3f66" stroke-width="1.5"/>'
+      )
+    if np.isfinite(area_share[i]):
+      parts.append(
+        f'<line x1="{x(area_share[i]):.1f}" x2="{x(area_share[i]):.1f}" y1="{y + 1}" y2="{y + row_h - 1}" '
+        'stroke="#999" stroke-width="2"/>'
+      )
+    if np.isfinite(cms_share[i]):
+      cx, cy = x(cms_share[i]), y + row_h / 2
+      parts.append(f'<polygon points="{cx:.1f},{cy - 5} {cx + 4:.1f},{cy} {cx:.1f},{cy + 5} {cx - 4:.1f},{cy}"/>')
+    parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 12}" font-size="10">{_e(_fmt(est[i], 2))}</text>')
+  axis_y = top + row_h * len(names) + 14
+  parts.append(f'<text x="{label_w}" y="{axis_y}" font-size="10">0</text>')
+  parts.append(f'<text x="{label_w + bar_w - 30}" y="{axis_y}" font-size="10">{_e(_fmt(top_value, 2))}</text>')
+  parts.append("</svg>")
+  return "".join(parts)
+
+
+def _histogram_svg(values: np.ndarray, bins: int = 10) -> str:
+  counts, _ = np.histogram(values, bins=bins, range=(0.0, 1.0))
+  peak = max(int(counts.max()), 1)
+  w, h, bw = 420, 120, 40
+  parts = [f'<svg width="{w}" height="{h + 30}" role="img" aria-label="histogram">']
+  for k, c in enumerate(counts):
+    bar = h * int(c) / peak
+    parts.append(f'<rect x="{10 + k * bw}" y="{h - bar:.1f}" width="{bw - 4}" height="{bar:.1f}" fill="#7fa7d6"/>')
+    parts.append(f'<text x="{10 + k * bw + 8}" y="{h - bar - 2:.1f}" font-size="10">{int(c)}</text>')
+  for k in range(0, bins + 1, 2):
+    parts.append(f'<text x="{6 + k * bw}" y="{h + 14}" font-size="10">{k / bins:.1f}</text>')
+  parts.append(f'<text x="10" y="{h + 28}" font-size="10">share of the saliency off the mesh, per image</text></svg>')
+  return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+@dataclasses.dataclass
+class _Report:
+  """What the sections produce: HTML parts, CSV rows and the numbers for report.json."""
+
+  run: _Run
+  options: ReportOptions
+  files: _Files
+  min_count: int
+  regions: np.ndarray  # [T, T] region index per texel, -1 outside the layout
+  sections: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (id, title, html)
+  region_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  test_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  numbers: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def shares(self) -> np.ndarray:
+    """[N, R] per-image region shares of the accumulated images (records order)."""
+    return stats.records_region_masses(self.run.ok)[1]
+
+  def members(self, group: str) -> np.ndarray:
+    return stats.records_in_group(self.run.ok, group)
+
+
+def _cms_section(rep: _Report) -> str:
+  run, size = rep.run, rep.options.render_size
+  groups = run.acc.groups()
+  if not groups:
+    return '<p class="missing">No image was accumulated: there is no CMS to show.</p>'
+  signed = {g: run.acc.mean(g, min_count=rep.min_count) for g in groups}
+  absolute = {g: run.acc.mean(g, min_count=rep.min_count, kind="absolute") for g in groups}
+  counts = {g: run.acc.sums(g).count for g in groups}
+  vmax_s, vmax_a = _vmax(list(signed.values())), _vmax(list(absolute.values()))
+  vmax_c = float(max(int(c.max()) for c in counts.values()) or 1)
+  is_signed = any(np.any(m[v] < 0) for m, v in signed.values())
+  bars = {k: rep.files.png(f"scale_{k}", _colorbar(k == "signed")) for k in ("signed", "sequential")}
+  out = [
+    f"<p>Each group's CMS is the weighted mean of its images' normalised CIS ({_e(run.acc.settings.normalisation)}) "
+    f"over the images that saw each texel; texels seen by fewer than {rep.min_count} image(s) are no data "
+    "(hatched grey), never zero saliency. Coverage counts the images that saw each texel. All groups share "
+    "one colour scale per kind. A per-vertex PLY of each CMS (the canonical face, coloured) is in meshes/.</p>",
+    _scale(bars["signed" if is_signed else "sequential"], _fmt(-vmax_s if is_signed else 0.0), _fmt(vmax_s), "CMS"),
+    _scale(bars["sequential"], "0", _fmt(vmax_a), "absolute CMS"),
+    _scale(bars["sequential"], "0", _fmt(vmax_c), "coverage (images)"),
+  ]
+  rep.numbers["groups"] = {}
+  for g in groups:
+    (mean, valid), (mean_abs, valid_abs), count = signed[g], absolute[g], counts[g]
+    n = run.acc.num_images(g)
+    shown = int(valid.sum())
+    imgs = [
+      (_render(run, mean, valid, size, vmax=vmax_s, signed=is_signed), f"cms_{g}", "CMS"),
+      (_render(run, mean_abs, valid_abs, size, vmax=vmax_a, signed=False), f"cms_{g}_abs", "absolute CMS"),
+      (_render(run, count.astype(np.float64), count > 0, size, vmax=vmax_c, signed=False), f"cov_{g}", "coverage"),
+    ]
+    figures = [
+      _figure(rep.files.png(stem, rgb), f"{what}: {g}", f"{what} of group {g}", rgb.shape[:2])
+      for rgb, stem, what in imgs
+    ]
+    ply = "meshes/" + rep.files.name(f"cms_{g}", ".ply")
+    _write_ply(rep.files.out / ply, run.model3d, mean, valid, vmax=vmax_s, signed=is_signed)
+    out.append(
+      f"<h3>{_e(g)}</h3><p>{n} image(s); {shown} texels with data (of {int((count > 0).sum())} seen by any image; "
+      f"at most {int(count.max())} images per texel). Mesh: {_e(ply)}</p>" + "".join(figures)
+    )
+    rep.numbers["groups"][g] = {"images": n, "texels_with_data": shown, "max_coverage": int(count.max()), "ply": ply}
+  rep.numbers["colour_scales"] = {"cms": vmax_s, "absolute_cms": vmax_a, "coverage": vmax_c}
+  return "".join(out)
+
+
+def _difference_section(rep: _Report, pairs: Sequence[tuple[str, str]]) -> str:
+  run, size = rep.run, rep.options.render_size
+  if not pairs:
+    return (
+      '<p class="missing">No group pairs to compare: the run has fewer than two predicted classes or true labels '
+      "(give a labels CSV with --config.cms.labels_csv).</p>"
+    )
+  diffs = {p: run.acc.difference(*p, min_count=rep.min_count) for p in pairs}
+  vmax = _vmax(list(diffs.values()))
+  out = [
+    "<p>Difference of the two groups' CMS, A − B, where both have data; red: more saliency in A, blue: more in B. "
+    "Whether a difference is real is for the tests below to say.</p>",
+    _scale(rep.files.png("scale_diff", _colorbar(True)), _fmt(-vmax), _fmt(vmax), "A − B"),
+  ]
+  for a, b in pairs:
+    rgb = _render(run, *diffs[(a, b)], size, vmax=vmax, signed=True)
+    out.append(
+      _figure(rep.files.png(f"diff_{a}_vs_{b}", rgb), f"{a} − {b}", f"difference {a} minus {b}", rgb.shape[:2])
+    )
+  rep.numbers["difference_scale"] = vmax
+  return "".join(out)
+
+
+def _region_section(rep: _Report) -> str:
+  run, opt = rep.run, rep.options
+  if not run.ok:
+    return '<p class="missing">No accumulated images: no region statistics.</p>'
+  names = list(morphable.REGION_NAMES)
+  shares = rep.shares()
+  out = [
+    f"<p>Bars: the mean over a group's images of each region's share of the image's |saliency| mass, with a "
+    f"{opt.confidence:.0%} bootstrap interval over images ({opt.num_bootstrap} resamples, seed {opt.seed}). "
+    "Black diamond: the group CMS's own share (of its |mean| mass). Grey tick: the region's share of the UV "
+    "layout (a region as salient as its size sits there). Numbers in regions.csv.</p>"
+  ]
+  for g in run.acc.groups():
+    member = rep.members(g)
+    x = shares[member]
+    mean, valid = run.acc.mean(g, min_count=rep.min_count)
+    mass = stats.region_mass(mean, valid.astype(np.float64), rep.regions, num_regions=len(names))
+    mean_abs, valid_abs = run.acc.mean(g, min_count=rep.min_count, kind="absolute")
+    mass_abs = stats.region_mass(mean_abs, valid_abs.astype(np.float64), rep.regions, num_regions=len(names))
+    if x.shape[0] >= 2:
+      est, low, high = stats.bootstrap_ci(x, num_resamples=opt.num_bootstrap, confidence=opt.confidence, seed=opt.seed)
+      note = ""
+    else:
+      est = x[0] if x.shape[0] == 1 else np.full(len(names), np.nan)
+      low, high = np.full(len(names), np.nan), np.full(len(names), np.nan)
+      note = f'<p class="missing">{_e(g)}: {x.shape[0]} image(s), too few for an interval.</p>'
+    for r, region in enumerate(names):
+      rep.region_rows.append(
+        {
+          "group": g,
+          "region": region,
+          "images": int(x.shape[0]),
+          "cms_mass": mass.mass[r],
+          "cms_share": mass.share[r],
+          "area_share": mass.area_share[r],
+          "cms_density": mass.density[r],
+          "cms_mean_value": mass.mean_value[r],
+          "abs_cms_share": mass_abs.share[r],
+          "image_share_mean": est[r],
+          "image_share_low": low[r],
+          "image_share_high": high[r],
+        }
+      )
+    title = f"{g} ({x.shape[0]} images)"
+    out.append(f"<h3>{_e(g)}</h3>{note}" + _region_svg(names, est, low, high, mass.share, mass.area_share, title))
+  return "".join(out)
+
+
+def _pair_members(rep: _Report, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+  """Images in exactly one of the groups (positions in `run.ok`), and whether each is in A."""
+  in_a, in_b = rep.members(a), rep.members(b)
+  keep = in_a ^ in_b
+  return np.flatnonzero(keep), in_a[keep]
+
+
+def _tests_section(rep: _Report, pairs: Sequence[tuple[str, str]]) -> str:
+  opt = rep.options
+  if not pairs:
+    return '<p class="missing">No group pairs: no tests.</p>'
+  names = list(morphable.REGION_NAMES)
+  shares = rep.shares()
+  results, notes = {}, []
+  for a, b in pairs:
+    idx, in_a = _pair_members(rep, a, b)
+    if in_a.all() or not in_a.any():
+      notes.append(f"{a} vs {b}: a group has no images of its own; not tested.")
+      continue
+    results[(a, b)] = (
+      stats.region_permutation_test(
+        shares[idx], in_a, num_permutations=opt.num_permutations, alpha=opt.alpha, seed=opt.seed
+      ),
+      int(in_a.sum()),
+      int((~in_a).sum()),
+      shares[idx],
+      in_a,
+    )
+  p_all = stats.holm(np.concatenate([r[0].p_value for r in results.values()])) if results else np.zeros(0)
+  out = [
+    f"<p>Per region, the difference of the groups' mean image shares (A − B), with a two-sided permutation p-value "
+    f"({opt.num_permutations} label permutations, seed {opt.seed}), Holm-adjusted over the regions of the pair and "
+    f"over all pairs and regions together. Highlighted: adjusted (over all) p ≤ {opt.alpha}. Also in tests.csv.</p>"
+  ]
+  out += [f'<p class="missing">{_e(n)}</p>' for n in notes]
+  for k, ((a, b), (test, n_a, n_b, x, in_a)) in enumerate(results.items()):
+    rows, classes = [], []
+    with np.errstate(invalid="ignore"):
+      mean_a, mean_b = np.nanmean(x[in_a], axis=0), np.nanmean(x[~in_a], axis=0)
+    for r, region in enumerate(names):
+      p_over_all = p_all[k * len(names) + r]
+      significant = bool(np.isfinite(p_over_all) and p_over_all <= opt.alpha)
+      row = {
+        "group_a": a,
+        "group_b": b,
+        "region": region,
+        "images_a": n_a,
+        "images_b": n_b,
+        "mean_share_a": mean_a[r],
+        "mean_share_b": mean_b[r],
+        "difference": test.difference[r],
+        "p_value": test.p_value[r],
+        "p_holm_regions": test.p_holm[r],
+        "p_holm_all": p_over_all,
+        "significant": significant,
+      }
+      rep.test_rows.append(row)
+      rows.append([region] + [row[c] for c in _TEST_COLUMNS[5:]])
+      classes.append("significant" if significant else "")
+    header = [
+      "region",
+      f"mean share {a}",
+      f"mean share {b}",
+      "A − B",
+      "p",
+      "p Holm (regions)",
+      "p Holm (all)",
+      "significant",
+    ]
+    out.append(f"<h3>{_e(a)} ({n_a}) vs {_e(b)} ({n_b})</h3>" + _table(header, rows, classes))
+  return "".join(out)
+
+
+def _normalised_textures(run: _Run, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The saved CIS of `run.ok[positions]`, each divided by its record's normaliser (as the CMS adds them)."""
+  records = [run.ok[i] for i in positions]
+  textures, weights = pipeline.load_textures(run.folder, [r["index"] for r in records])
+  norms = np.array([r.get("normaliser", 1.0) for r in records], np.float64)[:, None, None]
+  values = np.where(weights > 0, textures, 0.0).astype(np.float64)
+  scaled = np.divide(values, norms, out=np.zeros_like(values), where=norms > 0)
+  return scaled, weights.astype(np.float64)
+
+
+_NO_TEXTURES = (
+  "This run did not save per-image CIS textures (run scripts/cms.py with --config.cms.save_textures=True), so {}."
+)
+
+
+def _cluster_section(rep: _Report, pairs: Sequence[tuple[str, str]]) -> str:
+  run, opt, size = rep.run, rep.options, rep.options.render_size
+  if not run.textures_saved:
+    return f'<p class="missing">{_e(_NO_TEXTURES.format("the texel-level cluster test was not run"))}</p>'
+  if not pairs:
+    return '<p class="missing">No group pairs: no cluster test.</p>'
+  out = [
+    "<p>Texel-level cluster permutation test (Maris &amp; Oostenveld 2007) on the per-image normalised CIS: a "
+    "weighted Welch t map of A vs B, texels beyond the two-sided 5% t threshold joined into 4-connected clusters "
+    f"of one sign, each cluster's mass (sum |t|) against the largest cluster mass of {opt.num_permutations} label "
+    f"permutations (seed {opt.seed}): family-wise error controlled over all texels. Left: t (red: A &gt; B); right: "
+    f"the clusters with p ≤ {opt.alpha} (elsewhere white = nothing significant; hatched grey = t undefined, "
+    "e.g. fewer than two images per group saw the texel).</p>"
+  ]
+  rep.numbers["clusters"] = {}
+  for a, b in pairs:
+    idx, in_a = _pair_members(rep, a, b)
+    if in_a.sum() < 2 or (~in_a).sum() < 2:
+      out.append(f'<p class="missing">{_e(a)} vs {_e(b)}: each group needs at least 2 images; not tested.</p>')
+      continue
+    textures, weights = _normalised_textures(run, idx)
+    result = stats.cluster_permutation_test(
+      textures, weights, in_a, num_permutations=opt.num_permutations, alpha=opt.alpha, seed=opt.seed
+    )
+    defined = np.isfinite(result.t)
+    vmax = _vmax([(result.t, defined)])
+    sig = np.where(result.significant, result.t, 0.0)
+    figs = [
+      _render(run, result.t, defined, size, vmax=vmax, signed=True),
+      _render(run, sig, defined, size, vmax=vmax, signed=True),
+    ]
+    stems = [f"t_{a}_vs_{b}", f"clusters_{a}_vs_{b}"]
+    captions = [f"t, {a} vs {b} (|t| ≤ {_fmt(vmax)})", f"significant clusters, {a} vs {b}"]
+    out.append(f"<h3>{_e(a)} ({int(in_a.sum())}) vs {_e(b)} ({int((~in_a).sum())})</h3>")
+    out += [_figure(rep.files.png(s, rgb), c, c, rgb.shape[:2]) for rgb, s, c in zip(figs, stems, captions)]
+    ranked = sorted(result.clusters, key=lambda c: (c["p_value"], -c["mass"]))
+    rows = [["A > B" if c["sign"] > 0 else "A < B", c["size"], c["mass"], c["p_value"]] for c in ranked[:10]]
+    more = f"<p>… and {len(ranked) - 10} more clusters.</p>" if len(ranked) > 10 else ""
+    out.append(
+      f"<p>threshold |t| &gt; {_e(_fmt(result.threshold))}; {len(ranked)} cluster(s), "
+      f"{int(result.significant.sum())} texels in significant ones.</p>"
+      + (_table(["direction", "texels", "mass (sum |t|)", "p"], rows) if rows else "")
+      + more
+    )
+    rep.numbers["clusters"][f"{a} vs {b}"] = {"threshold": result.threshold, "clusters": ranked}
+  return "".join(out)
+
+
+def _examples_section(rep: _Report) -> str:
+  run, opt = rep.run, rep.options
+  if not run.textures_saved:
+    return f'<p class="missing">{_e(_NO_TEXTURES.format("no example CIS can be shown"))}</p>'
+  rng = np.random.default_rng(opt.seed)
+  out = [
+    f"<p>Up to {opt.max_examples} images per group, drawn with seed {opt.seed}: each image's own CIS on the "
+    "canonical face (its own colour scale, hatched grey where the pose hid the face).</p>"
+  ]
+  for g in run.acc.groups():
+    members = np.flatnonzero(rep.members(g))
+    chosen = np.sort(rng.choice(members, size=min(opt.max_examples, members.size), replace=False))
+    figures = []
+    for pos in chosen:
+      rec = run.ok[pos]
+      (texture,), (weight,) = pipeline.load_textures(run.folder, [rec["index"]])
+      valid = weight > 0
+      vmax = _vmax([(texture, valid)])
+      signed = bool(np.any(texture[valid] < 0))
+      rgb = canonical.render_canonical(run.model3d, texture, weight, opt.render_size, vmax=vmax, signed=signed)
+      name = pathlib.PurePath(str(rec["name"])).name
+      caption = (
+        f"{name}: {rec.get('prediction') or '–'} ({rec.get('score_kind', 'score')} {_fmt(rec.get('score'))}), "
+        f"{_fmt(rec.get('outside_mesh_share'), 2)} off the mesh"
+      )
+      src = rep.files.png(f"cis_{g}_{rec['index']}", rgb)
+      figures.append(_figure(src, caption, f"CIS of {name}", rgb.shape[:2]))
+    out.append(f"<h3>{_e(g)}</h3>" + "".join(figures))
+  return "".join(out)
+
+
+def _metrics_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
+  if metrics is None:
+    return '<p class="missing">No metrics table was given (make one with scripts/evaluate.py, then pass --metrics).</p>'
+  rows = metrics.get("rows") or []
+  if not rows:
+    return '<p class="missing">The metrics table has no rows.</p>'
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  p_columns = [c for c in columns if "_p_vs_" in c]
+  verdicts = []
+  for row in rows:
+    if row.get("kind") == "control":
+      verdicts.append("control")
+      continue
+    lost = [c.replace("_p_vs_", " vs ") for c in p_columns if not (_as_float(row.get(c)) <= rep.options.alpha)]
+    verdicts.append("beats every control" if p_columns and not lost else "does not beat: " + ", ".join(lost or ["?"]))
+  table = _table(
+    [*columns, "verdict"],
+    [[row.get(c) for c in columns] + [v] for row, v in zip(rows, verdicts)],
+    ["control" if row.get("kind") == "control" else "" for row in rows],
+  )
+  settings = metrics.get("settings") or {}
+  direction = settings.get("direction")
+  facts = [f"Direction: {direction}." if direction else ""]
+  facts.append(
+    f"One-sided p-values that a method beats a control (paired sign-flip permutations); a method "
+    f"beats a control when p ≤ {rep.options.alpha}. Italic rows are controls."
+  )
+  if "images" in metrics:
+    facts.append(f"{len(metrics['images'])} test faces, {len(metrics.get('skipped') or [])} skipped.")
+  for key in ("cms", "cms_group", "model", "mass", "deletion_steps", "seed"):
+    if key in settings:
+      facts.append(f"{key}: {settings[key]}.")
+  rep.numbers["metrics_verdicts"] = {str(r.get("method")): v for r, v in zip(rows, verdicts)}
+  return f"<p>{_e(' '.join(f for f in facts if f))}</p>{table}"
+
+
+def _as_float(value: Any) -> float:
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return float("nan")
+
+
+def _off_mesh_section(rep: _Report) -> str:
+  values = np.array([_as_float(r.get("outside_mesh_share")) for r in rep.run.ok], np.float64)
+  values = values[np.isfinite(values)]
+  if values.size == 0:
+    return '<p class="missing">The records hold no off-mesh shares.</p>'
+  q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0])
+  summary = {
+    "images": int(values.size),
+    "mean": float(values.mean()),
+    **dict(zip(("min", "p10", "median", "p90", "max"), q.tolist())),
+  }
+  rep.numbers["off_mesh_share"] = summary
+  per_group = []
+  for g in rep.run.acc.groups():
+    v = np.array([_as_float(r.get("outside_mesh_share")) for r, m in zip(rep.run.ok, rep.members(g)) if m])
+    v = v[np.isfinite(v)]
+    per_group.append(
+      [g, int(v.size), float(v.mean()) if v.size else float("nan"), float(np.median(v)) if v.size else float("nan")]
+    )
+  return (
+    "<p>The share of each image's saliency that fell on the crop outside the fitted mesh (hair, background): "
+    "it is not in the CIS, so a large share means the canonical maps miss part of what the model used.</p>"
+    + _table(list(summary), [list(summary.values())])
+    + _histogram_svg(values)
+    + _table(["group", "images", "mean", "median"], per_group)
+  )
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _settings_section(rep: _Report) -> str:
+  run, opt = rep.run, rep.options
+  report_settings = {
+    "cms checkpoint sha256": _sha256(run.folder / "cms.npz"),
+    "texture size": run.acc.texture_size,
+    "normalisation": run.acc.settings.normalisation,
+    "3DMM": f"{run.model3d.name} ({run.morphable_spec})",
+    "min_count": rep.min_count,
+    "bootstrap resamples": opt.num_bootstrap,
+    "permutations": opt.num_permutations,
+    "seed": opt.seed,
+    "confidence": opt.confidence,
+    "alpha": opt.alpha,
+    "per-image textures saved": run.textures_saved,
+  }
+  out = ["<h3>This report</h3>", _table(["setting", "value"], [[k, _fmt(v)] for k, v in report_settings.items()])]
+  rep.numbers["report_settings"] = report_settings
+  summary = run.summary
+  if summary is None:
+    return "".join(out) + '<p class="missing">The run folder has no summary.json: the run\'s settings are unknown.</p>'
+  counts = [
+    [k, summary.get(k)]
+    for k in ("images_listed", "images_seen", "images_accumulated", "images_skipped", "texture_size")
+  ]
+  counts += [[f"group {g}", n] for g, n in (summary.get("groups") or {}).items()]
+  out += ["<h3>The run</h3>", _table(["", "value"], counts)]
+  skipped = summary.get("skipped") or []
+  if skipped:
+    rows = [[str(s.get("index")), str(s.get("name")), str(s.get("reason"))] for s in skipped[:50]]
+    out += [f"<h3>Skipped inputs ({len(skipped)})</h3>", _table(["index", "name", "reason"], rows)]
+    if len(skipped) > 50:
+      out.append(f"<p>… and {len(skipped) - 50} more (all in summary.json).</p>")
+  timings = summary.get("stage_seconds_this_run") or {}
+  if timings:
+    out += [
+      "<h3>Seconds per stage (last run)</h3>",
+      _table(["stage", "seconds"], [[k, float(v)] for k, v in timings.items()]),
+    ]
+  repro = summary.get("reproducibility") or {}
+  hashes = repro.get("asset_sha256") or {}
+  if hashes:
+    out += ["<h3>Asset hashes (sha256)</h3>", _table(["asset", "sha256"], [[k, str(v)] for k, v in hashes.items()])]
+  versions = repro.get("versions") or {}
+  facts = {"face model": repro.get("face_model"), "3DMM": repro.get("morphable_model"), **versions}
+  out += ["<h3>Versions</h3>", _table(["", "value"], [[k, str(v)] for k, v in facts.items() if v is not None])]
+  config = repro.get("config")
+  if config is not None:
+    text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    out += ["<h3>Configuration</h3>", f"<pre>{_e(text)}</pre>"]
+  return "".join(out)
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+
+def _csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> bytes:
+  buffer = stdio.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: (repr(float(v)) if isinstance(v, float | np.floating) else v) for k, v in row.items()})
+  return buffer.getvalue().encode("utf-8")
+
+
+def write_report(
+  cms_dir: str | pathlib.Path,
+  out_dir: str | pathlib.Path,
+  *,
+  metrics: str | pathlib.Path | Mapping[str, Any] | None = None,
+  morphable_model: str | None = None,
+  options: ReportOptions | None = None,
+) -> pathlib.Path:
+  """Writes the HTML report of a CMS run and the files beside it (see the module docstring).
+
+  Args:
+    cms_dir: the run folder of `scripts/cms.py` / `pipeline.run_cms` (cms.npz, summary.json, textures/).
+    out_dir: the report's folder (created; files of an earlier report there are overwritten).
+    metrics: a metrics table of `scripts/evaluate.py` (its folder, metrics.json or metrics.csv, or the dict).
+    morphable_model: "default" or a Surrey Face Model folder (default: the run's `config.morphable_model`).
+    options: what to compute (`ReportOptions`).
+
+  Returns:
+    The path of `index.html`.
+
+  Raises:
+    FileNotFoundError: no cms.npz (or metrics table) where given, or the 3DMM is missing.
+    io.FormatError: a corrupt checkpoint.
+    ValueError: the 3DMM is not the one the CMS was made with.
+  """
+  options = options or ReportOptions()
+  run = _load_run(cms_dir, morphable_model)
+  table = load_metrics(metrics) if isinstance(metrics, str | pathlib.Path) else metrics
+  out = pathlib.Path(out_dir)
+  (out / "images").mkdir(parents=True, exist_ok=True)
+  (out / "meshes").mkdir(parents=True, exist_ok=True)
+  min_count = options.min_count or int((_run_config(run.summary).get("cms") or {}).get("min_count") or 1)
+  regions = stats.region_labels(run.model3d, run.acc.texture_size)
+  rep = _Report(run, options, _Files(out), min_count, regions)
+  pairs = comparisons(run.acc.groups())
+  sections = [
+    ("cms", "CMS per group, with coverage", _cms_section(rep)),
+    ("differences", "Difference maps", _difference_section(rep, pairs)),
+    ("regions", "Regions", _region_section(rep)),
+    ("tests", "Region permutation tests", _tests_section(rep, pairs)),
+    ("clusters", "Texel cluster test", _cluster_section(rep, pairs)),
+    ("metrics", "Faithfulness against rivals and controls", _metrics_section(rep, table)),
+    ("examples", "Example CIS per group", _examples_section(rep)),
+    ("off-mesh", "Saliency off the mesh", _off_mesh_section(rep)),
+    ("settings", "Settings and hashes", _settings_section(rep)),
+  ]
+  io.write_atomic(out / "regions.csv", _csv(rep.region_rows, REGION_COLUMNS))
+  io.write_atomic(out / "tests.csv", _csv(rep.test_rows, _TEST_COLUMNS))
+  rep.numbers.update(regions=rep.region_rows, tests=rep.test_rows, pairs=[list(p) for p in pairs])
+  io.save_json(out / "report.json", {"format": "canonsal_jax.report", "version": 1, **rep.numbers})
+  summary = run.summary or {}
+  model = ((summary.get("reproducibility") or {}).get("face_model")) or "unknown model"
+  lead = (
+    f"Run {run.folder.name}: {run.acc.num_images()} image(s) accumulated, "
+    f"{sum(r['status'] != 'ok' for r in run.acc.records())} skipped; groups {', '.join(run.acc.groups()) or 'none'}; "
+    f"3DMM {run.model3d.name}; face model {model}. Files beside this page: regions.csv, tests.csv, report.json, "
+    "images/, meshes/."
+  )
+  nav = " · ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title, _ in sections)
+  body = "".join(f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>' for sid, title, content in sections)
+  page = (
+    '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Canonical saliency report</title>'
+    f"<style>{_STYLE}</style></head><body><h1>Canonical saliency report</h1><p>{_e(lead)}</p>"
+    f"<nav>{nav}</nav>{body}</body></html>\n"
+  )
+  io.write_atomic(out / "index.html", page.encode("utf-8"))
+  return out / "index.html"
