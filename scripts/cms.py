@@ -10,24 +10,17 @@ python scripts/cms.py --out_dir=out --num_processes=2 --process_id=0 --coordinat
 python scripts/cms.py --out_dir=out --num_processes=2 --process_id=1 --coordinator=127.0.0.1:12345
 """
 
-import pathlib
-import sys
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"),
-  "Configuration file.",
-  lock_config=True,
-)
+from canonsal_jax import cli
+
+_CONFIG = cli.define_config()
+_OVERRIDES = cli.define_overrides()
 _IMAGES = flags.DEFINE_string(
   "images", None, 'Folder, .txt list, glob, or "builtin:lfw" / "builtin:photos" (overrides config.cms.dataset).'
 )
-_MODEL = flags.DEFINE_string("model", None, "Face model to explain (overrides config.model).")
-_MORPHABLE = flags.DEFINE_string("morphable_model", None, '"default" or a Surrey Face Model folder.')
 _OUT_DIR = flags.DEFINE_string("out_dir", "outputs", "Folder for the outputs and the checkpoint.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a jax.distributed job (1: no job).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in the job, 0 .. num_processes - 1.")
@@ -35,11 +28,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0'
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
   import jax
 
-  from canonsal_jax import io, pipeline
+  from canonsal_jax import pipeline
 
   if _NUM_PROCESSES.value > 1:
     if not _COORDINATOR.value:
@@ -49,14 +41,9 @@ def main(argv):
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
     )
-  config = _CONFIG.value
-  if _MODEL.value is not None:
-    config.model = _MODEL.value
-  if _MORPHABLE.value is not None:
-    config.morphable_model = _MORPHABLE.value
+  config = cli.resolve(_CONFIG, _OVERRIDES)
   if _IMAGES.value is not None:
     config.cms.dataset = _IMAGES.value
-  logging.info("config:\n%s", config)
   logging.info("process %d of %d; local devices: %s", jax.process_index(), jax.process_count(), jax.local_devices())
   start = time.perf_counter()
 
@@ -65,13 +52,13 @@ def main(argv):
     logging.info("%d/%d images (%.2f img/s, ETA %.0f s): %s", done, total, rate, (total - done) / rate, name)
 
   try:
-    acc = pipeline.run_cms(config, _OUT_DIR.value, progress=progress)
-  except (ValueError, FileNotFoundError, io.ImageError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    with cli.user_errors() as failed:
+      acc = pipeline.run_cms(config, _OUT_DIR.value, progress=progress)
   finally:
     if _NUM_PROCESSES.value > 1:
       jax.distributed.shutdown()
+  if failed:
+    return 1
   skipped = [r for r in acc.records() if r["status"] != "ok"]
   print(
     f"CMS of {acc.num_images('all') if 'all' in acc.groups() else 0} images ({len(skipped)} skipped), "
