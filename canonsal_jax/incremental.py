@@ -64,6 +64,7 @@ __all__ = [
   "max_pool_valid",
   "occluded_outputs",
   "plan",
+  "resolve",
   "window_range",
   "with_graph",
 ]
@@ -258,20 +259,21 @@ def with_graph(apply_fn: Callable[[Any, jax.Array], jax.Array], graph: LayerGrap
   return WithGraph(apply_fn, graph)
 
 
-def _resolve(bound: Any, path: tuple[str | int, ...]) -> Any:
-  for part in path:
-    bound = bound[part] if isinstance(part, int) else getattr(bound, part)
+def resolve(bound: Any, path: str) -> Any:
+  """`bound.<path>`: `path` is dotted, integer parts index (``"blocks.0.conv1"``); "" is `bound` itself."""
+  for part in path.split("."):
+    if part:
+      bound = bound[int(part)] if part.isdigit() else getattr(bound, part)
   return bound
 
 
-def _call_path(path: tuple[str | int, ...], method: str, bound: Any, x: jax.Array) -> jax.Array:
-  return getattr(_resolve(bound, path), method)(x)
+def _call_path(path: str, method: str, bound: Any, x: jax.Array) -> jax.Array:
+  return getattr(resolve(bound, path), method)(x)
 
 
 def call(path: str, method: str = "__call__") -> NodeFn:
-  """A node fn calling `bound.<path>.<method>(x)`; `path` is dotted, integer parts index (``"blocks.0.conv1"``)."""
-  parts = tuple(int(p) if p.isdigit() else p for p in path.split(".") if p)
-  return functools.partial(_call_path, parts, method)
+  """A node fn calling `bound.<path>.<method>(x)` (see `resolve`)."""
+  return functools.partial(_call_path, path, method)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -585,12 +587,14 @@ def _lookup(table: np.ndarray, idx: jax.Array) -> jax.Array:
 
 def _slices(x: jax.Array, rows: jax.Array, cols: jax.Array, size: tuple[int, int, int]) -> jax.Array:
   """`[b, *size]` windows of one `x[H, W, C]` at per-patch starts `rows[b]`, `cols[b]`."""
-  return jax.vmap(lambda r, c: lax.dynamic_slice(x, (r, c, 0), size))(rows, cols)
+  return jax.vmap(lambda r, c: lax.dynamic_slice(x, (r, c, jnp.zeros_like(r)), size))(rows, cols)
 
 
 def _paste(slabs: jax.Array, windows: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
   """`slabs[b, ...]` with `windows[b, h, w, C]` written at per-patch offsets `rows[b]`, `cols[b]`."""
-  return jax.vmap(lambda s, w, r, c: lax.dynamic_update_slice(s, w, (r, c, 0)))(slabs, windows, rows, cols)
+  return jax.vmap(lambda s, w, r, c: lax.dynamic_update_slice(s, w, (r, c, jnp.zeros_like(r))))(
+    slabs, windows, rows, cols
+  )
 
 
 def occluded_outputs(
@@ -618,6 +622,7 @@ def occluded_outputs(
   """
   height, width = the_plan.input_size
   half = the_plan.half
+  centres_rc = centres_rc.astype(jnp.int32)
   idx = (
     jnp.clip(centres_rc[:, 0], -half, height - 1 + half) + half,
     jnp.clip(centres_rc[:, 1], -half, width - 1 + half) + half,
@@ -668,7 +673,8 @@ def occluded_outputs(
             terms.append(_paste(_slices(cache[i][k], r_out, c_out, size), x, r - r_out, c - c_out))
           else:
             x = _pad_map(x, [(0, p.axes[0].size - x.shape[1]), (0, p.axes[1].size - x.shape[2])], 0.0)
-            terms.append(jax.vmap(lambda x, r, c, size=size: lax.dynamic_slice(x, (r, c, 0), size))(x, r_out, c_out))
+            slice_one = lambda x, r, c, size=size: lax.dynamic_slice(x, (r, c, jnp.zeros_like(r)), size)
+            terms.append(jax.vmap(slice_one)(x, r_out, c_out))
         if op.pad_to_larger:
           channels = max(t.shape[-1] for t in terms)
           terms = [_pad_map(t, ((0, 0), (0, 0)), 0.0, channels) for t in terms]

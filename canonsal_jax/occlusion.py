@@ -35,8 +35,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import PartitionSpec as P
 
+from canonsal_jax import incremental
 from canonsal_jax.models.base import SCORE_KINDS
 
 __all__ = [
@@ -302,6 +304,37 @@ def _check_baseline(baseline: Any) -> float | str | tuple[float, ...]:
   raise ValueError(f"baseline {baseline!r} is not a number, a per-channel tuple or one of {BASELINES}")
 
 
+METHODS = ("auto", "full", "incremental")
+_FALLBACK_LOGGED: set[str] = set()
+
+
+def _sweep_graph(
+  apply_fn: Callable, method: str, graph: incremental.LayerGraph | None, approx_threshold: float | None
+) -> incremental.LayerGraph | None:
+  """The layer graph `make_sweep` runs incrementally, or None for the full-forward sweep."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if graph is None:
+    graph = getattr(apply_fn, "layer_graph", None)
+  if graph is not None and not isinstance(graph, incremental.LayerGraph):
+    raise ValueError(f"graph must be a canonsal_jax.incremental.LayerGraph, got {graph!r}")
+  if approx_threshold is not None:
+    if not 0.0 < approx_threshold <= 1.0:
+      raise ValueError(f"approx_threshold must be in (0, 1], got {approx_threshold}")
+    if method == "full":
+      raise ValueError("approx_threshold applies to the incremental sweep, not method='full'")
+  if method == "full":
+    return None
+  if graph is None:
+    if method == "incremental" or approx_threshold is not None:
+      raise ValueError("the incremental sweep needs a layer graph: pass graph= or an apply_fn with .layer_graph")
+    name = getattr(apply_fn, "__name__", type(apply_fn).__name__)
+    if name not in _FALLBACK_LOGGED:
+      _FALLBACK_LOGGED.add(name)
+      logging.info("occlusion: %s has no layer graph; the sweep runs the full model per patch", name)
+  return graph
+
+
 def make_sweep(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
   *,
@@ -312,6 +345,9 @@ def make_sweep(
   reduce: str = "mean",
   blur_sigma: float | None = None,
   devices: Sequence[jax.Device] | None = None,
+  method: str = "auto",
+  graph: incremental.LayerGraph | None = None,
+  approx_threshold: float | None = None,
 ) -> Callable[..., SweepResult]:
   """Builds the jitted occlusion sweep for one model and one set of static settings.
 
@@ -325,6 +361,14 @@ def make_sweep(
     reduce: "mean" (average drop of the covering patches) or "sum".
     blur_sigma: the Gaussian's sigma in pixels for the "blur" baseline; defaults to `patch_size / 2`.
     devices: devices to split the patch axis over; default all local devices.
+    method: "full" runs the whole model on every occluded image; "incremental" recomputes only the window of
+      each layer that the patch can change, from the unoccluded image's activations computed once
+      (`canonsal_jax.incremental`; needs a layer graph); "auto" is incremental where a graph is known and full
+      otherwise (logged once).
+    graph: the model's `incremental.LayerGraph`; default `apply_fn.layer_graph` where `apply_fn` carries one
+      (the ported face models' `apply_fn` do, see `incremental.with_graph`).
+    approx_threshold: incremental only: the projective-field threshold tau in (0, 1] of the approximate mode
+      (no changed window grows beyond `ceil(tau * side)` of its map); None is exact.
 
   Returns:
     ``sweep(params, image[H, W, C], centres_rc[N, 2] int32, valid[N] bool, target=None) -> SweepResult``,
@@ -350,6 +394,7 @@ def make_sweep(
   mesh = jax.sharding.Mesh(np.asarray(devices), (_AXIS,)) if len(devices) > 1 else None
   half = patch_size // 2
   batch_size = int(batch_size)
+  graph = _sweep_graph(apply_fn, method, graph, approx_threshold)
 
   def indicators(centres_rc: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
     """Row `[N, H]` and column `[N, W]` coverage of each patch (bool)."""
@@ -369,11 +414,37 @@ def make_sweep(
     chunks = centres_rc.reshape(-1, batch_size, 2)
     return jax.lax.map(chunk, chunks).reshape(-1)
 
+  def incremental_scores(params, image, base, centres_rc, target, cache):
+    """As `occluded_scores`, each chunk recomputing only the windows its patches change (`incremental`)."""
+    bound = graph.bind(params)
+    the_plan = plans[tuple(image.shape)]  # made by `incremental_plan` when the cache was
+
+    def chunk(chunk_centres):  # [batch_size, 2] -> [batch_size]
+      outputs = incremental.occluded_outputs(graph, the_plan, bound, cache, image, base, chunk_centres)
+      return score(outputs, target)
+
+    return jax.lax.map(chunk, centres_rc.reshape(-1, batch_size, 2)).reshape(-1)
+
+  plans: dict[tuple, incremental.Plan] = {}
+
+  def incremental_plan(image_shape, shapes) -> incremental.Plan:
+    """The static windows for this input shape (computed once per shape, at trace time)."""
+    key = tuple(image_shape)
+    if key not in plans:
+      plans[key] = incremental.plan(graph, shapes, patch_size=patch_size, approx_threshold=approx_threshold)
+    return plans[key]
+
   if mesh is not None:
     occluded_scores = jax.shard_map(
       occluded_scores,
       mesh=mesh,
       in_specs=(P(), P(), P(), P(_AXIS), P()),
+      out_specs=P(_AXIS),
+    )
+    incremental_scores = jax.shard_map(
+      incremental_scores,
+      mesh=mesh,
+      in_specs=(P(), P(), P(), P(_AXIS), P(), P()),
       out_specs=P(_AXIS),
     )
 
@@ -395,14 +466,23 @@ def make_sweep(
     centres_p = jnp.pad(centres_rc.astype(jnp.int32), ((0, padded - n), (0, 0)))
     valid_p = jnp.pad(valid, (0, padded - n))
 
-    outputs = apply_fn(params, image[None])
+    if graph is None:
+      outputs = apply_fn(params, image[None])
+    else:  # the unoccluded activations, computed once; the drops then come from one arithmetic
+      acts = graph.activations(params, image[None])
+      outputs = acts[-1]
     if outputs.ndim != 2:
       raise ValueError(f"apply_fn must return [B, K], got shape {outputs.shape}")
     target = score.default_target(outputs[0]) if target is None else jnp.asarray(target)
     score.check_target(target, outputs.shape[-1])
     original = score(outputs, target)[0]
     base = _baseline_image(image, baseline, blur_sigma)
-    occluded = occluded_scores(params, image, base, centres_p, target)
+    if graph is None:
+      occluded = occluded_scores(params, image, base, centres_p, target)
+    else:
+      the_plan = incremental_plan(image.shape, [a.shape[1:] for a in acts])
+      cache = incremental.make_cache(graph, the_plan, acts)
+      occluded = incremental_scores(params, image, base, centres_p, target, cache)
 
     finite = jnp.isfinite(occluded)
     drops = jnp.where(valid_p & finite, original - occluded, 0.0)

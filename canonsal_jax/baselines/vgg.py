@@ -8,10 +8,8 @@ Weights are He-normal so activations keep their scale through the depth; biases 
 the parity tests exercise them. Inference only: no dropout.
 
 Example:
-  >>> import numpy as np
-from flax import nnx
-
-from canonsal_jax.models.base import CropSpec, FaceModel
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
   >>> net = VGG16(num_classes=10, widths=(4, 4, 4, 4, 4), hidden=8, rngs=nnx.Rngs(0))
   >>> net(jnp.zeros((1, 224, 224, 3))).shape
   (1, 10)
@@ -26,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from canonsal_jax import incremental
 from canonsal_jax.models.base import CropSpec, FaceModel
 
-__all__ = ["HIDDEN", "INPUT_SIZE", "STAGES", "VGG16", "WIDTHS", "apply", "load_vgg16", "make_vgg16"]
+__all__ = ["HIDDEN", "INPUT_SIZE", "STAGES", "VGG16", "WIDTHS", "apply", "layer_graph", "load_vgg16", "make_vgg16"]
 
 INPUT_SIZE = 224  # VGG-16's (and VGG-Face's) input side
 # Convs per stage and their widths, VGG configuration "D".
@@ -80,10 +79,51 @@ class VGG16(nnx.Module):
     x = jax.nn.relu(self.fc2(x))
     return self.fc3(x)
 
+  @staticmethod
+  def layer_graph() -> incremental.LayerGraph:
+    """This network as a `LayerGraph` for incremental occlusion (node fns take the merged module); its
+    geometry depends on `STAGES` only, not on widths or weights."""
+    g = incremental.GraphBuilder()
+    x, i = g.input, 0
+    for n in STAGES:
+      for _ in range(n):
+        x = g.spatial(x, functools.partial(_conv_relu, i), kernel=3, padding=1, name=f"convs.{i}")
+        i += 1
+      x = g.spatial(x, _max_pool, kernel=2, stride=2, pad_value=-np.inf, name="max_pool")
+    g.full(x, _head, name="head")
+    return g.build()
+
+
+def _conv_relu(i: int, net: VGG16, x_padded: jax.Array) -> jax.Array:
+  """`relu(convs[i](x))` on an input already padded by 1 pixel (graph node fn)."""
+  conv = net.convs[i]
+  return jax.nn.relu(incremental.conv_valid(x_padded, conv.kernel[...], conv.bias[...]))
+
+
+def _max_pool(net: VGG16, x: jax.Array) -> jax.Array:
+  """The 2x2 max pool as a max of strided views: the same values as `__call__`'s `reduce_window` (a max is
+  exact), but XLA:CPU runs a `reduce_window` feeding the dense head about 10x slower."""
+  del net
+  return incremental.max_pool_valid(x, 2, 2)
+
+
+def _head(net: VGG16, x: jax.Array) -> jax.Array:
+  """The dense layers on the last pooled map `[B, 7, 7, C]` -> logits `[B, num_classes]`."""
+  x = x.reshape(x.shape[0], -1)
+  x = jax.nn.relu(net.fc1(x))
+  x = jax.nn.relu(net.fc2(x))
+  return net.fc3(x)
+
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike) -> jax.Array:
   """`x[B, 224, 224, C]` -> logits `[B, num_classes]` with the weights `params` (pure; jit it)."""
   return nnx.merge(graphdef, params)(jnp.asarray(x, jnp.float32))
+
+
+def layer_graph(graphdef: nnx.GraphDef) -> incremental.LayerGraph:
+  """The `LayerGraph` of a split VGG16 (its fns take the module that `nnx.merge(graphdef, params)` gives)."""
+  graph = VGG16.layer_graph()
+  return incremental.LayerGraph(graph.nodes, functools.partial(nnx.merge, graphdef))
 
 
 def make_vgg16(seed: int = 0, **kwargs) -> tuple[nnx.GraphDef, nnx.State]:
@@ -111,7 +151,7 @@ def load_vgg16(seed: int = 0, *, num_classes: int = 1000) -> FaceModel:
     name="vgg16",
     labels=tuple(str(k) for k in range(num_classes)),
     input_shape=(INPUT_SIZE, INPUT_SIZE, 3),
-    apply_fn=functools.partial(apply, graphdef),
+    apply_fn=incremental.with_graph(functools.partial(apply, graphdef), layer_graph(graphdef)),
     params=params,
     preprocess_fn=_preprocess,
     crop=CropSpec("box", INPUT_SIZE, 0.0),

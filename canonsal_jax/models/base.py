@@ -106,6 +106,12 @@ class FaceModel:
   def num_outputs(self) -> int:
     return len(self.labels)
 
+  @property
+  def layer_graph(self) -> Any:
+    """The model's `canonsal_jax.incremental.LayerGraph` where its `apply_fn` carries one (the ported models'
+    do; `occlusion.make_sweep` then runs incremental occlusion), else None."""
+    return getattr(self.apply_fn, "layer_graph", None)
+
   def apply(self, params: Any, x: jax.typing.ArrayLike) -> jax.Array:
     """Pure forward pass: `x[B, H, W, C]` -> `[B, num_outputs]`."""
     return self.apply_fn(params, x)

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from canonsal_jax import assets
+from canonsal_jax import assets, incremental
 from canonsal_jax import io as cs_io
 from canonsal_jax.models import layers
 from canonsal_jax.models.base import CropSpec, FaceModel
@@ -160,6 +160,18 @@ class GenderNet(nnx.Module):
     x = jax.nn.relu(self.affine3(self.conv3(x)))
     return jax.nn.relu(self.affine4(self.conv4(x)))
 
+  def layer_graph(self) -> incremental.LayerGraph:
+    """This network as a `LayerGraph` for incremental occlusion (node fns take the merged module)."""
+    g = incremental.GraphBuilder()
+    x = g.input
+    for i in (1, 2, 3, 4):
+      x = layers.conv_graph(g, x, f"conv{i}", getattr(self, f"conv{i}"))
+      x = g.pointwise(x, layers.affine_relu_fn(f"affine{i}"), name=f"affine{i}")
+      if i == 2:
+        x = g.spatial(x, layers.avg_pool_2x2_fn, kernel=2, stride=2, name="avg_pool")
+    g.full(x, incremental.call("", "head"), name="head")
+    return g.build()
+
   def head(self, features: jax.Array) -> jax.Array:
     """`features[B, 16, 16, 64]` -> logits `[B, 2]`."""
     x = layers.avg_pool_2x2(features)  # [B, 8, 8, 64]
@@ -193,6 +205,15 @@ class AgeNet(nnx.Module):
     x = self.block3(x)
     x = self.block4(x)  # [B, 3, 3, 256]
     return self.block5(x)
+
+  def layer_graph(self) -> incremental.LayerGraph:
+    """This network as a `LayerGraph` for incremental occlusion (node fns take the merged module)."""
+    g = incremental.GraphBuilder()
+    x = layers.stem_graph(g, g.input, self, "stem_conv", "stem_affine")
+    for i in range(1, 6):
+      x = layers.residual_graph(g, x, self, f"block{i}")
+    g.full(x, incremental.call("", "head"), name="head")
+    return g.build()
 
   def head(self, features: jax.Array) -> jax.Array:
     """`features[B, 3, 3, 256]` -> logits `[B, 81]` (global average pool, fc)."""
@@ -331,12 +352,17 @@ def _build(
   if (channels, width, entry["input"]["color_order"]) != (3, size, "RGB"):
     raise ValueError(f"{asset.name}: unexpected input {entry['input']}")
   norm = entry["input"]["normalization"]
-  graphdef, params = nnx.split(module_cls(load_weights(asset.name)))
+  module = module_cls(load_weights(asset.name))
+  graph = module.layer_graph()
+  graphdef, params = nnx.split(module)
   return FaceModel(
     name=task,
     labels=labels,
     input_shape=(size, size, 3),
-    apply_fn=functools.partial(layers.apply, graphdef),
+    apply_fn=incremental.with_graph(
+      functools.partial(layers.apply, graphdef),
+      incremental.LayerGraph(graph.nodes, functools.partial(nnx.merge, graphdef)),
+    ),
     params=params,
     preprocess_fn=functools.partial(
       _preprocess, size=size, means=np.asarray(norm["means"], np.float32), scale=np.float32(norm["scale"])

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from canonsal_jax import assets
+from canonsal_jax import assets, incremental
 from canonsal_jax import io as cs_io
 from canonsal_jax.models import layers
 from canonsal_jax.models.base import CropSpec, FaceModel
@@ -497,6 +497,15 @@ class FaceDescriptorNet(nnx.Module):
       x = block(x)  # ... [B, 17, 17, 64], [B, 8, 8, 128], [B, 4, 4, 256], [B, 2, 2, 256]
     return x
 
+  def layer_graph(self) -> incremental.LayerGraph:
+    """This network as a `LayerGraph` for incremental occlusion (node fns take the merged module)."""
+    g = incremental.GraphBuilder()
+    x = layers.stem_graph(g, g.input, self, "stem_conv", "stem_affine")
+    for b in range(len(self.blocks)):
+      x = layers.residual_graph(g, x, self, f"blocks.{b}")
+    g.full(x, incremental.call("", "head"), name="head")
+    return g.build()
+
   def head(self, features: jax.Array) -> jax.Array:
     """`features[B, 2, 2, 256]` -> descriptors `[B, 128]` (global average pool, fc)."""
     return jnp.mean(features, axis=(1, 2)) @ self.fc[...]
@@ -524,12 +533,17 @@ def load_identity() -> FaceModel:
   """
   weights = load_weights()
   asset = assets.ASSETS[ASSET]
-  graphdef, params = nnx.split(FaceDescriptorNet(weights))
+  module = FaceDescriptorNet(weights)
+  graph = module.layer_graph()
+  graphdef, params = nnx.split(module)
   return FaceModel(
     name="identity",
     labels=tuple(f"emb{i}" for i in range(EMBEDDING_DIM)),
     input_shape=(CHIP_SIZE, CHIP_SIZE, 3),
-    apply_fn=functools.partial(layers.apply, graphdef),
+    apply_fn=incremental.with_graph(
+      functools.partial(layers.apply, graphdef),
+      incremental.LayerGraph(graph.nodes, functools.partial(nnx.merge, graphdef)),
+    ),
     params=params,
     preprocess_fn=functools.partial(_preprocess, means=weights["input/means"]),
     crop=CropSpec("dlib_chip", CHIP_SIZE, CHIP_PADDING, landmarks=5),

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from canonsal_jax import assets
+from canonsal_jax import assets, incremental
 from canonsal_jax import io as cs_io
 from canonsal_jax.models.base import CropSpec, FaceModel
 
@@ -148,6 +148,51 @@ def depthwise_conv_grouped(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike
 
 
 _DEPTHWISE_FNS = {"shifts": depthwise_conv_shifts, "grouped": depthwise_conv_grouped}
+
+
+def depthwise_conv_shifts_valid(x_padded: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`depthwise_conv_shifts` on an input already padded (no padding of its own; the same sums in the same
+  order): `[B, H + kh - 1, W + kw - 1, C]` -> `[B, H, W, C]`."""
+  kh, kw, _, _ = kernel.shape
+  h, w = x_padded.shape[1] - kh + 1, x_padded.shape[2] - kw + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = x_padded[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+# Layer-graph node fns (`canonsal_jax.incremental`): each takes the merged `MiniXception` and a window.
+
+
+def _conv_bn_valid(path: str, stride: int, relu: bool, net: nnx.Module, x_padded: jax.Array) -> jax.Array:
+  """`ConvBN` at `path` (then a ReLU if `relu`) on an already padded input."""
+  module = incremental.resolve(net, path)
+  y = module.bn(incremental.conv_valid(x_padded, module.conv.kernel[...], stride=stride))
+  return jax.nn.relu(y) if relu else y
+
+
+def _depthwise_valid(path: str, net: nnx.Module, x_padded: jax.Array) -> jax.Array:
+  """The depthwise half of the `SeparableConvBN` at `path`, on an already padded input."""
+  depthwise = incremental.resolve(net, path).depthwise
+  kernel = depthwise.kernel[...]
+  if depthwise.impl == "shifts":
+    return depthwise_conv_shifts_valid(x_padded, kernel)
+  return incremental.conv_valid(x_padded, kernel, groups=x_padded.shape[-1])
+
+
+def _pointwise_bn(path: str, relu: bool, net: nnx.Module, x: jax.Array) -> jax.Array:
+  """The 1x1 half and the batch norm of the `SeparableConvBN` at `path` (then a ReLU if `relu`)."""
+  module = incremental.resolve(net, path)
+  y = module.bn(module.pointwise(x))
+  return jax.nn.relu(y) if relu else y
+
+
+def _max_pool_same(net: nnx.Module, x_padded: jax.Array) -> jax.Array:
+  """The modules' 3x3 stride-2 max pool on a `-inf`-padded input (a max of strided views, exact)."""
+  del net
+  return incremental.max_pool_valid(x_padded, 3, 2)
 
 
 class DepthwiseConv(nnx.Module):
@@ -254,6 +299,25 @@ class MiniXception(nnx.Module):
     for block in self.blocks:
       x = block(x)
     return x
+
+  def layer_graph(self) -> incremental.LayerGraph:
+    """This network as a `LayerGraph` for incremental occlusion (node fns take the merged module)."""
+    g = incremental.GraphBuilder()
+    x = g.input
+    for stem in ("stem1", "stem2"):
+      x = g.spatial(x, functools.partial(_conv_bn_valid, stem, 1, True), kernel=3, name=stem)
+    for i in range(len(self.blocks)):
+      p = f"blocks.{i}"
+      y = g.spatial(x, functools.partial(_depthwise_valid, f"{p}.sep1"), kernel=3, padding=1, name=f"{p}.sep1")
+      y = g.pointwise(y, functools.partial(_pointwise_bn, f"{p}.sep1", True), name=f"{p}.sep1.pointwise")
+      y = g.spatial(y, functools.partial(_depthwise_valid, f"{p}.sep2"), kernel=3, padding=1, name=f"{p}.sep2")
+      y = g.pointwise(y, functools.partial(_pointwise_bn, f"{p}.sep2", False), name=f"{p}.sep2.pointwise")
+      y = g.spatial(y, _max_pool_same, kernel=3, stride=2, padding="SAME", pad_value=-np.inf, name=f"{p}.pool")
+      shortcut = functools.partial(_conv_bn_valid, f"{p}.shortcut", 2, False)
+      s = g.spatial(x, shortcut, kernel=1, stride=2, padding="SAME", name=f"{p}.shortcut")
+      x = g.add(y, s, name=f"{p}.add")
+    g.full(x, incremental.call("", "classify"), name="classify")
+    return g.build()
 
   def classify(self, features: jax.Array) -> jax.Array:
     """`features[B, 4, 4, 128]` -> logits `[B, num_classes]` (conv 3x3 to the classes, global average pool)."""
@@ -535,12 +599,15 @@ def load_expression(*, depthwise: str = "shifts") -> FaceModel:
     A `FaceModel` whose `apply_fn(params, x[B, 64, 64, 1])` gives the 7 logits before fer's softmax.
   """
   graphdef, state = load_params(depthwise=depthwise)
+  graph = nnx.merge(graphdef, state).layer_graph()
   asset = assets.ASSETS[_ASSET]
   return FaceModel(
     name="expression",
     labels=LABELS,
     input_shape=(INPUT_SIZE, INPUT_SIZE, 1),
-    apply_fn=functools.partial(_apply, graphdef),
+    apply_fn=incremental.with_graph(
+      functools.partial(_apply, graphdef), incremental.LayerGraph(graph.nodes, functools.partial(nnx.merge, graphdef))
+    ),
     params=state,
     preprocess_fn=preprocess,
     crop=CropSpec("box", INPUT_SIZE, CROP_PADDING, landmarks=5),

@@ -11,7 +11,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["Affine", "Conv", "add_padded", "apply", "avg_pool_2x2", "features", "head", "max_pool_3x3_s2"]
+from canonsal_jax import incremental
+
+__all__ = [
+  "Affine",
+  "Conv",
+  "add_padded",
+  "affine_relu_fn",
+  "apply",
+  "avg_pool_2x2",
+  "avg_pool_2x2_fn",
+  "conv_graph",
+  "features",
+  "head",
+  "max_pool_3x3_s2",
+  "residual_graph",
+  "stem_graph",
+]
 
 
 class Conv(nnx.Module):
@@ -33,6 +49,11 @@ class Conv(nnx.Module):
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     return y + self.bias[...]
+
+  def valid(self, x_padded: jax.Array) -> jax.Array:
+    """The same convolution on an input already padded by `padding` (no padding of its own; for
+    `canonsal_jax.incremental`): `[B, H + 2p, W + 2p, C_in]` -> `[B, H', W', C_out]`."""
+    return incremental.conv_valid(x_padded, self.kernel[...], self.bias[...], stride=self.stride)
 
 
 class Affine(nnx.Module):
@@ -103,3 +124,57 @@ def features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.typing.ArrayLike)
 def head(graphdef: nnx.GraphDef, params: nnx.State, feature_map: jax.typing.ArrayLike) -> jax.Array:
   """The module's outputs from its feature map (its `head` method)."""
   return nnx.merge(graphdef, params).head(jnp.asarray(feature_map, jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer graphs (`canonsal_jax.incremental`) of the dlib ports, in terms of the modules above.
+
+
+def _affine_relu(path: str, bound: nnx.Module, x: jax.Array) -> jax.Array:
+  return jax.nn.relu(incremental.call(path)(bound, x))
+
+
+def _max_pool(bound: nnx.Module, x: jax.Array) -> jax.Array:
+  del bound
+  return max_pool_3x3_s2(x)
+
+
+def avg_pool_2x2_fn(bound: nnx.Module, x: jax.Array) -> jax.Array:
+  """`avg_pool_2x2` as a graph node fn (it has no weights)."""
+  del bound
+  return avg_pool_2x2(x)
+
+
+def affine_relu_fn(path: str) -> incremental.NodeFn:
+  """A graph node fn: `relu(bound.<path>(x))`, an `Affine` and a ReLU."""
+  return functools.partial(_affine_relu, path)
+
+
+def _relu(bound: nnx.Module, x: jax.Array) -> jax.Array:
+  del bound
+  return jax.nn.relu(x)
+
+
+def conv_graph(g: incremental.GraphBuilder, x: int, path: str, conv: Conv) -> int:
+  """A `Conv` at `path` (in the bound module) as a `Spatial` node reading node `x`."""
+  k = conv.kernel.shape[0]
+  return g.spatial(x, incremental.call(path, "valid"), kernel=k, stride=conv.stride, padding=conv.padding, name=path)
+
+
+def stem_graph(g: incremental.GraphBuilder, x: int, net: nnx.Module, conv: str, affine: str) -> int:
+  """dlib's stem `max_pool<3,3,2,2>(relu(affine(con(x))))` as graph nodes."""
+  x = conv_graph(g, x, conv, incremental.resolve(net, conv))
+  x = g.pointwise(x, affine_relu_fn(affine), name=affine)
+  return g.spatial(x, _max_pool, kernel=3, stride=2, padding=0, name="max_pool")
+
+
+def residual_graph(g: incremental.GraphBuilder, x: int, net: nnx.Module, path: str) -> int:
+  """dlib's `residual` / `residual_down` block at `path` (with conv1, affine1, conv2, affine2, downsample) as
+  graph nodes: `relu(shortcut(x) ⊕ affine2(conv2(relu(affine1(conv1(x))))))`, `⊕` being `add_padded`."""
+  block = incremental.resolve(net, path)
+  y = conv_graph(g, x, f"{path}.conv1", block.conv1)
+  y = g.pointwise(y, affine_relu_fn(f"{path}.affine1"), name=f"{path}.affine1")
+  y = conv_graph(g, y, f"{path}.conv2", block.conv2)
+  y = g.pointwise(y, incremental.call(f"{path}.affine2"), name=f"{path}.affine2")
+  shortcut = g.spatial(x, avg_pool_2x2_fn, kernel=2, stride=2, name=f"{path}.pool") if block.downsample else x
+  return g.pointwise(g.add(shortcut, y, pad_to_larger=True, name=f"{path}.add"), _relu, name=f"{path}.relu")
