@@ -200,6 +200,40 @@ def test_silhouette_follows_the_pose(model):
     fitting.fit(model, np.zeros((1, 68, 2)), image_size=(9, 9), config=config)
 
 
+def test_jaw_area_silhouette_equals_whole_mesh(model):
+  # The fit's match uses the jaw area only, facing from projected winding and no scatter (`_SilhouetteMesh`); the
+  # reference is the whole mesh with 3-D normals and a scatter-add (`_silhouette_vertices`). Same vertices.
+  rng = np.random.default_rng(5)
+  truth = _synthetic(model, rng, 16)
+  ypr = np.deg2rad(np.stack([rng.uniform(-70, 70, 16), rng.uniform(-25, 25, 16), rng.uniform(-25, 25, 16)], 1))
+  alpha = rng.standard_normal((16, model.num_shape)).astype(np.float32)
+  beta = rng.uniform(0, 1, (16, model.num_expression)).astype(np.float32)
+  pose = fitting._Pose(
+    rotation=fitting.rotation_from_yaw_pitch_roll(ypr.astype(np.float32)),
+    log_scale=jnp.full((16,), np.log(0.004), jnp.float32),
+    translation=jnp.zeros((16, 2), jnp.float32),
+  )
+  states = fitting._State(pose=pose, alpha=jnp.asarray(alpha), beta=jnp.asarray(beta), damping=jnp.zeros(16))
+  targets = jnp.asarray((truth["landmarks"] - 249.5) / 250.0)
+  mesh = fitting._silhouette_mesh(model)
+  assert mesh.vertex_ids.shape[0] < model.num_vertices
+  match = jax.vmap(
+    lambda s, t, mesh: fitting._match_contour(model, s, t, fitting.DEFAULT_FIT_CONFIG, mesh), (0, 0, None)
+  )
+  fast, reference = match(states, targets, mesh), match(states, targets, None)
+  np.testing.assert_array_equal(fast, reference)
+  assert (np.asarray(fast)[:, :17] >= 0).all()  # every jaw point matched
+  # Facing from the projected winding equals the rotated 3-D normal's sign, on the whole mesh.
+  for b in range(4):
+    vertices = model.vertices(alpha[b], beta[b])
+    posed = fitting._Pose(rotation=pose.rotation[b], log_scale=pose.log_scale[b], translation=pose.translation[b])
+    corners = vertices[model.triangles]
+    normals = jnp.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    want = np.asarray(normals @ posed.rotation[2] > 0)
+    got = np.asarray(fitting._facing_from_projection(fitting._project_points(vertices, posed), model.triangles))
+    assert (got == want).mean() > 0.999  # a few triangles seen edge-on may differ in float32 rounding
+
+
 def test_no_retrace_and_weights_hold_out(model, synthetic):
   truth, result = synthetic
   before = fitting._fit_batch._cache_size()
