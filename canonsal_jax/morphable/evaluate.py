@@ -56,6 +56,7 @@ __all__ = [
   "HeldOutErrors",
   "Photo",
   "astronaut_photos",
+  "development_photos",
   "eos_fit",
   "face_recognition_photos",
   "held_out_error",
@@ -480,6 +481,43 @@ def face_recognition_photos(*, fetch: bool = True) -> list[Photo]:
   names = {f"tests/test_images/{n}.jpg": n for n in FACE_RECOGNITION_PHOTOS}
   members = assets.read_members(archive, tuple(names))
   return [_detected(f"face_recognition/{n}", _decode_image(members[m], m)) for m, n in names.items()]
+
+
+# facexlib's sdist: two one-face photos, the fitter's development set (never one of the held-out test photos).
+FACEXLIB_ARCHIVE = "facexlib-0.3.0-sdist"
+FACEXLIB_PHOTOS = ("test", "test2")
+
+
+def development_photos(*, fetch: bool = True) -> list[Photo]:
+  """The development set: faces disjoint from the held-out test photos, for tuning the fitter.
+
+  facexlib 0.3.0's two one-face photos (`assets/test.jpg`, `assets/test2.jpg`) and, when matplotlib is installed,
+  its `grace_hopper.jpg` sample; each also mirrored (dlib re-run on the mirror image: a second landmark set, not
+  the first one flipped). dlib's 68 landmarks are the truth, as for the astronaut and face_recognition photos.
+
+  Args:
+    fetch: allow `pip download` of facexlib's sdist when it is not cached.
+
+  Raises:
+    assets.AssetError: the sdist cannot be fetched or does not match its hash.
+    faces.NoFaceError: dlib finds no face in one of them.
+  """
+  archive = assets.archive_path(FACEXLIB_ARCHIVE, fetch=fetch)
+  names = {f"assets/{n}.jpg": f"facexlib/{n}" for n in FACEXLIB_PHOTOS}
+  members = assets.read_members(archive, tuple(names))
+  images = [(name, _decode_image(members[m], m)) for m, name in names.items()]
+  try:
+    import matplotlib.cbook  # optional (captum pulls it in): one more photo
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+      images.append(("matplotlib/grace_hopper", _decode_image(f.read(), "grace_hopper.jpg")))
+  except ImportError:
+    pass
+  photos = []
+  for name, image in images:
+    photos.append(_detected(name, image))
+    photos.append(_detected(f"{name}_mirrored", np.ascontiguousarray(image[:, ::-1])))
+  return photos
 
 
 def astronaut_photos() -> list[Photo]:
