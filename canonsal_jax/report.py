@@ -393,8 +393,10 @@ class _Report:
   test_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   numbers: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-  def shares(self) -> np.ndarray:
-    """[N, R] per-image region shares of the accumulated images (records order)."""
+  def shares(self) -> np.ndarray | None:
+    """[N, R] per-image region shares of the accumulated images (records order); None if records lack them."""
+    if not all(("region_mass" in r or "region_masses" in r) for r in self.run.ok):
+      return None
     return stats.records_region_masses(self.run.ok)[1]
 
   def members(self, group: str) -> np.ndarray:
@@ -476,6 +478,8 @@ def _region_section(rep: _Report) -> str:
     return '<p class="missing">No accumulated images: no region statistics.</p>'
   names = list(morphable.REGION_NAMES)
   shares = rep.shares()
+  if shares is None:
+    return '<p class="missing">The records hold no per-image region masses.</p>'
   out = [
     f"<p>Bars: the mean over a group's images of each region's share of the image's |saliency| mass, with a "
     f"{opt.confidence:.0%} bootstrap interval over images ({opt.num_bootstrap} resamples, seed {opt.seed}). "
@@ -531,6 +535,8 @@ def _tests_section(rep: _Report, pairs: Sequence[tuple[str, str]]) -> str:
     return '<p class="missing">No group pairs: no tests.</p>'
   names = list(morphable.REGION_NAMES)
   shares = rep.shares()
+  if shares is None:
+    return '<p class="missing">The records hold no per-image region masses.</p>'
   results, notes = {}, []
   for a, b in pairs:
     idx, in_a = _pair_members(rep, a, b)
@@ -699,7 +705,10 @@ def _metrics_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
       verdicts.append("control")
       continue
     lost = [c.replace("_p_vs_", " vs ") for c in p_columns if not (_as_float(row.get(c)) <= rep.options.alpha)]
-    verdicts.append("beats every control" if p_columns and not lost else "does not beat: " + ", ".join(lost or ["?"]))
+    if not p_columns:
+      verdicts.append("no tests against controls in the table")
+    else:
+      verdicts.append("does not beat: " + ", ".join(lost) if lost else "beats every control")
   table = _table(
     [*columns, "verdict"],
     [[row.get(c) for c in columns] + [v] for row, v in zip(rows, verdicts)],

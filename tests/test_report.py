@@ -1,0 +1,275 @@
+"""The HTML report of a CMS run: its numbers against `stats`, planted group differences found, escaping, offline
+files, determinism, and a real run's report rendered by headless Chromium."""
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from canonsal_jax import cms, faithfulness, io, morphable, pipeline, report, stats
+from canonsal_jax import config as config_lib
+
+_T = 64  # texture side of the synthetic runs: small, so region labels and renders are quick
+_A, _B = "label_A<b>", "label_B&x"  # group names that need escaping in HTML and in file names
+_PLANTED = "cheeks"
+_FAST = report.ReportOptions(num_bootstrap=200, num_permutations=999, render_size=128, max_examples=2, seed=3)
+
+
+def _synthetic_run(folder: pathlib.Path, *, save_textures: bool = True, num_per_group: int = 8) -> cms.CMSAccumulator:
+  """A run folder as `pipeline.run_cms` writes it, with saliency planted on the eyes of group A's images."""
+  model3d = pipeline.load_morphable("default")
+  regions = stats.region_labels(model3d, _T)
+  rng = np.random.default_rng(0)
+  acc = cms.CMSAccumulator(cms.CMSSettings(_T, normalisation="none"))
+  skipped = []
+  for i in range(2 * num_per_group + 1):
+    name = f"/data/img_{i:02d}.png"
+    if i == 2 * num_per_group:
+      reason = 'NoFaceError: no face in <img src="x"> & co'
+      acc.skip(i, name, reason)
+      skipped.append({"index": i, "name": name, "reason": reason})
+      continue
+    in_a = i % 2 == 0
+    # A pose hides a random band of columns; the rest of the layout is seen with weights in (0.5, 1].
+    weight = np.where(regions >= 0, rng.uniform(0.5, 1.0, (_T, _T)), 0.0)
+    start = rng.integers(0, _T - 8)
+    weight[:, start : start + 6] = 0.0
+    if i > 0:  # only the first image sees these rows: one image there, no data at min_count 2
+      weight[28:32] = 0.0
+    texture = np.abs(rng.normal(0.2, 0.05, (_T, _T)))
+    if in_a:
+      texture = np.where(regions == morphable.REGION_NAMES.index(_PLANTED), texture + 1.0, texture)
+    share = stats.region_mass(texture, weight, regions).share
+    record = {
+      "prediction": "x",
+      "score": float(i),
+      "score_kind": "log_odds",
+      "outside_mesh_share": float(rng.uniform(0.0, 0.3)),
+      "region_mass": dict(zip(morphable.REGION_NAMES, share.tolist())),
+    }
+    texture, weight = texture.astype(np.float32), weight.astype(np.float32)
+    acc.add(i, name, texture, weight, group=["all", _A if in_a else _B], record=record)
+    if save_textures:
+      io.save_npz(pipeline.texture_path(folder, i), texture=texture, weight=weight)
+  acc.save(folder / "cms.npz")
+  summary = {
+    "images_listed": len(acc.records()),
+    "images_accumulated": acc.num_images(),
+    "images_skipped": len(skipped),
+    "skipped": skipped,
+    "groups": {g: acc.num_images(g) for g in acc.groups()},
+    "reproducibility": {
+      "config": {"morphable_model": "default", "cms": {"min_count": 2}},
+      "morphable_model": model3d.name,
+      "asset_sha256": {"weights<1>.onnx": "ab" * 32},
+    },
+  }
+  io.save_json(folder / "summary.json", summary)
+  return acc
+
+
+def _read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+  with path.open(newline="", encoding="utf-8") as f:
+    return list(csv.DictReader(f))
+
+
+def _check_offline_html(out: pathlib.Path) -> str:
+  """index.html references only files that exist beside it, no external URLs, no scripts."""
+  page = (out / "index.html").read_text(encoding="utf-8")
+  sources = re.findall(r'<img[^>]* src="([^"]*)"', page)
+  assert len(sources) == page.count("<img ") and sources
+  for src in sources:
+    assert not re.match(r"^[a-z]+:", src) and (out / src).is_file(), src
+    with Image.open(out / src) as im:
+      assert im.size[0] > 0
+  assert not re.search(r"https?:|//[a-z]", page, re.IGNORECASE) and "<script" not in page.lower()
+  for href in re.findall(r'href="([^"]*)"', page):
+    assert href.startswith("#") and f'id="{href[1:]}"' in page
+  return page
+
+
+def _metrics_table(folder: pathlib.Path) -> pathlib.Path:
+  """A metrics table in the format of scripts/evaluate.py: the CMS beats both controls, Grad-CAM does not."""
+  row = lambda method, kind, p: {
+    "method": method,
+    "kind": kind,
+    "average_drop_pct": 40.0,
+    "win_pct": 10.0,
+    **({"drop_p_vs_face_mask": p, "drop_p_vs_gaussian": 0.01} if kind == "method" else {}),
+  }
+  rows = [row("cms", "method", 0.002), row("grad_cam", "method", 0.4), row("face_mask", "control", 0.0)]
+  table = {"rows": rows, "images": ["t0", "t1"], "skipped": [], "settings": {"direction": "higher drop: better"}}
+  faithfulness.write_evaluation(table, folder)
+  return folder
+
+
+def test_report_of_planted_groups(tmp_path):
+  run = tmp_path / "run"
+  acc = _synthetic_run(run)
+  out = tmp_path / "report"
+  report.write_report(run, out, metrics=_metrics_table(tmp_path / "eval"), options=_FAST)
+  page = _check_offline_html(out)
+  model3d = pipeline.load_morphable("default")
+  regions = stats.region_labels(model3d, _T)
+
+  # regions.csv: the CMS's region mass is stats.region_mass of the CMS at the run's min_count (2); the image
+  # shares are the records' means, inside their bootstrap intervals.
+  rows = _read_csv(out / "regions.csv")
+  assert [r["group"] for r in rows] == [g for g in acc.groups() for _ in morphable.REGION_NAMES]
+  ok = [r for r in acc.records() if r["status"] == "ok"]
+  for g in acc.groups():
+    mean, valid = acc.mean(g, min_count=2)
+    if g != _B:  # min_count 2 came from the run's config
+      assert valid.sum() < acc.mean(g)[1].sum()
+    want = stats.region_mass(mean, valid.astype(np.float64), regions)
+    got = [r for r in rows if r["group"] == g]
+    np.testing.assert_allclose([float(r["cms_mass"]) for r in got], want.mass, rtol=1e-12)
+    np.testing.assert_allclose([float(r["cms_share"]) for r in got], want.share, rtol=1e-12)
+    np.testing.assert_allclose([float(r["cms_density"]) for r in got], want.density, rtol=1e-12)
+    shares = np.array([[r["region_mass"][k] for k in morphable.REGION_NAMES] for r in ok if g in r["groups"]])
+    np.testing.assert_allclose([float(r["image_share_mean"]) for r in got], shares.mean(0), rtol=1e-12)
+    low, high = (np.array([float(r[k]) for r in got]) for k in ("image_share_low", "image_share_high"))
+    assert np.all(low <= shares.mean(0) + 1e-12) and np.all(shares.mean(0) <= high + 1e-12)
+
+  # The planted region differs, significantly after Holm over all regions; the texel test finds a cluster there.
+  tests = [r for r in _read_csv(out / "tests.csv") if (r["group_a"], r["group_b"]) == (_A, _B)]
+  planted = next(r for r in tests if r["region"] == _PLANTED)
+  assert float(planted["difference"]) > 0.05 and planted["significant"] == "True"
+  assert float(planted["p_holm_all"]) <= 0.05 and float(planted["p_value"]) == min(float(r["p_value"]) for r in tests)
+  numbers = json.loads((out / "report.json").read_text())
+  clusters = numbers["clusters"][f"{_A} vs {_B}"]["clusters"]
+  area = int((regions == morphable.REGION_NAMES.index(_PLANTED)).sum())
+  found = sum(c["size"] for c in clusters if c["p_value"] <= 0.05 and c["sign"] == 1)
+  assert 0.5 * area <= found <= 1.3 * area and not any(c["p_value"] <= 0.05 for c in clusters if c["sign"] < 0)
+
+  # Metrics: a method that does not beat a control says so.
+  assert numbers["metrics_verdicts"] == {
+    "cms": "beats every control",
+    "grad_cam": "does not beat: drop vs face_mask",
+    "face_mask": "control",
+  }
+  assert "does not beat: drop vs face_mask" in page and "higher drop: better" in page
+
+  # Text is escaped everywhere (group names, skip reasons, asset names); file names are safe.
+  assert "<b>" not in page and "&lt;b&gt;" in page and 'in <img src="x">' not in page
+  assert "no face in &lt;img src=&quot;x&quot;&gt; &amp; co" in page and "weights&lt;1&gt;.onnx" in page
+  assert all(re.fullmatch(r"[\w.-]+", p.name) for p in (out / "images").iterdir())
+  assert "did not save" not in page
+
+  # The per-vertex PLY: the canonical face, grey where the CMS has no data, coloured elsewhere.
+  import trimesh
+
+  mesh = trimesh.load(out / numbers["groups"][_A]["ply"], process=False)
+  np.testing.assert_allclose(mesh.vertices, np.asarray(model3d.mean), rtol=1e-6, atol=1e-6)
+  mean, valid = acc.mean(_A, min_count=2)
+  _, seen = report.vertex_values(model3d, mean, valid)
+  colours = np.asarray(mesh.visual.vertex_colors)[:, :3]
+  assert (colours[~seen] == 128).all() and not (colours[seen] == 128).all(axis=1).any()
+  assert seen.sum() > 100 and (~seen).sum() > 0
+
+  # Deterministic given the seed: a second report is the same, file for file, byte for byte.
+  again = tmp_path / "again"
+  report.write_report(run, again, metrics=tmp_path / "eval" / "metrics.json", options=_FAST)
+  written = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+  assert written == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+  for path in written:
+    assert (out / path).read_bytes() == (again / path).read_bytes(), path
+
+
+def test_report_without_textures_says_so(tmp_path):
+  run = tmp_path / "run"
+  _synthetic_run(run, save_textures=False, num_per_group=2)
+  out = tmp_path / "report"
+  report.write_report(run, out, options=dataclasses.replace(_FAST, num_permutations=19))
+  page = _check_offline_html(out)
+  assert page.count("did not save per-image CIS textures") == 2  # the cluster test and the example CIS
+  assert "No metrics table was given" in page
+  assert not any(p.name.startswith(("t_", "clusters_", "cis_")) for p in (out / "images").iterdir())
+  summary = json.loads((run / "summary.json").read_text())
+  summary["reproducibility"]["morphable_model"] = "sfm_3448"
+  io.save_json(run / "summary.json", summary)
+  with pytest.raises(ValueError, match="made with the 3DMM"):
+    report.write_report(run, tmp_path / "bad")
+  with pytest.raises(FileNotFoundError, match="no CMS checkpoint"):
+    report.write_report(tmp_path / "nothing", tmp_path / "bad")
+
+
+def _chromium() -> str:
+  found = shutil.which("chromium") or shutil.which("chromium-browser")
+  if found is None:
+    if os.environ.get("CI"):
+      pytest.fail("chromium is not installed (.ci/run installs Debian's chromium through apt-get)")
+    pytest.skip("chromium is not installed (apt-get install -y --no-install-recommends chromium)")
+  return found
+
+
+# Added only to a copy of the page, for the test: after load, the title lists 1 per image that decoded, 0 per
+# image that did not.
+_PROBE = (
+  '<script>window.addEventListener("load", () => { document.title = "images:" + Array.from(document.images)'
+  '.map(i => (i.complete && i.naturalWidth > 0) ? "1" : "0").join(""); });</script>'
+)
+
+
+def test_real_run_report_renders_in_chromium(tmp_path):
+  chromium = _chromium()
+  files = pipeline.builtin_dataset("lfw")[:4]
+  labels = tmp_path / "labels.csv"
+  labels.write_text("".join(f"{pathlib.Path(f).name},{'ab'[i % 2]}\n" for i, f in enumerate(files)))
+  config = config_lib.default_config()
+  config.model = "gender"
+  config.explainer = "vanilla_gradient"  # cheap: one gradient per face
+  config.cms.save_textures = True
+  config.cms.labels_csv = str(labels)
+  config.cms.checkpoint_every = 100
+  acc = pipeline.run_cms(config, tmp_path / "run", dataset=files)
+  assert acc.num_images("label_a") == 2 and acc.num_images("label_b") == 2
+
+  out = tmp_path / "report"
+  script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "report.py"
+  cmd = [sys.executable, str(script), f"--cms={tmp_path / 'run'}", f"--out={out}", "--permutations=49"]
+  # The script reuses the programs this process compiled (UV raster, canonical renders) from the persistent cache.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if jax.config.jax_compilation_cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(jax.config.jax_persistent_cache_min_compile_time_secs)
+  done = subprocess.run([*cmd, "--bootstrap=100", "--seed=1"], capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  page = _check_offline_html(out)
+  for group in acc.groups():
+    assert f"<h3>{group}</h3>" in page
+  assert "label_a (2) vs label_b (2)" in page and "did not save" not in page
+  regions = stats.region_labels(pipeline.load_morphable("default"), acc.texture_size)
+  rows = [r for r in _read_csv(out / "regions.csv") if r["group"] == "all"]
+  want = stats.region_mass(*acc.mean("all"), regions)
+  np.testing.assert_allclose([float(r["cms_share"]) for r in rows], want.share, rtol=1e-12)
+
+  # Every image decodes in the browser, and the page is not blank.
+  probe = out / "probe.html"
+  probe.write_text(page.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+  browser = [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=10000"]
+  dom = subprocess.run([*browser, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+  loaded = re.search(r"<title>images:([01]*)</title>", dom)
+  assert loaded is not None, dom[:500]
+  assert loaded.group(1) == "1" * page.count("<img "), loaded.group(1)
+  shot = out / "screenshot.png"
+  subprocess.run(
+    [*browser, f"--screenshot={shot}", "--window-size=1280,2000", (out / "index.html").as_uri()],
+    capture_output=True,
+    timeout=120,
+  )
+  pixels = np.asarray(Image.open(shot).convert("RGB"), np.float64)
+  assert pixels.shape == (2000, 1280, 3) and pixels.std() > 20
+  # The first CMS row is drawn: the face renders put saturated colour (not grey, not white) on the screen.
+  saturation = pixels.max(axis=-1) - pixels.min(axis=-1)
+  assert (saturation > 60).mean() > 0.01
