@@ -56,6 +56,8 @@ __all__ = [
 
 METHODS = ("cms", "occlusion", *attribution.METHODS)
 CONTROLS = ("face_mask", "gaussian", "cms_random")
+# Level of the per-image tests against the controls (`beats_controls`).
+ALPHA = 0.05
 _FORMAT = "canonsal_jax.faithfulness"
 _VERSION = 1
 # Columns of the CSV table, in order.
@@ -73,8 +75,11 @@ _COLUMNS = (
   "randomisation_spearman",
   "drop_p_vs_face_mask",
   "drop_p_vs_gaussian",
+  "drop_p_vs_cms_random",
   "deletion_blur_p_vs_face_mask",
   "deletion_blur_p_vs_gaussian",
+  "deletion_blur_p_vs_cms_random",
+  "beats_controls",
   "num_images",
   "num_excluded",
 )
@@ -339,7 +344,7 @@ def evaluate(
       auc[m][f"insertion_auc_{substrate}"] = np.asarray(r.insertion_auc, np.float64)
 
   # Controls: per-image tests; model randomisation.
-  present = [c for c in ("face_mask", "gaussian") if c in maps]
+  present = [c for c in CONTROLS if c in maps]
   vs_drop = metrics.compare_with_controls({m: drops[i] for i, m in enumerate(order)}, present, seed=seed)
   vs_del = metrics.compare_with_controls(
     {m: auc[m]["deletion_auc_blur"] for m in order}, present, higher_is_better=False, seed=seed
@@ -364,6 +369,10 @@ def evaluate(
         "randomisation_spearman": rand_rho.get(m, float("nan")),
         **{f"drop_p_vs_{c}": vs_drop.get(m, {}).get(c, {}).get("p_value", float("nan")) for c in present},
         **{f"deletion_blur_p_vs_{c}": vs_del.get(m, {}).get(c, {}).get("p_value", float("nan")) for c in present},
+        # Average Drop higher than every control's on the same images (one-sided p <= ALPHA each).
+        "beats_controls": None
+        if m in CONTROLS
+        else all(vs_drop[m][c]["p_value"] <= ALPHA and vs_drop[m][c]["mean_difference"] > 0 for c in present),
         "num_images": s["num_images"],
         "num_excluded": s["num_excluded"],
       }
@@ -413,7 +422,7 @@ def write_evaluation(table: dict[str, Any], out_dir: str | pathlib.Path) -> tupl
   """Writes `metrics.csv` (one row per method and control) and `metrics.json` (everything), atomically."""
   out = pathlib.Path(out_dir)
   buffer = stdio.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, extrasaction="ignore", lineterminator="\n")
+  writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, restval="", extrasaction="ignore", lineterminator="\n")
   writer.writeheader()
   for row in table["rows"]:
     writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -91,6 +91,8 @@ def test_evaluate_script_writes_the_metric_table(tmp_path):
   assert by_method["cms"]["average_drop_pct"] == pytest.approx(by_method["face_mask"]["average_drop_pct"], abs=2.0)
   assert table["spearman_between_methods"]["grad_cam"]["grad_cam"] == pytest.approx(1.0)
   assert -1 <= by_method["grad_cam"]["randomisation_spearman"] <= 1
+  assert isinstance(by_method["grad_cam"]["beats_controls"], bool) and by_method["gaussian"]["beats_controls"] is None
+  assert rows["cms"]["drop_p_vs_cms_random"] == ""  # no randomised CMS given
   assert len(table["per_image"]["average_drop"]["cms"]) == len(table["images"])
 
 
