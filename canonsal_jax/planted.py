@@ -739,26 +739,30 @@ def _occlusion_maps(model: models.FaceModel, xs: np.ndarray, stride: int) -> lis
   return out
 
 
-def _rival_maps(model: models.FaceModel, xs: np.ndarray, settings: Settings) -> dict[str, np.ndarray]:
-  """`[N, S, S]` maps of the cue class from each rival, baselines black as the occluder's."""
-  score = occlusion.Score.for_model(model)
+def _rival_maps(
+  model: models.FaceModel, xs: np.ndarray, settings: Settings, methods: Sequence[str]
+) -> dict[str, np.ndarray]:
+  """`[N, S, S]` maps of the cue class from each rival in `methods`, baselines black as the occluder's."""
   black = pipeline.model_baseline(model, "black")
-  x = jnp.asarray(xs)
-  target = np.int32(_CUE_CLASS)
-  maps = {
-    "vanilla_gradient": attribution.vanilla_gradient(model, model.params, x, score, target),
-    "integrated_gradients": attribution.integrated_gradients(
-      model, model.params, x, score, target, steps=settings.ig_steps, baseline=black
-    ),
-    "grad_cam": attribution.grad_cam(model, model.params, x, score, target),
-    "grad_cam_plus_plus": attribution.grad_cam_plus_plus(model, model.params, x, score, target),
-    "score_cam": attribution.score_cam(model, model.params, x, score, target, baseline=black),
-    "rise": attribution.rise(model, model.params, x, score, target, num_masks=settings.rise_masks, baseline=black),
+  settings_of = {
+    "integrated_gradients": {"steps": settings.ig_steps, "baseline": black},
+    "score_cam": {"baseline": black},
+    "rise": {"num_masks": settings.rise_masks, "baseline": black},
   }
-  maps = {k: np.asarray(v, np.float32) for k, v in maps.items()}
-  # RISE's map is E[S | pixel kept]; its mean over the crop is about E[S], the same for every pixel. Centred,
-  # only the difference a pixel makes is left (with a log-odds score the raw map can be all negative).
-  maps["rise"] = maps["rise"] - maps["rise"].mean(axis=(1, 2), keepdims=True)
+  score = occlusion.Score.for_model(model)
+  x = jnp.asarray(xs)
+  maps = {
+    name: np.asarray(
+      attribution.attribute(name, model, model.params, x, score, np.int32(_CUE_CLASS), **settings_of.get(name, {})),
+      np.float32,
+    )
+    for name in methods
+    if name in attribution.METHODS
+  }
+  if "rise" in maps:
+    # RISE's map is E[S | pixel kept]; its mean over the crop is about E[S], the same for every pixel. Centred,
+    # only the difference a pixel makes is left (with a log-odds score the raw map can be all negative).
+    maps["rise"] = maps["rise"] - maps["rise"].mean(axis=(1, 2), keepdims=True)
   return maps
 
 
@@ -776,21 +780,40 @@ def explain(
   uv_raster: canonical.UVRaster,
   region: int,
   settings: Settings,
+  *,
+  methods: Sequence[str] = METHODS,
 ) -> list[Explained]:
   """Every method's map of the cue class on prepared test images, carried into the texture.
 
   Each crop map goes through `canonical.to_texture` with the fitted mesh (as `pipeline.cis_face` carries the
   occlusion heatmap); "occlusion_true_mesh" uses the render's true mesh; "uniform" is a constant map.
+
+  Args:
+    model: the classifier.
+    prepared: `prepare`'s images (None entries removed).
+    model3d: the morphable model they were fitted with.
+    uv_raster: its UV raster at the CIS texture size.
+    region: the planted region's index in `REGION_NAMES`.
+    settings: the methods' settings.
+    methods: which of `METHODS` to run.
   """
+  unknown = set(methods) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown methods {sorted(unknown)}; known: {METHODS}")
   xs = np.stack([p.x for p in prepared])
-  occ = _occlusion_maps(model, xs, settings.occlusion_stride)
-  rivals = _rival_maps(model, xs, settings)
+  occ = (
+    _occlusion_maps(model, xs, settings.occlusion_stride)
+    if {"occlusion", "occlusion_true_mesh"} & set(methods)
+    else None
+  )
+  rivals = _rival_maps(model, xs, settings, methods)
   ones = np.ones((CROP.size, CROP.size), bool)
   out = []
   for k, p in enumerate(prepared):
-    crop_maps = {"occlusion": occ[k], "occlusion_true_mesh": occ[k]}
+    crop_maps = {name: occ[k] for name in ("occlusion", "occlusion_true_mesh") if name in methods}
     crop_maps.update({name: (maps[k], ones) for name, maps in rivals.items()})
-    crop_maps["uniform"] = (np.ones((CROP.size, CROP.size), np.float32), ones)
+    if "uniform" in methods:
+      crop_maps["uniform"] = (np.ones((CROP.size, CROP.size), np.float32), ones)
     textures = {}
     for name, (heat, valid) in crop_maps.items():
       mesh, frags = (p.true_mesh, p.true_frags) if name == "occlusion_true_mesh" else (p.fitted_mesh, p.fitted_frags)
