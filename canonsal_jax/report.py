@@ -81,7 +81,7 @@ _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; max-width: 1250px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: .5em 0; font-size: .9em; }
-th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; } th { text-align: left; }
 th:first-child, td:first-child, td.text { text-align: left; }
 tr.control td { background: #f3f3f3; font-style: italic; } tr.significant td { background: #fff3c4; }
 figure { display: inline-block; margin: .3em .6em .6em 0; vertical-align: top; }
@@ -362,17 +362,20 @@ def _region_svg(names: Sequence[str], est, low, high, cms_share, area_share, tit
 
 
 def _histogram_svg(values: np.ndarray, bins: int = 10) -> str:
+  """Counts of `values` in `bins` equal bins over [0, 1], as inline SVG bars labelled with their counts."""
   counts, _ = np.histogram(values, bins=bins, range=(0.0, 1.0))
   peak = max(int(counts.max()), 1)
-  w, h, bw = 420, 120, 40
-  parts = [f'<svg width="{w}" height="{h + 30}" role="img" aria-label="histogram">']
+  w, h, bw, top = 420, 120, 40, 14  # top: room for the tallest bar's count
+  parts = [f'<svg width="{w}" height="{top + h + 30}" role="img" aria-label="histogram">']
   for k, c in enumerate(counts):
     bar = h * int(c) / peak
-    parts.append(f'<rect x="{10 + k * bw}" y="{h - bar:.1f}" width="{bw - 4}" height="{bar:.1f}" fill="#7fa7d6"/>')
-    parts.append(f'<text x="{10 + k * bw + 8}" y="{h - bar - 2:.1f}" font-size="10">{int(c)}</text>')
+    y = top + h - bar
+    parts.append(f'<rect x="{10 + k * bw}" y="{y:.1f}" width="{bw - 4}" height="{bar:.1f}" fill="#7fa7d6"/>')
+    parts.append(f'<text x="{10 + k * bw + 8}" y="{y - 2:.1f}" font-size="10">{int(c)}</text>')
   for k in range(0, bins + 1, 2):
-    parts.append(f'<text x="{6 + k * bw}" y="{h + 14}" font-size="10">{k / bins:.1f}</text>')
-  parts.append(f'<text x="10" y="{h + 28}" font-size="10">share of the saliency off the mesh, per image</text></svg>')
+    parts.append(f'<text x="{6 + k * bw}" y="{top + h + 14}" font-size="10">{k / bins:.1f}</text>')
+  label = "share of the saliency off the mesh, per image"
+  parts.append(f'<text x="10" y="{top + h + 28}" font-size="10">{label}</text></svg>')
   return "".join(parts)
 
 

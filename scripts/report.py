@@ -21,6 +21,7 @@ _MORPHABLE = flags.DEFINE_string(
 _MIN_COUNT = flags.DEFINE_integer("min_count", None, "Texels seen by fewer images are no data (default: the run's).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples for the region intervals.")
 _PERMUTATIONS = flags.DEFINE_integer("permutations", 999, "Label permutations for the region and cluster tests.")
+_EXAMPLES = flags.DEFINE_integer("max_examples", 4, "Example CIS shown per group (from the saved textures).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap, the permutations and the example images.")
 
 
@@ -33,6 +34,7 @@ def main(argv):
     num_bootstrap=_BOOTSTRAP.value,
     num_permutations=_PERMUTATIONS.value,
     seed=_SEED.value,
+    max_examples=_EXAMPLES.value,
   )
   with cli.user_errors() as failed:
     path = report.write_report(
