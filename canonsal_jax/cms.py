@@ -351,11 +351,11 @@ class CMSAccumulator:
     if clash := sorted(_RESERVED_KEYS & set(record)):
       raise ValueError(f"{where}: record keys {clash} are set by the accumulator; rename them")
     out = _jsonable(dict(record), where)
-    masses = out.get("region_masses")
+    masses = out.get("region_mass")
     if masses is not None and (
       not isinstance(masses, dict) or not all(isinstance(v, int | float) for v in masses.values())
     ):
-      raise ValueError(f"{where}: region_masses must map region names to numbers, got {masses!r}")
+      raise ValueError(f"{where}: region_mass must map region names to numbers, got {masses!r}")
     return out
 
   def _invalid_reason(self, texture: np.ndarray, weight: np.ndarray) -> str | None:
@@ -387,7 +387,7 @@ class CMSAccumulator:
       weight: float [T, T] in [0, 1]; 0 = no data (values there are ignored, NaN included).
       group: a group name, or several (the image counts in each, e.g. ("all", "female")).
       record: extra per-image facts to keep, JSON-serialisable: conventionally "prediction", "score" and
-        "region_masses" (region name -> number). Keys the accumulator sets itself are refused.
+        "region_mass" (region name -> number). Keys the accumulator sets itself are refused.
 
     Returns:
       True if accumulated; False if skipped as invalid under `on_invalid="skip"` (the record says why).
@@ -583,9 +583,9 @@ class CMSAccumulator:
     for rec in self.records():
       if status is not None and rec["status"] != status:
         continue
-      row = {k: v for k, v in rec.items() if k != "region_masses"}
+      row = {k: v for k, v in rec.items() if k != "region_mass"}
       row["groups"] = "|".join(rec["groups"])
-      for region, mass in (rec.get("region_masses") or {}).items():
+      for region, mass in (rec.get("region_mass") or {}).items():
         row[f"region_mass/{region}"] = mass
       rows.append(row)
     columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from canonsal_jax import assets, canonical, cms, datasets, faces, io, models, morphable, occlusion, raster, viz
+from canonsal_jax import assets, canonical, cms, datasets, faces, io, models, morphable, occlusion, raster, stats, viz
 
 __all__ = [
   "BUILTIN_DATASETS",
@@ -583,14 +583,6 @@ class CISResult:
   num_oversized: int
 
 
-def _texture_regions(model: morphable.MorphableModel, size: int) -> np.ndarray:
-  """`[T, T]` region index per texel (the region of the nearest vertex of its triangle), -1 outside the UV layout."""
-  uvr = canonical.model_uv_raster(model, size)
-  tri_id, bary = np.asarray(uvr.tri_id), np.asarray(uvr.bary)
-  nearest = np.asarray(model.triangles)[np.maximum(tri_id, 0), np.argmax(bary, axis=-1)]
-  return np.where(tri_id >= 0, np.asarray(model.regions)[nearest], -1)
-
-
 def cis_face(
   config: ml_collections.ConfigDict,
   pixels: np.ndarray,
@@ -637,7 +629,7 @@ def cis_face(
   texture, weight = np.asarray(texture, np.float32), np.asarray(weight, np.float32)
   outside = float(canonical.outside_mesh_share(occ.heatmap, frags, valid))
   clock.lap("texture")
-  regions = _texture_regions(model3d, texture_size)
+  regions = stats.region_labels(model3d, texture_size)
   mass = np.abs(texture) * weight
   total = float(mass.sum())
   region_mass = {
@@ -957,7 +949,7 @@ class _FaceBatcher:
     self.sweep = _batched_sweep(*args, self.devices, self.plan.target is not None)
     self.texture_size = config.cis.texture_size or canonical.default_texture_size(self.model.crop.size, self.model3d)
     self.uv_raster = canonical.model_uv_raster(self.model3d, self.texture_size)
-    self.regions = _texture_regions(self.model3d, self.texture_size)
+    self.regions = stats.region_labels(self.model3d, self.texture_size)
     crop = self.model.crop
     self.texture = _batched_texture(crop.size, crop.face_width, bool(config.cis.cosine_weight), self.devices)
 

@@ -4,7 +4,7 @@ Everything here is host-side numpy on arrays a CMS run can keep: textures `[N, T
 (weight 0 = no data, never zero saliency) and per-image records (`cms.CMSAccumulator.records()`).
 
 * **Regions.** `region_labels` labels each texel with the `morphable.REGION_NAMES` region of its triangle's
-  nearest vertex (the rule `pipeline._texture_regions` uses). `region_mass` gives, per region, the raw mass
+  nearest vertex (the rule the pipeline uses for per-image region masses). `region_mass` gives, per region, the raw mass
   ``sum(|v| * w)`` (or signed), its share of the image's total, and two normalisations by area: `density` =
   share / the region's share of the UV layout's texels (1 = as salient as its size; UV area, not surface area:
   layouts stretch some parts), and `mean_value` = mass / the region's total weight (the mean saliency on the

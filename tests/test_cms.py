@@ -241,7 +241,7 @@ def test_skip_is_recorded_and_leaves_sums_alone():
   images = _random_images(3, T)
   acc = _fill(cms.CMSAccumulator(_settings()), images, [0, 2])
   before = acc.sums("all")
-  acc.skip(1, "img001.png", "no face found", group="odd", record={"region_masses": {"eyes": 0.5}})
+  acc.skip(1, "img001.png", "no face found", group="odd", record={"region_mass": {"eyes": 0.5}})
   after = acc.sums("all")
   for x, y in zip(before[:3], after[:3]):
     assert x.tobytes() == y.tobytes()
@@ -314,9 +314,9 @@ def test_records_table_is_flat_and_rectangular():
   acc = cms.CMSAccumulator(_settings())
   ones = np.ones((T, T), np.float32)
   acc.add(
-    2, "b.png", ones, ones, group=("all", "male"), record={"prediction": 1, "region_masses": {"eyes": np.float32(0.25)}}
+    2, "b.png", ones, ones, group=("all", "male"), record={"prediction": 1, "region_mass": {"eyes": np.float32(0.25)}}
   )
-  acc.add(0, "a.png", ones, ones, record={"score": np.float64(0.5), "region_masses": {"nose": 0.75}})
+  acc.add(0, "a.png", ones, ones, record={"score": np.float64(0.5), "region_mass": {"nose": 0.75}})
   acc.skip(1, "c.png", "unreadable")
   rows = acc.records_table()
   assert [r["index"] for r in rows] == [0, 1, 2]
