@@ -701,7 +701,8 @@ def _metrics_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
   if not rows:
     return '<p class="missing">The metrics table has no rows.</p>'
   columns = list(dict.fromkeys(k for row in rows for k in row))
-  p_columns = [c for c in columns if "_p_vs_" in c]
+  # Tests against controls that were run (a CSV keeps empty columns for controls that were not given).
+  p_columns = [c for c in columns if "_p_vs_" in c and any(math.isfinite(_as_float(r.get(c))) for r in rows)]
   verdicts = []
   for row in rows:
     if row.get("kind") == "control":

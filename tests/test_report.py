@@ -108,6 +108,8 @@ def _metrics_table(folder: pathlib.Path) -> pathlib.Path:
     **({"drop_p_vs_face_mask": p, "drop_p_vs_gaussian": 0.01} if kind == "method" else {}),
   }
   rows = [row("cms", "method", 0.002), row("grad_cam", "method", 0.4), row("face_mask", "control", 0.0)]
+  for r in rows:  # a control that was not given: its column is there, empty
+    r["drop_p_vs_cms_random"] = float("nan")
   table = {"rows": rows, "images": ["t0", "t1"], "skipped": [], "settings": {"direction": "higher drop: better"}}
   faithfulness.write_evaluation(table, folder)
   return folder
@@ -190,10 +192,16 @@ def test_report_without_textures_says_so(tmp_path):
   run = tmp_path / "run"
   _synthetic_run(run, save_textures=False, num_per_group=2)
   out = tmp_path / "report"
-  report.write_report(run, out, options=dataclasses.replace(_FAST, num_permutations=19))
+  csv_table = _metrics_table(tmp_path / "eval") / "metrics.csv"  # the CSV alone: rows, no settings
+  report.write_report(run, out, metrics=csv_table, options=dataclasses.replace(_FAST, num_permutations=19))
   page = _check_offline_html(out)
+  verdicts = json.loads((out / "report.json").read_text())["metrics_verdicts"]
+  assert verdicts == {
+    "cms": "beats every control",
+    "grad_cam": "does not beat: drop vs face_mask",
+    "face_mask": "control",
+  }
   assert page.count("did not save per-image CIS textures") == 2  # the cluster test and the example CIS
-  assert "No metrics table was given" in page
   assert not any(p.name.startswith(("t_", "clusters_", "cis_")) for p in (out / "images").iterdir())
   summary = json.loads((run / "summary.json").read_text())
   summary["reproducibility"]["morphable_model"] = "sfm_3448"
@@ -251,6 +259,7 @@ def test_real_run_report_renders_in_chromium(tmp_path):
   for group in acc.groups():
     assert f"<h3>{group}</h3>" in page
   assert "label_a (2) vs label_b (2)" in page and "did not save" not in page
+  assert "No metrics table was given" in page
   regions = stats.region_labels(pipeline.load_morphable("default"), acc.texture_size)
   rows = [r for r in _read_csv(out / "regions.csv") if r["group"] == "all"]
   want = stats.region_mass(*acc.mean("all"), regions)
