@@ -123,8 +123,10 @@ class ReportOptions:
         raise ValueError(f"ReportOptions.{name} must be >= 1, got {getattr(self, name)}")
     if self.min_count is not None and self.min_count < 1:
       raise ValueError(f"ReportOptions.min_count must be >= 1, got {self.min_count}")
-    if self.max_examples < 0:
-      raise ValueError(f"ReportOptions.max_examples must be >= 0, got {self.max_examples}")
+    if self.max_examples < 0 or self.seed < 0:
+      raise ValueError(f"ReportOptions: max_examples and seed must be >= 0, got {self.max_examples}, {self.seed}")
+    if not (0 < self.confidence < 1 and 0 < self.alpha < 1):
+      raise ValueError(f"ReportOptions: confidence and alpha must be in (0, 1), got {self.confidence}, {self.alpha}")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -307,6 +309,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequen
   return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _link(rel: str) -> str:
+  """A link to a file beside the page (a relative path the report wrote)."""
+  return f'<a href="{_e(rel)}">{_e(rel)}</a>'
+
+
 def _figure(src: str, caption: str, alt: str, size: tuple[int, int]) -> str:
   return (
     f'<figure><img src="{_e(src)}" alt="{_e(alt)}" width="{size[1]}" height="{size[0]}">'
@@ -445,7 +452,7 @@ def _cms_section(rep: _Report) -> str:
     _write_ply(rep.files.out / ply, run.model3d, mean, valid, vmax=vmax_s, signed=is_signed)
     out.append(
       f"<h3>{_e(g)}</h3><p>{n} image(s); {shown} texels with data (of {int((count > 0).sum())} seen by any image; "
-      f"at most {int(count.max())} images per texel). Mesh: {_e(ply)}</p>" + "".join(figures)
+      f"at most {int(count.max())} images per texel). Mesh: {_link(ply)}</p>" + "".join(figures)
     )
     rep.numbers["groups"][g] = {"images": n, "texels_with_data": shown, "max_coverage": int(count.max()), "ply": ply}
   rep.numbers["colour_scales"] = {"cms": vmax_s, "absolute_cms": vmax_a, "coverage": vmax_c}
@@ -896,14 +903,15 @@ def write_report(
   lead = (
     f"Run {run.folder.name}: {run.acc.num_images()} image(s) accumulated, "
     f"{sum(r['status'] != 'ok' for r in run.acc.records())} skipped; groups {', '.join(run.acc.groups()) or 'none'}; "
-    f"3DMM {run.model3d.name}; face model {model}. Files beside this page: regions.csv, tests.csv, report.json, "
-    "images/, meshes/."
+    f"3DMM {run.model3d.name}; face model {model}."
   )
+  beside = ", ".join(_link(name) for name in ("regions.csv", "tests.csv", "report.json"))
+  lead = f"{_e(lead)} Files beside this page: {beside}, images/, meshes/."
   nav = " · ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title, _ in sections)
   body = "".join(f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>' for sid, title, content in sections)
   page = (
     '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Canonical saliency report</title>'
-    f"<style>{_STYLE}</style></head><body><h1>Canonical saliency report</h1><p>{_e(lead)}</p>"
+    f"<style>{_STYLE}</style></head><body><h1>Canonical saliency report</h1><p>{lead}</p>"
     f"<nav>{nav}</nav>{body}</body></html>\n"
   )
   io.write_atomic(out / "index.html", page.encode("utf-8"))

@@ -29,14 +29,14 @@ def main(argv):
   cli.no_arguments(argv)
   from canonsal_jax import report
 
-  options = report.ReportOptions(
-    min_count=_MIN_COUNT.value,
-    num_bootstrap=_BOOTSTRAP.value,
-    num_permutations=_PERMUTATIONS.value,
-    seed=_SEED.value,
-    max_examples=_EXAMPLES.value,
-  )
   with cli.user_errors() as failed:
+    options = report.ReportOptions(
+      min_count=_MIN_COUNT.value,
+      num_bootstrap=_BOOTSTRAP.value,
+      num_permutations=_PERMUTATIONS.value,
+      seed=_SEED.value,
+      max_examples=_EXAMPLES.value,
+    )
     path = report.write_report(
       _CMS.value, _OUT.value, metrics=_METRICS.value, morphable_model=_MORPHABLE.value, options=options
     )

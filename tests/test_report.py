@@ -22,6 +22,7 @@ from canonsal_jax import config as config_lib
 _T = 64  # texture side of the synthetic runs: small, so region labels and renders are quick
 _A, _B = "label_A<b>", "label_B&x"  # group names that need escaping in HTML and in file names
 _PLANTED = "cheeks"
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "report.py"
 _FAST = report.ReportOptions(num_bootstrap=200, num_permutations=999, render_size=128, max_examples=2, seed=3)
 
 
@@ -93,8 +94,10 @@ def _check_offline_html(out: pathlib.Path) -> str:
     with Image.open(out / src) as im:
       assert im.size[0] > 0
   assert not re.search(r"https?:|//[a-z]", page, re.IGNORECASE) and "<script" not in page.lower()
-  for href in re.findall(r'href="([^"]*)"', page):
-    assert href.startswith("#") and f'id="{href[1:]}"' in page
+  hrefs = re.findall(r'href="([^"]*)"', page)
+  assert "regions.csv" in hrefs and any(h.endswith(".ply") for h in hrefs)
+  for href in hrefs:  # sections of the page, or files beside it
+    assert f'id="{href[1:]}"' in page if href.startswith("#") else (out / href).is_file(), href
   return page
 
 
@@ -210,6 +213,13 @@ def test_report_without_textures_says_so(tmp_path):
     report.write_report(run, tmp_path / "bad")
   with pytest.raises(FileNotFoundError, match="no CMS checkpoint"):
     report.write_report(tmp_path / "nothing", tmp_path / "bad")
+  done = subprocess.run(
+    [sys.executable, str(_SCRIPT), f"--cms={run}", f"--out={tmp_path / 'bad'}", "--permutations=0"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: ReportOptions")
 
 
 def _chromium() -> str:
@@ -244,8 +254,7 @@ def test_real_run_report_renders_in_chromium(tmp_path):
   assert acc.num_images("label_a") == 2 and acc.num_images("label_b") == 2
 
   out = tmp_path / "report"
-  script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "report.py"
-  cmd = [sys.executable, str(script), f"--cms={tmp_path / 'run'}", f"--out={out}", "--permutations=49"]
+  cmd = [sys.executable, str(_SCRIPT), f"--cms={tmp_path / 'run'}", f"--out={out}", "--permutations=49"]
   # The script reuses the programs this process compiled (UV raster, canonical renders) from the persistent cache.
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   if getattr(jax.config, "jax_compilation_cache_dir", None):
