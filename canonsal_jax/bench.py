@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from canonsal_jax import models, occlusion
+from canonsal_jax import incremental, models, occlusion
 
 __all__ = [
   "PHOTO_SETS",
@@ -33,6 +33,7 @@ __all__ = [
   "fit_vs_eos",
   "forward_vs_torch",
   "forward_xla_flags",
+  "incremental_vs_full",
   "interleaved_seconds",
   "median_ratio",
   "median_seconds",
@@ -1060,3 +1061,116 @@ def forward_xla_flags(
       raise RuntimeError(f"forward with XLA_FLAGS={flag_set!r} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     results.append(json.loads(lines[-1].removeprefix(_CHILD_MARK)))
   return results
+
+
+def incremental_vs_full(
+  model: models.FaceModel,
+  *,
+  patch_size: int | float = 5,
+  stride: int = 1,
+  num_positions: int | None = None,
+  batch_size: int = 16,
+  approx_thresholds: Sequence[float] = (),
+  repeats: int = 3,
+  with_torch: bool = True,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Times the incremental occlusion sweep against the full-forward sweep (and PyTorch) on the same patches.
+
+  One random face crop, constant baseline 0, the grid of `stride` (patches wholly inside), or `num_positions`
+  random positions of it. Sweeps, all `make_sweep` at `batch_size`, compiled ahead (compile seconds reported
+  apart): "full" (the model's own `apply_fn` on every occluded image), "full_graph" (the same, through the
+  model's `LayerGraph`: the same ops as the incremental sweep, so their ratio is the windows' saving alone),
+  "incremental" (exact) and "approx_<tau>" for each projective-field threshold. With `with_torch`, the
+  paper's PyTorch procedure (`reference.paper_occlusion`, batch 16) and a plain PyTorch forward over the same
+  number of ready-made images come along, where the model has a twin. All are timed in interleaved rounds;
+  ratios are medians of per-round ratios.
+
+  Returns:
+    A dict with seconds (medians), `speedup` (method -> full / method, per-round median), compile seconds,
+    each method's largest drop error against "full" relative to the largest drop, and the windows per layer.
+  """
+  rng = np.random.default_rng(seed)
+  size = model.crop.size
+  image = model.preprocess(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+  patch_px = occlusion.resolve_patch_size(patch_size, model.crop.face_width)
+  centres = occlusion.grid_centres(size, size, patch_size=patch_px, stride=stride)
+  if num_positions is not None and num_positions < len(centres):
+    centres = centres[np.sort(rng.choice(len(centres), num_positions, replace=False))]
+  n = len(centres)
+  valid = np.ones(n, bool)
+  score = occlusion.Score.for_model(model)
+  graph = model.layer_graph
+  if graph is None:
+    raise ValueError(f"{model.name} has no layer graph")
+  settings: dict[str, tuple[Callable, dict[str, Any]]] = {
+    "full": (model.apply_fn, {"method": "full"}),
+    "full_graph": (graph.apply, {"method": "full"}),
+    "incremental": (model.apply_fn, {"method": "incremental"}),
+  }
+  for tau in approx_thresholds:
+    settings[f"approx_{tau:g}"] = (model.apply_fn, {"method": "incremental", "approx_threshold": float(tau)})
+  compiled, compile_s, results = {}, {}, {}
+  for name, (fn, kwargs) in settings.items():
+    sweep = occlusion.make_sweep(fn, patch_size=patch_px, batch_size=batch_size, score=score, **kwargs)
+    start = time.perf_counter()
+    compiled[name] = sweep.lower(model.params, image, centres, valid).compile()
+    compile_s[name] = time.perf_counter() - start
+    results[name] = compiled[name](model.params, image, centres, valid)
+  full_drops = np.asarray(results["full"].drops)
+  scale = float(np.abs(full_drops).max())
+  errors = {name: float(np.abs(np.asarray(r.drops) - full_drops).max() / scale) for name, r in results.items()}
+  fns: dict[str, Callable[[], Any]] = {
+    name: (lambda c=c: c(model.params, image, centres, valid)) for name, c in compiled.items()
+  }
+  torch_info = None
+  if with_torch and importlib.util.find_spec("torch") is not None:
+    import torch
+
+    from canonsal_jax.baselines import reference, torch_models
+
+    try:
+      net = torch_models.from_face_model(model)
+    except ValueError:
+      net = None
+    if net is not None:
+      x = torch_models.to_nchw(image[None])[0]
+      target = None if score.kind == "expected_value" else int(results["full"].target)
+      score_fn = reference.torch_score(score.kind, target=target, values=score.values)
+      paper = lambda: reference.paper_occlusion(net, x, centres, patch_size=patch_px, score_fn=score_fn)
+      heat = np.asarray(paper())
+      want = np.asarray(results["full"].heatmap)
+      batches = [torch_models.to_nchw(np.broadcast_to(image, (batch_size, *image.shape)).copy())] * (
+        -(-n // batch_size)
+      )
+
+      def torch_forward(batches=batches):
+        with torch.inference_mode():
+          return [net(b) for b in batches]
+
+      fns["torch_paper"] = paper
+      fns["torch_forward"] = torch_forward
+      torch_info = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "paper_heatmap_err": float(np.abs(heat - want).max() / max(float(np.abs(want).max()), 1e-12)),
+      }
+  times = interleaved_seconds(fns, repeats=repeats)
+  shapes = [a.shape[1:] for a in graph.activations(model.params, image[None])]
+  the_plan = incremental.plan(graph, shapes, patch_size=patch_px)
+  return {
+    "model": model.name,
+    "input_shape": list(model.input_shape),
+    "patch_size_px": patch_px,
+    "stride": stride,
+    "num_patches": n,
+    "batch_size": batch_size,
+    "seconds": {name: statistics.median(t) for name, t in times.items()},
+    "speedup": {name: median_ratio(times["full"], t) for name, t in times.items()},
+    "speedup_vs_full_graph": {name: median_ratio(times["full_graph"], t) for name, t in times.items()},
+    "compile_s": compile_s,
+    "max_drop": scale,
+    "drop_error": errors,
+    "torch": torch_info,
+    "windows": the_plan.describe(),
+  }

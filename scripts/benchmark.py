@@ -7,6 +7,7 @@ python scripts/benchmark.py --suite=fit_accuracy --morphable_model=../shared/ass
 python scripts/benchmark.py --suite=texture --morphable_model=../shared/assets/sfm --texture_batch_sizes=1,16,64
 python scripts/benchmark.py --suite=e2e --max_images=24 --e2e_devices=1,2,4 --e2e_face_batches=1,4,8
 python scripts/benchmark.py --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
+python scripts/benchmark.py --suite=incremental --models=age,vgg16 --incremental_patches=5 --batch_sizes=16
 """
 
 import json
@@ -17,13 +18,14 @@ from absl import app, flags, logging
 _SUITE = flags.DEFINE_enum(
   "suite",
   "sweep",
-  ["sweep", "fit", "fit_accuracy", "torch", "texture", "e2e", "forward"],
+  ["sweep", "fit", "fit_accuracy", "torch", "texture", "e2e", "forward", "incremental"],
   "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face at "
   "several batch sizes, with held-out landmark errors; fit_accuracy: one batch, pose and dense errors against "
   "the synthetic truth; torch: our sweep vs the paper's PyTorch procedure and Captum's Occlusion (needs the "
   "baseline extra); texture: our texture extraction vs eos's extract_texture on fitted photos; e2e: the CMS "
   "pipeline's images/s and stages with 1, 2, 4 forced CPU devices and several face batches; forward: plain "
-  "forward passes in JAX and PyTorch per batch size, per-op profiles, and XLA:CPU flag variants.",
+  "forward passes in JAX and PyTorch per batch size, per-op profiles, and XLA:CPU flag variants; incremental: "
+  "incremental occlusion (windows of changed activations) vs the full-forward sweep and PyTorch.",
 )
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
@@ -261,6 +263,52 @@ def _torch_suite() -> list[dict]:
   return results
 
 
+_INC_PATCHES = flags.DEFINE_list(
+  "incremental_patches", ["5"], "incremental suite: patch sides in pixels (vgg16 gets 15 unless listed with @)."
+)
+_INC_POSITIONS = flags.DEFINE_integer(
+  "incremental_positions", 0, "incremental suite: random positions of the grid per model (0: all; vgg16: 32)."
+)
+_INC_APPROX = flags.DEFINE_list("approx_thresholds", [], "incremental suite: projective-field thresholds to time.")
+_INC_TORCH = flags.DEFINE_bool("incremental_torch", True, "incremental suite: the PyTorch baselines too.")
+
+
+def _incremental_suite() -> list[dict]:
+  from canonsal_jax import bench, models
+  from canonsal_jax.baselines import vgg
+
+  results = []
+  for name in _MODELS.value:
+    is_vgg = name == "vgg16"
+    model = vgg.load_vgg16() if is_vgg else models.load(name)
+    for patch in [15] if is_vgg else [int(p) for p in _INC_PATCHES.value]:
+      positions = _INC_POSITIONS.value or (32 if is_vgg else None)
+      res = bench.incremental_vs_full(
+        model,
+        patch_size=patch,
+        stride=_STRIDE.value,
+        num_positions=positions,
+        batch_size=int(_BATCH_SIZES.value[0]),
+        approx_thresholds=[float(t) for t in _INC_APPROX.value],
+        repeats=_REPEATS.value,
+        with_torch=_INC_TORCH.value,
+      )
+      results.append(res)
+      sec, up, err = res["seconds"], res["speedup"], res["drop_error"]
+      line = ", ".join(f"{k} {res['num_patches'] / v:.1f}" for k, v in sec.items())
+      print(f"{name:10s} {res['num_patches']} patches of {patch} px (img/s): {line}")
+      print(
+        "  speed-up over full: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in up.items())
+        + "; drop error / max drop: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in err.items())
+        + "; compile s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in res["compile_s"].items())
+      )
+      print("  windows: " + "; ".join(res["windows"]))
+  return results
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -276,6 +324,7 @@ def main(argv):
     "texture": _texture_suite,
     "e2e": _e2e_suite,
     "forward": _forward_suite,
+    "incremental": _incremental_suite,
   }
   results = suites[_SUITE.value]()
   if _JSON_OUT.value:
