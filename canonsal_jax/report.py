@@ -425,9 +425,10 @@ def _cms_section(rep: _Report) -> str:
   vmax_c = float(max(int(c.max()) for c in counts.values()) or 1)
   is_signed = any(np.any(m[v] < 0) for m, v in signed.values())
   bars = {k: rep.files.png(f"scale_{k}", _colorbar(k == "signed")) for k in ("signed", "sequential")}
+  unseen = "no image saw" if rep.min_count == 1 else f"seen by fewer than {rep.min_count} images"
   out = [
     f"<p>Each group's CMS is the weighted mean of its images' normalised CIS ({_e(run.acc.settings.normalisation)}) "
-    f"over the images that saw each texel; texels seen by fewer than {rep.min_count} image(s) are no data "
+    f"over the images that saw each texel; texels {unseen} are no data "
     "(hatched grey), never zero saliency. Coverage counts the images that saw each texel. All groups share "
     "one colour scale per kind. A per-vertex PLY of each CMS (the canonical face, coloured) is in meshes/.</p>",
     _scale(bars["signed" if is_signed else "sequential"], _fmt(-vmax_s if is_signed else 0.0), _fmt(vmax_s), "CMS"),
@@ -901,7 +902,7 @@ def write_report(
   summary = run.summary or {}
   model = ((summary.get("reproducibility") or {}).get("face_model")) or "unknown model"
   lead = (
-    f"Run {run.folder.name}: {run.acc.num_images()} image(s) accumulated, "
+    f"CMS run {run.folder}: {run.acc.num_images()} image(s) accumulated, "
     f"{sum(r['status'] != 'ok' for r in run.acc.records())} skipped; groups {', '.join(run.acc.groups()) or 'none'}; "
     f"3DMM {run.model3d.name}; face model {model}."
   )
