@@ -282,6 +282,9 @@ def _bilinear(image: jax.Array, valid: jax.Array, x: jax.Array, y: jax.Array) ->
   return value, coverage
 
 
+_bilinear_jit = jax.jit(_bilinear)  # for host callers (canonical renders): one program, not op-by-op dispatch
+
+
 @functools.partial(jax.jit, static_argnames=("cosine_weight",))
 def to_texture(
   heatmap: jax.typing.ArrayLike,
@@ -486,8 +489,8 @@ def sample_canonical(
   ones = jnp.ones(texture.shape, jnp.float32)
   x, y = jnp.asarray(xy[..., 0]), jnp.asarray(xy[..., 1])
   # Weighted bilinear: value = sum(b w t) / sum(b w) over the four taps, weight = sum(b w).
-  num, _ = _bilinear(jnp.asarray(np.where(weight > 0, texture * weight, 0.0)), ones, x, y)
-  w, _ = _bilinear(jnp.asarray(np.maximum(weight, 0.0)), ones, x, y)
+  num, _ = _bilinear_jit(jnp.asarray(np.where(weight > 0, texture * weight, 0.0)), ones, x, y)
+  w, _ = _bilinear_jit(jnp.asarray(np.maximum(weight, 0.0)), ones, x, y)
   num, w = np.asarray(num), np.asarray(w)
   mean = np.where(w > 0, num / np.where(w > 0, w, 1.0), 0.0)
   face = geometry.face
