@@ -87,6 +87,7 @@ __all__ = [
   "CMSAccumulator",
   "CMSSettings",
   "GroupSums",
+  "comparisons",
   "merge",
   "normaliser",
 ]
@@ -694,6 +695,18 @@ class CMSAccumulator:
       if in_records != num_images[i]:
         raise bad(f"group {group!r} counts {num_images[i]} images but its records list {in_records}")
     return acc
+
+
+def comparisons(groups: Sequence[str]) -> list[tuple[str, str]]:
+  """The group pairs worth a difference map, in a fixed order: every pair of predicted classes ("pred_*"), every
+  pair of true labels ("label_*"), and "correct" vs "misclassified"."""
+  pairs = []
+  for prefix in ("pred_", "label_"):
+    named = sorted(g for g in groups if g.startswith(prefix))
+    pairs += [(a, b) for i, a in enumerate(named) for b in named[i + 1 :]]
+  if "correct" in groups and "misclassified" in groups:
+    pairs.append(("correct", "misclassified"))
+  return pairs
 
 
 def merge(first: CMSAccumulator, *others: CMSAccumulator) -> CMSAccumulator:

@@ -1385,19 +1385,6 @@ def _versions() -> dict[str, str]:
   return found
 
 
-def _comparisons(groups: Sequence[str]) -> list[tuple[str, str]]:
-  """Group pairs whose difference maps are written: the two predicted classes of a binary model, the two true
-  labels of a binary labels CSV, and correct vs misclassified."""
-  pairs = []
-  for prefix in ("pred_", "label_"):
-    named = sorted(g for g in groups if g.startswith(prefix))
-    if len(named) == 2:
-      pairs.append((named[0], named[1]))
-  if "correct" in groups and "misclassified" in groups:
-    pairs.append(("correct", "misclassified"))
-  return pairs
-
-
 def write_cms(
   acc: cms.CMSAccumulator,
   out_dir: str | pathlib.Path,
@@ -1411,7 +1398,7 @@ def write_cms(
   Per group: `cms_<group>.npy/.png` (the mean over the images that saw each texel; texels seen by fewer than
   `min_count` images are no data), `cms_<group>_valid.npy`, `cms_<group>_abs.npy/.png` (mean |saliency|: where
   occlusion moves the score either way) and `cms_<group>_sum.npy` (the paper's plain sum). Difference maps
-  `cms_diff_<a>_vs_<b>.npy/.png` (diverging scale) for the pairs of `_comparisons`. Group renders of a kind
+  `cms_diff_<a>_vs_<b>.npy/.png` (diverging scale) for the pairs of `cms.comparisons`. Group renders of a kind
   share one colour scale, so they can be compared side by side.
   """
   out = pathlib.Path(out_dir)
@@ -1436,7 +1423,9 @@ def write_cms(
   write_views({safe(g): acc.mean(g, min_count=min_count, kind="absolute") for g in groups}, "_abs", False)
   for g in groups:
     io.save_npy(out / f"cms_{safe(g)}_sum.npy", acc.plain_sum(g)[0].astype(np.float32))
-  diffs = {f"diff_{safe(a)}_vs_{safe(b)}": acc.difference(a, b, min_count=min_count) for a, b in _comparisons(groups)}
+  diffs = {
+    f"diff_{safe(a)}_vs_{safe(b)}": acc.difference(a, b, min_count=min_count) for a, b in cms.comparisons(groups)
+  }
   if diffs:
     write_views(diffs, "", False)
   io.save_json(

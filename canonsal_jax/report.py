@@ -75,8 +75,6 @@ _TEST_COLUMNS = (
   "p_holm_all",
   "significant",
 )
-# Group-name prefixes that pipeline.run_cms writes for classes; pairs within one prefix are compared.
-_CLASS_PREFIXES = ("pred_", "label_")
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; max-width: 1250px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
@@ -197,16 +195,7 @@ def load_metrics(path: str | pathlib.Path) -> dict[str, Any]:
   return {"rows": rows, "settings": {}}
 
 
-def comparisons(groups: Sequence[str]) -> list[tuple[str, str]]:
-  """Group pairs the report compares: every pair of predicted classes ("pred_*"), every pair of true labels
-  ("label_*"), and "correct" vs "misclassified"; in a fixed order."""
-  pairs = []
-  for prefix in _CLASS_PREFIXES:
-    named = sorted(g for g in groups if g.startswith(prefix))
-    pairs += [(a, b) for i, a in enumerate(named) for b in named[i + 1 :]]
-  if "correct" in groups and "misclassified" in groups:
-    pairs.append(("correct", "misclassified"))
-  return pairs
+comparisons = cms.comparisons  # the group pairs the run's difference maps and the report compare
 
 
 # ------------------------------------------------------------------------------------------ pictures

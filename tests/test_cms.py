@@ -381,3 +381,15 @@ def test_absolute_sums_bound_signed_sums_and_survive_merge_and_checkpoint(tmp_pa
     np.testing.assert_array_equal(s.abs_sum, whole.sums("all").abs_sum)
     assert np.all(s.abs_sum >= np.abs(s.value_sum))
     assert np.any(s.abs_sum > np.abs(s.value_sum))  # the random images have both signs somewhere
+
+
+def test_comparisons_pairs_classes_labels_and_correctness():
+  groups = ["all", "pred_b", "pred_a", "pred_c", "label_x", "label_y", "correct", "misclassified", "other"]
+  assert cms.comparisons(groups) == [
+    ("pred_a", "pred_b"),
+    ("pred_a", "pred_c"),
+    ("pred_b", "pred_c"),
+    ("label_x", "label_y"),
+    ("correct", "misclassified"),
+  ]
+  assert cms.comparisons(["all", "pred_only", "correct"]) == []
