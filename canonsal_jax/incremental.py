@@ -12,7 +12,7 @@ The model is described by a `LayerGraph`: nodes with known geometry (`Spatial` s
 convolutions, depthwise convolutions and pools; `Pointwise` per-pixel ops such as affine maps, batch norms,
 activations and 1x1 convolutions; `Add`, with dlib's zero-padding `add_prev` as an option; `Full` ops that
 need the whole map, such as global pooling and dense layers). Window sizes are static: for every possible
-patch centre the window's start along each axis is tabulated on the host (`_plan`), the length is the largest
+patch centre the window's start along each axis is tabulated on the host (`plan`), the length is the largest
 over all centres, and at run time each patch looks its starts up and moves its windows with
 `lax.dynamic_slice` / `lax.dynamic_update_slice`. A spatial layer computes its output window as a VALID op on
 a slab of its padded cached input with the changed input window pasted in, for all patches of a chunk in one
@@ -55,12 +55,14 @@ __all__ = [
   "GraphBuilder",
   "LayerGraph",
   "Node",
+  "Plan",
   "Pointwise",
   "Spatial",
   "WithGraph",
   "avg_pool_valid",
   "call",
   "conv_valid",
+  "make_cache",
   "max_pool_valid",
   "occluded_outputs",
   "plan",
