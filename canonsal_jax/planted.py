@@ -1039,7 +1039,7 @@ def run(settings: Settings, *, progress: Callable[[dict[str, Any]], None] | None
 
   Returns:
     {"settings": ..., "runs": [one `run_one` result per region and seed], "num_faces", "num_scenes",
-    "region_texel_share": per region, its share of the face texels}.
+    "region_texel_share": per region, its share of the head's texels (the UV layout)}.
   """
   data = _prepare_data(settings)
   runs = []
@@ -1048,14 +1048,14 @@ def run(settings: Settings, *, progress: Callable[[dict[str, Any]], None] | None
       runs.append(run_one(data, settings, region, seed))
       if progress is not None:
         progress(runs[-1])
-  face = synthetic.face_texels(data.model3d, data.texel_region.shape[0])
+  head = data.texel_region >= 0
   return {
     "settings": dataclasses.asdict(settings),
     "runs": runs,
     "num_faces": len(data.sources),
     "num_scenes": len(data.scenes),
     "region_texel_share": {
-      r: float((data.texel_region == REGION_NAMES.index(r)).sum() / max(face.sum(), 1)) for r in settings.regions
+      r: float((data.texel_region == REGION_NAMES.index(r)).sum() / max(head.sum(), 1)) for r in settings.regions
     },
     "_model3d": data.model3d,
     "_example_scenes": _example_strip(data, settings),
@@ -1124,7 +1124,6 @@ def markdown_table(results: dict[str, Any], summary: dict[str, Any]) -> str:
   regions = results["settings"]["regions"]
   seeds = results["settings"]["seeds"]
   table = summary["table"]
-  share = results["region_texel_share"]
   head = "| method | " + " | ".join(f"{r} (CIS / CMS / crop)" for r in regions) + " |"
   lines = [head, "|" + " --- |" * (len(regions) + 1)]
 
@@ -1139,7 +1138,6 @@ def markdown_table(results: dict[str, Any], summary: dict[str, Any]) -> str:
     + " | ".join(cell(r, "null_occlusion") for r in regions)
     + " |"
   )
-  lines.append("| region's share of the face texels | " + " | ".join(f"{share[r]:.2f}" for r in regions) + " |")
   lines.append(
     "| model: test accuracy / with the cue swapped / cue moved called 'cue' | "
     + " | ".join(
@@ -1149,11 +1147,26 @@ def markdown_table(results: dict[str, Any], summary: dict[str, Any]) -> str:
     + " |"
   )
   lines.append(
-    "| null model: test accuracy / with the cue swapped | "
-    + " | ".join(f"{table[r]['null/accuracy']:.2f} / {table[r]['null/swap_accuracy']:.2f}" for r in regions)
+    "| null model: test accuracy / answers that follow the cue alone | "
+    + " | ".join(f"{table[r]['null/accuracy']:.2f} / {table[r]['null/follows_cue']:.2f}" for r in regions)
     + " |"
   )
   runs = results["runs"]
+  rivals = [m for m in METHODS if m not in ("occlusion", "occlusion_true_mesh", "uniform")]
+  per_seed = [
+    "",
+    "| region | seed | occlusion (CIS / CMS) | best rival (CIS) | null occlusion (CIS) | null follows cue |",
+  ]
+  per_seed.append("|" + " --- |" * 6)
+  for r in runs:
+    best = max(rivals, key=lambda m: r["scores"][m]["mean"])
+    occ = r["scores"]["occlusion"]
+    per_seed.append(
+      f"| {r['region']} | {r['seed']} | {occ['mean']:.2f} / {occ['cms']:.2f} | {_LABELS[best]} "
+      f"{r['scores'][best]['mean']:.2f} | {r['null_scores']['occlusion']['mean']:.2f} | "
+      f"{r['null']['follows_cue']:.2f} |"
+    )
+  lines += per_seed
   note = (
     f"\n{len(regions)} regions x {len(seeds)} seeds, {results['num_faces']} faces ({results['num_scenes']} posed "
     f"scenes), {runs[0]['num_train']} training and {runs[0]['num_test']} test images per model, "
