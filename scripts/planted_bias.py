@@ -18,6 +18,9 @@ _STEPS = flags.DEFINE_integer("steps", 200, "Adam steps per model.")
 _NUM_EXPLAIN = flags.DEFINE_integer("num_explain", 12, "Cue-bearing test images explained per model.")
 _POSES = flags.DEFINE_integer("poses_per_face", 6, "Random poses rendered per face.")
 _MORPHABLE = flags.DEFINE_string("morphable_model", "default", '"default" or a Surrey Face Model folder.')
+_NULL_LABELS = flags.DEFINE_enum(
+  "null_labels", "shuffled", ["shuffled", "balanced"], "Null model labels: permuted, or random within each cue class."
+)
 _OUT_DIR = flags.DEFINE_string("out_dir", "outputs/planted", "Output folder.")
 
 
@@ -40,6 +43,7 @@ def main(argv):
     num_explain=_NUM_EXPLAIN.value,
     poses_per_face=_POSES.value,
     morphable_model=_MORPHABLE.value,
+    null_labels=_NULL_LABELS.value,
   )
   logging.info("devices: %s", jax.devices())
   logging.info("settings: %s", settings)

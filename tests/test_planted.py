@@ -185,3 +185,15 @@ def test_canonical_occlusion_is_the_pipelines_cis(astronaut_experiment, model3d,
   seen = explained.textures["uniform"][1] > 0
   np.testing.assert_array_equal(explained.textures["vanilla_gradient"][1] > 0, seen)
   assert np.all(seen[wgt > 0]) and (wgt > 0).sum() > 0.97 * seen.sum()
+
+
+def test_null_labels_carry_no_cue():
+  labels = np.tile([1, 0], 100)
+  rng = np.random.default_rng(2)
+  shuffled = planted._null_labels(labels, "shuffled", rng)
+  np.testing.assert_array_equal(np.sort(shuffled), np.sort(labels))  # a permutation
+  assert not np.array_equal(shuffled, labels)
+  balanced = planted._null_labels(labels, "balanced", rng)
+  assert balanced[labels == 1].mean() == 0.5 and balanced[labels == 0].mean() == 0.5  # independent of the cue
+  with pytest.raises(ValueError, match="null_labels"):
+    planted.Settings(null_labels="random")
