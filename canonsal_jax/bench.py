@@ -1088,7 +1088,8 @@ def incremental_vs_full(
 
   Returns:
     A dict with seconds (medians), `speedup` (method -> full / method, per-round median), compile seconds,
-    each method's largest drop error against "full" relative to the largest drop, and the windows per layer.
+    each method's largest and mean drop error against "full" relative to the largest drop and the Pearson
+    correlation of its drops with full's, and the windows per layer.
   """
   rng = np.random.default_rng(seed)
   size = model.crop.size
@@ -1120,6 +1121,8 @@ def incremental_vs_full(
   full_drops = np.asarray(results["full"].drops)
   scale = float(np.abs(full_drops).max())
   errors = {name: float(np.abs(np.asarray(r.drops) - full_drops).max() / scale) for name, r in results.items()}
+  mean_errors = {name: float(np.abs(np.asarray(r.drops) - full_drops).mean() / scale) for name, r in results.items()}
+  correlations = {name: float(np.corrcoef(np.asarray(r.drops), full_drops)[0, 1]) for name, r in results.items()}
   fns: dict[str, Callable[[], Any]] = {
     name: (lambda c=c: c(model.params, image, centres, valid)) for name, c in compiled.items()
   }
@@ -1171,6 +1174,8 @@ def incremental_vs_full(
     "compile_s": compile_s,
     "max_drop": scale,
     "drop_error": errors,
+    "drop_mean_error": mean_errors,
+    "drop_correlation": correlations,
     "torch": torch_info,
     "windows": the_plan.describe(),
   }
