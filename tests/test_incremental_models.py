@@ -98,3 +98,20 @@ def test_nnx_models_bind_by_merge():
   want = nnx.merge(graphdef, doubled)(x)
   np.testing.assert_allclose(np.asarray(graph.apply(doubled, x)), np.asarray(want), rtol=1e-5, atol=1e-5)
   assert occlusion.make_sweep(graph.apply, graph=graph, patch_size=15, batch_size=4, score=occlusion.Score("logit"))
+
+
+@pytest.mark.slow
+def test_benchmark_function_runs_and_agrees():
+  """`bench.incremental_vs_full` (the --suite=incremental figures) on a few gender patches: every method agrees."""
+  from canonsal_jax import bench
+
+  res = bench.incremental_vs_full(
+    models.load("gender"), patch_size=1, num_positions=32, batch_size=8, approx_thresholds=(1.0,), repeats=1
+  )
+  assert res["num_patches"] == 32
+  assert set(res["seconds"]) >= {"full", "full_graph", "incremental", "approx_1"}
+  assert res["drop_error"]["incremental"] < 1e-5 and res["drop_error"]["approx_1"] < 1e-5
+  assert res["drop_correlation"]["incremental"] > 0.999999
+  if res["torch"] is not None:  # the paper's PyTorch procedure on the same patches gives the same heatmap
+    assert res["torch"]["paper_heatmap_err"] < 1e-4
+  assert res["windows"][0] == "0: 1x1 of 32x32" and res["windows"][-1].endswith("full")
