@@ -415,12 +415,31 @@ class _SilhouetteMesh(NamedTuple):
   left: _SilhouetteSide
 
 
+# `_silhouette_mesh`'s last few results by model object: id(model) -> (model, mesh); holding the model keeps its id
+# from being reused by another object while the entry lives.
+_SILHOUETTE_CACHE: dict[int, tuple[MorphableModel, _SilhouetteMesh]] = {}
+_SILHOUETTE_CACHE_SIZE = 4
+
+
 def _silhouette_mesh(model: MorphableModel) -> _SilhouetteMesh | None:
-  """The jaw-area `_SilhouetteMesh` of a concrete model, computed once per `fit` call in numpy.
+  """The jaw-area `_SilhouetteMesh` of a concrete model, computed in numpy once per model object (cached).
 
   Returns None when the model's arrays are traced (`fit` called inside a `jit` over the model): no static subset
   can be taken then, and the match falls back to the whole mesh.
   """
+  cached = _SILHOUETTE_CACHE.get(id(model))
+  if cached is not None and cached[0] is model:
+    return cached[1]
+  mesh = _build_silhouette_mesh(model)
+  if mesh is not None:
+    if len(_SILHOUETTE_CACHE) >= _SILHOUETTE_CACHE_SIZE:
+      _SILHOUETTE_CACHE.pop(next(iter(_SILHOUETTE_CACHE)))
+    _SILHOUETTE_CACHE[id(model)] = (model, mesh)
+  return mesh
+
+
+def _build_silhouette_mesh(model: MorphableModel) -> _SilhouetteMesh | None:
+  """`_silhouette_mesh` without the cache."""
   fields = ("mean", "regions", "landmark_ids", "contour_right_ids", "contour_left_ids", "triangles")
   fields += ("edge_vertex_ids", "edge_face_ids")
   try:
@@ -438,14 +457,19 @@ def _silhouette_mesh(model: MorphableModel) -> _SilhouetteMesh | None:
   local_tri = np.full(concrete.triangles.shape[0], -1, np.int64)
   local_tri[tri_ids] = np.arange(tri_ids.size)
   num_edges = edges.shape[0]
+  # Each vertex's edges: the edge ends sorted by vertex, then a padded row per vertex.
+  ends = edges.reshape(-1)
+  order = np.argsort(ends, kind="stable")
+  edge_of_end = np.repeat(np.arange(num_edges), 2)[order]
+  counts = np.bincount(ends, minlength=model.num_vertices)
+  starts = np.cumsum(counts) - counts
 
   def side(allowed: np.ndarray) -> _SilhouetteSide:
     ids = np.flatnonzero(allowed)
-    incident = [np.flatnonzero((edges == v).any(axis=1)) for v in ids]
-    width = max(len(e) for e in incident)
-    padded = np.full((ids.size, width), num_edges, np.int64)
-    for row, e in enumerate(incident):
-      padded[row, : len(e)] = e
+    columns = np.arange(counts[ids].max())
+    valid = columns[None, :] < counts[ids][:, None]
+    position = np.minimum(starts[ids][:, None] + columns[None, :], ends.size - 1)
+    padded = np.where(valid, edge_of_end[position], num_edges)
     return _SilhouetteSide(
       jnp.asarray(ids, jnp.int32), jnp.asarray(local_vertex[ids], jnp.int32), jnp.asarray(padded, jnp.int32)
     )
