@@ -366,7 +366,9 @@ def make_sweep(
       (`canonsal_jax.incremental`; needs a layer graph); "auto" is incremental where a graph is known and full
       otherwise (logged once).
     graph: the model's `incremental.LayerGraph`; default `apply_fn.layer_graph` where `apply_fn` carries one
-      (the ported face models' `apply_fn` do, see `incremental.with_graph`).
+      (the ported face models' `apply_fn` do, see `incremental.with_graph`). It must compute what `apply_fn`
+      computes: the incremental sweep takes the unoccluded outputs from it too, so that every drop is the
+      difference of two results of the same arithmetic.
     approx_threshold: incremental only: the projective-field threshold tau in (0, 1] of the approximate mode
       (no changed window grows beyond `ceil(tau * side)` of its map); None is exact.
 
