@@ -126,10 +126,10 @@ class Score:
 
   def __call__(self, outputs: jax.Array, target: jax.Array) -> jax.Array:
     """Scores `outputs[B, K]` against `target`; returns `[B]`."""
-    if self.contrast:
-      return self._class_score(outputs, target[0]) - self._class_score(outputs, target[1])
     if self.kind == "cosine" and self.contrast:
       return self._cosine(outputs, target[0]) - self._cosine(outputs, target[1])
+    if self.contrast:
+      return self._class_score(outputs, target[0]) - self._class_score(outputs, target[1])
     if self.kind in _CLASS_KINDS:
       return self._class_score(outputs, target)
     if self.kind == "expected_value":
