@@ -6,6 +6,7 @@ python scripts/benchmark.py --suite=fit --morphable_model=../shared/assets/sfm -
 python scripts/benchmark.py --suite=fit_accuracy --morphable_model=../shared/assets/sfm --fit_batch_size=64
 python scripts/benchmark.py --suite=texture --morphable_model=../shared/assets/sfm --texture_batch_sizes=1,16,64
 python scripts/benchmark.py --suite=e2e --max_images=24 --e2e_devices=1,2,4 --e2e_face_batches=1,4,8
+python scripts/benchmark.py --suite=forward --models=age --batch_sizes=8,16,32 --repeats=5
 python scripts/benchmark.py --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
 python scripts/benchmark.py --suite=incremental --models=age,vgg16 --incremental_patches=5 --batch_sizes=16
 """
