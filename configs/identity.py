@@ -1,5 +1,6 @@
 """Identity saliency with dlib's ResNet face descriptor (150 px chips): the paper's ~7% patch (7 px here), every
-4th position (1,369 occluded chips per face, about 20 s per face on a 2-core CPU; stride 1 takes 16x longer).
+4th position (1,296 occluded chips per face, ~20 s per face on a 2-core CPU with the full sweep (1,296 x ~16 ms);
+stride 1 takes 16x longer).
 
 Run:
   python scripts/cis.py --config=configs/identity.py --out_dir=/tmp/canonsal_identity
