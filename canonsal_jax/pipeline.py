@@ -629,13 +629,7 @@ def cis_face(
   texture, weight = np.asarray(texture, np.float32), np.asarray(weight, np.float32)
   outside = float(canonical.outside_mesh_share(occ.heatmap, frags, valid))
   clock.lap("texture")
-  regions = stats.region_labels(model3d, texture_size)
-  mass = np.abs(texture) * weight
-  total = float(mass.sum())
-  region_mass = {
-    region: (float(mass[regions == i].sum()) / total if total > 0 else 0.0)
-    for i, region in enumerate(morphable.REGION_NAMES)
-  }
+  region_mass = _region_mass(texture, weight, stats.region_labels(model3d, texture_size))
   return CISResult(
     occlusion=occ,
     fit=fit,

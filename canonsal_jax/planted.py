@@ -53,7 +53,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from canonsal_jax import attribution, canonical, faces, io, models, occlusion, pipeline, raster, synthetic, viz
+from canonsal_jax import attribution, canonical, faces, io, models, occlusion, pipeline, raster, stats, synthetic, viz
 from canonsal_jax import config as config_lib
 from canonsal_jax.morphable import fitting
 from canonsal_jax.morphable.model import REGION_NAMES, MorphableModel
@@ -98,9 +98,8 @@ _CUE_CLASS = 1
 _CHANNELS = (8, 16, 16)
 # Where the cue goes in the "moved" check: another region of similar size and no overlap.
 _MOVED_TO = {"nose": "cheeks", "cheeks": "nose", "forehead": "chin", "chin": "forehead", "mouth": "forehead"}
-# Crop rasteriser bounds, as `pipeline.cis_face` uses them.
-_CROP_MAX_BOX, _CROP_MAX_OVERSIZED = 8, 64
-_RENDER_BOX_STEP = 8
+# Crop rasteriser bounds, as `pipeline.cis_face` uses them for this crop.
+_CROP_MAX_BOX, _CROP_MAX_OVERSIZED = canonical.crop_raster_bounds(CROP.face_width)
 # Render rasteriser bounds: one compiled program for every face and pose (face triangles span a few pixels at
 # `FACE_PX`; larger ones go to the exact fallback, and `raster.check_complete` raises if any is dropped).
 _RENDER_MAX_BOX, _RENDER_MAX_OVERSIZED = 16, 32
@@ -192,12 +191,10 @@ class Settings:
 def texel_regions(model: MorphableModel, size: int) -> np.ndarray:
   """`[T, T]` int region index (into `REGION_NAMES`) per texel, -1 outside the UV layout.
 
-  A texel takes the region of the nearest corner of its triangle (as `pipeline.cis_face`'s region masses).
+  `stats.region_labels`: a texel takes the region of the nearest corner of its triangle (as the pipeline's
+  region masses).
   """
-  uvr = canonical.model_uv_raster(model, size)
-  tri_id, bary = np.asarray(uvr.tri_id), np.asarray(uvr.bary)
-  nearest = np.asarray(model.triangles)[np.maximum(tri_id, 0), np.argmax(bary, axis=-1)]
-  return np.where(tri_id >= 0, np.asarray(model.regions)[nearest], -1).astype(np.int32)
+  return stats.region_labels(model, size)
 
 
 def plant_cue(texture: np.ndarray, mask: np.ndarray, *, strength: float, colour=CUE_COLOUR) -> np.ndarray:
@@ -279,30 +276,9 @@ def source_faces(
 
 
 def _textured_face(model3d: MorphableModel, image: np.ndarray, fit: Any, size: int) -> synthetic.TexturedFace:
-  """`synthetic.textured_face` with the rasteriser's box bound rounded up (photos of similar size share one
-  compiled program) and the texture stored as uint8."""
-  import scipy.ndimage
-
-  height, width = image.shape[:2]
-  triangles = np.asarray(model3d.triangles, np.int32)
-  mesh = np.asarray(fit.vertices_xyd, np.float32)
-  box = -(-raster.required_box(mesh[:, :2], triangles, height, width) // _RENDER_BOX_STEP) * _RENDER_BOX_STEP
-  frags = raster.check_complete(raster.rasterize(mesh, triangles, height, width, max_box=box, chunk_size=1024))
-  uvr = canonical.model_uv_raster(model3d, size)
-  per_channel = jax.vmap(canonical.to_texture, in_axes=(0, None, None, None, None))
-  rgb = jnp.moveaxis(jnp.asarray(image, jnp.float32), -1, 0)
-  texture, weight = jax.device_get(per_channel(rgb, frags, mesh, uvr, triangles))
-  texture, seen = np.moveaxis(texture, 0, -1), weight[0] > 0
-  if not seen.any():
-    raise ValueError("the photo sees no texel of the mesh")
-  _, (rows, cols) = scipy.ndimage.distance_transform_edt(~seen, return_indices=True)  # unseen: nearest seen
-  return synthetic.TexturedFace(
-    vertices=np.asarray(model3d.vertices(fit.alpha, fit.beta), np.float32),
-    triangles=triangles,
-    uv=np.asarray(model3d.uv, np.float32),
-    texture=np.clip(np.rint(texture[rows, cols]), 0, 255).astype(np.uint8),
-    seen=weight[0].astype(np.float32),
-  )
+  """`synthetic.textured_face` with the texture stored as uint8."""
+  face = synthetic.textured_face(model3d, image, fit, texture_size=size)
+  return face._replace(texture=np.clip(np.rint(face.texture), 0, 255).astype(np.uint8))
 
 
 class Scene(NamedTuple):

@@ -144,7 +144,8 @@ def textured_face(
   if texture_size is None:
     face_px = float(np.ptp(np.asarray(model.mean)[:, 0])) * float(fit.scale)
     texture_size = canonical.default_texture_size(max(round(face_px), 1), model)
-  box = raster.required_box(mesh[:, :2], triangles, height, width)
+  # The box bound rounded up, so photos of similar size share one compiled rasteriser (it is a static argument).
+  box = -(-raster.required_box(mesh[:, :2], triangles, height, width) // _BOX_STEP) * _BOX_STEP
   frags = raster.check_complete(raster.rasterize(mesh, triangles, height, width, max_box=box, chunk_size=1024))
   uvr = canonical.model_uv_raster(model, texture_size)
   per_channel = jax.vmap(canonical.to_texture, in_axes=(0, None, None, None, None))
@@ -270,11 +271,9 @@ FACE_REGIONS = ("brows", "eyes", "nose", "cheeks", "mouth", "chin")
 
 def face_texels(model: MorphableModel, size: int) -> np.ndarray:
   """[T, T] bool, texels in `FACE_REGIONS` (the region of the nearest corner of the texel's triangle)."""
-  uvr = canonical.model_uv_raster(model, size)
-  tri_id, bary = np.asarray(uvr.tri_id), np.asarray(uvr.bary)
-  nearest = np.asarray(model.triangles)[np.maximum(tri_id, 0), np.argmax(bary, axis=-1)]
-  wanted = np.isin(np.asarray(model.regions)[nearest], [REGION_NAMES.index(r) for r in FACE_REGIONS])
-  return (tri_id >= 0) & wanted
+  from canonsal_jax import stats
+
+  return np.isin(stats.region_labels(model, size), [REGION_NAMES.index(r) for r in FACE_REGIONS])
 
 
 class ViewAgreement(NamedTuple):

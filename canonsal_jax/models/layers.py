@@ -71,17 +71,10 @@ class Affine(nnx.Module):
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """dlib's `max_pool<3,3,2,2>` (no padding): `[B, H, W, C]` -> `[B, (H-3)//2+1, (W-3)//2+1, C]`.
 
-  A max over the nine strided views rather than `reduce_window`, which XLA:CPU runs several times slower;
-  the result is the same bit for bit (a max is exact).
+  `incremental.max_pool_valid`: a max over the nine strided views rather than `reduce_window`, which XLA:CPU
+  runs several times slower; the result is the same bit for bit (a max is exact).
   """
-  size, stride = 3, 2
-  h, w = (x.shape[1] - size) // stride + 1, (x.shape[2] - size) // stride + 1
-  views = [
-    x[:, i : i + stride * (h - 1) + 1 : stride, j : j + stride * (w - 1) + 1 : stride]
-    for i in range(size)
-    for j in range(size)
-  ]
-  return functools.reduce(jnp.maximum, views)
+  return incremental.max_pool_valid(x, 3, 2)
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
