@@ -306,7 +306,8 @@ def sweep_vs_torch(
   random subsample of it (Captum cannot run a subsample and is skipped), on one random face crop, constant
   baseline 0. `positions` (`[N, 2]` (row, col), e.g. `vertex_centres`) replaces the grid (one row, whatever
   `strides` holds beyond its first; Captum skipped), subsampled to `num_positions` likewise. Ours is compiled
-  ahead with `.lower().compile()`; the paper's procedure batches 16 images; Captum is timed at each
+  ahead with `.lower().compile()` and runs `batch_size` occluded images per step, as do both plain forwards;
+  the paper's procedure always batches 16 images (its published setting); Captum is timed at each
   `perturbations_per_eval` (it refuses strides larger than the window). Plain batched forward throughput of
   each framework over the same number of ready-made images comes along: JAX as in `sweep_vs_forward`, PyTorch
   as one `net(batch)` per batch under `torch.inference_mode()`. Heatmaps are checked equal (to 1e-4 of the
@@ -373,10 +374,8 @@ def sweep_vs_torch(
 
     row: dict[str, Any] = {"stride": stride, "num_patches": n, "grid": grid}
 
-    def paper(ctr=centres, score_fn=score_fn):
-      return reference.paper_occlusion(
-        net, x, ctr, patch_size=patch_px, score_fn=score_fn, batch_size=batch_size, device=device
-      )
+    def paper(ctr=centres, score_fn=score_fn):  # the paper's batches of 16, whatever `batch_size` ours uses
+      return reference.paper_occlusion(net, x, ctr, patch_size=patch_px, score_fn=score_fn, device=device)
 
     fns: dict[str, Callable[[], Any]] = {
       "ours": lambda c=compiled, ctr=centres, v=valid: c(model.params, image, ctr, v)
@@ -441,6 +440,7 @@ def sweep_vs_torch(
     "input_shape": list(model.input_shape),
     "patch_size_px": patch_px,
     "batch_size": batch_size,
+    "paper_batch_size": reference.PAPER_BATCH_SIZE,
     "torch": torch.__version__,
     "torch_threads": torch.get_num_threads(),
     "torch_device": device,
@@ -1074,6 +1074,7 @@ def incremental_vs_full(
   repeats: int = 3,
   with_torch: bool = True,
   seed: int = 0,
+  device: str = "cpu",
 ) -> dict[str, Any]:
   """Times the incremental occlusion sweep against the full-forward sweep (and PyTorch) on the same patches.
 
@@ -1083,8 +1084,10 @@ def incremental_vs_full(
   model's `LayerGraph`: the same ops as the incremental sweep, so their ratio is the windows' saving alone),
   "incremental" (exact) and "approx_<tau>" for each projective-field threshold. With `with_torch`, the
   paper's PyTorch procedure (`reference.paper_occlusion`, batch 16) and a plain PyTorch forward over the same
-  number of ready-made images come along, where the model has a twin. All are timed in interleaved rounds;
-  ratios are medians of per-round ratios.
+  number of ready-made images come along, where the model has a twin; `device` ("cpu", "cuda") is where it
+  runs. Every sweep is compiled under ``jax.default_matmul_precision("highest")`` and PyTorch's TF32 is off, so
+  the drop errors are float32 rounding on a GPU too. All are timed in interleaved rounds; ratios are medians of
+  per-round ratios.
 
   Returns:
     A dict with seconds (medians), `speedup` (method -> full / method, per-round median), compile seconds,
@@ -1115,7 +1118,8 @@ def incremental_vs_full(
   for name, (fn, kwargs) in settings.items():
     sweep = occlusion.make_sweep(fn, patch_size=patch_px, batch_size=batch_size, score=score, **kwargs)
     start = time.perf_counter()
-    compiled[name] = sweep.lower(model.params, image, centres, valid).compile()
+    with jax.default_matmul_precision("highest"):
+      compiled[name] = sweep.lower(model.params, image, centres, valid).compile()
     compile_s[name] = time.perf_counter() - start
     results[name] = compiled[name](model.params, image, centres, valid)
   full_drops = np.asarray(results["full"].drops)
@@ -1132,30 +1136,38 @@ def incremental_vs_full(
 
     from canonsal_jax.baselines import reference, torch_models
 
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     try:
-      net = torch_models.from_face_model(model)
+      net = torch_models.from_face_model(model).to(device)
     except ValueError:
       net = None
     if net is not None:
       x = torch_models.to_nchw(image[None])[0]
       target = None if score.kind == "expected_value" else int(results["full"].target)
       score_fn = reference.torch_score(score.kind, target=target, values=score.values)
-      paper = lambda: reference.paper_occlusion(net, x, centres, patch_size=patch_px, score_fn=score_fn)
+
+      def paper():
+        return reference.paper_occlusion(net, x, centres, patch_size=patch_px, score_fn=score_fn, device=device)
+
       heat = np.asarray(paper())
       want = np.asarray(results["full"].heatmap)
-      batches = [torch_models.to_nchw(np.broadcast_to(image, (batch_size, *image.shape)).copy())] * (
-        -(-n // batch_size)
-      )
+      batch = torch_models.to_nchw(np.broadcast_to(image, (batch_size, *image.shape)).copy()).to(device)
+      batches = [batch] * (-(-n // batch_size))
 
       def torch_forward(batches=batches):
         with torch.inference_mode():
-          return [net(b) for b in batches]
+          out = [net(b) for b in batches]
+        if torch.device(device).type == "cuda":
+          torch.cuda.synchronize()
+        return out
 
       fns["torch_paper"] = paper
       fns["torch_forward"] = torch_forward
       torch_info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": device,
         "paper_heatmap_err": float(np.abs(heat - want).max() / max(float(np.abs(want).max()), 1e-12)),
       }
   times = interleaved_seconds(fns, repeats=repeats)

@@ -70,7 +70,13 @@ _VGG_PATCHES = flags.DEFINE_enum(
   "torch suite: vgg16's positions from the --vgg_stride grid, or from the visible vertices of the frontal mean "
   "face of --morphable_model (default: the embedded model; about 1,800 on 224 px, the paper's setting).",
 )
-_TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "torch suite: where PyTorch runs (cpu, cuda).")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "torch, incremental suites: where PyTorch runs (cpu, cuda).")
+_VGG_BATCH = flags.DEFINE_integer(
+  "vgg_batch_size", 0, "torch, incremental suites: vgg16's batch (0: --batch_sizes' first)."
+)
+_VGG_CENTRES = flags.DEFINE_string(
+  "vgg_centres_file", None, "torch suite: a .npy of [N, 2] (row, col) vgg16 positions, instead of --vgg_patches."
+)
 _EOS_REPEATS = flags.DEFINE_integer("eos_repeats", 3, "fit_accuracy suite: timed repeats of eos's loop over the batch.")
 
 
@@ -225,6 +231,11 @@ def _fit_accuracy_suite() -> list[dict]:
   return [res]
 
 
+def _batch_size(is_vgg: bool) -> int:
+  """The torch and incremental suites' batch: --vgg_batch_size for vgg16 where set, else --batch_sizes' first."""
+  return (_VGG_BATCH.value if is_vgg else 0) or int(_BATCH_SIZES.value[0])
+
+
 def _torch_suite() -> list[dict]:
   from canonsal_jax import bench, models
   from canonsal_jax.baselines import vgg
@@ -233,7 +244,12 @@ def _torch_suite() -> list[dict]:
   for name in _MODELS.value:
     is_vgg = name == "vgg16"
     positions = None
-    if is_vgg and _VGG_PATCHES.value == "vertices":
+    if is_vgg and _VGG_CENTRES.value:
+      import numpy as np
+
+      positions = np.load(_VGG_CENTRES.value)
+      logging.info("vgg16: %d positions from %s", len(positions), _VGG_CENTRES.value)
+    elif is_vgg and _VGG_PATCHES.value == "vertices":
       from canonsal_jax import pipeline
 
       positions = bench.vertex_centres(pipeline.load_morphable(_MORPHABLE_MODEL.value or "default"), vgg.INPUT_SIZE)
@@ -243,7 +259,7 @@ def _torch_suite() -> list[dict]:
       patch_size=_PATCH.value,
       strides=[_VGG_STRIDE.value] if is_vgg else [int(s) for s in _STRIDES.value],
       num_positions=_VGG_POSITIONS.value if is_vgg else None,
-      batch_size=int(_BATCH_SIZES.value[0]),
+      batch_size=_batch_size(is_vgg),
       perturbations_per_eval=[int(p) for p in _PPE.value],
       repeats=_REPEATS.value,
       device=_TORCH_DEVICE.value,
@@ -265,13 +281,23 @@ def _torch_suite() -> list[dict]:
 
 
 _INC_PATCHES = flags.DEFINE_list(
-  "incremental_patches", ["5"], "incremental suite: patch sides in pixels (vgg16 gets 15 unless listed with @)."
+  "incremental_patches",
+  ["5"],
+  "incremental suite: patch sides in pixels, for every model (N) or one (name@N, e.g. gender@1); vgg16 gets 15 "
+  "unless listed as vgg16@N.",
 )
 _INC_POSITIONS = flags.DEFINE_integer(
   "incremental_positions", 0, "incremental suite: random positions of the grid per model (0: all; vgg16: 32)."
 )
 _INC_APPROX = flags.DEFINE_list("approx_thresholds", [], "incremental suite: projective-field thresholds to time.")
 _INC_TORCH = flags.DEFINE_bool("incremental_torch", True, "incremental suite: the PyTorch baselines too.")
+
+
+def _incremental_patches(name: str) -> list[int]:
+  """--incremental_patches for one model: its `name@N` entries where it has any, else the bare `N` ones (vgg16: 15)."""
+  own = [int(p.split("@")[1]) for p in _INC_PATCHES.value if p.split("@")[0] == name and "@" in p]
+  bare = [int(p) for p in _INC_PATCHES.value if "@" not in p]
+  return own or ([15] if name == "vgg16" else bare)
 
 
 def _incremental_suite() -> list[dict]:
@@ -282,17 +308,18 @@ def _incremental_suite() -> list[dict]:
   for name in _MODELS.value:
     is_vgg = name == "vgg16"
     model = vgg.load_vgg16() if is_vgg else models.load(name)
-    for patch in [15] if is_vgg else [int(p) for p in _INC_PATCHES.value]:
+    for patch in _incremental_patches(name):
       positions = _INC_POSITIONS.value or (32 if is_vgg else None)
       res = bench.incremental_vs_full(
         model,
         patch_size=patch,
         stride=_STRIDE.value,
         num_positions=positions,
-        batch_size=int(_BATCH_SIZES.value[0]),
+        batch_size=_batch_size(is_vgg),
         approx_thresholds=[float(t) for t in _INC_APPROX.value],
         repeats=_REPEATS.value,
         with_torch=_INC_TORCH.value,
+        device=_TORCH_DEVICE.value,
       )
       results.append(res)
       sec, up, err = res["seconds"], res["speedup"], res["drop_error"]
