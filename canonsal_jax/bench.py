@@ -37,6 +37,7 @@ __all__ = [
   "interleaved_seconds",
   "median_ratio",
   "median_seconds",
+  "precision_vs_highest",
   "sweep_vs_forward",
   "sweep_vs_torch",
   "texture_vs_eos",
@@ -1190,4 +1191,63 @@ def incremental_vs_full(
     "drop_correlation": correlations,
     "torch": torch_info,
     "windows": the_plan.describe(),
+  }
+
+
+def precision_vs_highest(
+  model: models.FaceModel,
+  *,
+  patch_size: int | float = 0.07,
+  stride: int = 1,
+  num_positions: int | None = None,
+  batch_size: int = 256,
+  precisions: Sequence[str] = ("default", "high"),
+  method: str = "full",
+  repeats: int = 3,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """The sweep compiled at lower matmul precisions (TF32, bf16 passes on a GPU) against "highest" (float32).
+
+  On a GPU, XLA's default precision for float32 convolutions and matmuls is TF32 (about 10 mantissa bits), and
+  occlusion drops are small differences of two scores, so rounding in the forward pass lands on the heatmap
+  directly. One random face crop, constant baseline 0, the `stride` grid (or `num_positions` random positions
+  of it); every precision timed in interleaved rounds.
+
+  Returns:
+    seconds per precision (medians), speed-up over "highest" (medians of per-round ratios), and each
+    precision's drop error against "highest": largest and mean |difference| over the largest |drop|, and the
+    Pearson correlation of the drops.
+  """
+  rng = np.random.default_rng(seed)
+  size = model.crop.size
+  image = model.preprocess(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+  patch_px = occlusion.resolve_patch_size(patch_size, model.crop.face_width)
+  centres = occlusion.grid_centres(size, size, patch_size=patch_px, stride=stride)
+  if num_positions is not None and num_positions < len(centres):
+    centres = centres[np.sort(rng.choice(len(centres), num_positions, replace=False))]
+  valid = np.ones(len(centres), bool)
+  score = occlusion.Score.for_model(model)
+  sweep = occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, method=method)
+  compiled, drops = {}, {}
+  for name in ("highest", *precisions):
+    with jax.default_matmul_precision(name):
+      compiled[name] = sweep.lower(model.params, image, centres, valid).compile()
+    drops[name] = np.asarray(compiled[name](model.params, image, centres, valid).drops)
+  scale = float(np.abs(drops["highest"]).max())
+  times = interleaved_seconds(
+    {name: (lambda c=c: c(model.params, image, centres, valid)) for name, c in compiled.items()}, repeats=repeats
+  )
+  return {
+    "model": model.name,
+    "backend": jax.default_backend(),
+    "method": method,
+    "patch_size_px": patch_px,
+    "num_patches": len(centres),
+    "batch_size": batch_size,
+    "max_drop": scale,
+    "seconds": {name: statistics.median(t) for name, t in times.items()},
+    "speedup": {name: median_ratio(times["highest"], t) for name, t in times.items()},
+    "drop_error": {name: float(np.abs(d - drops["highest"]).max() / scale) for name, d in drops.items()},
+    "drop_mean_error": {name: float(np.abs(d - drops["highest"]).mean() / scale) for name, d in drops.items()},
+    "drop_correlation": {name: float(np.corrcoef(d, drops["highest"])[0, 1]) for name, d in drops.items()},
   }

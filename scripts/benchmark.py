@@ -19,14 +19,15 @@ from absl import app, flags, logging
 _SUITE = flags.DEFINE_enum(
   "suite",
   "sweep",
-  ["sweep", "fit", "fit_accuracy", "torch", "texture", "e2e", "forward", "incremental"],
+  ["sweep", "fit", "fit_accuracy", "torch", "texture", "e2e", "forward", "incremental", "precision"],
   "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face at "
   "several batch sizes, with held-out landmark errors; fit_accuracy: one batch, pose and dense errors against "
   "the synthetic truth; torch: our sweep vs the paper's PyTorch procedure and Captum's Occlusion (needs the "
   "baseline extra); texture: our texture extraction vs eos's extract_texture on fitted photos; e2e: the CMS "
   "pipeline's images/s and stages with 1, 2, 4 forced CPU devices and several face batches; forward: plain "
   "forward passes in JAX and PyTorch per batch size, per-op profiles, and XLA:CPU flag variants; incremental: "
-  "incremental occlusion (windows of changed activations) vs the full-forward sweep and PyTorch.",
+  "incremental occlusion (windows of changed activations) vs the full-forward sweep and PyTorch; precision: the "
+  "sweep at XLA's lower matmul precisions (TF32 on a GPU) against float32, speed and drop error.",
 )
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
@@ -337,6 +338,39 @@ def _incremental_suite() -> list[dict]:
   return results
 
 
+_PRECISIONS = flags.DEFINE_list("precisions", ["default", "high"], "precision suite: matmul precisions vs highest.")
+
+
+def _precision_suite() -> list[dict]:
+  from canonsal_jax import bench, models
+  from canonsal_jax.baselines import vgg
+
+  results = []
+  for name in _MODELS.value:
+    is_vgg = name == "vgg16"
+    for method in ("full", "incremental"):
+      res = bench.precision_vs_highest(
+        vgg.load_vgg16() if is_vgg else models.load(name),
+        patch_size=_PATCH.value,
+        stride=_VGG_STRIDE.value if is_vgg else _STRIDE.value,
+        num_positions=_INC_POSITIONS.value or None,
+        batch_size=_batch_size(is_vgg),
+        precisions=_PRECISIONS.value,
+        method=method,
+        repeats=_REPEATS.value,
+      )
+      results.append(res)
+      print(
+        f"{name:10s} {method:11s} {res['num_patches']} patches of {res['patch_size_px']} px: "
+        + "; ".join(
+          f"{p} {res['num_patches'] / res['seconds'][p]:.0f} img/s ({res['speedup'][p]:.2f}x), "
+          f"error {res['drop_error'][p]:.1e} (mean {res['drop_mean_error'][p]:.1e}, r {res['drop_correlation'][p]:.4f})"
+          for p in res["seconds"]
+        )
+      )
+  return results
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -353,6 +387,7 @@ def main(argv):
     "e2e": _e2e_suite,
     "forward": _forward_suite,
     "incremental": _incremental_suite,
+    "precision": _precision_suite,
   }
   results = suites[_SUITE.value]()
   if _JSON_OUT.value:

@@ -43,7 +43,8 @@ print(f"{len(centres)} vertex-centred positions on {vgg.INPUT_SIZE} px")
 EOF
     du -sh "$cache"
     ;;
-  run)
+  run | followup)
+    mode=$1
     out=${2:-${OUT:-/tmp/gpu_bench}}
     budget=${3:-560}
     mkdir -p "$out"
@@ -97,22 +98,41 @@ EOF
       "$py" -c 'import jax, jaxlib, torch, flax, sys; print(sys.version); print("jax", jax.__version__, "jaxlib",
 jaxlib.__version__, "flax", flax.__version__, "torch", torch.__version__, jax.devices())'
     } 2>&1 | tee -a "$log"
-    part torch_faces 170 "${bm[@]}" --suite=torch --models=gender,age,expression "${face[@]}" \
-      --perturbations_per_eval=16,64,256 --json_out="$out/torch_faces.json"
-    part torch_vgg_vertices 100 "${bm[@]}" --suite=torch --models=vgg16 "${vgg[@]}" \
-      --vgg_centres_file="$cache/vgg_vertex_centres.npy" --vgg_positions="$vgg_pos" --json_out="$out/torch_vgg_vertices.json"
-    part incremental_age_gender 150 "${bm[@]}" --suite=incremental --models=age,gender \
-      --incremental_patches=age@5,gender@1 \
-      "${inc_age[@]}" --repeats=5 --approx_thresholds=0.5,0.75 --json_out="$out/incremental_age_gender.json"
-    part incremental_vgg 130 "${bm[@]}" --suite=incremental --models=vgg16 "${inc_vgg[@]}" --repeats=3 \
-      --approx_thresholds=0.5 --json_out="$out/incremental_vgg.json"
-    part torch_vgg_grid_captum 110 "${bm[@]}" --suite=torch --models=vgg16 "${vgg[@]}" --vgg_stride=5 \
-      --vgg_positions="$vgg_pos" --perturbations_per_eval=16,64,256 --json_out="$out/torch_vgg_grid.json"
-    part gpu_tests 120 "$py" -m pytest -v -rfE -p no:cacheprovider -k "not identity" "${tests[@]}"
+    if [ "$mode" = run ]; then
+      part torch_faces 170 "${bm[@]}" --suite=torch --models=gender,age,expression "${face[@]}" \
+        --perturbations_per_eval=16,64,256 --json_out="$out/torch_faces.json"
+      part torch_vgg_vertices 100 "${bm[@]}" --suite=torch --models=vgg16 "${vgg[@]}" \
+        --vgg_centres_file="$cache/vgg_vertex_centres.npy" --vgg_positions="$vgg_pos" --json_out="$out/torch_vgg_vertices.json"
+      part incremental_age_gender 150 "${bm[@]}" --suite=incremental --models=age,gender \
+        --incremental_patches=age@5,gender@1 \
+        "${inc_age[@]}" --repeats=5 --approx_thresholds=0.5,0.75 --json_out="$out/incremental_age_gender.json"
+      part incremental_vgg 130 "${bm[@]}" --suite=incremental --models=vgg16 "${inc_vgg[@]}" --repeats=3 \
+        --approx_thresholds=0.5 --json_out="$out/incremental_vgg.json"
+      part torch_vgg_grid_captum 110 "${bm[@]}" --suite=torch --models=vgg16 "${vgg[@]}" --vgg_stride=5 \
+        --vgg_positions="$vgg_pos" --perturbations_per_eval=16,64,256 --json_out="$out/torch_vgg_grid.json"
+      part gpu_tests 120 "$py" -m pytest -v -rfE -p no:cacheprovider -k "not identity" "${tests[@]}"
+    else
+      # The tests that failed in the first GPU run, with tracebacks, at XLA's default precision and at highest;
+      # the rest of the model-graph tests; the precision suite (TF32 vs float32 drops and speed).
+      failing=(
+        "tests/test_occlusion.py::test_matches_naive_loop_on_synthetic_model"
+        "tests/test_occlusion.py::test_matches_naive_loop_on_real_model"
+        "tests/test_incremental.py::test_sweep_float32_close_to_full_and_compiled_once"
+        "tests/test_incremental.py::test_peak_memory_one_cache_plus_windows"
+      )
+      [ -n "${GPU_BENCH_SMOKE:-}" ] && failing=("${tests[@]}")
+      part failing_default 80 "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider "${failing[@]}"
+      part precision 120 "${bm[@]}" --suite=precision --models=gender,age,expression,vgg16 "${inc_vgg[@]}" \
+        --batch_sizes=256 --repeats=5 --json_out="$out/precision.json"
+      part failing_highest 60 env JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -q -rfE --tb=line \
+        -p no:cacheprovider "${failing[@]}"
+      part model_graphs 60 "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider -k "not identity" \
+        tests/test_incremental_models.py
+    fi
     grep -E "^(gender|age|expression|vgg16) |speed-up|^=== |passed|failed|FAILED|ERROR" "$log" || true
     ;;
   *)
-    echo "usage: $0 prepare | run [OUT_DIR [SECONDS]]" >&2
+    echo "usage: $0 prepare | run [OUT_DIR [SECONDS]] | followup [OUT_DIR [SECONDS]]" >&2
     exit 2
     ;;
 esac
