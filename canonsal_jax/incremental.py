@@ -645,6 +645,7 @@ def occluded_outputs(
       cols = jnp.abs(c0[:, None] + jnp.arange(size[1])[None] - centres_rc[:, 1:]) <= half  # [b, w]
       mask = rows[:, :, None, None] & cols[:, None, :, None]
       y = jnp.where(mask, _slices(base, r0, c0, size), _slices(image, r0, c0, size))
+      y = lax.optimization_barrier(y)  # as the full sweep's occluded images (occlusion._GPU_BASELINE_NOTE)
     elif isinstance(op, Pointwise):
       y = op.fn(bound, ins[0][0])
     elif isinstance(op, Full):

@@ -305,3 +305,18 @@ def test_matches_naive_loop_on_real_model(name, score_kind):
   assert scale > 0
   np.testing.assert_allclose(np.asarray(got.drops), drops, atol=1e-5 * scale)
   np.testing.assert_allclose(np.asarray(got.heatmap), heat, atol=1e-5 * scale)
+
+
+def test_non_scalar_baseline_on_gpu_warns_once(caplog, monkeypatch):
+  """Non-scalar baselines are unverified on GPUs (occlusion._GPU_BASELINE_NOTE): said once, never on the CPU."""
+  monkeypatch.setattr(occlusion, "_GPU_NOTE_LOGGED", [])
+  apply_fn, _ = _linear_model(4, 4, 2, 3)
+  gpu = type("FakeGpu", (), {"platform": "gpu"})()
+  kw = dict(patch_size=1, batch_size=2, score=Score("logit"))
+  with caplog.at_level("WARNING"):
+    occlusion.make_sweep(apply_fn, **kw, baseline="mean")  # this machine's CPU: nothing to say
+    occlusion.make_sweep(apply_fn, **kw, baseline=0.5, devices=[gpu])  # a scalar: verified
+    assert "not yet verified on GPUs" not in caplog.text
+    occlusion.make_sweep(apply_fn, **kw, baseline=(0.1, 0.2), devices=[gpu])
+    occlusion.make_sweep(apply_fn, **kw, baseline="blur", devices=[gpu])
+  assert caplog.text.count("not yet verified on GPUs") == 1
