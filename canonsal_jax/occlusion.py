@@ -386,7 +386,7 @@ def make_sweep(
   Returns:
     ``sweep(params, image[H, W, C], centres_rc[N, 2] int32, valid[N] bool, target=None) -> SweepResult``,
     jitted. Patches centred near the border are clipped to the image. N is padded inside to a multiple of
-    ``batch_size * len(devices)``.
+    ``batch_size * len(devices)``, or, when N is smaller, to one chunk of ``ceil(N / len(devices))`` per device.
 
   Raises:
     ValueError: on invalid settings here, and at the first call on inputs of the wrong rank or dtype, a patch
@@ -428,7 +428,7 @@ def make_sweep(
       # Kept out of the model's first fusion (see `_GPU_BASELINE_NOTE`).
       return score(apply_fn(params, jax.lax.optimization_barrier(occluded)), target)
 
-    chunks = centres_rc.reshape(-1, batch_size, 2)
+    chunks = centres_rc.reshape(-1, max(1, min(batch_size, centres_rc.shape[0])), 2)
     return jax.lax.map(chunk, chunks).reshape(-1)
 
   def incremental_scores(params, image, base, centres_rc, target, cache):
@@ -440,7 +440,7 @@ def make_sweep(
       outputs = incremental.occluded_outputs(graph, the_plan, bound, cache, image, base, chunk_centres)
       return score(outputs, target)
 
-    return jax.lax.map(chunk, centres_rc.reshape(-1, batch_size, 2)).reshape(-1)
+    return jax.lax.map(chunk, centres_rc.reshape(-1, max(1, min(batch_size, centres_rc.shape[0])), 2)).reshape(-1)
 
   plans: dict[tuple, incremental.Plan] = {}
 
@@ -478,7 +478,9 @@ def make_sweep(
     if patch_size > min(height, width):
       raise ValueError(f"patch_size {patch_size} is larger than the image ({height}x{width})")
     n = centres_rc.shape[0]
-    multiple = batch_size * len(devices)
+    # Fewer patches than a batch per device: one smaller chunk each, not a batch of mostly padding (25 patches
+    # at batch 256 computed 10x the forward passes needed; the chunks' programs depend on the padded count anyway).
+    multiple = max(1, min(batch_size, -(-n // len(devices)))) * len(devices)
     padded = -(-n // multiple) * multiple
     centres_p = jnp.pad(centres_rc.astype(jnp.int32), ((0, padded - n), (0, 0)))
     valid_p = jnp.pad(valid, (0, padded - n))

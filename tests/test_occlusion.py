@@ -320,3 +320,21 @@ def test_non_scalar_baseline_on_gpu_warns_once(caplog, monkeypatch):
     occlusion.make_sweep(apply_fn, **kw, baseline=(0.1, 0.2), devices=[gpu])
     occlusion.make_sweep(apply_fn, **kw, baseline="blur", devices=[gpu])
   assert caplog.text.count("not yet verified on GPUs") == 1
+
+
+def test_fewer_patches_than_a_batch_run_one_small_chunk():
+  """5 patches at batch 256: one forward pass of 5 images (not 256, mostly padding), the same drops."""
+  base_fn, params = _linear_model(6, 7, 1, 3)
+  seen = []
+
+  def apply_fn(p, x):
+    seen.append(x.shape[0])  # at trace time
+    return base_fn(p, x)
+
+  image = np.random.default_rng(0).normal(size=(6, 7, 1)).astype(np.float32)
+  centres = np.array([[0, 0], [2, 3], [5, 6], [3, 1], [1, 5]], np.int32)
+  kw = dict(patch_size=3, score=Score("logit"))
+  big = occlusion.make_sweep(apply_fn, batch_size=256, **kw)(params, image, centres, np.ones(5, bool))
+  assert sorted(set(seen)) == [1, 5], seen  # the unoccluded image, then one chunk of 5
+  small = occlusion.make_sweep(base_fn, batch_size=2, **kw)(params, image, centres, np.ones(5, bool))
+  np.testing.assert_allclose(np.asarray(big.drops), np.asarray(small.drops), rtol=0, atol=1e-5)
