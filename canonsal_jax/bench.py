@@ -308,6 +308,8 @@ def sweep_vs_torch(
   baseline 0. `positions` (`[N, 2]` (row, col), e.g. `vertex_centres`) replaces the grid (one row, whatever
   `strides` holds beyond its first; Captum skipped), subsampled to `num_positions` likewise. Ours is compiled
   ahead with `.lower().compile()` and runs `batch_size` occluded images per step, as do both plain forwards;
+  it is `make_sweep`'s default, the incremental sweep for models with a layer graph, and then the full-forward
+  sweep is timed beside it ("ours_full");
   the paper's procedure always batches 16 images (its published setting); Captum is timed at each
   `perturbations_per_eval` (it refuses strides larger than the window). Plain batched forward throughput of
   each framework over the same number of ready-made images comes along: JAX as in `sweep_vs_forward`, PyTorch
@@ -381,6 +383,14 @@ def sweep_vs_torch(
     fns: dict[str, Callable[[], Any]] = {
       "ours": lambda c=compiled, ctr=centres, v=valid: c(model.params, image, ctr, v)
     }
+    if model.layer_graph is not None:  # "ours" is the default, the incremental sweep: the full one beside it
+      full = occlusion.make_sweep(
+        model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, method="full"
+      )
+      with jax.default_matmul_precision("highest"):
+        full = full.lower(model.params, image, centres, valid).compile()
+      row["ours_full_err"] = check(full(model.params, image, centres, valid).heatmap, "full sweep")
+      fns["ours_full"] = lambda c=full, ctr=centres, v=valid: c(model.params, image, ctr, v)
     row["paper_err"] = check(paper(), "paper")
     fns["paper"] = paper
     row["captum"] = {}
@@ -421,6 +431,12 @@ def sweep_vs_torch(
     med = {name: statistics.median(t) for name, t in times.items()}
     row["ours_s"], row["paper_s"] = med["ours"], med["paper"]
     row["jax_forward_s"], row["torch_forward_s"] = med["jax_forward"], med["torch_forward"]
+    if "ours_full" in med:
+      row["ours_full_s"] = med["ours_full"]
+      row["full_vs_best_forward"] = median_ratio(
+        [min(a, b) for a, b in zip(times["jax_forward"], times["torch_forward"])], times["ours_full"]
+      )
+      row["paper_over_full"] = median_ratio(times["paper"], times["ours_full"])
     for ppe in row["captum"]:
       row["captum"][ppe]["s"] = med[f"captum_{ppe}"]
     best_captum = min(row["captum"], key=lambda ppe: row["captum"][ppe]["s"], default=None)

@@ -274,7 +274,13 @@ def _torch_suite() -> list[dict]:
         f"{name:10s} stride {r['stride']:2d} {n:5d} patches of {res['patch_size_px']} px (img/s): "
         f"ours {n / r['ours_s']:.1f}, paper {n / r['paper_s']:.1f}, captum [{captum}], "
         f"jax fwd {n / r['jax_forward_s']:.1f}, torch fwd {n / r['torch_forward_s']:.1f}; "
-        f"ours/best fwd {r['ours_vs_best_forward']:.3f}, paper/ours {r['paper_over_ours']:.3f}, "
+        + (
+          f"ours full {n / r['ours_full_s']:.1f} (full/best fwd {r['full_vs_best_forward']:.3f}, paper/full "
+          f"{r['paper_over_full']:.3f}); "
+          if "ours_full_s" in r
+          else ""
+        )
+        + f"ours/best fwd {r['ours_vs_best_forward']:.3f}, paper/ours {r['paper_over_ours']:.3f}, "
         f"captum best/ours {r['captum_over_ours'] or float('nan'):.3f} (medians of per-round ratios); "
         f"torch threads {res['torch_threads']}"
       )
