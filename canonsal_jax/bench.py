@@ -122,8 +122,12 @@ def sweep_vs_forward(
   batch_sizes: Sequence[int] = (8, 16, 32),
   repeats: int = 5,
   seed: int = 0,
+  method: str = "full",
 ) -> dict[str, Any]:
   """Times the occlusion sweep against a plain batched forward pass over the same number of images.
+
+  `method` is `make_sweep`'s: "full" (default) measures the sweep's overhead over the forward passes it makes;
+  "auto" or "incremental" the incremental sweep, which makes fewer.
 
   The forward baseline gets its images ready-made in device memory (no masking, no scoring), so the ratio
   `sweep throughput / forward throughput` measures everything the sweep adds. Both are compiled ahead with
@@ -143,7 +147,7 @@ def sweep_vs_forward(
   score = occlusion.Score.for_model(model)
   rows = []
   for bs in batch_sizes:
-    sweep = occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=bs, score=score)
+    sweep = occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=bs, score=score, method=method)
     compiled_sweep = sweep.lower(model.params, image, centres, valid).compile()
     t_sweep = median_seconds(lambda f=compiled_sweep: f(model.params, image, centres, valid), repeats=repeats)
     padded = -(-n // bs) * bs  # the sweep pads the patch axis the same way

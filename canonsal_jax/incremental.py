@@ -607,6 +607,8 @@ def occluded_outputs(
   image: jax.Array,
   base: jax.Array,
   centres_rc: jax.Array,
+  *,
+  barrier: bool = False,
 ) -> jax.Array:
   """The model outputs of the occluded images for a chunk of patches, computing only their windows.
 
@@ -618,6 +620,8 @@ def occluded_outputs(
     image: `[H, W, C]` the unoccluded input.
     base: `[H, W, C]` the baseline the patch is filled with.
     centres_rc: `int32 [b, 2]` patch centres (row, col); a patch is clipped at the border.
+    barrier: pass the occluded input windows through an optimization barrier before the first layer (what
+      `occlusion.make_sweep` does on accelerators, see `occlusion._GPU_BASELINE_NOTE`).
 
   Returns:
     The graph's output for the `b` occluded images, `[b, ...]`.
@@ -645,7 +649,7 @@ def occluded_outputs(
       cols = jnp.abs(c0[:, None] + jnp.arange(size[1])[None] - centres_rc[:, 1:]) <= half  # [b, w]
       mask = rows[:, :, None, None] & cols[:, None, :, None]
       y = jnp.where(mask, _slices(base, r0, c0, size), _slices(image, r0, c0, size))
-      y = lax.optimization_barrier(y)  # as the full sweep's occluded images (occlusion._GPU_BASELINE_NOTE)
+      y = lax.optimization_barrier(y) if barrier else y
     elif isinstance(op, Pointwise):
       y = op.fn(bound, ins[0][0])
     elif isinstance(op, Full):

@@ -60,9 +60,9 @@ _CLASS_KINDS = ("logit", "log_softmax", "log_odds", "probability")
 _AXIS = "patches"
 # On an NVIDIA H200 with jaxlib 0.11.2 (2026-11-27), sweeps with a non-constant or per-channel baseline gave drops
 # that disagreed with a naive loop (tests/test_occlusion.py, test_incremental.py; the same at "highest" matmul
-# precision), while constant-baseline sweeps of four real networks matched PyTorch to 1e-4. The occluded images
-# now pass an optimization barrier before the model (a suspected fusion miscompile); that fix is unverified on a
-# GPU until `scripts/gpu_bench.sh followup` passes there (BENCHMARKS.md, GPU section).
+# precision), while constant-baseline sweeps of four real networks matched PyTorch to 1e-4. On accelerators the
+# occluded images now pass an optimization barrier before the model (a suspected fusion miscompile); that fix is
+# unverified on a GPU until `scripts/gpu_bench.sh followup` passes there (BENCHMARKS.md, GPU section).
 _GPU_BASELINE_NOTE = (
   "a non-scalar baseline (per-channel, 'black' after normalisation, 'mean' or 'blur') is not yet verified on "
   "GPUs: on an H200 with jaxlib 0.11.2 such sweeps disagreed with a naive loop. Check a few drops against "
@@ -404,7 +404,8 @@ def make_sweep(
   if blur_sigma <= 0:
     raise ValueError(f"blur_sigma must be positive, got {blur_sigma}")
   devices = list(devices) if devices is not None else jax.local_devices()
-  if not isinstance(baseline, float) and any(d.platform != "cpu" for d in devices) and not _GPU_NOTE_LOGGED:
+  on_accelerator = any(d.platform != "cpu" for d in devices)
+  if not isinstance(baseline, float) and on_accelerator and not _GPU_NOTE_LOGGED:
     _GPU_NOTE_LOGGED.append(True)
     logging.warning("occlusion: %s", _GPU_BASELINE_NOTE)
   mesh = jax.sharding.Mesh(np.asarray(devices), (_AXIS,)) if len(devices) > 1 else None
@@ -425,8 +426,9 @@ def make_sweep(
       rows, cols = indicators(chunk_centres, image.shape[0], image.shape[1])
       mask = rows[:, :, None, None] & cols[:, None, :, None]  # [b, H, W, 1]
       occluded = jnp.where(mask, base[None], image[None])  # built on the device, one chunk at a time
-      # Kept out of the model's first fusion (see `_GPU_BASELINE_NOTE`).
-      return score(apply_fn(params, jax.lax.optimization_barrier(occluded)), target)
+      if on_accelerator:  # kept out of the model's first fusion (`_GPU_BASELINE_NOTE`); XLA:CPU fuses it well
+        occluded = jax.lax.optimization_barrier(occluded)
+      return score(apply_fn(params, occluded), target)
 
     chunks = centres_rc.reshape(-1, max(1, min(batch_size, centres_rc.shape[0])), 2)
     return jax.lax.map(chunk, chunks).reshape(-1)
@@ -437,7 +439,9 @@ def make_sweep(
     the_plan = plans[tuple(image.shape)]  # made by `incremental_plan` when the cache was
 
     def chunk(chunk_centres):  # [batch_size, 2] -> [batch_size]
-      outputs = incremental.occluded_outputs(graph, the_plan, bound, cache, image, base, chunk_centres)
+      outputs = incremental.occluded_outputs(
+        graph, the_plan, bound, cache, image, base, chunk_centres, barrier=on_accelerator
+      )
       return score(outputs, target)
 
     return jax.lax.map(chunk, centres_rc.reshape(-1, max(1, min(batch_size, centres_rc.shape[0])), 2)).reshape(-1)

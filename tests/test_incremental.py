@@ -294,3 +294,18 @@ def test_four_devices_equal_one():
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith("ok")
+
+
+def test_accelerator_barrier_changes_nothing():
+  """The optimization barrier that sweeps on accelerators put before the model (occlusion._GPU_BASELINE_NOTE) is
+  an identity: forced on here (a one-device list naming a GPU), both sweeps give the CPU's drops exactly."""
+  h, w, patch = 21, 18, 3
+  graph, params = _synthetic(np.random.default_rng(0))
+  image = np.random.default_rng(2).normal(size=(h, w, 2)).astype(np.float32)
+  centres, valid = occlusion.pad_centres(_centres(h, w, patch), 64)
+  gpu = type("FakeGpu", (), {"platform": "gpu"})()
+  for method in ("full", "incremental"):
+    kw = dict(graph=graph, method=method, patch_size=patch, batch_size=16, baseline="blur", score=Score("logit"))
+    plain = occlusion.make_sweep(graph.apply, **kw)(params, image, centres, valid, 0)
+    barred = occlusion.make_sweep(graph.apply, devices=[gpu], **kw)(params, image, centres, valid, 0)
+    np.testing.assert_array_equal(np.asarray(barred.drops), np.asarray(plain.drops))
