@@ -1084,6 +1084,34 @@ def forward_xla_flags(
   return results
 
 
+def _random_crop_and_grid(
+  model: models.FaceModel, patch_size: int | float, stride: int, num_positions: int | None, seed: int
+) -> tuple[np.ndarray, int, np.ndarray]:
+  """One random face crop (model input), the patch side in pixels and the `stride` grid of patches wholly
+  inside, or `num_positions` random positions of it (sorted)."""
+  rng = np.random.default_rng(seed)
+  size = model.crop.size
+  image = model.preprocess(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+  patch_px = occlusion.resolve_patch_size(patch_size, model.crop.face_width)
+  centres = occlusion.grid_centres(size, size, patch_size=patch_px, stride=stride)
+  if num_positions is not None and num_positions < len(centres):
+    centres = centres[np.sort(rng.choice(len(centres), num_positions, replace=False))]
+  return image, patch_px, centres
+
+
+def _drop_errors(
+  drops: Mapping[str, np.ndarray], reference: str
+) -> tuple[float, dict[str, float], dict[str, float], dict[str, float]]:
+  """Each method's drops against `reference`'s: the largest |drop| of the reference, and per method the largest
+  and mean |difference| over it and the Pearson correlation."""
+  want = drops[reference]
+  scale = float(np.abs(want).max())
+  largest = {name: float(np.abs(d - want).max() / scale) for name, d in drops.items()}
+  mean = {name: float(np.abs(d - want).mean() / scale) for name, d in drops.items()}
+  corr = {name: float(np.corrcoef(d, want)[0, 1]) for name, d in drops.items()}
+  return scale, largest, mean, corr
+
+
 def incremental_vs_full(
   model: models.FaceModel,
   *,
@@ -1115,13 +1143,7 @@ def incremental_vs_full(
     each method's largest and mean drop error against "full" relative to the largest drop and the Pearson
     correlation of its drops with full's, and the windows per layer.
   """
-  rng = np.random.default_rng(seed)
-  size = model.crop.size
-  image = model.preprocess(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
-  patch_px = occlusion.resolve_patch_size(patch_size, model.crop.face_width)
-  centres = occlusion.grid_centres(size, size, patch_size=patch_px, stride=stride)
-  if num_positions is not None and num_positions < len(centres):
-    centres = centres[np.sort(rng.choice(len(centres), num_positions, replace=False))]
+  image, patch_px, centres = _random_crop_and_grid(model, patch_size, stride, num_positions, seed)
   n = len(centres)
   valid = np.ones(n, bool)
   score = occlusion.Score.for_model(model)
@@ -1143,11 +1165,9 @@ def incremental_vs_full(
       compiled[name] = sweep.lower(model.params, image, centres, valid).compile()
     compile_s[name] = time.perf_counter() - start
     results[name] = compiled[name](model.params, image, centres, valid)
-  full_drops = np.asarray(results["full"].drops)
-  scale = float(np.abs(full_drops).max())
-  errors = {name: float(np.abs(np.asarray(r.drops) - full_drops).max() / scale) for name, r in results.items()}
-  mean_errors = {name: float(np.abs(np.asarray(r.drops) - full_drops).mean() / scale) for name, r in results.items()}
-  correlations = {name: float(np.corrcoef(np.asarray(r.drops), full_drops)[0, 1]) for name, r in results.items()}
+  scale, errors, mean_errors, correlations = _drop_errors(
+    {name: np.asarray(r.drops) for name, r in results.items()}, "full"
+  )
   fns: dict[str, Callable[[], Any]] = {
     name: (lambda c=c: c(model.params, image, centres, valid)) for name, c in compiled.items()
   }
@@ -1238,13 +1258,7 @@ def precision_vs_highest(
     precision's drop error against "highest": largest and mean |difference| over the largest |drop|, and the
     Pearson correlation of the drops.
   """
-  rng = np.random.default_rng(seed)
-  size = model.crop.size
-  image = model.preprocess(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
-  patch_px = occlusion.resolve_patch_size(patch_size, model.crop.face_width)
-  centres = occlusion.grid_centres(size, size, patch_size=patch_px, stride=stride)
-  if num_positions is not None and num_positions < len(centres):
-    centres = centres[np.sort(rng.choice(len(centres), num_positions, replace=False))]
+  image, patch_px, centres = _random_crop_and_grid(model, patch_size, stride, num_positions, seed)
   valid = np.ones(len(centres), bool)
   score = occlusion.Score.for_model(model)
   sweep = occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, method=method)
@@ -1253,7 +1267,7 @@ def precision_vs_highest(
     with jax.default_matmul_precision(name):
       compiled[name] = sweep.lower(model.params, image, centres, valid).compile()
     drops[name] = np.asarray(compiled[name](model.params, image, centres, valid).drops)
-  scale = float(np.abs(drops["highest"]).max())
+  scale, errors, mean_errors, correlations = _drop_errors(drops, "highest")
   times = interleaved_seconds(
     {name: (lambda c=c: c(model.params, image, centres, valid)) for name, c in compiled.items()}, repeats=repeats
   )
@@ -1267,7 +1281,7 @@ def precision_vs_highest(
     "max_drop": scale,
     "seconds": {name: statistics.median(t) for name, t in times.items()},
     "speedup": {name: median_ratio(times["highest"], t) for name, t in times.items()},
-    "drop_error": {name: float(np.abs(d - drops["highest"]).max() / scale) for name, d in drops.items()},
-    "drop_mean_error": {name: float(np.abs(d - drops["highest"]).mean() / scale) for name, d in drops.items()},
-    "drop_correlation": {name: float(np.corrcoef(d, drops["highest"])[0, 1]) for name, d in drops.items()},
+    "drop_error": errors,
+    "drop_mean_error": mean_errors,
+    "drop_correlation": correlations,
   }
