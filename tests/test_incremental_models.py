@@ -115,3 +115,16 @@ def test_benchmark_function_runs_and_agrees():
   if res["torch"] is not None:  # the paper's PyTorch procedure on the same patches gives the same heatmap
     assert res["torch"]["paper_heatmap_err"] < 1e-4
   assert res["windows"][0] == "0: 1x1 of 32x32" and res["windows"][-1].endswith("full")
+
+
+@pytest.mark.slow
+def test_precision_benchmark_compares_against_highest():
+  """`bench.precision_vs_highest` (the --suite=precision figures): "highest" is its own reference, and on XLA:CPU,
+  where matmul precision settings change nothing, every precision's drops equal it."""
+  from canonsal_jax import bench
+
+  res = bench.precision_vs_highest(models.load("gender"), num_positions=16, batch_size=8, repeats=1)
+  assert res["num_patches"] == 16 and set(res["seconds"]) == {"highest", "default", "high"}
+  assert res["drop_error"]["highest"] == 0.0 and res["speedup"]["highest"] == 1.0
+  if res["backend"] == "cpu":
+    assert max(res["drop_error"].values()) == 0.0, res["drop_error"]
