@@ -302,7 +302,7 @@ def test_accelerator_barrier_changes_nothing():
   h, w, patch = 21, 18, 3
   graph, params = _synthetic(np.random.default_rng(0))
   image = np.random.default_rng(2).normal(size=(h, w, 2)).astype(np.float32)
-  centres, valid = occlusion.pad_centres(_centres(h, w, patch), 64)
+  centres, valid = occlusion.pad_centres(_centres(h, w, patch), 140)
   gpu = type("FakeGpu", (), {"platform": "gpu"})()
   for method in ("full", "incremental"):
     kw = dict(graph=graph, method=method, patch_size=patch, batch_size=16, baseline="blur", score=Score("logit"))
