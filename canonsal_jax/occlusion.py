@@ -68,7 +68,6 @@ _GPU_BASELINE_NOTE = (
   "GPUs: on an H200 with jaxlib 0.11.2 such sweeps disagreed with a naive loop. Check a few drops against "
   "occlusion_map on the CPU, or use a scalar baseline (BENCHMARKS.md, GPU section)."
 )
-_GPU_NOTE_LOGGED: list[bool] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +315,7 @@ def _check_baseline(baseline: Any) -> float | str | tuple[float, ...]:
 
 
 METHODS = ("auto", "full", "incremental")
-_FALLBACK_LOGGED: set[str] = set()
+_LOGGED_ONCE: set[str] = set()  # what make_sweep has logged in this process (each note once)
 
 
 def _sweep_graph(
@@ -340,8 +339,8 @@ def _sweep_graph(
     if method == "incremental" or approx_threshold is not None:
       raise ValueError("the incremental sweep needs a layer graph: pass graph= or an apply_fn with .layer_graph")
     name = getattr(apply_fn, "__name__", type(apply_fn).__name__)
-    if name not in _FALLBACK_LOGGED:
-      _FALLBACK_LOGGED.add(name)
+    if name not in _LOGGED_ONCE:
+      _LOGGED_ONCE.add(name)
       logging.info("occlusion: %s has no layer graph; the sweep runs the full model per patch", name)
   return graph
 
@@ -405,8 +404,8 @@ def make_sweep(
     raise ValueError(f"blur_sigma must be positive, got {blur_sigma}")
   devices = list(devices) if devices is not None else jax.local_devices()
   on_accelerator = any(d.platform != "cpu" for d in devices)
-  if not isinstance(baseline, float) and on_accelerator and not _GPU_NOTE_LOGGED:
-    _GPU_NOTE_LOGGED.append(True)
+  if not isinstance(baseline, float) and on_accelerator and _GPU_BASELINE_NOTE not in _LOGGED_ONCE:
+    _LOGGED_ONCE.add(_GPU_BASELINE_NOTE)
     logging.warning("occlusion: %s", _GPU_BASELINE_NOTE)
   mesh = jax.sharding.Mesh(np.asarray(devices), (_AXIS,)) if len(devices) > 1 else None
   half = patch_size // 2
@@ -419,6 +418,15 @@ def make_sweep(
     cols = jnp.abs(jnp.arange(width)[None, :] - centres_rc[:, 1:]) <= half
     return rows, cols
 
+  def chunk_size(num_patches: int) -> int:
+    """Images per forward pass for `num_patches` patches on one device: `batch_size`, or all of them when fewer
+    (25 patches at batch 256 would otherwise compute 10x the forward passes needed)."""
+    return max(1, min(batch_size, num_patches))
+
+  def chunks_of(centres_rc: jax.Array) -> jax.Array:
+    """`[M, 2]` -> `[M / chunk, chunk, 2]` (M is a multiple of the chunk: `sweep` pads it so)."""
+    return centres_rc.reshape(-1, chunk_size(centres_rc.shape[0]), 2)
+
   def occluded_scores(params, image, base, centres_rc, target):
     """Scores of the occluded images for `centres_rc[M, 2]`, `batch_size` images per forward pass."""
 
@@ -430,8 +438,7 @@ def make_sweep(
         occluded = jax.lax.optimization_barrier(occluded)
       return score(apply_fn(params, occluded), target)
 
-    chunks = centres_rc.reshape(-1, max(1, min(batch_size, centres_rc.shape[0])), 2)
-    return jax.lax.map(chunk, chunks).reshape(-1)
+    return jax.lax.map(chunk, chunks_of(centres_rc)).reshape(-1)
 
   def incremental_scores(params, image, base, centres_rc, target, cache):
     """As `occluded_scores`, each chunk recomputing only the windows its patches change (`incremental`)."""
@@ -444,7 +451,7 @@ def make_sweep(
       )
       return score(outputs, target)
 
-    return jax.lax.map(chunk, centres_rc.reshape(-1, max(1, min(batch_size, centres_rc.shape[0])), 2)).reshape(-1)
+    return jax.lax.map(chunk, chunks_of(centres_rc)).reshape(-1)
 
   plans: dict[tuple, incremental.Plan] = {}
 
@@ -482,9 +489,7 @@ def make_sweep(
     if patch_size > min(height, width):
       raise ValueError(f"patch_size {patch_size} is larger than the image ({height}x{width})")
     n = centres_rc.shape[0]
-    # Fewer patches than a batch per device: one smaller chunk each, not a batch of mostly padding (25 patches
-    # at batch 256 computed 10x the forward passes needed; the chunks' programs depend on the padded count anyway).
-    multiple = max(1, min(batch_size, -(-n // len(devices)))) * len(devices)
+    multiple = chunk_size(-(-n // len(devices))) * len(devices)
     padded = -(-n // multiple) * multiple
     centres_p = jnp.pad(centres_rc.astype(jnp.int32), ((0, padded - n), (0, 0)))
     valid_p = jnp.pad(valid, (0, padded - n))

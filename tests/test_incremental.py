@@ -296,9 +296,9 @@ def test_four_devices_equal_one():
   assert proc.stdout.startswith("ok")
 
 
-def test_accelerator_barrier_changes_nothing():
-  """The optimization barrier that sweeps on accelerators put before the model (occlusion._GPU_BASELINE_NOTE) is
-  an identity: forced on here (a one-device list naming a GPU), both sweeps give the CPU's drops exactly."""
+def test_accelerator_barrier_is_there_and_changes_nothing():
+  """Sweeps on accelerators put an optimization barrier before the model (occlusion._GPU_BASELINE_NOTE): forced on
+  here (a one-device list naming a GPU), both sweeps carry it, CPU sweeps do not, and the drops are the same."""
   h, w, patch = 21, 18, 3
   graph, params = _synthetic(np.random.default_rng(0))
   image = np.random.default_rng(2).normal(size=(h, w, 2)).astype(np.float32)
@@ -306,6 +306,12 @@ def test_accelerator_barrier_changes_nothing():
   gpu = type("FakeGpu", (), {"platform": "gpu"})()
   for method in ("full", "incremental"):
     kw = dict(graph=graph, method=method, patch_size=patch, batch_size=16, baseline="blur", score=Score("logit"))
-    plain = occlusion.make_sweep(graph.apply, **kw)(params, image, centres, valid, 0)
-    barred = occlusion.make_sweep(graph.apply, devices=[gpu], **kw)(params, image, centres, valid, 0)
+    sweeps = {
+      "cpu": occlusion.make_sweep(graph.apply, **kw),
+      "gpu": occlusion.make_sweep(graph.apply, devices=[gpu], **kw),
+    }
+    args = (params, image, centres, valid, 0)
+    hlo = {k: sweep.lower(*args).as_text() for k, sweep in sweeps.items()}
+    assert "optimization_barrier" in hlo["gpu"] and "optimization_barrier" not in hlo["cpu"], method
+    plain, barred = (sweeps[k](*args) for k in ("cpu", "gpu"))
     np.testing.assert_array_equal(np.asarray(barred.drops), np.asarray(plain.drops))

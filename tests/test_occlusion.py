@@ -309,7 +309,7 @@ def test_matches_naive_loop_on_real_model(name, score_kind):
 
 def test_non_scalar_baseline_on_gpu_warns_once(caplog, monkeypatch):
   """Non-scalar baselines are unverified on GPUs (occlusion._GPU_BASELINE_NOTE): said once, never on the CPU."""
-  monkeypatch.setattr(occlusion, "_GPU_NOTE_LOGGED", [])
+  monkeypatch.setattr(occlusion, "_LOGGED_ONCE", set())
   apply_fn, _ = _linear_model(4, 4, 2, 3)
   gpu = type("FakeGpu", (), {"platform": "gpu"})()
   kw = dict(patch_size=1, batch_size=2, score=Score("logit"))
