@@ -292,6 +292,29 @@ def vertex_centres(model3d: Any, size: int, *, face_fraction: float = 0.9) -> np
   return np.unique(rc[visible], axis=0).astype(np.int32)
 
 
+def _torch_float32() -> Any:
+  """PyTorch, with TF32 off for its matmuls and convolutions (full float32 on a GPU too, for parity checks)."""
+  import torch
+
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+  return torch
+
+
+def _torch_forward(net: Any, batches: Sequence[Any], device: str) -> Callable[[], list[Any]]:
+  """A plain PyTorch forward over ready-made batches on `device`, synchronised so that it can be timed."""
+  import torch
+
+  def forward():
+    with torch.inference_mode():
+      out = [net(b) for b in batches]
+    if torch.device(device).type == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  return forward
+
+
 def sweep_vs_torch(
   model: models.FaceModel,
   *,
@@ -329,19 +352,12 @@ def sweep_vs_torch(
   Returns:
     A dict per stride with seconds and images/s of each side, and ratios of ours to each.
   """
-  import torch
+  torch = _torch_float32()
 
   from canonsal_jax.baselines import reference, torch_models
 
   if importlib.util.find_spec("captum") is None:
     perturbations_per_eval = ()
-  torch.backends.cuda.matmul.allow_tf32 = False
-  torch.backends.cudnn.allow_tf32 = False
-
-  def sync():
-    if torch.device(device).type == "cuda":
-      torch.cuda.synchronize()
-
   rng = np.random.default_rng(seed)
   size = model.crop.size
   image = model.preprocess(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
@@ -415,15 +431,7 @@ def sweep_vs_torch(
       fwd = _forward_program(model.apply_fn, batch_size).lower(model.params, images).compile()
     images_dev = jax.device_put(images)
     fns["jax_forward"] = lambda f=fwd, i=images_dev: f(model.params, i)
-    batches = [torch_models.to_nchw(b).to(device) for b in images]
-
-    def torch_forward(batches=batches):
-      with torch.inference_mode():
-        out = [net(b) for b in batches]
-      sync()
-      return out
-
-    fns["torch_forward"] = torch_forward
+    fns["torch_forward"] = _torch_forward(net, [torch_models.to_nchw(b).to(device) for b in images], device)
     # Rounds of every method in turn (ours, paper, Captum..., forwards); the forwards time `padded` images and
     # are scaled to the sweep's `n`.
     for name in ("ours", "jax_forward", "torch_forward"):  # the PyTorch sweeps ran once in their checks
@@ -1173,12 +1181,10 @@ def incremental_vs_full(
   }
   torch_info = None
   if with_torch and importlib.util.find_spec("torch") is not None:
-    import torch
+    torch = _torch_float32()
 
     from canonsal_jax.baselines import reference, torch_models
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     try:
       net = torch_models.from_face_model(model).to(device)
     except ValueError:
@@ -1194,17 +1200,8 @@ def incremental_vs_full(
       heat = np.asarray(paper())
       want = np.asarray(results["full"].heatmap)
       batch = torch_models.to_nchw(np.broadcast_to(image, (batch_size, *image.shape)).copy()).to(device)
-      batches = [batch] * (-(-n // batch_size))
-
-      def torch_forward(batches=batches):
-        with torch.inference_mode():
-          out = [net(b) for b in batches]
-        if torch.device(device).type == "cuda":
-          torch.cuda.synchronize()
-        return out
-
       fns["torch_paper"] = paper
-      fns["torch_forward"] = torch_forward
+      fns["torch_forward"] = _torch_forward(net, [batch] * (-(-n // batch_size)), device)
       torch_info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

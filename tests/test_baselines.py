@@ -107,3 +107,20 @@ def test_paper_procedure_on_scattered_patches():
   )
   assert (np.asarray(ours.count) == 0).any()
   _close_to_max(paper.numpy(), ours.heatmap)
+
+
+@pytest.mark.slow
+def test_benchmark_against_torch_runs_and_agrees():
+  """`bench.sweep_vs_torch` (the --suite=torch figures): ours (incremental), the full sweep, the paper's procedure
+  and Captum all give the same heatmap, and every method is timed."""
+  from canonsal_jax import bench, models
+
+  res = bench.sweep_vs_torch(
+    models.load("gender"), strides=(1,), batch_size=64, perturbations_per_eval=(64,), repeats=1
+  )
+  (row,) = res["rows"]
+  assert res["batch_size"] == 64
+  assert row["num_patches"] == 32 * 32 and row["grid"]
+  assert max(row["paper_err"], row["ours_full_err"], row["captum"][64]["err"]) <= 1e-4
+  assert set(row["seconds"]) == {"ours", "ours_full", "paper", "captum_64", "jax_forward", "torch_forward"}
+  assert row["captum_best_ppe"] == 64 and row["paper_over_full"] > 0
