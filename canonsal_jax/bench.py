@@ -1132,6 +1132,7 @@ def incremental_vs_full(
   with_torch: bool = True,
   seed: int = 0,
   device: str = "cpu",
+  more_batch_sizes: Sequence[int] = (),
 ) -> dict[str, Any]:
   """Times the incremental occlusion sweep against the full-forward sweep (and PyTorch) on the same patches.
 
@@ -1143,13 +1144,15 @@ def incremental_vs_full(
   paper's PyTorch procedure (`reference.paper_occlusion`, batch 16) and a plain PyTorch forward over the same
   number of ready-made images come along, where the model has a twin; `device` ("cpu", "cuda") is where it
   runs. Every sweep is compiled under ``jax.default_matmul_precision("highest")`` and PyTorch's TF32 is off, so
-  the drop errors are float32 rounding on a GPU too. All are timed in interleaved rounds; ratios are medians of
-  per-round ratios.
+  the drop errors are float32 rounding on a GPU too. With `more_batch_sizes`, "full@B" and "incremental@B" run
+  at each of those batches as well, and `best` compares each sweep at its fastest batch (a CPU's best batch is
+  not the same for both). All are timed in interleaved rounds; ratios are medians of per-round ratios.
 
   Returns:
     A dict with seconds (medians), `speedup` (method -> full / method, per-round median), compile seconds,
     each method's largest and mean drop error against "full" relative to the largest drop and the Pearson
-    correlation of its drops with full's, and the windows per layer.
+    correlation of its drops with full's, the windows per layer, and `best` (per sweep its fastest batch, and
+    `speedup`: per round, full's fastest time over incremental's fastest, median over rounds).
   """
   image, patch_px, centres = _random_crop_and_grid(model, patch_size, stride, num_positions, seed)
   n = len(centres)
@@ -1165,9 +1168,14 @@ def incremental_vs_full(
   }
   for tau in approx_thresholds:
     settings[f"approx_{tau:g}"] = (model.apply_fn, {"method": "incremental", "approx_threshold": float(tau)})
+  batches = dict.fromkeys(settings, batch_size)
+  for b in more_batch_sizes:
+    for method in ("full", "incremental"):
+      settings[f"{method}@{b}"] = (model.apply_fn, {"method": method})
+      batches[f"{method}@{b}"] = int(b)
   compiled, compile_s, results = {}, {}, {}
   for name, (fn, kwargs) in settings.items():
-    sweep = occlusion.make_sweep(fn, patch_size=patch_px, batch_size=batch_size, score=score, **kwargs)
+    sweep = occlusion.make_sweep(fn, patch_size=patch_px, batch_size=batches[name], score=score, **kwargs)
     start = time.perf_counter()
     with jax.default_matmul_precision("highest"):
       compiled[name] = sweep.lower(model.params, image, centres, valid).compile()
@@ -1209,6 +1217,16 @@ def incremental_vs_full(
         "paper_heatmap_err": float(np.abs(heat - want).max() / max(float(np.abs(want).max()), 1e-12)),
       }
   times = interleaved_seconds(fns, repeats=repeats)
+  best: dict[str, Any] = {}
+  for method in ("full", "incremental"):
+    names = [name for name in times if name.split("@")[0] == method]
+    fastest = min(names, key=lambda name: statistics.median(times[name]))
+    best[method] = {"batch_size": batches[fastest], "seconds": statistics.median(times[fastest])}
+  best_full, best_inc = (
+    [min(ts) for ts in zip(*(times[k] for k in times if k.split("@")[0] == m), strict=True)]
+    for m in ("full", "incremental")
+  )
+  best["speedup"] = median_ratio(best_full, best_inc)
   shapes = [a.shape[1:] for a in graph.activations(model.params, image[None])]
   the_plan = incremental.plan(graph, shapes, patch_size=patch_px)
   return {
@@ -1228,6 +1246,7 @@ def incremental_vs_full(
     "drop_correlation": correlations,
     "torch": torch_info,
     "windows": the_plan.describe(),
+    "best": best,
   }
 
 

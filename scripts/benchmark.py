@@ -300,6 +300,11 @@ _INC_POSITIONS = flags.DEFINE_integer(
 )
 _INC_APPROX = flags.DEFINE_list("approx_thresholds", [], "incremental suite: projective-field thresholds to time.")
 _INC_TORCH = flags.DEFINE_bool("incremental_torch", True, "incremental suite: the PyTorch baselines too.")
+_INC_BATCHES = flags.DEFINE_list(
+  "incremental_batch_sizes",
+  [],
+  "incremental suite: more batches for the full and incremental sweeps; each is also compared at its fastest.",
+)
 
 
 def _incremental_patches(name: str) -> list[int]:
@@ -329,6 +334,7 @@ def _incremental_suite() -> list[dict]:
         repeats=_REPEATS.value,
         with_torch=_INC_TORCH.value,
         device=_TORCH_DEVICE.value,
+        more_batch_sizes=[int(b) for b in _INC_BATCHES.value],
       )
       results.append(res)
       sec, up, err = res["seconds"], res["speedup"], res["drop_error"]
@@ -343,6 +349,12 @@ def _incremental_suite() -> list[dict]:
         + ", ".join(f"{k} {v:.1f}" for k, v in res["compile_s"].items())
       )
       print("  windows: " + "; ".join(res["windows"]))
+      best = res["best"]
+      print(
+        f"  each at its fastest batch: full {res['num_patches'] / best['full']['seconds']:.1f} img/s (batch "
+        f"{best['full']['batch_size']}), incremental {res['num_patches'] / best['incremental']['seconds']:.1f} "
+        f"(batch {best['incremental']['batch_size']}): {best['speedup']:.2f}x"
+      )
   return results
 
 

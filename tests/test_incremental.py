@@ -55,6 +55,31 @@ def test_window_range_matches_brute_force():
     assert (int(lo), int(hi)) == want, (kernel, stride, pad, size, start, length)
 
 
+def test_conv_valid_equals_the_unpadded_convolution():
+  """On the CPU `conv_valid` pads one zero column and drops the output that reads it: the result must be the
+  VALID convolution's for every stride, kernel and width, including widths the stride does not divide."""
+  rng = np.random.default_rng(3)
+  for kernel, stride, width, groups in [
+    (3, 1, 9, 1),
+    (3, 2, 10, 1),
+    (3, 2, 9, 1),
+    (7, 2, 16, 1),
+    (1, 2, 7, 1),
+    (3, 1, 8, 4),
+  ]:
+    x = jnp.asarray(rng.normal(size=(2, 6 + kernel, width, 4)))
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 4 // groups, 4 * (5 if groups == 1 else 1))))
+    want = jax.lax.conv_general_dilated(
+      x, k, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
+    )
+    got = inc.conv_valid(x, k, stride=stride, groups=groups)
+    assert got.shape == want.shape, (kernel, stride, width)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # The dense case takes the padded form on this backend (the fast one on XLA:CPU); the depthwise one does not.
+  hlo = jax.jit(lambda x, k: inc.conv_valid(x, k)).lower(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 5))).as_text()
+  assert ("pad = [[0, 0], [0, 1]]" in hlo) == (jax.default_backend() == "cpu")
+
+
 def _synthetic(rng, dtype=np.float32):
   """A small graph with every op kind and awkward geometry, on a non-square 21x18x2 input.
 

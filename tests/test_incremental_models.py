@@ -106,11 +106,23 @@ def test_benchmark_function_runs_and_agrees():
   from canonsal_jax import bench
 
   res = bench.incremental_vs_full(
-    models.load("gender"), patch_size=1, num_positions=32, batch_size=8, approx_thresholds=(1.0,), repeats=1
+    models.load("gender"),
+    patch_size=1,
+    num_positions=32,
+    batch_size=8,
+    approx_thresholds=(1.0,),
+    repeats=1,
+    more_batch_sizes=(4,),
   )
   assert res["num_patches"] == 32
-  assert set(res["seconds"]) >= {"full", "full_graph", "incremental", "approx_1"}
+  assert set(res["seconds"]) >= {"full", "full_graph", "incremental", "approx_1", "full@4", "incremental@4"}
   assert res["drop_error"]["incremental"] < 1e-5 and res["drop_error"]["approx_1"] < 1e-5
+  assert res["drop_error"]["incremental@4"] < 1e-5 and res["drop_error"]["full@4"] < 1e-5
+  # each sweep's fastest batch is one of those it ran at, and the best-vs-best ratio is of those two times
+  best = res["best"]
+  assert best["full"]["batch_size"] in (4, 8) and best["incremental"]["batch_size"] in (4, 8)
+  assert best["full"]["seconds"] == min(res["seconds"]["full"], res["seconds"]["full@4"])
+  assert best["speedup"] > 0
   assert res["drop_correlation"]["incremental"] > 0.999999
   if res["torch"] is not None:  # the paper's PyTorch procedure on the same patches gives the same heatmap
     assert res["torch"]["paper_heatmap_err"] < 1e-4
