@@ -1133,6 +1133,7 @@ def incremental_vs_full(
   seed: int = 0,
   device: str = "cpu",
   more_batch_sizes: Sequence[int] = (),
+  window_batch_size: int | None = None,
 ) -> dict[str, Any]:
   """Times the incremental occlusion sweep against the full-forward sweep (and PyTorch) on the same patches.
 
@@ -1146,7 +1147,8 @@ def incremental_vs_full(
   runs. Every sweep is compiled under ``jax.default_matmul_precision("highest")`` and PyTorch's TF32 is off, so
   the drop errors are float32 rounding on a GPU too. With `more_batch_sizes`, "full@B" and "incremental@B" run
   at each of those batches as well, and `best` compares each sweep at its fastest batch (a CPU's best batch is
-  not the same for both). All are timed in interleaved rounds; ratios are medians of per-round ratios.
+  not the same for both). `window_batch_size` goes to every incremental sweep (`make_sweep`'s). All are timed
+  in interleaved rounds; ratios are medians of per-round ratios.
 
   Returns:
     A dict with seconds (medians), `speedup` (method -> full / method, per-round median), compile seconds,
@@ -1164,15 +1166,18 @@ def incremental_vs_full(
   settings: dict[str, tuple[Callable, dict[str, Any]]] = {
     "full": (model.apply_fn, {"method": "full"}),
     "full_graph": (graph.apply, {"method": "full"}),
-    "incremental": (model.apply_fn, {"method": "incremental"}),
+    "incremental": (model.apply_fn, {"method": "incremental", "window_batch_size": window_batch_size}),
   }
   for tau in approx_thresholds:
-    settings[f"approx_{tau:g}"] = (model.apply_fn, {"method": "incremental", "approx_threshold": float(tau)})
+    settings[f"approx_{tau:g}"] = (
+      model.apply_fn,
+      {"method": "incremental", "approx_threshold": float(tau), "window_batch_size": window_batch_size},
+    )
   batches = dict.fromkeys(settings, batch_size)
   for b in more_batch_sizes:
-    for method in ("full", "incremental"):
-      settings[f"{method}@{b}"] = (model.apply_fn, {"method": method})
-      batches[f"{method}@{b}"] = int(b)
+    settings[f"full@{b}"] = (model.apply_fn, {"method": "full"})
+    settings[f"incremental@{b}"] = settings["incremental"]
+    batches[f"full@{b}"] = batches[f"incremental@{b}"] = int(b)
   compiled, compile_s, results = {}, {}, {}
   for name, (fn, kwargs) in settings.items():
     sweep = occlusion.make_sweep(fn, patch_size=patch_px, batch_size=batches[name], score=score, **kwargs)
@@ -1246,6 +1251,7 @@ def incremental_vs_full(
     "drop_correlation": correlations,
     "torch": torch_info,
     "windows": the_plan.describe(),
+    "window_batch_size": window_batch_size,
     "best": best,
   }
 

@@ -67,6 +67,7 @@ __all__ = [
   "occluded_outputs",
   "plan",
   "resolve",
+  "tail_start",
   "window_range",
   "with_graph",
 ]
@@ -609,6 +610,13 @@ def _paste(slabs: jax.Array, windows: jax.Array, rows: jax.Array, cols: jax.Arra
   )
 
 
+def tail_start(graph: LayerGraph, the_plan: Plan) -> int:
+  """The first node of the graph's tail: the `Full` node after the last windowed one (a dense head), from which
+  every node runs on whole maps; `len(graph.nodes)` when there is none."""
+  last = max((i for i, p in enumerate(the_plan.nodes) if p.windowed), default=0)
+  return next((i for i in range(last + 1, len(graph.nodes)) if isinstance(graph.nodes[i].op, Full)), len(graph.nodes))
+
+
 def occluded_outputs(
   graph: LayerGraph,
   the_plan: Plan,
@@ -619,6 +627,7 @@ def occluded_outputs(
   centres_rc: jax.Array,
   *,
   barrier: bool = False,
+  window_batch: int | None = None,
 ) -> jax.Array:
   """The model outputs of the occluded images for a chunk of patches, computing only their windows.
 
@@ -632,9 +641,59 @@ def occluded_outputs(
     centres_rc: `int32 [b, 2]` patch centres (row, col); a patch is clipped at the border.
     barrier: pass the occluded input windows through an optimization barrier before the first layer (what
       `occlusion.make_sweep` does on accelerators, see `occlusion._GPU_BASELINE_NOTE`).
+    window_batch: run the layers before the graph's tail (`tail_start`) over groups of this many patches
+      (`lax.map`; it must divide `b`), and the tail on all `b` at once: a dense head such as VGG's reads its
+      weights once per pass, so it pays to give it more patches than the convolutions take efficiently.
+      None: every layer on all `b`.
 
   Returns:
     The graph's output for the `b` occluded images, `[b, ...]`.
+  """
+  nodes = graph.nodes
+  tail = tail_start(graph, the_plan)
+  num = centres_rc.shape[0]
+  if window_batch is None or window_batch >= num or tail == len(nodes):
+    states = _run(graph, the_plan, bound, cache, image, base, centres_rc, barrier, {}, range(len(nodes)))
+    return states[len(nodes) - 1][0]
+  if num % window_batch:
+    raise ValueError(f"window_batch {window_batch} does not divide the chunk of {num} patches")
+  # What the tail reads from before it: whole maps (a windowed one is pasted into its cached map).
+  handover = sorted({j for node in nodes[tail:] for j in node.inputs if j < tail})
+  readers = {j: next(i for i in range(tail, len(nodes)) if j in nodes[i].inputs) for j in handover}
+
+  def head_inputs(centres):  # [window_batch, 2] -> the handed-over maps of these patches
+    states = _run(graph, the_plan, bound, cache, image, base, centres, barrier, {}, range(tail))
+    out = []
+    for j in handover:
+      x, r, c = states[j]
+      if r is not None:
+        whole = cache[readers[j]][0]
+        x = _paste(jnp.broadcast_to(whole, (x.shape[0], *whole.shape)), x, r, c)
+      out.append(x)
+    return tuple(out)
+
+  maps = lax.map(head_inputs, centres_rc.reshape(-1, window_batch, 2))
+  given = {j: (m.reshape(num, *m.shape[2:]), None, None) for j, m in zip(handover, maps, strict=True)}
+  states = _run(graph, the_plan, bound, cache, image, base, centres_rc, barrier, given, range(tail, len(nodes)))
+  return states[len(nodes) - 1][0]
+
+
+def _run(
+  graph: LayerGraph,
+  the_plan: Plan,
+  bound: Any,
+  cache: dict[int, tuple[jax.Array, ...]],
+  image: jax.Array,
+  base: jax.Array,
+  centres_rc: jax.Array,
+  barrier: bool,
+  given: dict[int, tuple[jax.Array, None, None]],
+  node_ids: Sequence[int],
+) -> dict[int, tuple[jax.Array, jax.Array | None, jax.Array | None]]:
+  """Runs `node_ids` (in order) for the patches `centres_rc`, from the node states in `given`.
+
+  A node's state is `(values[b, h, w, C], row starts[b], col starts[b])` of its window, or `(values[b, ...],
+  None, None)` for whole maps; returns every state, `given` included.
   """
   height, width = the_plan.input_size
   half = the_plan.half
@@ -647,9 +706,9 @@ def occluded_outputs(
   def starts(axes: tuple[_Axis, _Axis]) -> tuple[jax.Array, jax.Array]:
     return _lookup(axes[0].start, idx[0]), _lookup(axes[1].start, idx[1])
 
-  # Per node: (values[b, h, w, C], row starts[b], col starts[b]) of a window, or (values[b, ...], None, None).
-  states: list[tuple[jax.Array, jax.Array | None, jax.Array | None]] = []
-  for i, node in enumerate(graph.nodes):
+  states = dict(given)
+  for i in node_ids:
+    node = graph.nodes[i]
     op, p = node.op, the_plan.nodes[i]
     ins = [states[j] for j in node.inputs]
     if isinstance(op, _Input):
@@ -696,5 +755,5 @@ def occluded_outputs(
           channels = max(t.shape[-1] for t in terms)
           terms = [_pad_map(t, ((0, 0), (0, 0)), 0.0, channels) for t in terms]
         y = functools.reduce(jnp.add, terms)
-    states.append((y, *starts(p.axes)) if p.windowed else (y, None, None))
-  return states[-1][0]
+    states[i] = (y, *starts(p.axes)) if p.windowed else (y, None, None)
+  return states

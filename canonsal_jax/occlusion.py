@@ -358,6 +358,7 @@ def make_sweep(
   method: str = "auto",
   graph: incremental.LayerGraph | None = None,
   approx_threshold: float | None = None,
+  window_batch_size: int | None = None,
 ) -> Callable[..., SweepResult]:
   """Builds the jitted occlusion sweep for one model and one set of static settings.
 
@@ -381,6 +382,11 @@ def make_sweep(
       difference of two results of the same arithmetic.
     approx_threshold: incremental only: the projective-field threshold tau in (0, 1] of the approximate mode
       (no changed window grows beyond `ceil(tau * side)` of its map); None is exact.
+    window_batch_size: incremental only: the windowed layers of a chunk run over groups of at most this many
+      patches (the largest that divides the chunk), and the graph's tail (a dense head, `incremental.tail_start`)
+      on the whole chunk of `batch_size`. A VGG-sized head reads ~400 MB of weights per pass, so on a CPU a
+      large `batch_size` with `window_batch_size=16` beats one batch for both (BENCHMARKS.md, issue 8).
+      None: one batch for all layers.
 
   Returns:
     ``sweep(params, image[H, W, C], centres_rc[N, 2] int32, valid[N] bool, target=None) -> SweepResult``,
@@ -410,6 +416,10 @@ def make_sweep(
   mesh = jax.sharding.Mesh(np.asarray(devices), (_AXIS,)) if len(devices) > 1 else None
   half = patch_size // 2
   batch_size = int(batch_size)
+  if window_batch_size is not None and (
+    isinstance(window_batch_size, bool) or not isinstance(window_batch_size, (int, np.integer)) or window_batch_size < 1
+  ):
+    raise ValueError(f"window_batch_size must be a positive int or None, got {window_batch_size!r}")
   graph = _sweep_graph(apply_fn, method, graph, approx_threshold)
 
   def indicators(centres_rc: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
@@ -445,9 +455,14 @@ def make_sweep(
     bound = graph.bind(params)
     the_plan = plans[tuple(image.shape)]  # made by `incremental_plan` when the cache was
 
+    size = chunk_size(centres_rc.shape[0])
+    group = None
+    if window_batch_size is not None:  # the largest divisor of the chunk not above window_batch_size
+      group = max(d for d in range(1, min(window_batch_size, size) + 1) if size % d == 0)
+
     def chunk(chunk_centres):  # [batch_size, 2] -> [batch_size]
       outputs = incremental.occluded_outputs(
-        graph, the_plan, bound, cache, image, base, chunk_centres, barrier=on_accelerator
+        graph, the_plan, bound, cache, image, base, chunk_centres, barrier=on_accelerator, window_batch=group
       )
       return score(outputs, target)
 

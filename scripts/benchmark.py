@@ -305,6 +305,11 @@ _INC_BATCHES = flags.DEFINE_list(
   [],
   "incremental suite: more batches for the full and incremental sweeps; each is also compared at its fastest.",
 )
+_INC_WINDOW_BATCH = flags.DEFINE_integer(
+  "incremental_window_batch",
+  0,
+  "incremental suite: make_sweep's window_batch_size for the incremental sweeps (0: None).",
+)
 
 
 def _incremental_patches(name: str) -> list[int]:
@@ -335,6 +340,7 @@ def _incremental_suite() -> list[dict]:
         with_torch=_INC_TORCH.value,
         device=_TORCH_DEVICE.value,
         more_batch_sizes=[int(b) for b in _INC_BATCHES.value],
+        window_batch_size=_INC_WINDOW_BATCH.value or None,
       )
       results.append(res)
       sec, up, err = res["seconds"], res["speedup"], res["drop_error"]

@@ -7,6 +7,7 @@ error of the size of a drop. The ported models are checked in tests/test_increme
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -157,6 +158,37 @@ def test_synthetic_graph_exact_in_float64():
       np.testing.assert_allclose(drops[-2:], 0.0, atol=1e-12 * scale)  # the patches far outside change nothing
 
 
+def test_window_batch_runs_the_tail_on_the_whole_chunk_exactly():
+  """`window_batch`: the layers before the dense tail in groups, the tail on the chunk; the same outputs in
+  float64, whether the tail reads a whole map (7 px patches) or a window pasted into one (3 px)."""
+  h, w = 21, 18
+  with jax.enable_x64(True):
+    graph, params = _synthetic(np.random.default_rng(0), np.float64)
+    image = jnp.asarray(np.random.default_rng(2).normal(size=(h, w, 2)))
+    base = jnp.zeros_like(image)
+    acts = graph.activations(params, image[None])
+    for patch in (3, 7):
+      centres = jnp.asarray(_centres(h, w, patch)[:24])
+      the_plan = inc.plan(graph, [a.shape[1:] for a in acts], patch_size=patch)
+      tail = inc.tail_start(graph, the_plan)
+      assert tail == len(graph.nodes) - 1  # the global mean and dense layer
+      assert the_plan.nodes[graph.nodes[tail].inputs[0]].windowed == (patch == 3)
+      cache = inc.make_cache(graph, the_plan, acts)
+      run = jax.jit(
+        lambda c, wb, the_plan=the_plan, cache=cache: inc.occluded_outputs(
+          graph, the_plan, graph.bind(params), cache, image, base, c, window_batch=wb
+        ),
+        static_argnums=1,
+      )
+      want = np.asarray(run(centres, None))
+      scale = np.abs(np.asarray(acts[-1]) - want).max()
+      assert scale > 1e-3
+      for wb in (1, 8, 24):
+        np.testing.assert_allclose(np.asarray(run(centres, wb)), want, rtol=0, atol=1e-12 * scale, err_msg=str(wb))
+      with pytest.raises(ValueError, match="does not divide"):
+        run(centres, 7)
+
+
 def test_plan_windows_on_synthetic_graph():
   """The windows are smaller than their maps early and cover them late; their static sizes are as derived."""
   graph, params = _synthetic(np.random.default_rng(0))
@@ -194,6 +226,27 @@ def test_sweep_float32_close_to_full_and_compiled_once():
     new_params = jax.tree.map(lambda a, i=i: a * (2 + i), params)
     sweep(new_params, rng.normal(size=(h, w, 2)).astype(np.float32), *occlusion.pad_centres(more, 140), i + 1)
   assert sweep._cache_size() == 1
+
+
+def test_sweep_window_batch_size_matches_the_full_sweep():
+  """`make_sweep(window_batch_size=...)`: groups of the largest divisor of the chunk (16 -> 5 gives 4)."""
+  h, w, patch = 21, 18, 3
+  graph, params = _synthetic(np.random.default_rng(0))
+  image = np.random.default_rng(2).normal(size=(h, w, 2)).astype(np.float32)
+  centres, valid = occlusion.pad_centres(_centres(h, w, patch), 140)
+  kw = dict(patch_size=patch, batch_size=16, score=Score("logit"))
+  full = occlusion.make_sweep(graph.apply, method="full", **kw)(params, image, centres, valid, 0)
+  grouped = occlusion.make_sweep(inc.with_graph(graph.apply, graph), window_batch_size=5, **kw)
+  got = grouped(params, image, centres, valid, 0)
+  scale = float(np.abs(full.drops).max())
+  np.testing.assert_allclose(np.asarray(got.drops), np.asarray(full.drops), rtol=0, atol=1e-5 * scale)
+  # windows in groups of 4 (4-D float tensors of batch 4), the dense tail on all 16; none of batch 4 without groups
+  groups_of_4 = re.compile(r"tensor<4x\d+x\d+x\d+xf32>")
+  assert groups_of_4.search(grouped.lower(params, image, centres, valid, 0).as_text())
+  ungrouped = occlusion.make_sweep(inc.with_graph(graph.apply, graph), **kw)
+  assert not groups_of_4.search(ungrouped.lower(params, image, centres, valid, 0).as_text())
+  with pytest.raises(ValueError, match="window_batch_size"):
+    occlusion.make_sweep(graph.apply, window_batch_size=0, **kw)
 
 
 def test_approximate_mode():
