@@ -1223,15 +1223,13 @@ def incremental_vs_full(
       }
   times = interleaved_seconds(fns, repeats=repeats)
   best: dict[str, Any] = {}
+  per_round: dict[str, list[float]] = {}  # each round's fastest time over the sweep's batches
   for method in ("full", "incremental"):
     names = [name for name in times if name.split("@")[0] == method]
     fastest = min(names, key=lambda name: statistics.median(times[name]))
     best[method] = {"batch_size": batches[fastest], "seconds": statistics.median(times[fastest])}
-  best_full, best_inc = (
-    [min(ts) for ts in zip(*(times[k] for k in times if k.split("@")[0] == m), strict=True)]
-    for m in ("full", "incremental")
-  )
-  best["speedup"] = median_ratio(best_full, best_inc)
+    per_round[method] = [min(ts) for ts in zip(*(times[name] for name in names), strict=True)]
+  best["speedup"] = median_ratio(per_round["full"], per_round["incremental"])
   shapes = [a.shape[1:] for a in graph.activations(model.params, image[None])]
   the_plan = incremental.plan(graph, shapes, patch_size=patch_px)
   return {

@@ -610,6 +610,14 @@ def _paste(slabs: jax.Array, windows: jax.Array, rows: jax.Array, cols: jax.Arra
   )
 
 
+def _whole(unoccluded: jax.Array | None, x: jax.Array, rows: jax.Array | None, cols: jax.Array | None) -> jax.Array:
+  """A node state as whole maps: windows `x[b, h, w, C]` at `rows[b]`, `cols[b]` pasted into copies of the
+  unoccluded map `[H, W, C]`; `x` itself where it is whole already (`rows` None)."""
+  if rows is None:
+    return x
+  return _paste(jnp.broadcast_to(unoccluded, (x.shape[0], *unoccluded.shape)), x, rows, cols)
+
+
 def tail_start(graph: LayerGraph, the_plan: Plan) -> int:
   """The first node of the graph's tail: the `Full` node after the last windowed one (a dense head), from which
   every node runs on whole maps; `len(graph.nodes)` when there is none."""
@@ -650,110 +658,89 @@ def occluded_outputs(
     The graph's output for the `b` occluded images, `[b, ...]`.
   """
   nodes = graph.nodes
+
+  def unoccluded(i: int) -> jax.Array | None:  # the map a `Full` node `i` pastes a windowed input into
+    return cache[i][0] if i in cache else None
+
+  def run(centres, given, node_ids):
+    """Runs `node_ids` (in order) for the patches `centres[b, 2]`, from the node states in `given`. A node's
+    state is `(values[b, h, w, C], row starts[b], col starts[b])` of its window, or `(values[b, ...], None,
+    None)` for whole maps; returns every state, `given` included."""
+    height, width = the_plan.input_size
+    half = the_plan.half
+    centres = centres.astype(jnp.int32)
+    idx = (
+      jnp.clip(centres[:, 0], -half, height - 1 + half) + half,
+      jnp.clip(centres[:, 1], -half, width - 1 + half) + half,
+    )
+
+    def starts(axes: tuple[_Axis, _Axis]) -> tuple[jax.Array, jax.Array]:
+      return _lookup(axes[0].start, idx[0]), _lookup(axes[1].start, idx[1])
+
+    states = dict(given)
+    for i in node_ids:
+      node = graph.nodes[i]
+      op, p = node.op, the_plan.nodes[i]
+      ins = [states[j] for j in node.inputs]
+      if isinstance(op, _Input):
+        r0, c0 = starts(p.axes)
+        size = (p.axes[0].length, p.axes[1].length, image.shape[-1])
+        rows = jnp.abs(r0[:, None] + jnp.arange(size[0])[None] - centres[:, :1]) <= half  # [b, h]
+        cols = jnp.abs(c0[:, None] + jnp.arange(size[1])[None] - centres[:, 1:]) <= half  # [b, w]
+        mask = rows[:, :, None, None] & cols[:, None, :, None]
+        y = jnp.where(mask, _slices(base, r0, c0, size), _slices(image, r0, c0, size))
+        y = lax.optimization_barrier(y) if barrier else y
+      elif isinstance(op, Pointwise):
+        y = op.fn(bound, ins[0][0])
+      elif isinstance(op, Full):
+        y = op.fn(bound, _whole(unoccluded(i), *ins[0]))
+      elif isinstance(op, Spatial):
+        x, r, c = ins[0]
+        if r is None:
+          y = op.fn(bound, _pad_map(x, _spatial_pads(op, x.shape[1:]), op.pad_value))
+        else:
+          (sr, sc), (ar, ac) = p.slabs, p.axes
+          slab = _slices(
+            cache[i][0], _lookup(sr.start, idx[0]), _lookup(sc.start, idx[1]), (sr.length, sc.length, x.shape[-1])
+          )
+          slab = _paste(slab, x, _lookup(sr.paste, idx[0]), _lookup(sc.paste, idx[1]))
+          y = op.fn(bound, slab)[:, sr.offset : sr.offset + ar.length, sc.offset : sc.offset + ac.length]
+      else:  # Add
+        if p.axes is None:  # no operand windowed
+          y = _add_full([s[0] for s in ins], op.pad_to_larger)
+        else:
+          r_out, c_out = starts(p.axes)
+          terms = []
+          for k, (x, r, c) in enumerate(ins):
+            size = (p.axes[0].length, p.axes[1].length, x.shape[-1])
+            if r is not None:
+              terms.append(_paste(_slices(cache[i][k], r_out, c_out, size), x, r - r_out, c - c_out))
+            else:
+              x = _pad_map(x, [(0, p.axes[0].size - x.shape[1]), (0, p.axes[1].size - x.shape[2])], 0.0)
+              slice_one = lambda x, r, c, size=size: lax.dynamic_slice(x, (r, c, jnp.zeros_like(r)), size)
+              terms.append(jax.vmap(slice_one)(x, r_out, c_out))
+          if op.pad_to_larger:
+            channels = max(t.shape[-1] for t in terms)
+            terms = [_pad_map(t, ((0, 0), (0, 0)), 0.0, channels) for t in terms]
+          y = functools.reduce(jnp.add, terms)
+      states[i] = (y, *starts(p.axes)) if p.windowed else (y, None, None)
+    return states
+
   tail = tail_start(graph, the_plan)
   num = centres_rc.shape[0]
   if window_batch is None or window_batch >= num or tail == len(nodes):
-    states = _run(graph, the_plan, bound, cache, image, base, centres_rc, barrier, {}, range(len(nodes)))
-    return states[len(nodes) - 1][0]
+    return run(centres_rc, {}, range(len(nodes)))[len(nodes) - 1][0]
   if num % window_batch:
     raise ValueError(f"window_batch {window_batch} does not divide the chunk of {num} patches")
-  # What the tail reads from before it: whole maps (a windowed one is pasted into its cached map).
+  # What the tail reads from before it, as whole maps: a windowed one (read by a `Full` node, whose cache holds
+  # the unoccluded map) is pasted into it, as that node would.
   handover = sorted({j for node in nodes[tail:] for j in node.inputs if j < tail})
   readers = {j: next(i for i in range(tail, len(nodes)) if j in nodes[i].inputs) for j in handover}
 
   def head_inputs(centres):  # [window_batch, 2] -> the handed-over maps of these patches
-    states = _run(graph, the_plan, bound, cache, image, base, centres, barrier, {}, range(tail))
-    out = []
-    for j in handover:
-      x, r, c = states[j]
-      if r is not None:
-        whole = cache[readers[j]][0]
-        x = _paste(jnp.broadcast_to(whole, (x.shape[0], *whole.shape)), x, r, c)
-      out.append(x)
-    return tuple(out)
+    states = run(centres, {}, range(tail))
+    return tuple(_whole(unoccluded(readers[j]), *states[j]) for j in handover)
 
   maps = lax.map(head_inputs, centres_rc.reshape(-1, window_batch, 2))
   given = {j: (m.reshape(num, *m.shape[2:]), None, None) for j, m in zip(handover, maps, strict=True)}
-  states = _run(graph, the_plan, bound, cache, image, base, centres_rc, barrier, given, range(tail, len(nodes)))
-  return states[len(nodes) - 1][0]
-
-
-def _run(
-  graph: LayerGraph,
-  the_plan: Plan,
-  bound: Any,
-  cache: dict[int, tuple[jax.Array, ...]],
-  image: jax.Array,
-  base: jax.Array,
-  centres_rc: jax.Array,
-  barrier: bool,
-  given: dict[int, tuple[jax.Array, None, None]],
-  node_ids: Sequence[int],
-) -> dict[int, tuple[jax.Array, jax.Array | None, jax.Array | None]]:
-  """Runs `node_ids` (in order) for the patches `centres_rc`, from the node states in `given`.
-
-  A node's state is `(values[b, h, w, C], row starts[b], col starts[b])` of its window, or `(values[b, ...],
-  None, None)` for whole maps; returns every state, `given` included.
-  """
-  height, width = the_plan.input_size
-  half = the_plan.half
-  centres_rc = centres_rc.astype(jnp.int32)
-  idx = (
-    jnp.clip(centres_rc[:, 0], -half, height - 1 + half) + half,
-    jnp.clip(centres_rc[:, 1], -half, width - 1 + half) + half,
-  )
-
-  def starts(axes: tuple[_Axis, _Axis]) -> tuple[jax.Array, jax.Array]:
-    return _lookup(axes[0].start, idx[0]), _lookup(axes[1].start, idx[1])
-
-  states = dict(given)
-  for i in node_ids:
-    node = graph.nodes[i]
-    op, p = node.op, the_plan.nodes[i]
-    ins = [states[j] for j in node.inputs]
-    if isinstance(op, _Input):
-      r0, c0 = starts(p.axes)
-      size = (p.axes[0].length, p.axes[1].length, image.shape[-1])
-      rows = jnp.abs(r0[:, None] + jnp.arange(size[0])[None] - centres_rc[:, :1]) <= half  # [b, h]
-      cols = jnp.abs(c0[:, None] + jnp.arange(size[1])[None] - centres_rc[:, 1:]) <= half  # [b, w]
-      mask = rows[:, :, None, None] & cols[:, None, :, None]
-      y = jnp.where(mask, _slices(base, r0, c0, size), _slices(image, r0, c0, size))
-      y = lax.optimization_barrier(y) if barrier else y
-    elif isinstance(op, Pointwise):
-      y = op.fn(bound, ins[0][0])
-    elif isinstance(op, Full):
-      x, r, c = ins[0]
-      if r is not None:
-        x = _paste(jnp.broadcast_to(cache[i][0], (x.shape[0], *cache[i][0].shape)), x, r, c)
-      y = op.fn(bound, x)
-    elif isinstance(op, Spatial):
-      x, r, c = ins[0]
-      if r is None:
-        y = op.fn(bound, _pad_map(x, _spatial_pads(op, x.shape[1:]), op.pad_value))
-      else:
-        (sr, sc), (ar, ac) = p.slabs, p.axes
-        slab = _slices(
-          cache[i][0], _lookup(sr.start, idx[0]), _lookup(sc.start, idx[1]), (sr.length, sc.length, x.shape[-1])
-        )
-        slab = _paste(slab, x, _lookup(sr.paste, idx[0]), _lookup(sc.paste, idx[1]))
-        y = op.fn(bound, slab)[:, sr.offset : sr.offset + ar.length, sc.offset : sc.offset + ac.length]
-    else:  # Add
-      if p.axes is None:  # no operand windowed
-        y = _add_full([s[0] for s in ins], op.pad_to_larger)
-      else:
-        r_out, c_out = starts(p.axes)
-        terms = []
-        for k, (x, r, c) in enumerate(ins):
-          size = (p.axes[0].length, p.axes[1].length, x.shape[-1])
-          if r is not None:
-            terms.append(_paste(_slices(cache[i][k], r_out, c_out, size), x, r - r_out, c - c_out))
-          else:
-            x = _pad_map(x, [(0, p.axes[0].size - x.shape[1]), (0, p.axes[1].size - x.shape[2])], 0.0)
-            slice_one = lambda x, r, c, size=size: lax.dynamic_slice(x, (r, c, jnp.zeros_like(r)), size)
-            terms.append(jax.vmap(slice_one)(x, r_out, c_out))
-        if op.pad_to_larger:
-          channels = max(t.shape[-1] for t in terms)
-          terms = [_pad_map(t, ((0, 0), (0, 0)), 0.0, channels) for t in terms]
-        y = functools.reduce(jnp.add, terms)
-    states[i] = (y, *starts(p.axes)) if p.windowed else (y, None, None)
-  return states
+  return run(centres_rc, given, range(tail, len(nodes)))[len(nodes) - 1][0]

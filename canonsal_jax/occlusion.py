@@ -345,6 +345,12 @@ def _sweep_graph(
   return graph
 
 
+def _positive_int(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return int(value)
+
+
 def make_sweep(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
   *,
@@ -398,8 +404,7 @@ def make_sweep(
       larger than the image, or a target that does not fit the score.
   """
   patch_size = resolve_patch_size(patch_size)
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  batch_size = _positive_int("batch_size", batch_size)
   if reduce not in REDUCTIONS:
     raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
   if not isinstance(score, Score):
@@ -415,11 +420,8 @@ def make_sweep(
     logging.warning("occlusion: %s", _GPU_BASELINE_NOTE)
   mesh = jax.sharding.Mesh(np.asarray(devices), (_AXIS,)) if len(devices) > 1 else None
   half = patch_size // 2
-  batch_size = int(batch_size)
-  if window_batch_size is not None and (
-    isinstance(window_batch_size, bool) or not isinstance(window_batch_size, (int, np.integer)) or window_batch_size < 1
-  ):
-    raise ValueError(f"window_batch_size must be a positive int or None, got {window_batch_size!r}")
+  if window_batch_size is not None:
+    window_batch_size = _positive_int("window_batch_size", window_batch_size)
   graph = _sweep_graph(apply_fn, method, graph, approx_threshold)
 
   def indicators(centres_rc: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:

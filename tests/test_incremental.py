@@ -185,6 +185,12 @@ def test_window_batch_runs_the_tail_on_the_whole_chunk_exactly():
       assert scale > 1e-3
       for wb in (1, 8, 24):
         np.testing.assert_allclose(np.asarray(run(centres, wb)), want, rtol=0, atol=1e-12 * scale, err_msg=str(wb))
+      # the windows run in groups of 8, the dense layer (`@ p["fc"]`, 5 -> 3) once on all 24 patches
+      text = run.lower(centres, 8).as_text()
+      assert re.search(r"tensor<8x\d+x\d+x\d+xf64>", text)
+      dots = [line for line in text.splitlines() if "dot_general" in line]
+      assert any("tensor<24x5xf64>" in line for line in dots)
+      assert not any("tensor<8x5xf64>" in line for line in dots)
       with pytest.raises(ValueError, match="does not divide"):
         run(centres, 7)
 
@@ -240,9 +246,12 @@ def test_sweep_window_batch_size_matches_the_full_sweep():
   got = grouped(params, image, centres, valid, 0)
   scale = float(np.abs(full.drops).max())
   np.testing.assert_allclose(np.asarray(got.drops), np.asarray(full.drops), rtol=0, atol=1e-5 * scale)
-  # windows in groups of 4 (4-D float tensors of batch 4), the dense tail on all 16; none of batch 4 without groups
+  # windows in groups of 4 (4-D float tensors of batch 4), the dense layer on all 16; no batch 4 without groups
   groups_of_4 = re.compile(r"tensor<4x\d+x\d+x\d+xf32>")
-  assert groups_of_4.search(grouped.lower(params, image, centres, valid, 0).as_text())
+  hlo = grouped.lower(params, image, centres, valid, 0).as_text()
+  assert groups_of_4.search(hlo)
+  dots = [line for line in hlo.splitlines() if "dot_general" in line]
+  assert any("tensor<16x5xf32>" in line for line in dots) and not any("tensor<4x5xf32>" in line for line in dots)
   ungrouped = occlusion.make_sweep(inc.with_graph(graph.apply, graph), **kw)
   assert not groups_of_4.search(ungrouped.lower(params, image, centres, valid, 0).as_text())
   with pytest.raises(ValueError, match="window_batch_size"):
