@@ -19,17 +19,13 @@ python scripts/canonicalisation_check.py --morphable_model=../shared/assets/sfm 
 import pathlib
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"),
-  "Configuration file.",
-  lock_config=True,
-)
+from canonsal_jax import cli
+
+_CONFIG = cli.define_config()
+_OVERRIDES = cli.define_overrides(model=False)  # --morphable_model
 _MODELS = flags.DEFINE_list("models", ["age", "gender"], "Face models to explain.")
-_MORPHABLE = flags.DEFINE_string("morphable_model", None, '"default" or a Surrey Face Model folder.')
 _YAWS = flags.DEFINE_list(
   "yaws", ["0", "-20", "20", "-40", "40"], "Yaws to render, degrees; the first is the reference."
 )
@@ -117,16 +113,12 @@ def _check(config, model_name, fit, views, yaws, summary):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
   import numpy as np
 
   from canonsal_jax import faces, pipeline
 
-  config = _CONFIG.value
-  if _MORPHABLE.value is not None:
-    config.morphable_model = _MORPHABLE.value
-  logging.info("config:\n%s", config)
+  config = cli.resolve(_CONFIG, _OVERRIDES)
   yaws = [float(y) for y in _YAWS.value]
   if _PHOTOS.value:
     from canonsal_jax import bench

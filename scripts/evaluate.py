@@ -10,26 +10,20 @@ against the controls) and `metrics.json` (everything, per image too). Test image
 refused.
 """
 
-import pathlib
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"),
-  "Configuration file (the one the CMS was made with).",
-  lock_config=True,
-)
+from canonsal_jax import cli
+
+_CONFIG = cli.define_config()  # the one the CMS was made with
+_OVERRIDES = cli.define_overrides()  # --model, --morphable_model: the CMS's
 _IMAGES = flags.DEFINE_string(
   "images", None, "Test photos: a folder, .txt list, glob or builtin:<name>.", required=True
 )
 _CMS = flags.DEFINE_string("cms", None, "The CMS run folder or its cms.npz.", required=True)
 _CMS_RANDOM = flags.DEFINE_string("cms_random", None, "The CMS of the same model with re-initialised weights.")
 _GROUP = flags.DEFINE_string("group", "all", "The CMS group to map back onto the test faces.")
-_MODEL = flags.DEFINE_string("model", None, "Face model (overrides config.model; must be the CMS's).")
-_MORPHABLE = flags.DEFINE_string("morphable_model", None, '"default" or a Surrey Face Model folder (the CMS\'s).')
 _METHODS = flags.DEFINE_list("methods", ["cms", "occlusion", "grad_cam", "vanilla_gradient"], "Methods to score.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for metrics.csv and metrics.json.", required=True)
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use at most this many test faces (0: all).")
@@ -38,16 +32,10 @@ _MASS = flags.DEFINE_float("mass", 0.1, "Mass of every map in the drop protocol,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
   from canonsal_jax import faithfulness, io
 
-  config = _CONFIG.value
-  if _MODEL.value is not None:
-    config.model = _MODEL.value
-  if _MORPHABLE.value is not None:
-    config.morphable_model = _MORPHABLE.value
-  logging.info("config:\n%s", config)
+  config = cli.resolve(_CONFIG, _OVERRIDES)
   try:
     table = faithfulness.evaluate(
       config,
