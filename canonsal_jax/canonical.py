@@ -75,6 +75,8 @@ __all__ = [
   "mesh_to_crop",
   "model_uv_raster",
   "outside_mesh_share",
+  "region_labels",
+  "region_shares",
   "render_canonical",
   "sample_canonical",
   "to_texture",
@@ -619,3 +621,25 @@ def from_texture(
   valid = front & (den > 0)
   value = jnp.where(valid, num / jnp.where(valid, den, 1.0), 0.0)
   return value, valid
+
+
+# ------------------------------------------------------------------------------------------ regions
+
+
+def region_labels(model: MorphableModel, size: int) -> np.ndarray:
+  """`[T, T]` int32 region index (into `REGION_NAMES`) per texel: the region of the nearest vertex of the
+  texel's triangle; -1 outside the UV layout."""
+  uvr = model_uv_raster(model, size)
+  tri_id, bary = np.asarray(uvr.tri_id), np.asarray(uvr.bary)
+  nearest = np.asarray(model.triangles)[np.maximum(tri_id, 0), np.argmax(bary, axis=-1)]
+  return np.where(tri_id >= 0, np.asarray(model.regions)[nearest], -1).astype(np.int32)
+
+
+def region_shares(texture: np.ndarray, weight: np.ndarray, regions: np.ndarray) -> dict[str, float]:
+  """Per `REGION_NAMES` region, its share of the texture's weighted |mass| (`regions` from `region_labels`;
+  all 0 for a texture with no mass)."""
+  mass = np.abs(texture) * weight
+  total = float(mass.sum())
+  return {
+    region: (float(mass[regions == i].sum()) / total if total > 0 else 0.0) for i, region in enumerate(REGION_NAMES)
+  }

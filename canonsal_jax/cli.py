@@ -77,9 +77,9 @@ def resolve(config_flag: flags.FlagHolder, overrides: dict[str, flags.FlagHolder
 
 def user_error_types() -> tuple[type[BaseException], ...]:
   """Errors that mean bad input or settings (a message for the user, not a traceback)."""
-  from canonsal_jax import faces, io
+  from canonsal_jax import faces, fileio
 
-  return (ValueError, FileNotFoundError, io.ImageError, io.FormatError, faces.NoFaceError)
+  return (ValueError, FileNotFoundError, fileio.ImageError, fileio.FormatError, faces.NoFaceError)
 
 
 @contextlib.contextmanager

@@ -73,7 +73,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from canonsal_jax import io
+from canonsal_jax import fileio
 
 __all__ = [
   "FORMAT_KIND",
@@ -543,7 +543,7 @@ class CMSAccumulator:
     self, group_a: str, group_b: str, *, min_count: int = 1, kind: str = "signed"
   ) -> tuple[np.ndarray, np.ndarray]:
     """`mean(group_a) - mean(group_b)` where both groups have data (`min_count` applies to each); show it on a
-    diverging scale. Whether a difference is real is for `canonsal_jax.stats`' permutation tests to say.
+    diverging scale. Whether a difference is real is for `canonsal_jax.evidence.stats`' permutation tests to say.
 
     Returns:
       `(difference, valid)`: float64 [T, T] (NaN where not valid); bool [T, T].
@@ -600,7 +600,7 @@ class CMSAccumulator:
 
   # ---------------------------------------------------------------------------------------- files
 
-  def save(self, path: io.PathLike) -> None:
+  def save(self, path: fileio.PathLike) -> None:
     """Writes a checkpoint atomically: one versioned `.npz` ("canonsal_jax.cms" version 1) holding the exact
     limbs, counts and a UTF-8 JSON `meta` array (settings, layout, groups, image counts, records).
 
@@ -616,7 +616,7 @@ class CMSAccumulator:
       "num_images": [self._groups[g].num_images for g in names],
       "records": self.records(),
     }
-    io.save_npz_versioned(
+    fileio.save_npz_versioned(
       path,
       FORMAT_KIND,
       FORMAT_VERSION,
@@ -628,7 +628,7 @@ class CMSAccumulator:
     )
 
   @classmethod
-  def load(cls, path: io.PathLike, *, settings: CMSSettings | None = None) -> CMSAccumulator:
+  def load(cls, path: fileio.PathLike, *, settings: CMSSettings | None = None) -> CMSAccumulator:
     """Reads a checkpoint written by `save`.
 
     Args:
@@ -637,15 +637,15 @@ class CMSAccumulator:
         would mix incompatible sums).
 
     Raises:
-      io.FormatError: the file is missing, corrupt, of another kind or version, or inconsistent; the message
+      fileio.FormatError: the file is missing, corrupt, of another kind or version, or inconsistent; the message
         names the file.
       ValueError: its settings differ from `settings`; the message names the file and the differences.
     """
     name = os.fspath(path)
-    arrays = io.load_npz_versioned(path, FORMAT_KIND, FORMAT_VERSION)
+    arrays = fileio.load_npz_versioned(path, FORMAT_KIND, FORMAT_VERSION)
 
-    def bad(what: str) -> io.FormatError:
-      return io.FormatError(f"{name}: corrupt CMS checkpoint: {what}")
+    def bad(what: str) -> fileio.FormatError:
+      return fileio.FormatError(f"{name}: corrupt CMS checkpoint: {what}")
 
     if missing := sorted({"value_limbs", "abs_limbs", "weight_limbs", "count", "meta"} - set(arrays)):
       raise bad(f"missing arrays {missing}")

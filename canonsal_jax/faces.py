@@ -9,8 +9,8 @@ Coordinates follow DESIGN.md: `xy` = (x, y) in pixels with the centre of pixel (
 dlib has it; so pixel (i, j) covers [j - 0.5, j + 0.5] x [i - 0.5, i + 0.5].
 
 Example:
-  >>> from canonsal_jax import faces, io, models
-  >>> image = io.default_image()
+  >>> from canonsal_jax import faces, fileio, models
+  >>> image = fileio.default_image()
   >>> face = faces.largest_face(image, name="astronaut")
   >>> crop, crop_from_image = faces.crop_face(image, face, models.CropSpec("dlib_chip", 150, 0.25))
   >>> faces.apply_affine(crop_from_image, face.landmarks5_xy)  # the 5 landmarks in crop xy  # doctest: +SKIP
@@ -26,8 +26,7 @@ import dlib
 import numpy as np
 from PIL import Image
 
-from canonsal_jax import assets
-from canonsal_jax import io as cs_io
+from canonsal_jax import assets, fileio
 from canonsal_jax.models.base import CropSpec
 
 __all__ = [
@@ -112,7 +111,7 @@ def _parts_xy(shape: dlib.full_object_detection) -> np.ndarray:
 
 def _as_dlib_image(image: np.ndarray, name: str) -> np.ndarray:
   # dlib wants a C-contiguous uint8 [H, W, 3]; validate_image returns exactly that.
-  return cs_io.validate_image(image, name)
+  return fileio.validate_image(image, name)
 
 
 class FaceDetector:
@@ -173,7 +172,7 @@ class FaceDetector:
     """Finds faces and their landmarks.
 
     Args:
-      image: an image array (`io.validate_image` accepts it: uint8 RGB [H, W, 3], grey, RGBA, float [0, 1]).
+      image: an image array (`fileio.validate_image` accepts it: uint8 RGB [H, W, 3], grey, RGBA, float [0, 1]).
       upsample: times dlib doubles the image before detecting; each finds faces half as large (HOG's smallest
         is about 80 px at 0, 40 px at 1).
       all_faces: return every face instead of the largest only.
@@ -370,7 +369,7 @@ def crop_face(image: np.ndarray, face: Face, crop: CropSpec) -> tuple[np.ndarray
   bilinear resize (antialiased when shrinking); outside the image reads 0.
 
   Args:
-    image: an image array (see `io.validate_image`).
+    image: an image array (see `fileio.validate_image`).
     face: from `FaceDetector.detect` or `largest_face`.
     crop: the model's `CropSpec`.
 
@@ -378,7 +377,7 @@ def crop_face(image: np.ndarray, face: Face, crop: CropSpec) -> tuple[np.ndarray
     `(crop_rgb [S, S, 3] uint8, crop_from_image [2, 3] float64)`, S = `crop.size`; `crop_from_image` maps
     image `xy` to crop `xy` (for "dlib_chip", `chip_affine` with the pyramid correction).
   """
-  rgb = cs_io.validate_image(image, "crop_face image")
+  rgb = fileio.validate_image(image, "crop_face image")
   if crop.kind == "dlib_chip":
     points = face.landmarks5_xy if crop.landmarks == 5 else face.landmarks_xy
     parts = dlib.points([dlib.point(int(x), int(y)) for x, y in np.round(points)])

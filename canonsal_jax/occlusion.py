@@ -237,7 +237,7 @@ def grid_centres(height: int, width: int, *, patch_size: int, stride: int, inclu
 
   By default patches lie wholly inside the image, top-left corners at 0, stride, 2*stride, ... (Captum's
   `Occlusion` adds one more, border-clipped window per axis when (size - patch) is not a multiple of the stride;
-  `canonsal_jax.baselines.reference.captum_centres` gives its exact set); `include_borders` centres patches on
+  `benchmarks.baselines.reference.captum_centres` gives its exact set); `include_borders` centres patches on
   every stride-th pixel from 0, so border pixels are covered by clipped patches.
 
   Raises:

@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from canonsal_jax import io, models, pipeline, viz
+from canonsal_jax import fileio, models, outputs, pipeline, viz
 
 __all__ = ["DLIB_THRESHOLD", "PairResult", "verify_pair", "write_pair"]
 
@@ -84,7 +84,7 @@ def verify_pair(
     threshold: the Euclidean distance below which the model's descriptors mean "same person".
 
   Raises:
-    ValueError: the model has no cosine score, or non-finite outputs; faces.NoFaceError / io.ImageError naming
+    ValueError: the model has no cosine score, or non-finite outputs; faces.NoFaceError / fileio.ImageError naming
       the photo at fault.
   """
   model = models.load(config.model)
@@ -93,13 +93,13 @@ def verify_pair(
   config = ml_collections.ConfigDict(config.to_dict())
   config.occlusion.reference, config.occlusion.impostor = "", ""
   config.occlusion.score = "cosine"
-  loaded = [pipeline._load_pixels(image, name) for image, name in zip((probe, reference), names[:2])]
-  found = [pipeline._largest_face(config, pixels, name, None) for name, pixels in loaded]
+  loaded = [pipeline.load_input(image, name) for image, name in zip((probe, reference), names[:2])]
+  found = [pipeline.detect_face(config, pixels, name, None) for name, pixels in loaded]
   probe_emb, ref_emb = (pipeline.embed_face(model, pixels, face, name) for (name, pixels), face in zip(loaded, found))
   impostor_name, impostor_cos, probe_target = "", float("nan"), ref_emb
   if impostor is not None:
-    impostor_name, imp_pixels = pipeline._load_pixels(impostor, names[2])
-    imp_face = pipeline._largest_face(config, imp_pixels, impostor_name, None)
+    impostor_name, imp_pixels = pipeline.load_input(impostor, names[2])
+    imp_face = pipeline.detect_face(config, imp_pixels, impostor_name, None)
     imp_emb = pipeline.embed_face(model, imp_pixels, imp_face, impostor_name)
     impostor_cos = _cos(probe_emb, imp_emb)
     probe_target = np.stack([ref_emb, imp_emb])  # [2, K]: the score becomes the cosine contrast
@@ -120,8 +120,8 @@ def verify_pair(
 
 
 def _side_tiles(result: pipeline.CISResult, vmax: float, render_size: int) -> tuple[np.ndarray, np.ndarray]:
-  photo = pipeline._overlay_png(result.occlusion)
-  cis = pipeline._render(result.fit.model, result.texture, result.weight, render_size, vmax=vmax)
+  photo = outputs.occlusion_overlay(result.occlusion)
+  cis = outputs.render_texture(result.fit.model, result.texture, result.weight, render_size, vmax=vmax)
   return photo, cis
 
 
@@ -130,7 +130,7 @@ def write_pair(result: PairResult, out_dir: str | pathlib.Path, *, render_size: 
   CIS on one colour scale), `pair.json`, and each side's CIS outputs under `probe/` and `reference/`."""
   out = pathlib.Path(out_dir)
   sides = {"probe": result.probe, "reference": result.reference}
-  summaries = {key: pipeline.write_cis(cis, out / key, render_size=render_size) for key, cis in sides.items()}
+  summaries = {key: outputs.write_cis(cis, out / key, render_size=render_size) for key, cis in sides.items()}
   vmax = max(float(np.abs(c.texture[c.weight > 0]).max(initial=0.0)) for c in sides.values()) or 1.0
   probe_photo, probe_cis = _side_tiles(result.probe, vmax, render_size)
   ref_photo, ref_cis = _side_tiles(result.reference, vmax, render_size)
@@ -141,7 +141,7 @@ def write_pair(result: PairResult, out_dir: str | pathlib.Path, *, render_size: 
   )
   if result.impostor_name:
     title += f" | probe map: genuine minus impostor {result.impostor_name} (cosine {result.impostor_cosine:.3f})"
-  io.save_png(out / "pair.png", viz.panel([probe_photo, probe_cis, ref_cis, ref_photo], title))
+  fileio.save_png(out / "pair.png", viz.panel([probe_photo, probe_cis, ref_cis, ref_photo], title))
   summary = {
     "format": "canonsal_jax.verification_pair",
     "version": 1,
@@ -156,5 +156,5 @@ def write_pair(result: PairResult, out_dir: str | pathlib.Path, *, render_size: 
     "impostor_cosine": None if np.isnan(result.impostor_cosine) else result.impostor_cosine,
     "shared_vmax": vmax,
   }
-  io.save_json(out / "pair.json", summary)
+  fileio.save_json(out / "pair.json", summary)
   return summary

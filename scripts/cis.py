@@ -6,7 +6,7 @@ python scripts/cis.py --image=face.jpg --model=age --morphable_model=../shared/a
 
 from absl import app, flags
 
-from canonsal_jax import cli
+from canonsal_jax import cli, outputs, pipeline
 
 _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides()
@@ -16,14 +16,13 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 def main(argv):
   cli.no_arguments(argv)
-  from canonsal_jax import pipeline
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   with cli.user_errors() as failed:
     result = pipeline.cis_image(config, _IMAGE.value)
   if failed:
     return 1
-  summary = pipeline.write_cis(result, _OUT_DIR.value, render_size=config.cis.render_size)
+  summary = outputs.write_cis(result, _OUT_DIR.value, render_size=config.cis.render_size)
   print(
     f"{summary['name']}: {summary['label']} ({summary['score_kind']} {summary['score']:.3f}); "
     f"{summary['outside_mesh_share']:.0%} of the saliency off the mesh; wrote {_OUT_DIR.value}/cis.png"

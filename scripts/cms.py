@@ -14,7 +14,7 @@ import time
 
 from absl import app, flags, logging
 
-from canonsal_jax import cli
+from canonsal_jax import cli, runs
 
 _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides()
@@ -30,8 +30,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0'
 def main(argv):
   cli.no_arguments(argv)
   import jax
-
-  from canonsal_jax import pipeline
 
   if _NUM_PROCESSES.value > 1:
     if not _COORDINATOR.value:
@@ -53,7 +51,7 @@ def main(argv):
 
   try:
     with cli.user_errors() as failed:
-      acc = pipeline.run_cms(config, _OUT_DIR.value, progress=progress)
+      acc = runs.run_cms(config, _OUT_DIR.value, progress=progress)
   finally:
     if _NUM_PROCESSES.value > 1:
       jax.distributed.shutdown()

@@ -6,7 +6,7 @@ python scripts/fit.py --image=face.jpg --morphable_model=../shared/assets/sfm --
 
 from absl import app, flags
 
-from canonsal_jax import cli
+from canonsal_jax import cli, outputs, pipeline
 
 _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides(model=False)
@@ -16,14 +16,13 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 def main(argv):
   cli.no_arguments(argv)
-  from canonsal_jax import pipeline
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   with cli.user_errors() as failed:
     fit = pipeline.fit_image(config, _IMAGE.value)
   if failed:
     return 1
-  summary = pipeline.write_fit(fit, _OUT_DIR.value)
+  summary = outputs.write_fit(fit, _OUT_DIR.value)
   yaw, pitch, roll = summary["yaw_pitch_roll_deg"]
   print(
     f"{summary['name']}: {summary['morphable_model']} fitted, yaw {yaw:.1f} pitch {pitch:.1f} roll {roll:.1f} deg, "

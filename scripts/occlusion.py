@@ -9,7 +9,7 @@ import time
 
 from absl import app, flags, logging
 
-from canonsal_jax import cli
+from canonsal_jax import cli, outputs, pipeline
 
 _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides(morphable_model=False)
@@ -21,8 +21,6 @@ def main(argv):
   cli.no_arguments(argv)
   import jax
 
-  from canonsal_jax import pipeline
-
   config = cli.resolve(_CONFIG, _OVERRIDES)
   logging.info("devices: %s", jax.devices())
   start = time.perf_counter()
@@ -30,7 +28,7 @@ def main(argv):
     result = pipeline.explain_image(config, _IMAGE.value)
   if failed:
     return 1
-  summary = pipeline.write_occlusion(result, _OUT_DIR.value)
+  summary = outputs.write_occlusion(result, _OUT_DIR.value)
   logging.info("%d patches in %.2f s (compile included)", summary["num_patches"], time.perf_counter() - start)
   what = f"{summary['label']} ({summary['score_kind']} {summary['score']:.3f})"
   print(f"{summary['name']}: {what}; wrote {_OUT_DIR.value}/overlay.png and heatmap.npy")

@@ -1,7 +1,7 @@
 r"""Planted bias with known truth: does canonical occlusion find the cue a model was trained on?
 
 Small Flax CNNs learn a label carried by a green chroma cue planted in one 3DMM region of real fitted faces,
-rendered at yaws up to +-45 deg (`canonsal_jax.planted`); canonical occlusion and the rival saliency methods
+rendered at yaws up to +-45 deg (`canonsal_jax.evidence.planted`); canonical occlusion and the rival saliency methods
 are scored by the share of their mass in the planted region, beside a null model trained on shuffled labels.
 Writes `results.json`, `results.md` (the README's table), `examples.png` and `cms_<region>.png`.
 
@@ -29,7 +29,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   import jax
 
-  from canonsal_jax import assets, planted
+  from canonsal_jax import assets
+  from canonsal_jax.evidence import planted
 
   # Compiled programs persist between runs, as the tests' do (tests/conftest.py).
   jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation_cache"))

@@ -27,7 +27,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap, the permutations
 
 def main(argv):
   cli.no_arguments(argv)
-  from canonsal_jax import report
+  from canonsal_jax.evidence import report
 
   with cli.user_errors() as failed:
     options = report.ReportOptions(

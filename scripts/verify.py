@@ -8,7 +8,7 @@ import pathlib
 
 from absl import app, flags
 
-from canonsal_jax import cli
+from canonsal_jax import cli, datasets
 
 _CONFIG = cli.define_config("identity.py")
 _OVERRIDES = cli.define_overrides()
@@ -23,14 +23,14 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 def main(argv):
   cli.no_arguments(argv)
-  from canonsal_jax import pipeline, verification
+  from canonsal_jax import verification
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   probe, reference = _PROBE.value, _REFERENCE.value
   if (probe is None) != (reference is None):
     raise app.UsageError("give both --probe and --reference, or neither (the shipped example pair)")
   if probe is None:
-    photos = {pathlib.Path(p).stem.rsplit("_", 1)[-1]: p for p in pipeline.builtin_dataset("photos")}
+    photos = {pathlib.Path(p).stem.rsplit("_", 1)[-1]: p for p in datasets.builtin_dataset("photos")}
     probe, reference = photos["obama"], photos["obama2"]
   with cli.user_errors() as failed:
     pair = verification.verify_pair(config, probe, reference, impostor=_IMPOSTOR.value, threshold=_THRESHOLD.value)

@@ -7,13 +7,26 @@ import sys
 import pytest
 
 import canonsal_jax
+import canonsal_jax.evidence
+
+_MODULES = [f"canonsal_jax.{m}" for m in canonsal_jax.__all__ if m != "__version__"]
+_MODULES += [f"canonsal_jax.evidence.{m}" for m in canonsal_jax.evidence.__all__]
 
 
-@pytest.mark.parametrize("module", [m for m in canonsal_jax.__all__ if m != "__version__"])
+@pytest.mark.parametrize("module", _MODULES)
 def test_all_names_exist(module):
-  mod = importlib.import_module(f"canonsal_jax.{module}")
+  mod = importlib.import_module(module)
   for name in getattr(mod, "__all__", ()):
-    assert hasattr(mod, name), f"canonsal_jax.{module}.__all__ names missing {name}"
+    assert hasattr(mod, name), f"{module}.__all__ names missing {name}"
+
+
+def test_every_module_is_listed():
+  """A new module is either named in its package's lazy `__all__` or private (its name starts with `_`)."""
+  import pkgutil
+
+  for package, listed in ((canonsal_jax, canonsal_jax.__all__), (canonsal_jax.evidence, canonsal_jax.evidence.__all__)):
+    found = {m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")}
+    assert found == set(listed) - {"__version__"}, package.__name__
 
 
 def test_import_is_cheap_and_quiet():

@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("captum")
 
+from benchmarks.baselines import reference, torch_models, vgg  # noqa: E402
 from canonsal_jax import models, occlusion  # noqa: E402
-from canonsal_jax.baselines import reference, torch_models, vgg  # noqa: E402
 
 FACE_MODELS = ("gender", "age", "expression")
 # float32 in both frameworks, different summation orders: relative differences measured are 3e-7 to 4e-6 (VGG);
@@ -113,7 +113,8 @@ def test_paper_procedure_on_scattered_patches():
 def test_benchmark_against_torch_runs_and_agrees():
   """`bench.sweep_vs_torch` (the --suite=torch figures): ours (incremental), the full sweep, the paper's procedure
   and Captum all give the same heatmap, and every method is timed."""
-  from canonsal_jax import bench, models
+  from benchmarks import bench
+  from canonsal_jax import models
 
   res = bench.sweep_vs_torch(
     models.load("gender"), strides=(1,), batch_size=64, perturbations_per_eval=(64,), repeats=1

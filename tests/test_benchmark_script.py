@@ -1,4 +1,4 @@
-"""scripts/benchmark.py's suites on tiny sizes: each runs, writes its JSON with the expected keys, and the figures
+"""benchmarks/benchmark.py's suites on tiny sizes: each runs, writes its JSON with the expected keys, and the figures
 it reports hold what they claim (agreement with eos, batch invariance, the forced device count took effect)."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from canonsal_jax import bench
+from benchmarks import bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _suite(tmp_path: pathlib.Path, suite: str, *args: str, timeout: int = 600) -> dict:
   out = tmp_path / f"{suite}.json"
   proc = subprocess.run(
-    [sys.executable, str(ROOT / "scripts" / "benchmark.py"), f"--suite={suite}", f"--json_out={out}", *args],
+    [sys.executable, "-m", "benchmarks.benchmark", f"--suite={suite}", f"--json_out={out}", *args],
+    cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=timeout,

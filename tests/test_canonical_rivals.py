@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from canonsal_jax import attribution, faces, models, occlusion, pipeline, synthetic
+from canonsal_jax import attribution, faces, models, occlusion, outputs, pipeline, runs
 from canonsal_jax import config as config_lib
+from canonsal_jax.evidence import synthetic
 
 
 def _config(explainer):
@@ -44,13 +45,13 @@ def test_rival_cms_and_bad_explainer(tmp_path):
   config = _config("vanilla_gradient")
   config.cms.max_images = 3
   config.cms.save_textures = True
-  acc = pipeline.run_cms(config, tmp_path, dataset="builtin:lfw")
+  acc = runs.run_cms(config, tmp_path, dataset="builtin:lfw")
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["images_seen"] == 3 and summary["face_batch"] == 0  # rivals go one face at a time
   assert acc.num_images("all") >= 2 and (tmp_path / "cms_all.png").is_file()
   # The saved per-image textures rebuild the CMS: sum(w * v / normaliser) / sum(w).
   records = [r for r in acc.records() if r["status"] == "ok"]
-  textures, weights = pipeline.load_textures(tmp_path, [r["index"] for r in records])
+  textures, weights = outputs.load_textures(tmp_path, [r["index"] for r in records])
   norms = np.array([r["normaliser"] for r in records])[:, None, None]
   values = np.where(weights > 0, textures, 0.0).astype(np.float64)
   num, den = (weights * values / norms).sum(0), weights.astype(np.float64).sum(0)
@@ -59,6 +60,6 @@ def test_rival_cms_and_bad_explainer(tmp_path):
   skipped = [r["index"] for r in acc.records() if r["status"] != "ok"]
   if skipped:
     with pytest.raises(FileNotFoundError, match="save_textures"):
-      pipeline.load_textures(tmp_path, skipped)
+      outputs.load_textures(tmp_path, skipped)
   with pytest.raises(ValueError, match=r"explainer must be 'occlusion' or one of .*grad_cam"):
     pipeline.explain_image(_config("lime"))

@@ -10,7 +10,7 @@ import pytest
 import scipy.ndimage
 import scipy.spatial
 
-from canonsal_jax import synthetic, warp2d
+from canonsal_jax.evidence import synthetic, warp2d
 
 
 def _landmarks(rng: np.random.Generator, n: int = 68) -> np.ndarray:

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from canonsal_jax import cms, io
+from canonsal_jax import cms, fileio
 
 T = 4
 
@@ -202,19 +202,21 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
   truncated = tmp_path / "truncated.npz"
   truncated.write_bytes(good.read_bytes()[:200])
   foreign = tmp_path / "foreign.npz"
-  io.save_npz_versioned(foreign, "morphable_model", 1, mean=np.zeros(3))
+  fileio.save_npz_versioned(foreign, "morphable_model", 1, mean=np.zeros(3))
   wrong_version = tmp_path / "v1.npz"  # version 1 had no absolute sums
-  old = {k: v for k, v in io.load_npz_versioned(good, cms.FORMAT_KIND, cms.FORMAT_VERSION).items() if k != "abs_limbs"}
-  io.save_npz_versioned(wrong_version, cms.FORMAT_KIND, 1, **old)
+  old = {
+    k: v for k, v in fileio.load_npz_versioned(good, cms.FORMAT_KIND, cms.FORMAT_VERSION).items() if k != "abs_limbs"
+  }
+  fileio.save_npz_versioned(wrong_version, cms.FORMAT_KIND, 1, **old)
   bad_meta = tmp_path / "bad_meta.npz"
-  arrays = io.load_npz_versioned(good, cms.FORMAT_KIND, cms.FORMAT_VERSION)
-  io.save_npz_versioned(bad_meta, cms.FORMAT_KIND, cms.FORMAT_VERSION, **{**arrays, "meta": arrays["meta"][:-5]})
+  arrays = fileio.load_npz_versioned(good, cms.FORMAT_KIND, cms.FORMAT_VERSION)
+  fileio.save_npz_versioned(bad_meta, cms.FORMAT_KIND, cms.FORMAT_VERSION, **{**arrays, "meta": arrays["meta"][:-5]})
   bad_limbs = tmp_path / "bad_limbs.npz"
-  io.save_npz_versioned(
+  fileio.save_npz_versioned(
     bad_limbs, cms.FORMAT_KIND, cms.FORMAT_VERSION, **{**arrays, "count": arrays["count"][..., :-1]}
   )
   for path in (tmp_path / "missing.npz", truncated, foreign, wrong_version, bad_meta, bad_limbs):
-    with pytest.raises(io.FormatError, match=path.name):
+    with pytest.raises(fileio.FormatError, match=path.name):
       cms.CMSAccumulator.load(path)
   with pytest.raises(ValueError, match=r"good\.npz.*normalisation"):
     cms.CMSAccumulator.load(good, settings=_settings("sum_abs", texture_size=8))

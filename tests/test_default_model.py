@@ -10,7 +10,7 @@ import pytest
 from canonsal_jax import assets, faces
 from canonsal_jax.morphable import REGION_NAMES, default
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "derive_default_landmarks.py"
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "tools" / "derive_default_landmarks.py"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from canonsal_jax import assets, cms, pipeline
+from canonsal_jax import assets, cms, datasets, runs
 from canonsal_jax import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _cms_command(folder: pathlib.Path, out: pathlib.Path, *flags: str) -> list[s
 def dataset(tmp_path_factory):
   """The astronaut (512 px) and three LFW crops (222 px): two image sizes, so two fit calls per batch."""
   folder = tmp_path_factory.mktemp("photos")
-  for i, path in enumerate(pipeline.builtin_dataset("lfw")[:4]):
+  for i, path in enumerate(datasets.builtin_dataset("lfw")[:4]):
     shutil.copy(path, folder / f"{i:02d}{pathlib.Path(path).suffix}")
   return folder
 
@@ -49,7 +49,7 @@ def reference(dataset, tmp_path_factory):
   config.occlusion.patch_size = 3.0
   config.occlusion.stride = 2
   config.cms.face_batch = 1
-  return pipeline.run_cms(config, tmp_path_factory.mktemp("reference"), dataset=str(dataset))
+  return runs.run_cms(config, tmp_path_factory.mktemp("reference"), dataset=str(dataset))
 
 
 @pytest.mark.slow

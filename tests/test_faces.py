@@ -11,7 +11,7 @@ import skimage.data
 import skimage.transform
 from scipy import ndimage
 
-from canonsal_jax import faces, io
+from canonsal_jax import faces, fileio
 from canonsal_jax.models import CropSpec
 
 
@@ -22,7 +22,7 @@ def detector():
 
 @pytest.fixture(scope="module")
 def astronaut():
-  return io.default_image()
+  return fileio.default_image()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def face(astronaut, detector):
 @pytest.fixture(scope="module")
 def rotated():
   """The astronaut turned 25 degrees anticlockwise, so chip alignment has a real angle to undo."""
-  image = skimage.transform.rotate(io.default_image(), 25, order=1)
+  image = skimage.transform.rotate(fileio.default_image(), 25, order=1)
   return np.ascontiguousarray(np.round(image * 255).astype(np.uint8))
 
 

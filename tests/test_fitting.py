@@ -2,7 +2,7 @@
 astronaut photo with held-out landmarks (against eos's own fit when `eos-py` is installed), gradients and
 compilation reuse.
 
-Synthetic faces: `evaluate.synthetic_faces` (random shape, sparse expressions, yaw within ±45°, pitch and roll
+Synthetic faces: `fit_accuracy.synthetic_faces` (random shape, sparse expressions, yaw within ±45°, pitch and roll
 within ±20°, 1.5 px landmark noise; its docstring has the details). Its jaw landmarks are the true projections of
 fixed contour candidates; on the side turned away from the camera those lie on the hidden mesh border, which no
 photo shows. `_with_silhouette_jaw` moves that side's landmarks to the true silhouette (the outline a photo
@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from canonsal_jax.morphable import evaluate, fitting
+from canonsal_jax import datasets
+from canonsal_jax.evidence import fit_accuracy
+from canonsal_jax.morphable import fitting
 from canonsal_jax.morphable.model import edge_topology_from_triangles
 
 sfm = pytest.importorskip("canonsal_jax.morphable.sfm")
@@ -25,7 +27,7 @@ sfm = pytest.importorskip("canonsal_jax.morphable.sfm")
 IMAGE_SIZE = (500, 500)
 NUM_SYNTHETIC = 32
 NOISE_PX = 1.5
-HELD_OUT = np.array(evaluate.HELD_OUT_IBUG) - 1  # 0-based
+HELD_OUT = np.array(fit_accuracy.HELD_OUT_IBUG) - 1  # 0-based
 RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 36, 45  # 0-based iBUG outer eye corners
 
 
@@ -36,7 +38,7 @@ def model(shared_dir):
 
 def _synthetic(model, rng, batch):
   """Ground-truth faces and their noisy landmarks (see the module docstring)."""
-  return evaluate.synthetic_faces(model, rng, batch, noise_px=NOISE_PX)
+  return fit_accuracy.synthetic_faces(model, rng, batch, noise_px=NOISE_PX)
 
 
 def _with_silhouette_jaw(model, truth, rng):
@@ -147,7 +149,7 @@ def test_synthetic_pose_and_shape(model, synthetic):
 
 
 def test_candidate_matching_on_candidate_jaw(model):
-  # evaluate.synthetic_faces' own jaw (projected fixed candidates, hidden ones included) is what "candidates"
+  # fit_accuracy.synthetic_faces' own jaw (projected fixed candidates, hidden ones included) is what "candidates"
   # assumes; the default "occluding" matching moves the away side to the silhouette and is off by about 3
   # degrees of yaw there (measured on 64: 3.3 / 2.9 / 1.6 against 1.05 / 1.4 / 0.55).
   truth = _synthetic(model, np.random.default_rng(2), 16)
@@ -238,7 +240,7 @@ def test_landmark_noise_model(model):
   learned = fitting.landmark_sigma_model(model)
   assert learned.shape == (68,) and (learned >= 1.0).all()  # the SFM has a learned table, floored at 1 mm
   assert learned[61] > 3.0 > learned[30]  # the inner lip (62, 1-based) noisier than the nose tip (31)
-  np.testing.assert_array_equal(learned, learned[list(evaluate.MIRROR_IBUG)])  # mirror pairs pooled
+  np.testing.assert_array_equal(learned, learned[list(fit_accuracy.MIRROR_IBUG)])  # mirror pairs pooled
   uniform = dataclasses.replace(fitting.DEFAULT_FIT_CONFIG, landmark_noise="uniform")
   np.testing.assert_array_equal(fitting.landmark_sigma_model(model, uniform), np.full(68, 3.0))
   assert uniform == fitting.DEFAULT_FIT_CONFIG  # the noise model is an argument: one compiled program for both
@@ -298,15 +300,15 @@ def test_gradient_through_fit_is_finite(model):
 
 
 def test_astronaut_held_out_landmarks(model, shared_dir):
-  photos = evaluate.astronaut_photos()  # the photo and its mirror image: two faces
+  photos = datasets.astronaut_photos()  # the photo and its mirror image: two faces
   landmarks = np.stack([p.landmarks_xy for p in photos]).astype(np.float32)
   image_size = photos[0].image_size
-  ours = evaluate.held_out_error(model, landmarks, image_size).ours.mean(1)
+  ours = fit_accuracy.held_out_error(model, landmarks, image_size).ours.mean(1)
   print(f"astronaut held-out error / eye-corner distance, ours: {ours}")
   # Measured 0.041 and 0.041 (the mouth corners dominate: 7-9 px of a 60 px eye-corner distance).
   assert ours.max() < 0.06
   pytest.importorskip("eos")
-  theirs = evaluate.held_out_error(model, landmarks, image_size, eos_model_dir=shared_dir / "assets" / "sfm").eos
+  theirs = fit_accuracy.held_out_error(model, landmarks, image_size, eos_model_dir=shared_dir / "assets" / "sfm").eos
   theirs = theirs.mean(1)
   print(f"eos: {theirs}; ours / eos: {ours / theirs}")
   # Measured ratios 0.90 and 0.91 (uniform noise: 0.99, 1.00); this guards against regressions.

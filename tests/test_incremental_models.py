@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks.baselines import vgg
 from canonsal_jax import incremental as inc
 from canonsal_jax import models, occlusion
-from canonsal_jax.baselines import vgg
 
 # Patch sides: the paper's 7% of the face (3 px on the 64 px chips, 5 px on identity's 150, 15 px on VGG's 224),
 # 5 px on the 64 px chips as the issue's timing uses, 1 px on gender's 32.
@@ -103,7 +103,7 @@ def test_nnx_models_bind_by_merge():
 @pytest.mark.slow
 def test_benchmark_function_runs_and_agrees():
   """`bench.incremental_vs_full` (the --suite=incremental figures) on a few gender patches: every method agrees."""
-  from canonsal_jax import bench
+  from benchmarks import bench
 
   res = bench.incremental_vs_full(
     models.load("gender"),
@@ -135,7 +135,7 @@ def test_benchmark_function_runs_and_agrees():
 def test_precision_benchmark_compares_against_highest():
   """`bench.precision_vs_highest` (the --suite=precision figures): "highest" is its own reference, and on XLA:CPU,
   where matmul precision settings change nothing, every precision's drops equal it."""
-  from canonsal_jax import bench
+  from benchmarks import bench
 
   res = bench.precision_vs_highest(models.load("gender"), num_positions=16, batch_size=8, repeats=1)
   assert res["num_patches"] == 16 and set(res["seconds"]) == {"highest", "default", "high"}

@@ -1,4 +1,4 @@
-"""Tests for canonsal_jax.metrics: mass scaling, the drop protocol, deletion/insertion, controls, randomisation."""
+"""Tests for `evidence.metrics`: mass scaling, the drop protocol, deletion/insertion, controls, randomisation."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from canonsal_jax import faces, io, metrics, models, occlusion, raster
+from canonsal_jax import faces, fileio, models, occlusion, raster
+from canonsal_jax.evidence import metrics
 
 _H = _W = 8
 _C = 2
@@ -281,7 +282,7 @@ def test_randomise_params_keeps_shapes_and_scales():
 @pytest.fixture(scope="module")
 def gender_input():
   model = models.load("gender")
-  image = io.default_image()
+  image = fileio.default_image()
   face = faces.largest_face(image, "astronaut", detector=faces.default_detector("hog"), adjust_threshold=0.3)
   crop, _ = faces.crop_face(image, face, model.crop)
   return model, np.asarray(model.preprocess(crop))

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canonsal_jax import assets, faces, models, occlusion
-from canonsal_jax import io as cs_io
+from canonsal_jax import assets, faces, fileio, models, occlusion
 from canonsal_jax.models import dlib_resnet
 
 # Parity tolerance on descriptors (entries of magnitude up to ~0.3, norms ~1.3-1.5). Both sides compute in
@@ -47,7 +46,7 @@ def _chip(model: models.FaceModel, image: np.ndarray, name: str, **detect) -> np
 @pytest.fixture(scope="module")
 def astronaut(model) -> tuple[np.ndarray, dlib.full_object_detection, np.ndarray]:
   """skimage's astronaut, her 5 dlib landmarks and her chip made by `faces.crop_face`."""
-  image = cs_io.default_image()
+  image = fileio.default_image()
   face = faces.largest_face(image, "astronaut", adjust_threshold=0.3)
   predictor = dlib.shape_predictor(str(assets.path("shape_predictor_5_face_landmarks.dat")))
   shape = predictor(image, face.dlib_rect())
@@ -146,18 +145,18 @@ def test_descriptors_match_dlib(model, recognizer, embed, astronaut):
 
 
 def test_same_and_different_people(model, recognizer, embed, astronaut):
-  from canonsal_jax.morphable import evaluate
+  from canonsal_jax import datasets
 
-  # The photos of `evaluate.face_recognition_photos`, read directly: it also fits 68 landmarks at upsample 1
+  # The photos of `datasets.face_recognition_photos`, read directly: it also fits 68 landmarks at upsample 1
   # on these large photos (~9 s), where the 5-point chips need only a box.
   try:
-    archive = assets.archive_path(evaluate.FACE_RECOGNITION_ARCHIVE)
+    archive = assets.archive_path(datasets.FACE_RECOGNITION_ARCHIVE)
   except assets.AssetError as e:  # no package index reachable
     pytest.skip(f"face_recognition's sdist is not available: {e}")
-  members = assets.read_members(archive, tuple(f"tests/test_images/{n}.jpg" for n in evaluate.FACE_RECOGNITION_PHOTOS))
+  members = assets.read_members(archive, tuple(f"tests/test_images/{n}.jpg" for n in datasets.FACE_RECOGNITION_PHOTOS))
   photos = {
     name: np.asarray(Image.open(io.BytesIO(members[f"tests/test_images/{name}.jpg"])).convert("RGB"))
-    for name in evaluate.FACE_RECOGNITION_PHOTOS
+    for name in datasets.FACE_RECOGNITION_PHOTOS
   }
   _, _, astro = astronaut
   chips = {"astronaut": astro, "astronaut_mirrored": np.ascontiguousarray(astro[:, ::-1])}

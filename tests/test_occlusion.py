@@ -282,10 +282,10 @@ def test_nan_scores_raise_naming_the_input():
 @pytest.mark.parametrize("name,score_kind", [("gender", "log_odds"), ("age", "expected_value")])
 def test_matches_naive_loop_on_real_model(name, score_kind):
   """A real ported network: the compiled sweep equals one occluded image at a time, to 1e-5 of the largest drop."""
-  from canonsal_jax import faces, io, models
+  from canonsal_jax import faces, fileio, models
 
   model = models.load(name)
-  image = io.default_image()
+  image = fileio.default_image()
   face = faces.largest_face(image, "astronaut", adjust_threshold=0.3)
   crop, _ = faces.crop_face(image, face, model.crop)
   x = model.preprocess(crop)

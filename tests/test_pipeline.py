@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canonsal_jax import cms, io, pipeline
+from canonsal_jax import cms, datasets, fileio, runs
 from canonsal_jax import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def _fast_config():
 def dataset(tmp_path_factory):
   """The astronaut, two LFW crops, a corrupt file and a photo without a face, in a fixed order."""
   folder = tmp_path_factory.mktemp("photos")
-  lfw = pipeline.builtin_dataset("lfw")
+  lfw = datasets.builtin_dataset("lfw")
   files = [folder / "a_astronaut.png", folder / "b_lfw0.png", folder / "c_corrupt.jpg", folder / "d_blank.png"]
   shutil.copy(lfw[0], files[0])
   shutil.copy(lfw[1], files[1])
@@ -39,18 +39,18 @@ def dataset(tmp_path_factory):
 
 
 def test_builtin_lfw_dataset_is_stable():
-  files = pipeline.builtin_dataset("lfw")
+  files = datasets.builtin_dataset("lfw")
   assert len(files) == 101 and files[0].endswith("astronaut.png")
-  assert files == pipeline.builtin_dataset("lfw")  # same order, same files, built once
-  assert io.load_image(files[1]).shape == (222, 222, 3)
+  assert files == datasets.builtin_dataset("lfw")  # same order, same files, built once
+  assert fileio.load_image(files[1]).shape == (222, 222, 3)
   with pytest.raises(ValueError, match="unknown built-in dataset"):
-    pipeline.builtin_dataset("nope")
+    datasets.builtin_dataset("nope")
 
 
 @pytest.mark.slow
 def test_cms_skips_bad_inputs_and_resumes_exactly(dataset, tmp_path):
   config = _fast_config()
-  whole = pipeline.run_cms(config, tmp_path / "whole", dataset=str(dataset))
+  whole = runs.run_cms(config, tmp_path / "whole", dataset=str(dataset))
   summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
   assert summary["images_listed"] == 5 and summary["images_accumulated"] == 3 and summary["images_skipped"] == 2
   reasons = {pathlib.Path(s["name"]).name: s["reason"] for s in summary["skipped"]}
@@ -73,10 +73,10 @@ def test_cms_skips_bad_inputs_and_resumes_exactly(dataset, tmp_path):
 
   # Interrupted after two images, then run again: the same sums bit for bit, nothing recomputed.
   config.cms.max_images = 2
-  first = pipeline.run_cms(config, tmp_path / "resumed", dataset=str(dataset))
+  first = runs.run_cms(config, tmp_path / "resumed", dataset=str(dataset))
   assert first.done_indices() == frozenset({0, 1})
   config.cms.max_images = 0
-  resumed = pipeline.run_cms(config, tmp_path / "resumed", dataset=str(dataset))
+  resumed = runs.run_cms(config, tmp_path / "resumed", dataset=str(dataset))
   summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
   assert summary["resumed_with"] == 2 and summary["processed_this_run"] == 3
   for group in whole.groups():
@@ -103,7 +103,7 @@ def test_cis_script_writes_maps(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((tmp_path / "cis.json").read_text())
-  arrays = io.load_npz_versioned(tmp_path / "cis_texture.npz", "canonsal_jax.cis_texture", 1)
+  arrays = fileio.load_npz_versioned(tmp_path / "cis_texture.npz", "canonsal_jax.cis_texture", 1)
   texture, weight = arrays["texture"], arrays["weight"]
   assert texture.shape == weight.shape == (summary["texture_size"],) * 2
   assert 0 < summary["texels_with_data"] == int((weight > 0).sum())

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
+from canonsal_jax import batched, datasets, runs
 from canonsal_jax import config as config_lib
-from canonsal_jax import pipeline
 
 
 def _fast_config(face_batch: int):
@@ -23,7 +23,7 @@ def _fast_config(face_batch: int):
 def dataset(tmp_path_factory):
   """The astronaut (512 px), three LFW crops (222 px) and a corrupt file, with a labels CSV."""
   folder = tmp_path_factory.mktemp("photos")
-  lfw = pipeline.builtin_dataset("lfw")
+  lfw = datasets.builtin_dataset("lfw")
   for i, name in enumerate(["a_astronaut.png", "b_lfw0.png", "c_lfw1.png", "d_lfw2.png"]):
     shutil.copy(lfw[i], folder / name)
   (folder / "e_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -34,23 +34,23 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(dataset, tmp_path_factory):
+def cms_runs(dataset, tmp_path_factory):
   folder, labels = dataset
   out = tmp_path_factory.mktemp("runs")
-  per_image = pipeline.run_cms(_fast_config(0), out / "per_image", dataset=str(folder))
+  per_image = runs.run_cms(_fast_config(0), out / "per_image", dataset=str(folder))
   config = _fast_config(3)  # 4 faces: one full batch and one padded
   config.cms.labels_csv = str(labels)
-  batcher = pipeline._FaceBatcher(config, {})  # the run's compiled programs, from their caches
+  batcher = batched.FaceBatcher(config, {})  # the run's compiled programs, from their caches
   programs = {"sweep": batcher.sweep, "texture": batcher.texture}
   before = {k: f._cache_size() for k, f in programs.items()}
-  batched = pipeline.run_cms(config, out / "batched", dataset=str(folder))
+  in_batches = runs.run_cms(config, out / "batched", dataset=str(folder))
   compiled = {k: f._cache_size() - before[k] for k, f in programs.items()}
-  return per_image, batched, out, compiled
+  return per_image, in_batches, out, compiled
 
 
 @pytest.mark.slow
-def test_batched_cms_equals_per_image(runs):
-  per_image, batched, out, _ = runs
+def test_batched_cms_equals_per_image(cms_runs):
+  per_image, batched, out, _ = cms_runs
   summary = json.loads((out / "batched" / "summary.json").read_text())
   assert summary["images_accumulated"] == 4 and summary["images_skipped"] == 1
   assert summary["face_batch"] == 3 and summary["batches_this_run"] == 2
@@ -74,14 +74,14 @@ def test_batched_cms_equals_per_image(runs):
 
 
 @pytest.mark.slow
-def test_batched_programs_compile_once(runs):
-  compiled = runs[3]  # two batches of 3 faces (one padded) went through each stage: at most one new program
+def test_batched_programs_compile_once(cms_runs):
+  compiled = cms_runs[3]  # two batches of 3 faces (one padded) went through each stage: at most one new program
   assert compiled["sweep"] <= 1 and compiled["texture"] <= 1, compiled
 
 
 @pytest.mark.slow
-def test_true_label_groups(runs):
-  _, batched, out, _ = runs
+def test_true_label_groups(cms_runs):
+  _, batched, out, _ = cms_runs
   records = {r["name"].rsplit("/", 1)[-1]: r for r in batched.records()}
   assert records["a_astronaut.png"]["true_label"] == "Female"
   assert records["b_lfw0.png"]["true_label"] == "male"  # matched by its path relative to the CSV
@@ -102,7 +102,7 @@ def test_read_labels_rejects_bad_rows(tmp_path):
   bad = tmp_path / "labels.csv"
   bad.write_text("a.png,x,extra\n")
   with pytest.raises(ValueError, match=r"labels\.csv:1"):
-    pipeline.read_labels(bad)
+    datasets.read_labels(bad)
   bad.write_text("a.png,x\na.png,y\n")
   with pytest.raises(ValueError, match="two labels"):
-    pipeline.read_labels(bad)
+    datasets.read_labels(bad)

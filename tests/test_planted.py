@@ -1,4 +1,4 @@
-"""Planted bias with known truth (`canonsal_jax.planted`): the cue, the renders, the models, the score.
+"""Planted bias with known truth (`canonsal_jax.evidence.planted`): the cue, the renders, the models, the score.
 
 Known answers: the cue changes exactly the region's texels and keeps their luminance; rendered, it moves
 across the image with the yaw but lands on the same texels when carried back through the true mesh; a
@@ -9,7 +9,8 @@ follows it when the cue alone is swapped; the experiment's canonical occlusion i
 import numpy as np
 import pytest
 
-from canonsal_jax import canonical, planted, synthetic
+from canonsal_jax import canonical
+from canonsal_jax.evidence import planted, synthetic
 from canonsal_jax.morphable.model import REGION_NAMES
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canonsal_jax import cms, faithfulness, io, morphable, pipeline, report, stats
+from canonsal_jax import canonical, cms, datasets, fileio, morphable, outputs, pipeline, runs
 from canonsal_jax import config as config_lib
+from canonsal_jax.evidence import faithfulness, report, stats
 
 _T = 64  # texture side of the synthetic runs: small, so region labels and renders are quick
 _A, _B = "label_A<b>", "label_B&x"  # group names that need escaping in HTML and in file names
@@ -27,9 +28,9 @@ _FAST = report.ReportOptions(num_bootstrap=200, num_permutations=999, render_siz
 
 
 def _synthetic_run(folder: pathlib.Path, *, save_textures: bool = True, num_per_group: int = 8) -> cms.CMSAccumulator:
-  """A run folder as `pipeline.run_cms` writes it, with saliency planted on the eyes of group A's images."""
+  """A run folder as `runs.run_cms` writes it, with saliency planted on the eyes of group A's images."""
   model3d = pipeline.load_morphable("default")
-  regions = stats.region_labels(model3d, _T)
+  regions = canonical.region_labels(model3d, _T)
   rng = np.random.default_rng(0)
   acc = cms.CMSAccumulator(cms.CMSSettings(_T, normalisation="none"))
   skipped = []
@@ -61,7 +62,7 @@ def _synthetic_run(folder: pathlib.Path, *, save_textures: bool = True, num_per_
     texture, weight = texture.astype(np.float32), weight.astype(np.float32)
     acc.add(i, name, texture, weight, group=["all", _A if in_a else _B], record=record)
     if save_textures:
-      io.save_npz(pipeline.texture_path(folder, i), texture=texture, weight=weight)
+      fileio.save_npz(outputs.texture_path(folder, i), texture=texture, weight=weight)
   acc.save(folder / "cms.npz")
   summary = {
     "images_listed": len(acc.records()),
@@ -75,7 +76,7 @@ def _synthetic_run(folder: pathlib.Path, *, save_textures: bool = True, num_per_
       "asset_sha256": {"weights<1>.onnx": "ab" * 32},
     },
   }
-  io.save_json(folder / "summary.json", summary)
+  fileio.save_json(folder / "summary.json", summary)
   return acc
 
 
@@ -125,7 +126,7 @@ def test_report_of_planted_groups(tmp_path):
   report.write_report(run, out, metrics=_metrics_table(tmp_path / "eval"), options=_FAST)
   page = _check_offline_html(out)
   model3d = pipeline.load_morphable("default")
-  regions = stats.region_labels(model3d, _T)
+  regions = canonical.region_labels(model3d, _T)
 
   # regions.csv: the CMS's region mass is stats.region_mass of the CMS at the run's min_count (2); the image
   # shares are the records' means, inside their bootstrap intervals.
@@ -208,7 +209,7 @@ def test_report_without_textures_says_so(tmp_path):
   assert not any(p.name.startswith(("t_", "clusters_", "cis_")) for p in (out / "images").iterdir())
   summary = json.loads((run / "summary.json").read_text())
   summary["reproducibility"]["morphable_model"] = "sfm_3448"
-  io.save_json(run / "summary.json", summary)
+  fileio.save_json(run / "summary.json", summary)
   with pytest.raises(ValueError, match="made with the 3DMM"):
     report.write_report(run, tmp_path / "bad")
   with pytest.raises(FileNotFoundError, match="no CMS checkpoint"):
@@ -241,7 +242,7 @@ _PROBE = (
 
 def test_real_run_report_renders_in_chromium(tmp_path):
   chromium = _chromium()
-  files = pipeline.builtin_dataset("lfw")[:4]
+  files = datasets.builtin_dataset("lfw")[:4]
   labels = tmp_path / "labels.csv"
   labels.write_text("".join(f"{pathlib.Path(f).name},{'ab'[i % 2]}\n" for i, f in enumerate(files)))
   config = config_lib.default_config()
@@ -250,7 +251,7 @@ def test_real_run_report_renders_in_chromium(tmp_path):
   config.cms.save_textures = True
   config.cms.labels_csv = str(labels)
   config.cms.checkpoint_every = 100
-  acc = pipeline.run_cms(config, tmp_path / "run", dataset=files)
+  acc = runs.run_cms(config, tmp_path / "run", dataset=files)
   assert acc.num_images("label_a") == 2 and acc.num_images("label_b") == 2
 
   out = tmp_path / "report"
@@ -269,7 +270,7 @@ def test_real_run_report_renders_in_chromium(tmp_path):
     assert f"<h3>{group}</h3>" in page
   assert "label_a (2) vs label_b (2)" in page and "did not save" not in page
   assert "No metrics table was given" in page
-  regions = stats.region_labels(pipeline.load_morphable("default"), acc.texture_size)
+  regions = canonical.region_labels(pipeline.load_morphable("default"), acc.texture_size)
   rows = [r for r in _read_csv(out / "regions.csv") if r["group"] == "all"]
   want = stats.region_mass(*acc.mean("all"), regions)
   np.testing.assert_allclose([float(r["cms_share"]) for r in rows], want.share, rtol=1e-12)

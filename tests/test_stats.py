@@ -1,10 +1,11 @@
-"""Tests for canonsal_jax.stats: region masses, bootstrap coverage, permutation tests' error rates and power."""
+"""Tests for `evidence.stats`: region masses, bootstrap coverage, permutation tests' error rates and power."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from canonsal_jax import canonical, stats
+from canonsal_jax import canonical
+from canonsal_jax.evidence import stats
 from canonsal_jax.morphable.model import REGION_NAMES
 from canonsal_jax.morphable.sfm import load_sfm
 
@@ -32,7 +33,7 @@ def test_region_mass_known_answers():
 
 def test_region_labels_on_the_surrey_model(shared_dir):
   model = load_sfm(shared_dir / "assets" / "sfm")
-  labels = stats.region_labels(model, 64)
+  labels = canonical.region_labels(model, 64)
   inside = np.asarray(canonical.model_uv_raster(model, 64).tri_id) >= 0
   np.testing.assert_array_equal(labels >= 0, inside)
   present = {REGION_NAMES[i] for i in np.unique(labels[labels >= 0])}

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from canonsal_jax import config as config_lib
-from canonsal_jax import faces, pipeline, verification
+from canonsal_jax import datasets, faces, fileio, pipeline, runs, verification
 
 
 @pytest.fixture(scope="module")
 def photos():
-  named = {pathlib.Path(p).stem.rsplit("_", 1)[-1]: p for p in pipeline.builtin_dataset("photos")}
+  named = {pathlib.Path(p).stem.rsplit("_", 1)[-1]: p for p in datasets.builtin_dataset("photos")}
   return {k: named[k] for k in ("obama", "obama2", "biden")}
 
 
@@ -44,8 +44,8 @@ def test_reference_and_contrast_scores_and_maps(photos, embeddings):
   """The probe's unoccluded score is its cosine to the reference; the contrast map is the difference of the two
   reference maps (drops are linear in the score), whether references come from the config or as targets."""
   config = _config()
-  pixels = pipeline._load_pixels(photos["obama"], None)[1]
-  face = pipeline._largest_face(config, pixels, "obama", None)
+  pixels = pipeline.load_input(photos["obama"], None)[1]
+  face = pipeline.detect_face(config, pixels, "obama", None)
   ref, imp = embeddings["obama2"], embeddings["biden"]
   genuine = pipeline.explain_face(config, pixels, face, "obama", target=ref)
   impostor = pipeline.explain_face(config, pixels, face, "obama", target=imp)
@@ -94,7 +94,7 @@ def test_bad_settings_and_inputs(photos, tmp_path):
   with pytest.raises(ValueError, match="embedding model"):
     verification.verify_pair(gender, photos["obama"], photos["obama2"])
   blank = tmp_path / "blank.png"
-  pipeline.io.save_png(blank, np.full((200, 200, 3), 128, np.uint8))
+  fileio.save_png(blank, np.full((200, 200, 3), 128, np.uint8))
   with pytest.raises(faces.NoFaceError, match=r"reference photo .*blank\.png"):
     pipeline.explain_image(_config(reference=str(blank)), photos["obama"])
 
@@ -103,7 +103,7 @@ def test_identity_cms_against_a_reference(photos, tmp_path):
   """A dataset CMS of verification saliency: every face explained against one reference photo, batched."""
   config = _config(reference=photos["obama2"])
   config.cms.face_batch = 2
-  acc = pipeline.run_cms(config, tmp_path, dataset=[photos["obama"], photos["biden"]])
+  acc = runs.run_cms(config, tmp_path, dataset=[photos["obama"], photos["biden"]])
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["images_accumulated"] == 2, summary["skipped"]
   assert acc.groups() == ["all"]  # an embedding model has no predicted class

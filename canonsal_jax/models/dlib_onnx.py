@@ -40,8 +40,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from canonsal_jax import assets, incremental
-from canonsal_jax import io as cs_io
+from canonsal_jax import assets, fileio, incremental
 from canonsal_jax.models import layers
 from canonsal_jax.models.base import CropSpec, FaceModel
 
@@ -315,7 +314,7 @@ def load_weights(asset_name: str, *, weights_dir: os.PathLike[str] | str | None 
     with np.load(target, allow_pickle=False) as cached:
       return {name: cached[name] for name in cached.files}
   weights = _convert_onnx(assets.path(asset_name))
-  cs_io.save_npz(target, **weights)
+  fileio.save_npz(target, **weights)
   return weights
 
 

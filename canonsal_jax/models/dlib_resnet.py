@@ -35,8 +35,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from canonsal_jax import assets, incremental
-from canonsal_jax import io as cs_io
+from canonsal_jax import assets, fileio, incremental
 from canonsal_jax.models import layers
 from canonsal_jax.models.base import CropSpec, FaceModel
 
@@ -433,7 +432,7 @@ def load_weights(*, weights_dir: os.PathLike[str] | str | None = None) -> dict[s
       return {name: cached[name] for name in cached.files}
   path = assets.path(ASSET)
   weights = _convert(read_dlib_net(path), os.fspath(path))
-  cs_io.save_npz(target, **weights)
+  fileio.save_npz(target, **weights)
   return weights
 
 

@@ -44,8 +44,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from canonsal_jax import assets, incremental
-from canonsal_jax import io as cs_io
+from canonsal_jax import assets, fileio, incremental
 from canonsal_jax.models.base import CropSpec, FaceModel
 
 __all__ = [
@@ -453,7 +452,7 @@ def load_weights(*, weights_dir: os.PathLike[str] | str | None = None) -> dict[s
   if (arrays := _read_npz(target)) is not None:
     return arrays
   arrays = convert_hdf5(assets.path(_ASSET))
-  cs_io.save_npz(target, **arrays)
+  fileio.save_npz(target, **arrays)
   return arrays
 
 

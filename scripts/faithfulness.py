@@ -33,11 +33,12 @@ _MASS = flags.DEFINE_float("mass", 0.1, "Mass of every map in the drop protocol,
 
 def main(argv):
   cli.no_arguments(argv)
-  from canonsal_jax import faithfulness, io
+  from canonsal_jax import fileio
+  from canonsal_jax.evidence import faithfulness
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   try:
-    table = faithfulness.evaluate(
+    table = faithfulness.run_protocol(
       config,
       cms_path=_CMS.value,
       images=_IMAGES.value,
@@ -49,7 +50,7 @@ def main(argv):
       steps=_STEPS.value,
       progress=lambda done, total, name: logging.info("%d/%d %s", done, total, name),
     )
-  except (ValueError, FileNotFoundError, io.FormatError) as e:
+  except (ValueError, FileNotFoundError, fileio.FormatError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   csv_path, _ = faithfulness.write_evaluation(table, _OUT_DIR.value)

@@ -34,8 +34,9 @@ import sys
 
 import numpy as np
 
-from canonsal_jax import bench, pipeline
-from canonsal_jax.baselines import vgg
+from canonsal_jax import pipeline
+from benchmarks import bench
+from benchmarks.baselines import vgg
 
 centres = bench.vertex_centres(pipeline.load_morphable("default"), vgg.INPUT_SIZE)
 np.save(f"{sys.argv[1]}/vgg_vertex_centres.npy", centres)

@@ -1,6 +1,6 @@
 """The paper's faithfulness protocol on a test set: the CMS mapped back onto each face, against rivals and controls.
 
-`evaluate` takes a CMS (built by `pipeline.run_cms` from other images: overlap by name is refused) and a list of
+`evaluate` takes a CMS (built by `runs.run_cms` from other images: overlap by name is refused) and a list of
 test photos. For each face it fits the 3DMM (`pipeline.fit_image`), cuts the model's crop, and makes one map per
 method on that crop:
 
@@ -9,8 +9,9 @@ method on that crop:
 * any `attribution.METHODS` name ("grad_cam", "vanilla_gradient", ...), explaining the model's natural score;
 
 and the controls: "face_mask" (uniform on the mesh's pixels), "gaussian" (centred), and, given the CMS of the
-same architecture with re-initialised weights (`scripts/cms.py --model=canonsal_jax.faithfulness:randomised_gender`),
-"cms_random". All maps are scored by `metrics.make_protocol`
+same architecture with re-initialised weights
+(`scripts/cms.py --model=canonsal_jax.evidence.faithfulness:randomised_gender`), "cms_random". All maps are
+scored by `metrics.make_protocol`
 (Average Drop %, % Increase in Confidence, Win %) and by deletion/insertion AUC on both substrates; each
 method's per-image Average Drop and blurred deletion AUC are tested against each control
 (`metrics.compare_with_controls`), and model randomisation is reported as the mean Spearman correlation between
@@ -18,7 +19,7 @@ a method's maps with the trained and with re-initialised weights (`metrics.rando
 "cms_random" when given).
 
 Example:
-  >>> table = evaluate(config, cms_path="/tmp/cms", images="builtin:photos", methods=("cms", "grad_cam"))
+  >>> table = run_protocol(config, cms_path="/tmp/cms", images="builtin:photos", methods=("cms", "grad_cam"))
   ... # doctest: +SKIP
   >>> write_evaluation(table, "/tmp/eval")  # doctest: +SKIP
 """
@@ -38,19 +39,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from canonsal_jax import attribution, canonical, cms, datasets, faces, io, metrics, models, occlusion, pipeline, raster
+from canonsal_jax import attribution, canonical, cms, datasets, faces, fileio, models, occlusion, pipeline, raster
+from canonsal_jax.evidence import metrics
 
 __all__ = [
   "CONTROLS",
   "METHODS",
   "OverlapError",
   "check_disjoint",
-  "evaluate",
   "load_cms",
   "randomised",
   "randomised_age",
   "randomised_expression",
   "randomised_gender",
+  "run_protocol",
   "write_evaluation",
 ]
 
@@ -99,7 +101,7 @@ def randomised(name: str, seed: int = 0) -> models.FaceModel:
   """A registered face model with every weight layer re-initialised (`metrics.randomise_params`, `seed`).
 
   Its CMS is the model-randomisation control: the factories below make it a model name that `scripts/cms.py`
-  takes, e.g. ``--model=canonsal_jax.faithfulness:randomised_gender``; give that run to `evaluate` as
+  takes, e.g. ``--model=canonsal_jax.evidence.faithfulness:randomised_gender``; give that run to `evaluate` as
   `cms_random_path`.
   """
   model = models.load(name)
@@ -112,7 +114,7 @@ def randomised(name: str, seed: int = 0) -> models.FaceModel:
 
 
 def randomised_gender() -> models.FaceModel:
-  """`randomised("gender")`: for ``--model=canonsal_jax.faithfulness:randomised_gender``."""
+  """`randomised("gender")`: for ``--model=canonsal_jax.evidence.faithfulness:randomised_gender``."""
   return randomised("gender")
 
 
@@ -199,7 +201,7 @@ def _method_maps(
   return out
 
 
-def evaluate(
+def run_protocol(
   config: ml_collections.ConfigDict,
   *,
   cms_path: str | pathlib.Path,
@@ -247,7 +249,7 @@ def evaluate(
   settings = dict(method_settings or {})
   acc = load_cms(cms_path)
   if isinstance(images, str) and images.startswith("builtin:"):
-    files = pipeline.builtin_dataset(images.removeprefix("builtin:"))
+    files = datasets.builtin_dataset(images.removeprefix("builtin:"))
   else:
     files = datasets.list_images(images)
   check_disjoint(acc, files)
@@ -282,7 +284,7 @@ def evaluate(
     try:
       fit = pipeline.fit_image(config, path, detector=detector)
       crop, crop_from_image = faces.crop_face(fit.image, fit.face, model.crop)
-    except (ValueError, FileNotFoundError, io.ImageError) as e:
+    except (ValueError, FileNotFoundError, fileio.ImageError) as e:
       skipped.append({"name": path, "reason": f"{type(e).__name__}: {e}"})
       continue
     mesh = np.asarray(canonical.mesh_to_crop(fit.fit.vertices_xyd, crop_from_image))
@@ -426,6 +428,6 @@ def write_evaluation(table: dict[str, Any], out_dir: str | pathlib.Path) -> tupl
   writer.writeheader()
   for row in table["rows"]:
     writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-  io.write_atomic(out / "metrics.csv", buffer.getvalue().encode("utf-8"))
-  io.save_json(out / "metrics.json", table)
+  fileio.write_atomic(out / "metrics.csv", buffer.getvalue().encode("utf-8"))
+  fileio.save_json(out / "metrics.json", table)
   return out / "metrics.csv", out / "metrics.json"

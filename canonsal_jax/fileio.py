@@ -21,10 +21,10 @@ Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) stays in force:
 are refused with `ImageError` (Pillow warns between one and two times the limit).
 
 Example:
-  >>> from canonsal_jax import io
-  >>> rgb = io.default_image()  # the scikit-image astronaut, uint8 [512, 512, 3]
-  >>> io.save_png("/tmp/astronaut.png", rgb)  # doctest: +SKIP
-  >>> io.load_image("/tmp/astronaut.png").shape  # doctest: +SKIP
+  >>> from canonsal_jax import fileio
+  >>> rgb = fileio.default_image()  # the scikit-image astronaut, uint8 [512, 512, 3]
+  >>> fileio.save_png("/tmp/astronaut.png", rgb)  # doctest: +SKIP
+  >>> fileio.load_image("/tmp/astronaut.png").shape  # doctest: +SKIP
   (512, 512, 3)
 """
 

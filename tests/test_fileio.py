@@ -1,4 +1,4 @@
-"""Tests for `canonsal_jax.io`: image loading and validation, atomic writes, versioned array files."""
+"""Tests for `canonsal_jax.fileio`: image loading and validation, atomic writes, versioned array files."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canonsal_jax import io
+from canonsal_jax import fileio
 
 
 def _gradient_rgb(h=6, w=8):
@@ -17,8 +17,8 @@ def _gradient_rgb(h=6, w=8):
 
 def test_rgb_png_round_trip(tmp_path):
   rgb = _gradient_rgb()
-  io.save_png(tmp_path / "a.png", rgb)
-  got = io.load_image(tmp_path / "a.png")
+  fileio.save_png(tmp_path / "a.png", rgb)
+  got = fileio.load_image(tmp_path / "a.png")
   assert got.dtype == np.uint8 and got.shape == (6, 8, 3)
   np.testing.assert_array_equal(got, rgb)
 
@@ -26,13 +26,13 @@ def test_rgb_png_round_trip(tmp_path):
 def test_grey_png_becomes_three_equal_channels(tmp_path):
   grey = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
   Image.fromarray(grey, mode="L").save(tmp_path / "g.png")
-  np.testing.assert_array_equal(io.load_image(tmp_path / "g.png"), np.repeat(grey[..., None], 3, axis=-1))
+  np.testing.assert_array_equal(fileio.load_image(tmp_path / "g.png"), np.repeat(grey[..., None], 3, axis=-1))
 
 
 def test_one_bit_png(tmp_path):
   bits = (np.arange(16).reshape(4, 4) % 2).astype(bool)
   Image.fromarray(bits).convert("1").save(tmp_path / "b.png")
-  np.testing.assert_array_equal(io.load_image(tmp_path / "b.png")[..., 0], bits * np.uint8(255))
+  np.testing.assert_array_equal(fileio.load_image(tmp_path / "b.png")[..., 0], bits * np.uint8(255))
 
 
 def test_rgba_png_is_composited_on_white(tmp_path):
@@ -40,7 +40,7 @@ def test_rgba_png_is_composited_on_white(tmp_path):
   rgba[..., 0] = 200
   rgba[..., 3] = [[255, 0, 128], [255, 0, 128]]
   Image.fromarray(rgba, mode="RGBA").save(tmp_path / "t.png")
-  got = io.load_image(tmp_path / "t.png")
+  got = fileio.load_image(tmp_path / "t.png")
   # opaque: the colour; transparent: white; half: the rounded mix, (c * a + 255 * (255 - a)) / 255.
   np.testing.assert_array_equal(got[0, 0], [200, 0, 0])
   np.testing.assert_array_equal(got[0, 1], [255, 255, 255])
@@ -50,7 +50,7 @@ def test_rgba_png_is_composited_on_white(tmp_path):
 def test_la_png_is_composited_on_white(tmp_path):
   la = np.stack([np.full((2, 2), 10, np.uint8), np.array([[255, 0], [255, 0]], np.uint8)], axis=-1)
   Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
-  got = io.load_image(tmp_path / "la.png")
+  got = fileio.load_image(tmp_path / "la.png")
   np.testing.assert_array_equal(got[:, 0], 10)
   np.testing.assert_array_equal(got[:, 1], 255)
 
@@ -60,7 +60,7 @@ def test_sixteen_bit_png_is_scaled_by_its_full_range(tmp_path):
   Image.fromarray(values).save(tmp_path / "d.png")
   with Image.open(tmp_path / "d.png") as im:
     assert im.mode in ("I;16", "I")  # Pillow's reading of a 16-bit grey PNG
-  got = io.load_image(tmp_path / "d.png")
+  got = fileio.load_image(tmp_path / "d.png")
   np.testing.assert_array_equal(got[..., 0], np.round(values / 65535 * 255).astype(np.uint8))
   assert got[1, 1, 0] == 254  # 65280 is 254.0 on the 8-bit scale; clipping would have given 255
 
@@ -68,7 +68,7 @@ def test_sixteen_bit_png_is_scaled_by_its_full_range(tmp_path):
 def test_sixteen_bit_tiff_big_endian(tmp_path):
   values = np.array([[0, 1000], [40000, 65535]], dtype=np.uint16)
   Image.frombytes("I;16B", (2, 2), values.astype(">u2").tobytes()).save(tmp_path / "d.tif")
-  got = io.load_image(tmp_path / "d.tif")
+  got = fileio.load_image(tmp_path / "d.tif")
   np.testing.assert_array_equal(got[..., 1], np.round(values / 65535 * 255).astype(np.uint8))
 
 
@@ -79,16 +79,16 @@ def test_palette_png_with_and_without_transparency(tmp_path):
   im.putpalette(palette)
   im.save(tmp_path / "p.png")
   colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
-  np.testing.assert_array_equal(io.load_image(tmp_path / "p.png"), colours[index])
+  np.testing.assert_array_equal(fileio.load_image(tmp_path / "p.png"), colours[index])
   im.save(tmp_path / "pt.png", transparency=1)  # index 1 transparent -> white
   expected = colours[index].copy()
   expected[index == 1] = 255
-  np.testing.assert_array_equal(io.load_image(tmp_path / "pt.png"), expected)
+  np.testing.assert_array_equal(fileio.load_image(tmp_path / "pt.png"), expected)
 
 
 def test_cmyk_jpeg_loads_as_rgb(tmp_path):
   Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)  # pure red
-  got = io.load_image(tmp_path / "c.jpg").astype(int)
+  got = fileio.load_image(tmp_path / "c.jpg").astype(int)
   assert got.shape == (8, 8, 3)
   assert np.all(got[..., 0] > 240) and np.all(got[..., 1:] < 15)
 
@@ -101,7 +101,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation):
   exif = Image.Exif()
   exif[0x0112] = orientation
   Image.fromarray(stored).save(tmp_path / "r.jpg", exif=exif, quality=95)
-  got = io.load_image(tmp_path / "r.jpg")
+  got = fileio.load_image(tmp_path / "r.jpg")
   # EXIF orientation 6: the stored image must be turned 90 degrees clockwise to show upright; 8: anticlockwise.
   expected = {1: stored, 3: np.rot90(stored, 2), 6: np.rot90(stored, -1), 8: np.rot90(stored, 1)}[orientation]
   assert got.shape == expected.shape
@@ -114,53 +114,53 @@ def test_truncated_png_raises_naming_the_file(tmp_path):
   Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.png")
   data = (tmp_path / "full.png").read_bytes()
   (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-  with pytest.raises(io.ImageError, match=r"cut\.png.*(truncated|corrupt)"):
-    io.load_image(tmp_path / "cut.png")
+  with pytest.raises(fileio.ImageError, match=r"cut\.png.*(truncated|corrupt)"):
+    fileio.load_image(tmp_path / "cut.png")
 
 
 def test_text_file_raises_naming_the_file(tmp_path):
   (tmp_path / "notes.txt").write_text("not an image\n")
-  with pytest.raises(io.ImageError, match=r"notes\.txt.*not a recognised image"):
-    io.load_image(tmp_path / "notes.txt")
+  with pytest.raises(fileio.ImageError, match=r"notes\.txt.*not a recognised image"):
+    fileio.load_image(tmp_path / "notes.txt")
 
 
 def test_empty_missing_and_directory_raise(tmp_path):
   (tmp_path / "empty.png").write_bytes(b"")
-  with pytest.raises(io.ImageError, match=r"empty\.png.*empty"):
-    io.load_image(tmp_path / "empty.png")
-  with pytest.raises(io.ImageError, match=r"missing\.png"):
-    io.load_image(tmp_path / "missing.png")
-  with pytest.raises(io.ImageError, match="directory"):
-    io.load_image(tmp_path)
-  assert issubclass(io.ImageError, ValueError)
+  with pytest.raises(fileio.ImageError, match=r"empty\.png.*empty"):
+    fileio.load_image(tmp_path / "empty.png")
+  with pytest.raises(fileio.ImageError, match=r"missing\.png"):
+    fileio.load_image(tmp_path / "missing.png")
+  with pytest.raises(fileio.ImageError, match="directory"):
+    fileio.load_image(tmp_path)
+  assert issubclass(fileio.ImageError, ValueError)
 
 
 def test_corrupt_jpeg_raises(tmp_path):
   Image.fromarray(_gradient_rgb(32, 32)).save(tmp_path / "ok.jpg")
   data = bytearray((tmp_path / "ok.jpg").read_bytes())
   (tmp_path / "cut.jpg").write_bytes(bytes(data[: len(data) // 3]))
-  with pytest.raises(io.ImageError, match=r"cut\.jpg"):
-    io.load_image(tmp_path / "cut.jpg")
+  with pytest.raises(fileio.ImageError, match=r"cut\.jpg"):
+    fileio.load_image(tmp_path / "cut.jpg")
 
 
 def test_decompression_bomb_guard_is_kept(tmp_path, monkeypatch):
   Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px is over twice the limit
-  with pytest.raises(io.ImageError, match=r"big\.png.*decompression-bomb"):
-    io.load_image(tmp_path / "big.png")
+  with pytest.raises(fileio.ImageError, match=r"big\.png.*decompression-bomb"):
+    fileio.load_image(tmp_path / "big.png")
 
 
 def test_validate_image_conversions():
   rgb = _gradient_rgb()
-  assert io.validate_image(rgb) is rgb or np.shares_memory(io.validate_image(rgb), rgb)
-  np.testing.assert_array_equal(io.validate_image(rgb.astype(np.float32) / 255), rgb)
-  np.testing.assert_array_equal(io.validate_image(rgb.astype(np.uint16) * 257), rgb)
+  assert fileio.validate_image(rgb) is rgb or np.shares_memory(fileio.validate_image(rgb), rgb)
+  np.testing.assert_array_equal(fileio.validate_image(rgb.astype(np.float32) / 255), rgb)
+  np.testing.assert_array_equal(fileio.validate_image(rgb.astype(np.uint16) * 257), rgb)
   grey = rgb[..., 0]
-  np.testing.assert_array_equal(io.validate_image(grey), np.repeat(grey[..., None], 3, axis=-1))
-  np.testing.assert_array_equal(io.validate_image(grey[..., None]), np.repeat(grey[..., None], 3, axis=-1))
+  np.testing.assert_array_equal(fileio.validate_image(grey), np.repeat(grey[..., None], 3, axis=-1))
+  np.testing.assert_array_equal(fileio.validate_image(grey[..., None]), np.repeat(grey[..., None], 3, axis=-1))
   rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=-1)
-  np.testing.assert_array_equal(io.validate_image(rgba), rgb)
-  out = io.validate_image(rgb[:, ::-1])
+  np.testing.assert_array_equal(fileio.validate_image(rgba), rgb)
+  out = fileio.validate_image(rgb[:, ::-1])
   assert out.flags.c_contiguous
 
 
@@ -178,14 +178,14 @@ def test_validate_image_conversions():
   ],
 )
 def test_validate_image_rejects_with_the_name(array, pattern):
-  with pytest.raises(io.ImageError, match=f"photo 7.*{pattern}"):
-    io.validate_image(array, "photo 7")
+  with pytest.raises(fileio.ImageError, match=f"photo 7.*{pattern}"):
+    fileio.validate_image(array, "photo 7")
 
 
 def test_default_image_is_the_astronaut():
-  image = io.default_image()
+  image = fileio.default_image()
   assert image.shape == (512, 512, 3) and image.dtype == np.uint8
-  np.testing.assert_array_equal(io.load_image(io.default_image_path()), image)
+  np.testing.assert_array_equal(fileio.load_image(fileio.default_image_path()), image)
 
 
 def _no_temp_files(directory):
@@ -194,17 +194,17 @@ def _no_temp_files(directory):
 
 def test_atomic_writes_leave_no_temp_files_and_create_parents(tmp_path):
   out = tmp_path / "new" / "deeper"
-  io.write_atomic(out / "b.bin", b"abc")
-  io.save_npy(out / "a.npy", np.arange(5))
-  io.save_png(out / "c.png", _gradient_rgb())
-  io.save_json(out / "d.json", {"x": np.float32(1.5), "y": np.arange(3), "z": [np.int64(2)]})
-  io.save_npz(out / "e.cache", w=np.eye(2, dtype=np.float32), b=np.arange(3))
+  fileio.write_atomic(out / "b.bin", b"abc")
+  fileio.save_npy(out / "a.npy", np.arange(5))
+  fileio.save_png(out / "c.png", _gradient_rgb())
+  fileio.save_json(out / "d.json", {"x": np.float32(1.5), "y": np.arange(3), "z": [np.int64(2)]})
+  fileio.save_npz(out / "e.cache", w=np.eye(2, dtype=np.float32), b=np.arange(3))
   with np.load(out / "e.cache") as cached:  # exactly the given name, no ".npz" appended
     np.testing.assert_array_equal(cached["w"], np.eye(2))
     np.testing.assert_array_equal(cached["b"], np.arange(3))
   assert (out / "b.bin").read_bytes() == b"abc"
   np.testing.assert_array_equal(np.load(out / "a.npy"), np.arange(5))
-  np.testing.assert_array_equal(io.load_image(out / "c.png"), _gradient_rgb())
+  np.testing.assert_array_equal(fileio.load_image(out / "c.png"), _gradient_rgb())
   assert (
     out / "d.json"
   ).read_text() == '{\n  "x": 1.5,\n  "y": [\n    0,\n    1,\n    2\n  ],\n  "z": [\n    2\n  ]\n}\n'
@@ -215,40 +215,40 @@ def test_atomic_writes_leave_no_temp_files_and_create_parents(tmp_path):
 
 
 def test_atomic_write_failure_keeps_the_old_file(tmp_path):
-  io.write_atomic(tmp_path / "f.json", b"old")
+  fileio.write_atomic(tmp_path / "f.json", b"old")
   with pytest.raises(TypeError):
-    io.save_json(tmp_path / "f.json", {"bad": object()})  # fails before anything is written
+    fileio.save_json(tmp_path / "f.json", {"bad": object()})  # fails before anything is written
   with pytest.raises(ValueError, match=r"allow_pickle|[Oo]bject"):
-    io.save_npy(tmp_path / "f.json", np.array([object()]))  # fails while writing the temp file
+    fileio.save_npy(tmp_path / "f.json", np.array([object()]))  # fails while writing the temp file
   assert (tmp_path / "f.json").read_bytes() == b"old"
   assert _no_temp_files(tmp_path) == []
 
 
 def test_save_png_rejects_non_uint8(tmp_path):
   with pytest.raises(ValueError, match="uint8"):
-    io.save_png(tmp_path / "x.png", np.zeros((4, 4, 3), np.float32))
+    fileio.save_png(tmp_path / "x.png", np.zeros((4, 4, 3), np.float32))
 
 
 def test_versioned_npz_round_trip_and_mismatches(tmp_path):
   path = tmp_path / "cache" / "model.npz"
-  io.save_npz_versioned(path, "morphable_model", 3, mean=np.ones((4, 3), np.float32), ids=np.arange(2))
+  fileio.save_npz_versioned(path, "morphable_model", 3, mean=np.ones((4, 3), np.float32), ids=np.arange(2))
   assert _no_temp_files(path.parent) == []
-  got = io.load_npz_versioned(path, "morphable_model", 3)
+  got = fileio.load_npz_versioned(path, "morphable_model", 3)
   assert sorted(got) == ["ids", "mean"]
   np.testing.assert_array_equal(got["mean"], np.ones((4, 3), np.float32))
   with pytest.raises(
-    io.FormatError, match=r"model\.npz.*'morphable_model' version 3, expected 'morphable_model' version 4"
+    fileio.FormatError, match=r"model\.npz.*'morphable_model' version 3, expected 'morphable_model' version 4"
   ):
-    io.load_npz_versioned(path, "morphable_model", 4)
-  with pytest.raises(io.FormatError, match="'morphable_model' version 3, expected 'cms' version 3"):
-    io.load_npz_versioned(path, "cms", 3)
+    fileio.load_npz_versioned(path, "morphable_model", 4)
+  with pytest.raises(fileio.FormatError, match="'morphable_model' version 3, expected 'cms' version 3"):
+    fileio.load_npz_versioned(path, "cms", 3)
   np.savez(tmp_path / "plain.npz", a=np.zeros(2))
-  with pytest.raises(io.FormatError, match="not a versioned"):
-    io.load_npz_versioned(tmp_path / "plain.npz", "cms", 1)
+  with pytest.raises(fileio.FormatError, match="not a versioned"):
+    fileio.load_npz_versioned(tmp_path / "plain.npz", "cms", 1)
   (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 junk")
-  with pytest.raises(io.FormatError, match=r"junk\.npz"):
-    io.load_npz_versioned(tmp_path / "junk.npz", "cms", 1)
-  with pytest.raises(io.FormatError, match=r"absent\.npz"):
-    io.load_npz_versioned(tmp_path / "absent.npz", "cms", 1)
+  with pytest.raises(fileio.FormatError, match=r"junk\.npz"):
+    fileio.load_npz_versioned(tmp_path / "junk.npz", "cms", 1)
+  with pytest.raises(fileio.FormatError, match=r"absent\.npz"):
+    fileio.load_npz_versioned(tmp_path / "absent.npz", "cms", 1)
   with pytest.raises(ValueError, match="reserved"):
-    io.save_npz_versioned(path, "cms", 1, __version__=np.zeros(1))
+    fileio.save_npz_versioned(path, "cms", 1, __version__=np.zeros(1))

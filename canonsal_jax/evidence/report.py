@@ -1,6 +1,6 @@
 """The report people read: one static, offline HTML page about a CMS run, with its images and tables beside it.
 
-`write_report(cms_dir, out_dir)` reads a run folder written by `pipeline.run_cms` (`cms.npz`, `summary.json`,
+`write_report(cms_dir, out_dir)` reads a run folder written by `runs.run_cms` (`cms.npz`, `summary.json`,
 and, when the run kept them, the per-image textures `textures/<index>.npz`) and writes into `out_dir`:
 
 * `index.html`: no external URLs, no JavaScript, all text escaped; images are files beside it.
@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from canonsal_jax import canonical, cms, io, morphable, pipeline, stats, viz
+from canonsal_jax import canonical, cms, fileio, morphable, outputs, pipeline, viz
+from canonsal_jax.evidence import stats
 
 __all__ = ["REGION_COLUMNS", "ReportOptions", "comparisons", "load_metrics", "vertex_values", "write_report"]
 
@@ -159,7 +160,7 @@ def _load_run(cms_dir: str | pathlib.Path, morphable_model: str | None) -> _Run:
   if made_with is not None and made_with != model3d.name:
     raise ValueError(f"{folder}: the CMS was made with the 3DMM {made_with!r}, but {spec!r} is {model3d.name!r}")
   ok = [r for r in acc.records() if r["status"] == "ok"]
-  saved = bool(ok) and all(pipeline.texture_path(folder, r["index"]).is_file() for r in ok)
+  saved = bool(ok) and all(outputs.texture_path(folder, r["index"]).is_file() for r in ok)
   return _Run(folder, acc, summary, model3d, spec, ok, saved)
 
 
@@ -202,7 +203,7 @@ comparisons = cms.comparisons  # the group pairs the run's difference maps and t
 
 
 def vertex_values(model3d: morphable.MorphableModel, texture: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, ...]:
-  """A texture sampled at each vertex's UV (the texel holding it, as `pipeline._write_saliency_mesh` does).
+  """A texture sampled at each vertex's UV (the texel holding it, as `outputs._write_saliency_mesh` does).
 
   Args:
     model3d: the morphable model (its `uv` [V, 2], u right, v up).
@@ -225,7 +226,7 @@ def _write_ply(path: pathlib.Path, model3d, texture, valid, *, vmax: float, sign
   values, seen = vertex_values(model3d, texture, valid)
   colours = viz.colorize(values[None], valid=seen[None], signed=signed, vmax=vmax)[0]
   mesh = trimesh.Trimesh(np.asarray(model3d.mean), np.asarray(model3d.triangles), vertex_colors=colours, process=False)
-  io.write_atomic(path, mesh.export(file_type="ply"))
+  fileio.write_atomic(path, mesh.export(file_type="ply"))
 
 
 def _vmax(maps: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -260,7 +261,7 @@ class _Files:
 
   def png(self, stem: str, rgb: np.ndarray) -> str:
     rel = "images/" + self.name(stem, ".png")
-    io.save_png(self.out / rel, rgb)
+    fileio.save_png(self.out / rel, rgb)
     return rel
 
 
@@ -600,7 +601,7 @@ def _tests_section(rep: _Report, pairs: Sequence[tuple[str, str]]) -> str:
 def _normalised_textures(run: _Run, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """The saved CIS of `run.ok[positions]`, each divided by its record's normaliser (as the CMS adds them)."""
   records = [run.ok[i] for i in positions]
-  textures, weights = pipeline.load_textures(run.folder, [r["index"] for r in records])
+  textures, weights = outputs.load_textures(run.folder, [r["index"] for r in records])
   norms = np.array([r.get("normaliser", 1.0) for r in records], np.float64)[:, None, None]
   values = np.where(weights > 0, textures, 0.0).astype(np.float64)
   scaled = np.divide(values, norms, out=np.zeros_like(values), where=norms > 0)
@@ -675,7 +676,7 @@ def _examples_section(rep: _Report) -> str:
     figures = []
     for pos in chosen:
       rec = run.ok[pos]
-      (texture,), (weight,) = pipeline.load_textures(run.folder, [rec["index"]])
+      (texture,), (weight,) = outputs.load_textures(run.folder, [rec["index"]])
       valid = weight > 0
       vmax = _vmax([(texture, valid)])
       signed = bool(np.any(texture[valid] < 0))
@@ -849,7 +850,7 @@ def write_report(
   """Writes the HTML report of a CMS run and the files beside it (see the module docstring).
 
   Args:
-    cms_dir: the run folder of `scripts/cms.py` / `pipeline.run_cms` (cms.npz, summary.json, textures/).
+    cms_dir: the run folder of `scripts/cms.py` / `runs.run_cms` (cms.npz, summary.json, textures/).
     out_dir: the report's folder (created; files of an earlier report there are overwritten).
     metrics: a metrics table of `scripts/evaluate.py` (its folder, metrics.json or metrics.csv, or the dict).
     morphable_model: "default" or a Surrey Face Model folder (default: the run's `config.morphable_model`).
@@ -860,7 +861,7 @@ def write_report(
 
   Raises:
     FileNotFoundError: no cms.npz (or metrics table) where given, or the 3DMM is missing.
-    io.FormatError: a corrupt checkpoint.
+    fileio.FormatError: a corrupt checkpoint.
     ValueError: the 3DMM is not the one the CMS was made with.
   """
   options = options or ReportOptions()
@@ -870,7 +871,7 @@ def write_report(
   (out / "images").mkdir(parents=True, exist_ok=True)
   (out / "meshes").mkdir(parents=True, exist_ok=True)
   min_count = options.min_count or int((_run_config(run.summary).get("cms") or {}).get("min_count") or 1)
-  regions = stats.region_labels(run.model3d, run.acc.texture_size)
+  regions = canonical.region_labels(run.model3d, run.acc.texture_size)
   rep = _Report(run, options, _Files(out), min_count, regions)
   pairs = comparisons(run.acc.groups())
   sections = [
@@ -884,10 +885,10 @@ def write_report(
     ("off-mesh", "Saliency off the mesh", _off_mesh_section(rep)),
     ("settings", "Settings and hashes", _settings_section(rep)),
   ]
-  io.write_atomic(out / "regions.csv", _csv(rep.region_rows, REGION_COLUMNS))
-  io.write_atomic(out / "tests.csv", _csv(rep.test_rows, _TEST_COLUMNS))
+  fileio.write_atomic(out / "regions.csv", _csv(rep.region_rows, REGION_COLUMNS))
+  fileio.write_atomic(out / "tests.csv", _csv(rep.test_rows, _TEST_COLUMNS))
   rep.numbers.update(regions=rep.region_rows, tests=rep.test_rows, pairs=[list(p) for p in pairs])
-  io.save_json(out / "report.json", {"format": "canonsal_jax.report", "version": 1, **rep.numbers})
+  fileio.save_json(out / "report.json", {"format": "canonsal_jax.report", "version": 1, **rep.numbers})
   summary = run.summary or {}
   model = ((summary.get("reproducibility") or {}).get("face_model")) or "unknown model"
   lead = (
@@ -904,5 +905,5 @@ def write_report(
     f"<style>{_STYLE}</style></head><body><h1>Canonical saliency report</h1><p>{lead}</p>"
     f"<nav>{nav}</nav>{body}</body></html>\n"
   )
-  io.write_atomic(out / "index.html", page.encode("utf-8"))
+  fileio.write_atomic(out / "index.html", page.encode("utf-8"))
   return out / "index.html"

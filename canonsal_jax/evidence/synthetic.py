@@ -37,7 +37,8 @@ import scipy.ndimage
 import scipy.spatial
 import scipy.stats
 
-from canonsal_jax import canonical, raster, warp2d
+from canonsal_jax import canonical, raster
+from canonsal_jax.evidence import warp2d
 from canonsal_jax.morphable import fitting
 from canonsal_jax.morphable.model import REGION_NAMES, MorphableModel
 
@@ -271,9 +272,8 @@ FACE_REGIONS = ("brows", "eyes", "nose", "cheeks", "mouth", "chin")
 
 def face_texels(model: MorphableModel, size: int) -> np.ndarray:
   """[T, T] bool, texels in `FACE_REGIONS` (the region of the nearest corner of the texel's triangle)."""
-  from canonsal_jax import stats
 
-  return np.isin(stats.region_labels(model, size), [REGION_NAMES.index(r) for r in FACE_REGIONS])
+  return np.isin(canonical.region_labels(model, size), [REGION_NAMES.index(r) for r in FACE_REGIONS])
 
 
 class ViewAgreement(NamedTuple):

@@ -4,7 +4,7 @@ python scripts/fit_noise_model.py --morphable_model=../shared/assets/sfm        
 python scripts/fit_noise_model.py --morphable_model=../shared/assets/sfm --photos=test  # judge: the 10 test photos
 
 The learned values go into `fitting.LEARNED_LANDMARK_SIGMA_MODEL` by hand (reviewed, committed). --photos=dev
-learns on the development set (`evaluate.development_photos`) and reports its held-out errors leave-one-photo-out
+learns on the development set (`datasets.development_photos`) and reports its held-out errors leave-one-photo-out
 (learned on the other photos); --photos=test reports the held-out protocol on issue 3's 10 photos with the
 committed defaults, learning nothing.
 """
@@ -25,16 +25,17 @@ _FLOOR = flags.DEFINE_float("floor", 1.0, "Smallest sigma, model units.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from canonsal_jax import bench
-  from canonsal_jax.morphable import evaluate, fitting, sfm
+  from canonsal_jax import datasets
+  from canonsal_jax.evidence import fit_accuracy
+  from canonsal_jax.morphable import fitting, sfm
 
   model = sfm.load_sfm(_MODEL.value)
   if _PHOTOS.value == "test":
-    photos = bench.default_photos()  # issue 3's 10 photos
-    rows = evaluate.held_out_table(model, photos, _MODEL.value)
+    photos = datasets.test_photos()
+    rows = fit_accuracy.held_out_table(model, photos, _MODEL.value)
   else:
-    photos = evaluate.development_photos()
-    sigma = evaluate.learn_landmark_sigma(model, photos, rounds=_ROUNDS.value, floor=_FLOOR.value)
+    photos = datasets.development_photos()
+    sigma = fit_accuracy.learn_landmark_sigma(model, photos, rounds=_ROUNDS.value, floor=_FLOOR.value)
     print(f'LEARNED_LANDMARK_SIGMA_MODEL["{model.name}"] = (')
     for start in range(0, len(sigma), 10):
       print("  " + " ".join(f"{v:.2f}," for v in sigma[start : start + 10]))
@@ -45,13 +46,13 @@ def main(argv):
     for group in groups:
       train = [p for p in photos if p.name.removesuffix("_mirrored") != group]
       held = [p for p in photos if p.name.removesuffix("_mirrored") == group]
-      learned = evaluate.learn_landmark_sigma(model, train, rounds=_ROUNDS.value, floor=_FLOOR.value)
+      learned = fit_accuracy.learn_landmark_sigma(model, train, rounds=_ROUNDS.value, floor=_FLOOR.value)
       config = dataclasses.replace(fitting.DEFAULT_FIT_CONFIG, landmark_noise=tuple(float(v) for v in learned))
-      rows += evaluate.held_out_table(model, held, _MODEL.value, config=config)
+      rows += fit_accuracy.held_out_table(model, held, _MODEL.value, config=config)
   for row in rows:
     print(f"{row.name:34s} ours {row.ours.mean():.4f}  eos {row.eos.mean():.4f}  ratio {row.ratio:.3f}")
   ours, theirs = np.array([r.ours for r in rows]), np.array([r.eos for r in rows])
-  print("per held-out landmark (1-based iBUG", evaluate.HELD_OUT_IBUG, ")")
+  print("per held-out landmark (1-based iBUG", fit_accuracy.HELD_OUT_IBUG, ")")
   print("  ours", np.round(ours.mean(0), 3), "\n  eos ", np.round(theirs.mean(0), 3))
   print(f"mean ratio {np.mean([r.ratio for r in rows]):.3f}, ratio of means {ours.mean() / theirs.mean():.3f}")
   return 0

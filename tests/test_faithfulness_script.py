@@ -1,4 +1,4 @@
-"""End-to-end: scripts/evaluate.py on three faces against a small CMS made from other images."""
+"""End-to-end: scripts/faithfulness.py on three faces against a small CMS made from other images."""
 
 import csv
 import json
@@ -11,14 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from canonsal_jax import assets, canonical, cms, faithfulness, io, models, pipeline
+from canonsal_jax import assets, canonical, cms, datasets, fileio, models, pipeline
+from canonsal_jax.evidence import faithfulness
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "faithfulness.py"
 
 
 def _test_images() -> list[str]:
-  lfw = pipeline.builtin_dataset("lfw")
-  return [str(io.default_image_path()), lfw[1], lfw[2]]  # the astronaut, lfw_000, lfw_001
+  lfw = datasets.builtin_dataset("lfw")
+  return [str(fileio.default_image_path()), lfw[1], lfw[2]]  # the astronaut, lfw_000, lfw_001
 
 
 def _constant_cms(path: pathlib.Path, names: list[str]) -> None:
@@ -103,16 +104,16 @@ def test_a_cms_of_another_model_or_3dmm_is_refused(tmp_path):
   acc.add(0, "/elsewhere/a.png", np.ones((8, 8), np.float32), np.ones((8, 8), np.float32))
   acc.save(tmp_path / "cms.npz")
   with pytest.raises(ValueError, match="has 8 px textures"):
-    faithfulness.evaluate(config_lib.default_config(), cms_path=tmp_path, images=_test_images()[:1])
-  io.save_json(tmp_path / "summary.json", {"reproducibility": {"config": {"model": "age"}}})
+    faithfulness.run_protocol(config_lib.default_config(), cms_path=tmp_path, images=_test_images()[:1])
+  fileio.save_json(tmp_path / "summary.json", {"reproducibility": {"config": {"model": "age"}}})
   with pytest.raises(ValueError, match="made with model='age'"):
-    faithfulness.evaluate(config_lib.default_config(), cms_path=tmp_path, images=_test_images()[:1])
+    faithfulness.run_protocol(config_lib.default_config(), cms_path=tmp_path, images=_test_images()[:1])
 
 
 def test_randomised_model_keeps_the_architecture_and_changes_the_outputs():
   trained, random = models.load("gender"), faithfulness.randomised_gender()
   assert random.labels == trained.labels and random.input_shape == trained.input_shape
-  assert models.load("canonsal_jax.faithfulness:randomised_gender").name == "gender_randomised0"
+  assert models.load("canonsal_jax.evidence.faithfulness:randomised_gender").name == "gender_randomised0"
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
   assert not np.allclose(np.asarray(random.logits(x)), np.asarray(trained.logits(x)), atol=1e-3)
   import jax

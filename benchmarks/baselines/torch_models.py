@@ -228,11 +228,11 @@ class TorchMiniXception(nn.Module):
 
 
 class TorchVGG16(nn.Module):
-  """`canonsal_jax.baselines.vgg.VGG16` in PyTorch: `[B, C, 224, 224]` -> logits `[B, num_classes]`."""
+  """`benchmarks.baselines.vgg.VGG16` in PyTorch: `[B, C, 224, 224]` -> logits `[B, num_classes]`."""
 
   def __init__(self, weights: Weights):
     super().__init__()
-    from canonsal_jax.baselines import vgg
+    from benchmarks.baselines import vgg
 
     self.stages = vgg.STAGES
     num_convs = sum(vgg.STAGES)

@@ -1,0 +1,230 @@
+"""Dataset runs: the Canonical Model Saliency of a model over a dataset, resumable, batched, multi-process.
+
+Example:
+  >>> from canonsal_jax import config as config_lib, runs
+  >>> acc = runs.run_cms(config_lib.default_config(), "/tmp/cms")  # doctest: +SKIP
+  >>> mean, valid = acc.mean("all")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, models, outputs, pipeline
+
+__all__ = ["run_cms"]
+
+
+def run_cms(
+  config: ml_collections.ConfigDict,
+  out_dir: str | pathlib.Path,
+  *,
+  dataset: str | Sequence[str] | None = None,
+  progress: Callable[[int, int, str], None] | None = None,
+  process_index: int | None = None,
+  num_processes: int | None = None,
+) -> cms.CMSAccumulator:
+  """Canonical Model Saliency over a dataset, resumable: checkpoints in `out_dir/cms.npz`.
+
+  Every image of the list gets its index; images already in the checkpoint are not redone; a bad image
+  (unreadable, no face, NaN scores, diverged fit) is skipped and recorded with its reason, and nothing already
+  computed is lost. Decoding and face detection run on host threads ahead of the device work; faces go through
+  the device in batches of `config.cms.face_batch` per local device (one compiled program per stage). Killed
+  and run again, the result equals an uninterrupted run exactly (`cms` sums are exact and order-independent).
+
+  In a multi-process job (`jax.distributed`), process i takes images i, i + N, ... and checkpoints them in
+  `cms.process<i>.npz`; after a barrier, process 0 merges every process's checkpoint into `cms.npz` and writes
+  the outputs. The merged CMS equals a single-process run's exactly.
+
+  Args:
+    config: the configuration (`config.cms`, `config.cis`, `config.occlusion`, `config.model`, ...).
+    out_dir: output folder: `cms.npz` (checkpoint), `cms_<group>.npy`/`.png`, `records.json`, `summary.json`.
+    dataset: overrides `config.cms.dataset` (a folder, a .txt list, a glob, or a list of paths).
+    progress: called as `progress(done, total, name)` after each image (a batch's images at its end).
+    process_index: this process's index (default `jax.process_index()`).
+    num_processes: processes sharing the job (default `jax.process_count()`); out_dir must be shared by them.
+      Without `jax.distributed` there is no barrier: run processes 1..N-1 first, process 0 last.
+
+  Returns:
+    The accumulator: on process 0 the merged one, elsewhere this process's.
+
+  Example:
+    >>> acc = run_cms(config_lib.default_config(), "/tmp/cms")  # doctest: +SKIP
+    >>> mean, valid = acc.mean("all")  # doctest: +SKIP
+  """
+  out = pathlib.Path(out_dir)
+  start = time.perf_counter()
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  num_processes = jax.process_count() if num_processes is None else int(num_processes)
+  if not 0 <= process_index < num_processes:
+    raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
+  if not isinstance(config.cms.face_batch, int) or config.cms.face_batch < 0:
+    raise ValueError(f"cms.face_batch must be a non-negative int, got {config.cms.face_batch!r}")
+  spec = dataset if dataset is not None else (config.cms.dataset or datasets.default_dataset())
+  files = datasets.files_of(spec)
+  labels = datasets.read_labels(config.cms.labels_csv) if config.cms.labels_csv else None
+  model = models.load(config.model)
+  model3d = pipeline.load_morphable(config.morphable_model)
+  texture_size = config.cis.texture_size or canonical.default_texture_size(model.crop.size, model3d)
+  settings = cms.CMSSettings(texture_size, normalisation=config.cms.normalisation, on_invalid="skip")
+  checkpoint = outputs.checkpoint_path(out, process_index, num_processes)
+  acc = cms.CMSAccumulator.load(checkpoint, settings=settings) if checkpoint.exists() else cms.CMSAccumulator(settings)
+  resumed_with = len(acc.done_indices())
+  local = threading.local()  # dlib's detectors are not safe to share between threads: one per thread
+  timings: dict[str, float] = {}
+  lock = threading.Lock()
+
+  def host_work(path: str):
+    begin = time.perf_counter()
+    if not hasattr(local, "detector"):
+      local.detector = faces.FaceDetector(config.detector)
+    pixels = fileio.load_image(path)
+    face = pipeline.detect_face(config, pixels, path, local.detector)
+    with lock:  # host seconds, overlapped with the device stages by the prefetch threads
+      timings["host_load_detect"] = timings.get("host_load_detect", 0.0) + time.perf_counter() - begin
+    return pixels, face
+
+  skip = set(acc.done_indices()) | {i for i in range(len(files)) if i % num_processes != process_index}
+  if config.cms.max_images > 0:  # a time-boxed run: the rest is left to the next run (resume)
+    todo = [i for i in range(len(files)) if i not in skip]
+    skip |= set(todo[config.cms.max_images :])
+  mine = sum(1 for i in range(len(files)) if i % num_processes == process_index)
+  done, processed, since_checkpoint, num_batches = len(acc.done_indices()), 0, 0, 0
+  # The batched device programs run the occlusion sweep; a rival explainer goes one face at a time (cis_face).
+  face_batch = int(config.cms.face_batch) if config.explainer == "occlusion" else 0
+  batcher = batched.FaceBatcher(config, timings) if face_batch > 0 else None
+  group = batcher.batch if batcher is not None else 1  # faces per device call
+  items = datasets.prefetch(
+    files, host_work, num_threads=config.cms.num_threads, depth=max(8, 2 * group), skip=skip, name_fn=str
+  )
+
+  def per_image(batch: list[datasets.Prefetched]) -> list[batched.FaceOutcome | str]:
+    found = []
+    for item in batch:
+      pixels, face = item.value
+      try:
+        found.append(batched.FaceOutcome.from_cis(pipeline.cis_face(config, pixels, face, item.name, timings=timings)))
+      except ValueError as e:
+        found.append(f"{type(e).__name__}: {e}")
+    return found
+
+  def flush(batch: list[datasets.Prefetched]) -> None:
+    nonlocal done, processed, since_checkpoint, num_batches
+    num_batches += 1 if batcher is not None else len(batch)
+    found = batcher([(item.name, *item.value) for item in batch]) if batcher is not None else per_image(batch)
+    clock = pipeline.StageClock(timings)
+    for item, outcome in zip(batch, found):
+      added = _accumulate(acc, item.index, item.name, outcome, config, labels)
+      if added and config.cms.save_textures:  # before the checkpoint that records the image
+        fileio.save_npz(outputs.texture_path(out, item.index), texture=outcome.texture, weight=outcome.weight)
+    clock.lap("accumulate")
+    done += len(batch)
+    processed += len(batch)
+    since_checkpoint += len(batch)
+    if since_checkpoint >= config.cms.checkpoint_every:
+      acc.save(checkpoint)
+      clock.lap("checkpoint")
+      since_checkpoint = 0
+    if progress is not None:
+      for k, item in enumerate(batch, start=done - len(batch) + 1):
+        progress(k, mine, item.name)
+
+  pending: list[datasets.Prefetched] = []
+  for item in items:
+    if item.error is not None:
+      record = {} if labels is None else {"true_label": datasets.true_label(labels, item.name)}
+      acc.skip(item.index, item.name, f"{type(item.error).__name__}: {item.error}", record=record)
+      done += 1
+      processed += 1
+      since_checkpoint += 1
+      if progress is not None:
+        progress(done, mine, item.name)
+      continue
+    pending.append(item)
+    if len(pending) == group:
+      flush(pending)
+      pending = []
+  if pending:
+    flush(pending)
+  acc.save(checkpoint)
+  elapsed = time.perf_counter() - start
+  summary = outputs.run_summary(
+    acc,
+    listed=len(files),
+    resumed_with=resumed_with,
+    processed=processed,
+    elapsed=elapsed,
+    timings=timings,
+    num_batches=num_batches,
+    face_batch=face_batch,
+  )
+  summary_name = "summary.json" if num_processes == 1 else f"summary.process{process_index}.json"
+  if num_processes > 1:
+    summary.update(process_index=process_index, num_processes=num_processes)
+  fileio.save_json(out / summary_name, outputs.with_reproducibility(summary, config, model, model3d, texture_size))
+  if num_processes > 1:
+    if jax.process_count() == num_processes:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("canonsal_jax.run_cms: process checkpoints written")
+    if process_index != 0:
+      return acc
+    acc, summary = outputs.merge_processes(
+      out,
+      settings,
+      num_processes,
+      listed=len(files),
+      elapsed=time.perf_counter() - start,
+      face_batch=face_batch,
+    )
+    acc.save(out / "cms.npz")
+    fileio.save_json(out / "summary.json", outputs.with_reproducibility(summary, config, model, model3d, texture_size))
+  outputs.write_cms(acc, out, model3d, render_size=config.cis.render_size, min_count=config.cms.min_count)
+  return acc
+
+
+def _accumulate(
+  acc: cms.CMSAccumulator,
+  index: int,
+  name: str,
+  outcome: batched.FaceOutcome | str,
+  config: ml_collections.ConfigDict,
+  labels: dict[str, str] | None,
+) -> bool:
+  """Adds one face's outcome (or records why it failed) with its groups: "all", "pred_<label>", and with true
+  labels "label_<label>" and "correct" / "misclassified". Returns whether it was accumulated."""
+  record: dict[str, Any] = {}
+  true = None
+  if labels is not None:
+    true = datasets.true_label(labels, name)
+    record["true_label"] = true
+  if isinstance(outcome, str):
+    acc.skip(index, name, outcome, record=record)
+    return False
+  groups = ["all"] + ([f"pred_{outcome.label}"] if config.cms.group_by_prediction and outcome.label else [])
+  if true is not None:
+    groups.append(f"label_{true}")
+    if outcome.label:
+      groups.append("correct" if outcome.label.casefold() == true.casefold() else "misclassified")
+  return acc.add(
+    index,
+    name,
+    outcome.texture,
+    outcome.weight,
+    group=groups,
+    record={
+      "prediction": outcome.label,
+      "score": outcome.score,
+      "score_kind": outcome.score_kind,
+      "outside_mesh_share": outcome.outside_mesh_share,
+      "region_mass": outcome.region_mass,
+      **record,
+    },
+  )

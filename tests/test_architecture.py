@@ -1,0 +1,71 @@
+"""The layers of docs/ARCHITECTURE.md, read from the source: the core never imports `evidence` or `benchmarks`,
+evidence never imports `benchmarks`, and no module of the package shadows a standard-library module."""
+
+import ast
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "canonsal_jax"
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """Every module a file imports, at the top or inside a function (`from a import b` gives `a` and `a.b`)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      found |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found.add(node.module)
+      found |= {f"{node.module}.{alias.name}" for alias in node.names}
+  return found
+
+
+def _layer(path: pathlib.Path) -> str:
+  return "evidence" if "evidence" in path.relative_to(PACKAGE).parts else "core"
+
+
+_FORBIDDEN = {
+  "core": ("canonsal_jax.evidence", "benchmarks", "tools", "scripts"),
+  "evidence": ("benchmarks", "tools", "scripts"),
+}
+
+
+def _violations(path: pathlib.Path) -> list[str]:
+  banned = _FORBIDDEN[_layer(path)]
+  return sorted(m for m in _imports(path) if any(m == b or m.startswith(b + ".") for b in banned))
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down(path):
+  assert not _violations(path), f"{path.relative_to(ROOT)} imports {_violations(path)} (see docs/ARCHITECTURE.md)"
+
+
+def test_the_check_sees_function_level_imports(tmp_path):
+  """The check itself: an import hidden inside a function of a core module is found."""
+  core = tmp_path / "canonsal_jax" / "fake.py"
+  core.parent.mkdir()
+  core.write_text("def f():\n  from canonsal_jax.evidence import stats\n  import benchmarks.bench\n")
+  global PACKAGE
+  saved, PACKAGE = PACKAGE, tmp_path / "canonsal_jax"
+  try:
+    assert _violations(core) == ["benchmarks.bench", "canonsal_jax.evidence", "canonsal_jax.evidence.stats"]
+  finally:
+    PACKAGE = saved
+
+
+def test_no_module_shadows_the_standard_library():
+  names = {p.stem for p in PACKAGE.rglob("*.py")} | {p.name for p in PACKAGE.rglob("*") if p.is_dir()}
+  assert not names & set(sys.stdlib_module_names)
+
+
+def test_benchmarks_are_not_installed():
+  """Only `canonsal_jax` and its sub-packages are packaged (setup.py's `find_packages` include list)."""
+  from setuptools import find_packages
+
+  packages = find_packages(str(ROOT), include=["canonsal_jax", "canonsal_jax.*"])
+  assert "canonsal_jax.evidence" in packages
+  assert not [p for p in packages if not p.startswith("canonsal_jax")]
+  assert (ROOT / "benchmarks" / "__init__.py").is_file()  # a package of the repository, beside the library
