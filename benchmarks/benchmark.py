@@ -1,20 +1,22 @@
 r"""Benchmarks: ratios against baselines measured in the same run (see BENCHMARKS.md).
 
-python scripts/benchmark.py --suite=sweep --json_out=/tmp/bench.json
-python scripts/benchmark.py --suite=sweep --models=age --batch_sizes=16 --repeats=3
-python scripts/benchmark.py --suite=fit --morphable_model=../shared/assets/sfm --fit_batch_sizes=1,16,64,256
-python scripts/benchmark.py --suite=fit_accuracy --morphable_model=../shared/assets/sfm --fit_batch_size=64
-python scripts/benchmark.py --suite=texture --morphable_model=../shared/assets/sfm --texture_batch_sizes=1,16,64
-python scripts/benchmark.py --suite=e2e --max_images=24 --e2e_devices=1,2,4 --e2e_face_batches=1,4,8
-python scripts/benchmark.py --suite=forward --models=age --batch_sizes=8,16,32 --repeats=5
-python scripts/benchmark.py --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
-python scripts/benchmark.py --suite=incremental --models=age,vgg16 --incremental_patches=5 --batch_sizes=16
+python -m benchmarks.benchmark --suite=sweep --json_out=/tmp/bench.json
+python -m benchmarks.benchmark --suite=sweep --models=age --batch_sizes=16 --repeats=3
+python -m benchmarks.benchmark --suite=fit --morphable_model=path/to/sfm --fit_batch_sizes=1,16,64,256
+python -m benchmarks.benchmark --suite=fit_accuracy --morphable_model=path/to/sfm --fit_batch_size=64
+python -m benchmarks.benchmark --suite=texture --morphable_model=path/to/sfm --texture_batch_sizes=1,16,64
+python -m benchmarks.benchmark --suite=e2e --max_images=24 --e2e_devices=1,2,4 --e2e_face_batches=1,4,8
+python -m benchmarks.benchmark --suite=forward --models=age --batch_sizes=8,16,32 --repeats=5
+python -m benchmarks.benchmark --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
+python -m benchmarks.benchmark --suite=incremental --models=age,vgg16 --incremental_patches=5 --batch_sizes=16
 """
 
 import json
 import pathlib
 
 from absl import app, flags, logging
+
+from canonsal_jax import cli
 
 _SUITE = flags.DEFINE_enum(
   "suite",
@@ -35,9 +37,7 @@ _PATCH = flags.DEFINE_float("patch_size", 0.07, "Patch size as a fraction of the
 _STRIDE = flags.DEFINE_integer("stride", 1, "Patch stride in crop pixels.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write all results here as JSON.")
-_MORPHABLE_MODEL = flags.DEFINE_string(
-  "morphable_model", None, "fit suite: the Surrey Face Model folder (eos's share/ files)."
-)
+_MORPHABLE_MODEL = cli.define_sfm()  # the fit, fit_accuracy and texture suites
 _FIT_BATCH = flags.DEFINE_integer("fit_batch_size", 64, "fit_accuracy suite: faces per batch.")
 _FIT_BATCHES = flags.DEFINE_list("fit_batch_sizes", ["1", "16", "64", "256"], "fit suite: batch sizes of ours.")
 _EOS_FACES = flags.DEFINE_integer("eos_faces", 16, "fit suite: faces eos fits one by one (time and held-out error).")
@@ -405,8 +405,7 @@ def _precision_suite() -> list[dict]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
   from benchmarks import bench
 
   env = bench.environment()

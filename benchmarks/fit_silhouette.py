@@ -1,6 +1,6 @@
 r"""Times the fit's occluding-edge jaw matching against fixed-candidate matching, interleaved, same faces.
 
-python scripts/bench_fit_silhouette.py --morphable_model=../shared/assets/sfm --batch_size=64 --repeats=7
+python -m benchmarks.fit_silhouette --morphable_model=path/to/sfm --batch_size=64 --repeats=7
 
 Prints ms/face for `contour_matching="occluding"` (the default) and `"candidates"` at one batch size and the
 median of the per-round ratios (occluding / candidates): what the silhouette step costs.
@@ -12,14 +12,15 @@ import statistics
 import numpy as np
 from absl import app, flags
 
-_MODEL = flags.DEFINE_string("morphable_model", None, "The Surrey Face Model folder.", required=True)
+from canonsal_jax import cli
+
+_MODEL = cli.define_sfm(required=True)
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Faces per fit call.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed rounds (each runs both, alternating).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
   from benchmarks import bench
   from canonsal_jax.evidence import fit_accuracy
   from canonsal_jax.morphable import fitting, sfm

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The occlusion benchmarks (issues 5 and 8) and a GPU correctness subset of the tests, as one prepared run on a
+# The occlusion benchmarks (the PyTorch comparison and the incremental sweep) and a GPU correctness subset of the tests, as one prepared run on a
 # GPU machine: jax 0.11 with CUDA, PyTorch 2.11, Python 3.12; no network, no captum, dlib or trimesh.
 #
-#   here:  CANONSAL_CACHE_DIR=/tmp/cs_cache scripts/gpu_bench.sh prepare   # -> gpu_cache/ (weights, wheels, VGG positions)
-#   there: scripts/gpu_bench.sh run OUT_DIR [SECONDS]                     # JSON and one log -> OUT_DIR
-#   smoke: GPU_BENCH_SMOKE=1 scripts/gpu_bench.sh run /tmp/smoke 900      # the same parts, tiny, on this CPU
+#   here:  CANONSAL_CACHE_DIR=/tmp/cs_cache benchmarks/gpu_bench.sh prepare   # -> gpu_cache/ (weights, wheels, VGG positions)
+#   there: benchmarks/gpu_bench.sh run OUT_DIR [SECONDS]                     # JSON and one log -> OUT_DIR
+#   smoke: GPU_BENCH_SMOKE=1 benchmarks/gpu_bench.sh run /tmp/smoke 900      # the same parts, tiny, on this CPU
 #
 # gpu_cache/ holds the converted .npz weights and the age/gender manifest (the models load from it; nothing is
 # fetched), pure-Python wheels the machine lacks (captum; trimesh for the tests; flax if its own is older than
@@ -93,7 +93,7 @@ EOF
       timeout --signal=KILL "$cap" "$@" >>"$log" 2>&1
       echo "=== $name: exit $? after $((SECONDS - start))s" | tee -a "$log"
     }
-    bm=("$py" scripts/benchmark.py --torch_device="$dev")
+    bm=("$py" -m benchmarks.benchmark --torch_device="$dev")
     {
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
       "$py" -c 'import jax, jaxlib, torch, flax, sys; print(sys.version); print("jax", jax.__version__, "jaxlib",

@@ -1,4 +1,5 @@
-"""What the absl scripts in `scripts/` share: the `--config` flag, the common overrides, one-line errors.
+"""What every absl script shares (`scripts/`, `benchmarks/`, `tools/`): the `--config` flag, the common
+overrides, flags made from an experiment's settings dataclass, the argument check, one-line errors.
 
 Each script defines its own flags with these helpers and keeps its heavy imports inside `main`, so `--help` and
 flag errors stay instant.
@@ -23,8 +24,10 @@ def main(argv):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
 import sys
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +35,18 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-__all__ = ["CONFIGS", "define_config", "define_overrides", "no_arguments", "resolve", "user_error_types", "user_errors"]
+__all__ = [
+  "CONFIGS",
+  "define_config",
+  "define_overrides",
+  "define_settings",
+  "define_sfm",
+  "no_arguments",
+  "resolve",
+  "settings_from_flags",
+  "user_error_types",
+  "user_errors",
+]
 
 # The repository's configs/ folder (the scripts run from a checkout).
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -57,6 +71,56 @@ def define_overrides(*, model: bool = True, morphable_model: bool = True) -> dic
       "morphable_model", None, '"default" or the folder of a Surrey Face Model copy (overrides config).'
     )
   return holders
+
+
+def define_sfm(*, required: bool = False) -> flags.FlagHolder:
+  """`--morphable_model` for scripts without a config: the folder of the user's Surrey Face Model copy."""
+  return flags.DEFINE_string(
+    "morphable_model", None, "The folder of a Surrey Face Model copy (sfm_shape_3448.bin, ...).", required=required
+  )
+
+
+# Flag definers by a settings field's type; lists become tuples of the element type in `settings_from_flags`.
+_DEFINERS = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string, bool: flags.DEFINE_bool}
+
+
+def define_settings(settings_type: type, help_texts: dict[str, str]) -> dict[str, flags.FlagHolder]:
+  """One flag per named field of a settings dataclass, its default the dataclass's (one source of defaults).
+
+  Args:
+    settings_type: a dataclass whose fields have defaults.
+    help_texts: field name -> the flag's help; only these fields become flags. `int`, `float`, `str` and `bool`
+      fields give flags of that type; `tuple[T, ...]` fields give comma-separated lists.
+
+  Raises:
+    TypeError: a named field has another type.
+  """
+  fields = {f.name: f for f in dataclasses.fields(settings_type)}
+  hints = typing.get_type_hints(settings_type)
+  holders = {}
+  for name, help_text in help_texts.items():
+    kind, default = hints[name], fields[name].default
+    if typing.get_origin(kind) is tuple:
+      holders[name] = flags.DEFINE_list(name, [str(v) for v in default], help_text)
+    elif kind in _DEFINERS:
+      holders[name] = _DEFINERS[kind](name, default, help_text)
+    else:
+      raise TypeError(f"{settings_type.__name__}.{name}: no flag for type {kind}")
+  return holders
+
+
+def settings_from_flags(settings_type: type, holders: dict[str, flags.FlagHolder]) -> Any:
+  """The settings dataclass with the flags' values (lists converted to tuples of the field's element type)."""
+  hints = typing.get_type_hints(settings_type)
+  values = {}
+  for name, holder in holders.items():
+    kind = hints[name]
+    if typing.get_origin(kind) is tuple:
+      element = typing.get_args(kind)[0]
+      values[name] = tuple(element(v) for v in holder.value)
+    else:
+      values[name] = holder.value
+  return settings_type(**values)
 
 
 def no_arguments(argv: list[str]) -> None:

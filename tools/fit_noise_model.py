@@ -1,12 +1,12 @@
 r"""Learns the fitter's per-landmark noise model on the development photos; reports held-out errors against eos.
 
-python scripts/fit_noise_model.py --morphable_model=../shared/assets/sfm               # learn, print the table
-python scripts/fit_noise_model.py --morphable_model=../shared/assets/sfm --photos=test  # judge: the 10 test photos
+python tools/fit_noise_model.py --morphable_model=path/to/sfm               # learn, print the table
+python tools/fit_noise_model.py --morphable_model=path/to/sfm --photos=test  # judge: the 10 test photos
 
 The learned values go into `fitting.LEARNED_LANDMARK_SIGMA_MODEL` by hand (reviewed, committed). --photos=dev
 learns on the development set (`datasets.development_photos`) and reports its held-out errors leave-one-photo-out
-(learned on the other photos); --photos=test reports the held-out protocol on issue 3's 10 photos with the
-committed defaults, learning nothing.
+(learned on the other photos); --photos=test reports the held-out protocol on the 10 test photos
+(`datasets.test_photos`) with the committed defaults, learning nothing.
 """
 
 import dataclasses
@@ -14,17 +14,16 @@ import dataclasses
 import numpy as np
 from absl import app, flags
 
-_MODEL = flags.DEFINE_string(
-  "morphable_model", None, "The Surrey Face Model folder (eos's share/ files).", required=True
-)
+from canonsal_jax import cli
+
+_MODEL = cli.define_sfm(required=True)
 _PHOTOS = flags.DEFINE_enum("photos", "dev", ["dev", "test"], "dev: learn and cross-validate; test: judge only.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Fit / re-estimate rounds.")
 _FLOOR = flags.DEFINE_float("floor", 1.0, "Smallest sigma, model units.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
   from canonsal_jax import datasets
   from canonsal_jax.evidence import fit_accuracy
   from canonsal_jax.morphable import fitting, sfm

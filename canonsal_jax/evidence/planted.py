@@ -126,7 +126,7 @@ METHODS = (
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """The experiment's settings (the script's flags set the first five).
+  """The experiment's settings, and their defaults (scripts/planted_bias.py makes its flags from them).
 
   Attributes:
     regions: planted regions, names from `REGION_NAMES`.
