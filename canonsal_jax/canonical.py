@@ -39,7 +39,7 @@ so grazing views count less, as eos's ``compute_view_angle`` alpha did. Texels o
 outside the crop or on invalid heatmap pixels have weight 0 and value 0.
 
 Example:
-  >>> model = load_sfm("../shared/assets/sfm")  # doctest: +SKIP
+  >>> model = load_sfm("path/to/sfm")  # doctest: +SKIP
   >>> uvr = model_uv_raster(model, default_texture_size(64))  # doctest: +SKIP
   >>> mesh = mesh_to_crop(vertices_xyd, crop_from_image)  # doctest: +SKIP
   >>> frags = raster.rasterize(mesh, model.triangles, 64, 64)  # doctest: +SKIP

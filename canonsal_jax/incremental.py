@@ -290,9 +290,9 @@ def conv_valid(
 
   On XLA:CPU a dense convolution with no padding at all runs up to 3x slower than the same one with any
   padding (YNNPACK, jax 0.10; at batch 16: 22 vs 55 GMAC/s on 14x14 outputs with 512 channels, and VGG's
-  28 px layer at 21 vs 61 at batch 8; BENCHMARKS.md, issue 8). There the input gets one zero column on the
-  right and the output column that reads it is dropped: no kept output reads the zeros, so the result is the
-  VALID one, for one column of extra arithmetic.
+  28 px layer at 21 vs 61 at batch 8; BENCHMARKS.md, "Incremental occlusion"). There the input gets one zero
+  column on the right and the output column that reads it is dropped: no kept output reads the zeros, so the
+  result is the VALID one, for one column of extra arithmetic.
   """
   out_width = (x.shape[2] - kernel.shape[1]) // stride + 1
   pad_right = 1 if groups == 1 and jax.default_backend() == "cpu" else 0

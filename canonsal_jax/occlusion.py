@@ -62,7 +62,7 @@ _AXIS = "patches"
 # that disagreed with a naive loop (tests/test_occlusion.py, test_incremental.py; the same at "highest" matmul
 # precision), while constant-baseline sweeps of four real networks matched PyTorch to 1e-4. On accelerators the
 # occluded images now pass an optimization barrier before the model (a suspected fusion miscompile); that fix is
-# unverified on a GPU until `scripts/gpu_bench.sh followup` passes there (BENCHMARKS.md, GPU section).
+# unverified on a GPU until `benchmarks/gpu_bench.sh followup` passes there (BENCHMARKS.md, GPU section).
 _GPU_BASELINE_NOTE = (
   "a non-scalar baseline (per-channel, 'black' after normalisation, 'mean' or 'blur') is not yet verified on "
   "GPUs: on an H200 with jaxlib 0.11.2 such sweeps disagreed with a naive loop. Check a few drops against "
@@ -391,7 +391,7 @@ def make_sweep(
     window_batch_size: incremental only: the windowed layers of a chunk run over groups of at most this many
       patches (the largest that divides the chunk), and the graph's tail (a dense head, `incremental.tail_start`)
       on the whole chunk of `batch_size`. A VGG-sized head reads ~400 MB of weights per pass, so on a CPU a
-      large `batch_size` with `window_batch_size=16` beats one batch for both (BENCHMARKS.md, issue 8).
+      large `batch_size` with `window_batch_size=16` beats one batch for both (BENCHMARKS.md, "Incremental occlusion").
       None: one batch for all layers.
 
   Returns:

@@ -1,7 +1,7 @@
 r"""Canonical Image Saliency of one face: occlusion heatmap, 3DMM fit, the map on the canonical face.
 
 python scripts/cis.py --out_dir=/tmp/cis                               # astronaut, gender, embedded 3DMM
-python scripts/cis.py --image=face.jpg --model=age --morphable_model=../shared/assets/sfm --out_dir=out
+python scripts/cis.py --image=face.jpg --model=age --morphable_model=path/to/sfm --out_dir=out
 """
 
 from absl import app, flags

@@ -1,7 +1,7 @@
 r"""Faithfulness of the CMS against rival saliency methods and controls, on test images disjoint from the CMS's.
 
 python scripts/cms.py --out_dir=/tmp/cms --max_images=40                      # a CMS from lfw images 0..39
-python scripts/evaluate.py --cms=/tmp/cms --images=builtin:photos --out_dir=/tmp/eval \
+python scripts/faithfulness.py --cms=/tmp/cms --images=builtin:photos --out_dir=/tmp/eval \
   --methods=cms,occlusion,grad_cam,grad_cam_plus_plus,vanilla_gradient,integrated_gradients
 
 Writes `metrics.csv` (one row per method and control: Average Drop %, % Increase in Confidence, Win %,

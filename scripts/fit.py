@@ -1,7 +1,7 @@
 r"""Fits a 3D morphable model to the largest face of a photo: mesh (OBJ/PLY) and an overlay PNG.
 
 python scripts/fit.py --out_dir=/tmp/fit                                   # astronaut, embedded default
-python scripts/fit.py --image=face.jpg --morphable_model=../shared/assets/sfm --out_dir=out
+python scripts/fit.py --image=face.jpg --morphable_model=path/to/sfm --out_dir=out
 """
 
 from absl import app, flags

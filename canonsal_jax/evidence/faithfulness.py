@@ -1,6 +1,6 @@
 """The paper's faithfulness protocol on a test set: the CMS mapped back onto each face, against rivals and controls.
 
-`evaluate` takes a CMS (built by `runs.run_cms` from other images: overlap by name is refused) and a list of
+`run_protocol` takes a CMS (built by `runs.run_cms` from other images: overlap by name is refused) and a list of
 test photos. For each face it fits the 3DMM (`pipeline.fit_image`), cuts the model's crop, and makes one map per
 method on that crop:
 
@@ -101,7 +101,7 @@ def randomised(name: str, seed: int = 0) -> models.FaceModel:
   """A registered face model with every weight layer re-initialised (`metrics.randomise_params`, `seed`).
 
   Its CMS is the model-randomisation control: the factories below make it a model name that `scripts/cms.py`
-  takes, e.g. ``--model=canonsal_jax.evidence.faithfulness:randomised_gender``; give that run to `evaluate` as
+  takes, e.g. ``--model=canonsal_jax.evidence.faithfulness:randomised_gender``; give that run to `run_protocol` as
   `cms_random_path`.
   """
   model = models.load(name)

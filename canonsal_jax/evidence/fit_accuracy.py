@@ -65,7 +65,7 @@ HELD_OUT_IBUG = (20, 25, 32, 36, 49, 55, 52, 58, 38, 45)
 # Outer eye corners (1-based iBUG), the normaliser: the subject's right eye's outer corner and the left's.
 OUTER_EYE_CORNERS_IBUG = (37, 46)
 
-# eos's `fit_shape_and_pose` default and issue 3's reference: 5 pose / contour / shape / expression iterations.
+# eos's `fit_shape_and_pose` default and the protocol's reference: 5 pose / contour / shape / expression iterations.
 EOS_NUM_ITERATIONS = 5
 
 

@@ -1,7 +1,7 @@
 """Planted bias with known truth: small classifiers whose label is a cue painted on one face region.
 
 Does canonical occlusion find what a face model uses better than its rivals? On real models nobody knows what
-they use; here we plant it. The experiment (issue 6, "Planted bias with known truth"):
+they use; here we plant it. The experiment (planted bias with known truth):
 
 1. **Faces.** Real photos (the astronaut, the colour photos of `datasets.builtin_dataset("photos")` where
    cached, scikit-image's LFW crops) are fitted with the 3DMM and textured from the photo

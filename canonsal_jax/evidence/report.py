@@ -165,10 +165,10 @@ def _load_run(cms_dir: str | pathlib.Path, morphable_model: str | None) -> _Run:
 
 
 def load_metrics(path: str | pathlib.Path) -> dict[str, Any]:
-  """A metrics table written by `scripts/evaluate.py`: its folder, its `metrics.json`, or its `metrics.csv`.
+  """A metrics table written by `scripts/faithfulness.py`: its folder, its `metrics.json`, or its `metrics.csv`.
 
   Returns:
-    `{"rows": [...], "settings": {...}, ...}` as `faithfulness.evaluate` returns it (from a CSV: rows only, the
+    `{"rows": [...], "settings": {...}, ...}` as `faithfulness.run_protocol` returns it (from a CSV: rows only, the
     numbers as floats where they parse).
 
   Raises:
@@ -178,7 +178,7 @@ def load_metrics(path: str | pathlib.Path) -> dict[str, Any]:
   if path.is_dir():
     path = path / "metrics.json" if (path / "metrics.json").is_file() else path / "metrics.csv"
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no metrics table (write one with scripts/evaluate.py)")
+    raise FileNotFoundError(f"{path}: no metrics table (write one with scripts/faithfulness.py)")
   if path.suffix == ".json":
     table = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
@@ -694,7 +694,9 @@ def _examples_section(rep: _Report) -> str:
 
 def _metrics_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
   if metrics is None:
-    return '<p class="missing">No metrics table was given (make one with scripts/evaluate.py, then pass --metrics).</p>'
+    return (
+      '<p class="missing">No metrics table was given (make one with scripts/faithfulness.py, then pass --metrics).</p>'
+    )
   rows = metrics.get("rows") or []
   if not rows:
     return '<p class="missing">The metrics table has no rows.</p>'
@@ -852,7 +854,7 @@ def write_report(
   Args:
     cms_dir: the run folder of `scripts/cms.py` / `runs.run_cms` (cms.npz, summary.json, textures/).
     out_dir: the report's folder (created; files of an earlier report there are overwritten).
-    metrics: a metrics table of `scripts/evaluate.py` (its folder, metrics.json or metrics.csv, or the dict).
+    metrics: a metrics table of `scripts/faithfulness.py` (its folder, metrics.json or metrics.csv, or the dict).
     morphable_model: "default" or a Surrey Face Model folder (default: the run's `config.morphable_model`).
     options: what to compute (`ReportOptions`).
 

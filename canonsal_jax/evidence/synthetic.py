@@ -1,6 +1,6 @@
 """Synthetic views of a real face: a fitted 3DMM textured from its photo, rendered at chosen poses.
 
-The canonicalisation check (README, issue 4) needs the same face seen from several yaws with nothing else
+The canonicalisation check (`canonicalisation`, README) needs the same face seen from several yaws with nothing else
 changing. This module builds it from one photo:
 
 1. `textured_face`: the fitted shape (`model.vertices(alpha, beta)`, model space) and a colour texture pulled

