@@ -69,3 +69,18 @@ def test_benchmarks_are_not_installed():
   assert "canonsal_jax.evidence" in packages
   assert not [p for p in packages if not p.startswith("canonsal_jax")]
   assert (ROOT / "benchmarks" / "__init__.py").is_file()  # a package of the repository, beside the library
+
+
+def test_the_map_names_every_module():
+  """docs/ARCHITECTURE.md names every module and sub-package of the library, so the map cannot fall behind."""
+  text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+  missing = []
+  for path in PACKAGE.rglob("*.py"):
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__" or parts[-1].startswith("_"):
+      continue
+    top = parts[0]
+    name = f"evidence.{parts[1]}" if top == "evidence" else (f"{top}/" if len(parts) > 1 else top)
+    if f"`{name}`" not in text:
+      missing.append(name)
+  assert not missing, f"docs/ARCHITECTURE.md does not name {sorted(set(missing))}"
