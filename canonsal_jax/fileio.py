@@ -21,6 +21,7 @@ Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) stays in force:
 are refused with `ImageError` (Pillow warns between one and two times the limit).
 
 Example:
+  Lines marked +SKIP are not run as doctests: it writes /tmp/astronaut.png.
   >>> from canonsal_jax import fileio
   >>> rgb = fileio.default_image()  # the scikit-image astronaut, uint8 [512, 512, 3]
   >>> fileio.save_png("/tmp/astronaut.png", rgb)  # doctest: +SKIP

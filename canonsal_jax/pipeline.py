@@ -1,6 +1,7 @@
 """Per-image drivers used by the scripts: photo -> face -> model crop -> occlusion sweep -> files.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it explains the astronaut and writes files (weights fetched on first use).
   >>> from canonsal_jax import config as config_lib, pipeline
   >>> cfg = config_lib.default_config()
   >>> result = pipeline.explain_image(cfg)  # the astronaut, the gender model  # doctest: +SKIP

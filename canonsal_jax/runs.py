@@ -1,6 +1,7 @@
 """Dataset runs: the Canonical Model Saliency of a model over a dataset, resumable, batched, multi-process.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it runs the README's main job (a minute, weights fetched on first use).
   >>> from canonsal_jax import config as config_lib, runs
   >>> acc = runs.run_cms(config_lib.default_config(), "/tmp/cms")  # doctest: +SKIP
   >>> mean, valid = acc.mean("all")  # doctest: +SKIP
@@ -56,6 +57,7 @@ def run_cms(
     The accumulator: on process 0 the merged one, elsewhere this process's.
 
   Example:
+    Lines marked +SKIP are not run as doctests: it runs the README's main job (a minute, weights fetched on first use).
     >>> acc = run_cms(config_lib.default_config(), "/tmp/cms")  # doctest: +SKIP
     >>> mean, valid = acc.mean("all")  # doctest: +SKIP
   """

@@ -7,6 +7,7 @@ reference render's landmark template, `warp2d`). With `variants`, the same compa
 render's true mesh and on the crops' luminance (registration alone, no model involved).
 
 Example:
+  Lines marked +SKIP are not run as doctests: it fits, renders and explains a face at each yaw (minutes).
   >>> from canonsal_jax import config as config_lib
   >>> rows = check(config_lib.default_config(), models=["gender"], yaws=[0.0, 20.0])  # doctest: +SKIP
   >>> summarise(rows)  # doctest: +SKIP

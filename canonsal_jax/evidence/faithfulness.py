@@ -19,6 +19,7 @@ a method's maps with the trained and with re-initialised weights (`metrics.rando
 "cms_random" when given).
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a CMS run and test photos (minutes).
   >>> table = run_protocol(config, cms_path="/tmp/cms", images="builtin:photos", methods=("cms", "grad_cam"))
   ... # doctest: +SKIP
   >>> write_evaluation(table, "/tmp/eval")  # doctest: +SKIP

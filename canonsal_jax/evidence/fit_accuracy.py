@@ -15,6 +15,7 @@ The photos are `datasets.test_photos` (10 faces); tuning happens on `datasets.de
 them, where `learn_landmark_sigma` learns the fitter's per-landmark noise model (`tools/fit_noise_model.py`).
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a copy of the Surrey Face Model and eos.
   >>> from canonsal_jax import datasets
   >>> from canonsal_jax.morphable import sfm
   >>> model = sfm.load_sfm("path/to/sfm")  # doctest: +SKIP

@@ -39,6 +39,7 @@ permutation test. `randomise_params` re-initialises a model's weights (model ran
 2018): a map that barely changes (`spearman` rank correlation near 1) does not explain the model.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a model, a batch of images and their maps.
   >>> protocol = make_protocol(model.apply_fn)  # doctest: +SKIP
   >>> result = protocol(model.params, x, maps, valid)  # x [B, H, W, C], maps [M, B, H, W]  # doctest: +SKIP
   >>> protocol_summary(result, ["cms", "grad_cam"])["cms"]["average_drop_pct"]  # doctest: +SKIP

@@ -31,7 +31,8 @@ they use; here we plant it. The experiment (planted bias with known truth):
    the texels with data, that falls on the region's texels.
 
 Example:
-  >>> from canonsal_jax import planted
+  Lines marked +SKIP are not run as doctests: it trains and explains small CNNs (minutes).
+  >>> from canonsal_jax.evidence import planted
   >>> settings = planted.Settings(regions=("nose",), seeds=(0,), num_faces=12, steps=60)
   >>> results = planted.run(settings)  # doctest: +SKIP
   >>> planted.write_report(results, "/tmp/planted")  # doctest: +SKIP

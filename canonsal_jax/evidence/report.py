@@ -24,6 +24,7 @@ Statistics (all seeded by `seed`, so the report is the same file for the same in
   textures (each divided by its record's normaliser, as the CMS accumulates them).
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a CMS run.
   >>> path = write_report("/tmp/cms", "/tmp/cms_report", seed=0)  # doctest: +SKIP
 """
 

@@ -24,6 +24,7 @@ Permutation p-values are ``(1 + #{null >= observed}) / (1 + P)``, never 0. Textu
 seams: a cluster crossing a seam counts as two (conservative).
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a CMS run's saved textures.
   >>> regions = canonical.region_labels(model, 128)  # doctest: +SKIP
   >>> masses = region_mass(textures, weights, regions)  # [N, R] fields  # doctest: +SKIP
   >>> est, lo, hi = bootstrap_ci(masses.share, seed=0)  # doctest: +SKIP

@@ -18,7 +18,9 @@ changing. This module builds it from one photo:
 texels both views see) and the 2-D way (`warp2d`: heatmaps warped piecewise-affinely onto a landmark template).
 
 Example:
-  >>> from canonsal_jax import config as config_lib, pipeline, synthetic
+  Lines marked +SKIP are not run as doctests: it fits and renders the astronaut (seconds, weights fetched on first use).
+  >>> from canonsal_jax import config as config_lib, pipeline
+  >>> from canonsal_jax.evidence import synthetic
   >>> fit = pipeline.fit_image(config_lib.default_config())  # the astronaut  # doctest: +SKIP
   >>> face = synthetic.textured_face(fit.model, fit.image, fit.fit)  # doctest: +SKIP
   >>> view = synthetic.render(face, np.radians([20.0, 0.0, 0.0]), scale=fit.fit.scale)  # doctest: +SKIP

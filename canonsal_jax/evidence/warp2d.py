@@ -16,6 +16,7 @@ A turned head folds this warp: landmarks of the far cheek crowd together and the
 face, so the same template pixel looks at different skin in different views. The 3-D path has no such folds.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs detected faces and a heatmap.
   >>> template = make_template(frontal.landmarks_xy, 128)  # doctest: +SKIP
   >>> values, weight = warp_to_template(heatmap, face.landmarks_xy, template, crop_from_image=affine)  # doctest: +SKIP
 """

@@ -1,6 +1,7 @@
 """Pretrained face models to explain, as Flax NNX ports with pure `apply(params, x)` functions.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs the weights (fetched on first use) and a batch `x`.
   >>> from canonsal_jax import models
   >>> gender = models.load("gender")  # doctest: +SKIP
   >>> gender.logits(x)  # x: float32 [B, 32, 32, 3]  # doctest: +SKIP

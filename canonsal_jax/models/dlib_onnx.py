@@ -20,6 +20,7 @@ batch norm `x * scale + offset`):
   shortcut.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs the weights (fetched on first use) and a chip.
   >>> from canonsal_jax.models import dlib_onnx
   >>> gender = dlib_onnx.load_gender()  # doctest: +SKIP
   >>> logits = gender.logits(gender.preprocess(chip_rgb_uint8)[None])  # [1, 2]  # doctest: +SKIP

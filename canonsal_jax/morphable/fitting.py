@@ -33,6 +33,7 @@ Everything is differentiable (the contour matching is piecewise constant), so `j
 fit with respect to the landmarks works.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a model and detected landmarks.
   >>> result = fit(model, landmarks_xy, image_size=(500, 500))  # doctest: +SKIP
   >>> result.yaw_pitch_roll.shape, result.vertices_xyd.shape  # doctest: +SKIP
   ((B, 3), (B, V, 3))
@@ -778,6 +779,7 @@ def fit(
       contour matching is "occluding" and the model has no edges.
 
   Example:
+    Lines marked +SKIP are not run as doctests: it needs a model and detected landmarks.
     >>> result = fit(model, face.landmarks_xy[None], image_size=image.shape[:2])  # doctest: +SKIP
     >>> np.degrees(result.yaw_pitch_roll[0])  # doctest: +SKIP
   """

@@ -36,6 +36,7 @@ coordinates have v pointing down (image style: eos's ``extract_texture`` maps v 
 ``uv = (u, 1 - v_eos)``.
 
 Example:
+  Lines marked +SKIP are not run as doctests: it needs a copy of the Surrey Face Model.
   >>> model = load_sfm("path/to/sfm")  # doctest: +SKIP
   >>> model.mean.shape, model.shape_basis.shape, model.expression_basis.shape  # doctest: +SKIP
   ((3448, 3), (3448, 3, 63), (3448, 3, 6))
@@ -416,6 +417,7 @@ def load_sfm(path: str | os.PathLike, *, expression_upper: float = SFM_EXPRESSIO
     ValueError: a file is corrupt, truncated or does not fit the others.
 
   Example:
+    Lines marked +SKIP are not run as doctests: it needs a copy of the Surrey Face Model.
     >>> model = load_sfm("path/to/sfm")  # doctest: +SKIP
     >>> model.landmark_ids[30]  # doctest: +SKIP
     Array(114, dtype=int32)
