@@ -23,7 +23,7 @@ feature map's resolution, apply a ReLU as the papers do, and upsample bilinearly
 `F.interpolate(align_corners=False)` and OpenCV) to the input size. Heatmaps are not normalised.
 
 Example:
-  Lines marked +SKIP are not run as doctests: it needs the gender model's weights (fetched on first use) and a batch `x`.
+  Lines marked +SKIP are not run as doctests: it needs the gender model's weights (fetched on first use) and a batch x.
   >>> from canonsal_jax import attribution, models, occlusion
   >>> gender = models.load("gender")  # doctest: +SKIP
   >>> score = occlusion.Score.for_model(gender)  # doctest: +SKIP

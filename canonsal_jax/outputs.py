@@ -4,7 +4,7 @@ saved per-image textures, and the merge of a multi-process run's checkpoints and
 Every file is written atomically (`fileio`); array files carry a format name and version.
 
 Example:
-  Lines marked +SKIP are not run as doctests: it explains and fits the astronaut and writes files (weights fetched on first use).
+  Lines marked +SKIP are not run as doctests: it explains the astronaut and writes files (weights fetched on first use).
   >>> from canonsal_jax import config as config_lib, outputs, pipeline
   >>> result = pipeline.cis_image(config_lib.default_config())  # doctest: +SKIP
   >>> outputs.write_cis(result, "/tmp/cis")  # doctest: +SKIP

@@ -9,7 +9,7 @@ import pytest
 
 import canonsal_jax
 
-_MODULES = ["canonsal_jax"] + sorted(m.name for m in pkgutil.walk_packages(canonsal_jax.__path__, "canonsal_jax."))
+_MODULES = ["canonsal_jax", *sorted(m.name for m in pkgutil.walk_packages(canonsal_jax.__path__, "canonsal_jax."))]
 _REASON = "Lines marked +SKIP are not run as doctests: "
 
 
