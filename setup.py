@@ -36,6 +36,7 @@ setup(
   extras_require={
     "test": [
       "pytest>=8.0",
+      "pytest-xdist>=3.5",  # the suite on every core (`-n auto`)
       "ruff>=0.6",
       "onnxruntime>=1.18",  # independent runtime for the ONNX parity tests
       "keras>=3.5",  # independent runtime for the HDF5 parity test (run on its jax backend)

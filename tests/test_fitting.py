@@ -202,6 +202,7 @@ def test_silhouette_follows_the_pose(model):
     fitting.fit(model, np.zeros((1, 68, 2)), image_size=(9, 9), config=config)
 
 
+@pytest.mark.slow
 def test_jaw_area_silhouette_equals_whole_mesh(model):
   # The fit's match uses the jaw area only, facing from projected winding and no scatter (`_SilhouetteMesh`); the
   # reference is the whole mesh with 3-D normals and a scatter-add (`_silhouette_vertices`). Same vertices.
@@ -285,6 +286,7 @@ def test_no_retrace_and_weights_hold_out(model, synthetic):
   assert not np.allclose(held.alpha, result.alpha, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_gradient_through_fit_is_finite(model):
   truth = _synthetic(model, np.random.default_rng(1), 2)
   config = dataclasses.replace(fitting.DEFAULT_FIT_CONFIG, num_iterations=2)  # a smaller program to compile

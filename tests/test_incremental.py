@@ -160,6 +160,7 @@ def test_synthetic_graph_exact_in_float64():
       np.testing.assert_allclose(drops[-2:], 0.0, atol=atol)  # the patches far outside change nothing
 
 
+@pytest.mark.slow
 def test_window_batch_runs_the_tail_on_the_whole_chunk_exactly():
   """`window_batch`: the layers before the dense tail in groups, the tail on the chunk; the same outputs in
   float64, whether the tail reads a whole map (7 px patches) or a window pasted into one (3 px)."""

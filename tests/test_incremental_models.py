@@ -43,7 +43,9 @@ def _centres(size: int, patch: int, rng) -> np.ndarray:
   return np.concatenate([fixed, rng.integers(0, size, size=(6, 2))]).astype(np.int32)
 
 
-@pytest.mark.parametrize("name", list(_CASES))
+@pytest.mark.parametrize(
+  "name", [pytest.param(n, marks=pytest.mark.slow) if n in ("expression", "vgg16") else n for n in _CASES]
+)
 def test_graph_computes_what_apply_fn_computes(name):
   apply_fn, params, shape = _model(name)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, *shape)), jnp.float32)
@@ -56,7 +58,7 @@ def test_graph_computes_what_apply_fn_computes(name):
   "name",
   [
     "gender",
-    "age",
+    pytest.param("age", marks=pytest.mark.slow),
     # the larger graphs take 15-30 s each on a quiet 2-core machine (mostly compiling float64 programs)
     pytest.param("expression", marks=pytest.mark.slow),
     pytest.param("identity", marks=pytest.mark.slow),

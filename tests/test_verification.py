@@ -41,6 +41,7 @@ def test_distances_decide_like_dlib(embeddings):
   assert same < verification.DLIB_THRESHOLD < different
 
 
+@pytest.mark.slow
 def test_reference_and_contrast_scores_and_maps(photos, embeddings):
   """The probe's unoccluded score is its cosine to the reference; the contrast map is the difference of the two
   reference maps (drops are linear in the score), whether references come from the config or as targets."""
@@ -67,6 +68,7 @@ def test_reference_and_contrast_scores_and_maps(photos, embeddings):
   assert not np.allclose(self_map.heatmap, genuine.heatmap, atol=1e-3 * np.abs(genuine.heatmap).max())
 
 
+@pytest.mark.slow
 def test_pair_maps(photos, tmp_path):
   pair = verification.verify_pair(_config(), photos["obama"], photos["obama2"], impostor=photos["biden"])
   assert pair.same_person and pair.distance < pair.threshold
@@ -101,6 +103,7 @@ def test_bad_settings_and_inputs(photos, tmp_path):
     pipeline.explain_image(_config(reference=str(blank)), photos["obama"])
 
 
+@pytest.mark.slow
 def test_identity_cms_against_a_reference(photos, tmp_path):
   """A dataset CMS of verification saliency: every face explained against one reference photo, batched."""
   config = _config(reference=photos["obama2"])
