@@ -1,8 +1,13 @@
-"""Per-image drivers used by the scripts: photo -> face -> model crop -> occlusion sweep -> files.
+"""Per-face drivers: photo -> face -> model crop -> occlusion sweep (or a rival method) -> 3DMM fit -> CIS.
+
+`explain_image` / `explain_face` give the heatmap on the model's crop and in the photo, `fit_image` the fitted
+3DMM, `cis_image` / `cis_face` the Canonical Image Saliency; `sweep_plan` is what every face of a run shares
+(the compiled sweep, its patch grid and target). `outputs` writes their results; `runs.run_cms` runs a
+dataset through the same steps in batches (`batched`).
 
 Example:
   Lines marked +SKIP are not run as doctests: it explains the astronaut and writes files (weights fetched on first use).
-  >>> from canonsal_jax import config as config_lib, pipeline
+  >>> from canonsal_jax import config as config_lib, outputs, pipeline
   >>> cfg = config_lib.default_config()
   >>> result = pipeline.explain_image(cfg)  # the astronaut, the gender model  # doctest: +SKIP
   >>> outputs.write_occlusion(result, "/tmp/out")  # doctest: +SKIP
