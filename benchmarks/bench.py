@@ -693,6 +693,28 @@ _CMS_MAIN_STAGES = ("sweep", "fit", "texture", "accumulate", "checkpoint")
 _CHILD_MARK = "CANONSAL_BENCH_RESULT "
 
 
+def _child_result(code: str, env: dict[str, str], timeout_s: float, what: str) -> dict[str, Any]:
+  """Runs `python -c code` (XLA flags must be set before JAX starts) and returns the JSON it printed after
+  `_CHILD_MARK`; the child imports `benchmarks` from the repository root.
+
+  Raises:
+    RuntimeError: the child failed or printed no result (with the end of its stderr).
+  """
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    env=env,
+    cwd=_REPOSITORY,
+    capture_output=True,
+    text=True,
+    timeout=timeout_s,
+    check=False,
+  )
+  lines = [line for line in proc.stdout.splitlines() if line.startswith(_CHILD_MARK)]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return json.loads(lines[-1].removeprefix(_CHILD_MARK))
+
+
 def cms_child(spec: dict[str, Any]) -> dict[str, Any]:
   """One timed `runs.run_cms` in this process (run by `cms_e2e` in a subprocess; see there).
 
@@ -797,21 +819,7 @@ def cms_e2e(
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={d}".strip()}
     code = f"import json; from benchmarks import bench; print({_CHILD_MARK!r} + json.dumps(bench.cms_child({spec!r})))"
-    proc = subprocess.run(
-      [sys.executable, "-c", code],
-      env=env,
-      cwd=_REPOSITORY,  # the child imports `benchmarks` from the repository root
-      capture_output=True,
-      text=True,
-      timeout=timeout_s,
-      check=False,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_CHILD_MARK)]
-    if proc.returncode != 0 or not lines:
-      raise RuntimeError(
-        f"cms run with {d} devices, face_batch {fb} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-      )
-    results.append(json.loads(lines[-1].removeprefix(_CHILD_MARK)))
+    results.append(_child_result(code, env, timeout_s, f"cms run with {d} devices, face_batch {fb}"))
   return {"model": model, "morphable_model": morphable_model, "num_threads": num_threads, "runs": results}
 
 
@@ -1068,19 +1076,7 @@ def forward_xla_flags(
       + " + json.dumps(bench.forward_vs_torch(models.load(s['model']), "
       "batch_sizes=s['batch_sizes'], repeats=s['repeats'], profile_batch=None)))"
     )
-    proc = subprocess.run(
-      [sys.executable, "-c", code],
-      env=env,
-      cwd=_REPOSITORY,  # the child imports `benchmarks` from the repository root
-      capture_output=True,
-      text=True,
-      timeout=timeout_s,
-      check=False,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_CHILD_MARK)]
-    if proc.returncode != 0 or not lines:
-      raise RuntimeError(f"forward with XLA_FLAGS={flag_set!r} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    results.append(json.loads(lines[-1].removeprefix(_CHILD_MARK)))
+    results.append(_child_result(code, env, timeout_s, f"forward with XLA_FLAGS={flag_set!r}"))
   return results
 
 

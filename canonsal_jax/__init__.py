@@ -41,10 +41,18 @@ _SUBMODULES = (
 __all__ = ["__version__", *_SUBMODULES]
 
 
-def __getattr__(name: str):
-  if name in _SUBMODULES:
-    return importlib.import_module(f"{__name__}.{name}")
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _lazy_submodules(package: str, names: tuple[str, ...]):
+  """A module `__getattr__` for `package`, loading its submodules `names` on first attribute access."""
+
+  def getattr_(name: str):
+    if name in names:
+      return importlib.import_module(f"{package}.{name}")
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+  return getattr_
+
+
+__getattr__ = _lazy_submodules(__name__, _SUBMODULES)
 
 
 def __dir__():

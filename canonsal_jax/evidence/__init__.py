@@ -10,7 +10,7 @@
 Submodules load on first use, like the core's.
 """
 
-import importlib
+from canonsal_jax import _lazy_submodules
 
 _SUBMODULES = (
   "canonicalisation",
@@ -27,10 +27,7 @@ _SUBMODULES = (
 __all__ = list(_SUBMODULES)
 
 
-def __getattr__(name: str):
-  if name in _SUBMODULES:
-    return importlib.import_module(f"{__name__}.{name}")
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _lazy_submodules(__name__, _SUBMODULES)
 
 
 def __dir__():
