@@ -1,7 +1,7 @@
 """Image loading and validation, atomic file writes and versioned array files.
 
-This is the only module below `pipeline` that touches the file system (see DESIGN.md). Everything it returns
-is a plain NumPy array on the host.
+Below `pipeline`, file writes go through this module (docs/ARCHITECTURE.md). Everything it returns is a plain
+NumPy array on the host.
 
 Images are always `uint8 [H, W, 3]` RGB, row-major, y down. Conversions made on the way in:
 

@@ -1,7 +1,7 @@
 """Batched fitting of a `MorphableModel` to 68 image landmarks: pose, shape α and expression β.
 
-The camera is scaled orthographic (DESIGN.md conventions: model space right-handed, y up, the face looking
-along +z; image `xy` in pixels, y down; depth larger = closer):
+The camera is scaled orthographic (the conventions of docs/ARCHITECTURE.md: model space right-handed, y up, the
+face looking along +z; image `xy` in pixels, y down; depth larger = closer):
 
   x_img = s * (R v)_x + t_x,    y_img = -s * (R v)_y + t_y,    depth = s * (R v)_z.
 
