@@ -5,8 +5,8 @@ each. `crop_face` then cuts the crop a model expects (`models.CropSpec`) and ret
 crop transform: a 2x3 affine matrix `crop_from_image` mapping image `xy` to crop `xy`. `apply_affine` maps
 points with it, `invert_affine` turns it round, and `warp_to_image` carries a crop heatmap back onto the photo.
 
-Coordinates follow docs/ARCHITECTURE.md: `xy` = (x, y) in pixels with the centre of pixel (row i, column j) at (j, i), as
-dlib has it; so pixel (i, j) covers [j - 0.5, j + 0.5] x [i - 0.5, i + 0.5].
+Coordinates follow docs/ARCHITECTURE.md: `xy` = (x, y) in pixels with the centre of pixel (row i, column j) at
+(j, i), as dlib has it; so pixel (i, j) covers [j - 0.5, j + 0.5] x [i - 0.5, i + 0.5].
 
 Example:
   >>> from canonsal_jax import faces, fileio, models

@@ -24,8 +24,8 @@ sign, the value is exactly 0 at both endpoints (with or without fused multiply-a
 float32, not only in exact arithmetic. Zero-area triangles (and those with non-finite coordinates) produce no
 fragments.
 
-**Winding.** Triangles are counter-clockwise seen from outside in model space with y up (docs/ARCHITECTURE.md). Projection
-flips y, so a front face has a *negative* signed area in image `xy` (clockwise in the maths sense with y
+**Winding.** Triangles are counter-clockwise seen from outside in model space with y up
+(docs/ARCHITECTURE.md). Projection flips y, so a front face has a *negative* signed area in image `xy` (clockwise in the maths sense with y
 down; drawn on screen with y down it still looks counter-clockwise). `cull_backfaces=True` keeps only
 triangles with negative signed area; by default both windings are rasterised.
 
