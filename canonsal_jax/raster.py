@@ -25,9 +25,9 @@ float32, not only in exact arithmetic. Zero-area triangles (and those with non-f
 fragments.
 
 **Winding.** Triangles are counter-clockwise seen from outside in model space with y up
-(docs/ARCHITECTURE.md). Projection flips y, so a front face has a *negative* signed area in image `xy` (clockwise in the maths sense with y
-down; drawn on screen with y down it still looks counter-clockwise). `cull_backfaces=True` keeps only
-triangles with negative signed area; by default both windings are rasterised.
+(docs/ARCHITECTURE.md). Projection flips y, so a front face has a *negative* signed area in image `xy`
+(clockwise in the maths sense with y down; drawn on screen with y down it still looks counter-clockwise).
+`cull_backfaces=True` keeps only triangles with negative signed area; by default both windings are rasterised.
 
 **Oversized triangles.** A triangle whose clipped box spans more than `max_box` pixel centres in x or y is not
 rasterised by the fast path. It is counted in `Fragments.num_oversized`, never dropped silently; with
