@@ -20,6 +20,9 @@ def default_config() -> ml_collections.ConfigDict:
   # HOG detector finds a weak false face (score 0.12) on the astronaut's suit, nearly as large as her face
   # (score 1.16). Lower this for hard images (profiles, blur), raise it if false faces win.
   config.detector_threshold = 0.3
+  # Keep every photo's detections and landmarks in the cache folder (`faces.DetectionCache`, keyed by the
+  # pixels and the detector settings), so a second run over the same photos, with any model, detects nothing.
+  config.detection_cache = True
 
   # The 3D morphable model: "default" (built from CC0 MakeHuman assets at first use) or the folder of a
   # Surrey Face Model copy (sfm_shape_3448.bin and its companions; non-commercial licence, never bundled).

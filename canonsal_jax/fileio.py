@@ -402,25 +402,28 @@ def load_npz_versioned(path: PathLike, kind: str, version: int) -> dict[str, np.
   """
   name = os.fspath(path)
   try:
-    with np.load(name, allow_pickle=False) as npz:
+    # The file is opened here, not by np.load, which leaves its handle open when a truncated archive fails.
+    with open(name, "rb") as f:
+      npz = np.load(f, allow_pickle=False)
       if not isinstance(npz, np.lib.npyio.NpzFile):
         raise FormatError(f"{name}: not an .npz archive (expected {kind!r} version {version})")
-      keys = set(npz.files)
-      if not {_KIND_KEY, _VERSION_KEY, _ENVELOPE_KEY} <= keys:
-        raise FormatError(
-          f"{name}: not a versioned canonsal_jax file (no {_KIND_KEY}/{_VERSION_KEY} tags); "
-          f"expected {kind!r} version {version}"
-        )
-      envelope = int(npz[_ENVELOPE_KEY])
-      if envelope != FORMAT_VERSION:
-        raise FormatError(f"{name}: envelope version {envelope}, this code reads {FORMAT_VERSION}")
-      got_kind, got_version = str(npz[_KIND_KEY]), int(npz[_VERSION_KEY])
-      if (got_kind, got_version) != (kind, version):
-        raise FormatError(
-          f"{name}: holds {got_kind!r} version {got_version}, expected {kind!r} version {version}; "
-          "delete it to have it rebuilt, or use a matching release"
-        )
-      return {k: npz[k] for k in npz.files if k not in (_KIND_KEY, _VERSION_KEY, _ENVELOPE_KEY)}
+      with npz:
+        keys = set(npz.files)
+        if not {_KIND_KEY, _VERSION_KEY, _ENVELOPE_KEY} <= keys:
+          raise FormatError(
+            f"{name}: not a versioned canonsal_jax file (no {_KIND_KEY}/{_VERSION_KEY} tags); "
+            f"expected {kind!r} version {version}"
+          )
+        envelope = int(npz[_ENVELOPE_KEY])
+        if envelope != FORMAT_VERSION:
+          raise FormatError(f"{name}: envelope version {envelope}, this code reads {FORMAT_VERSION}")
+        got_kind, got_version = str(npz[_KIND_KEY]), int(npz[_VERSION_KEY])
+        if (got_kind, got_version) != (kind, version):
+          raise FormatError(
+            f"{name}: holds {got_kind!r} version {got_version}, expected {kind!r} version {version}; "
+            "delete it to have it rebuilt, or use a matching release"
+          )
+        return {k: npz[k] for k in npz.files if k not in (_KIND_KEY, _VERSION_KEY, _ENVELOPE_KEY)}
   except FormatError:
     raise
   except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:

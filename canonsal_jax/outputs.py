@@ -275,7 +275,10 @@ def run_summary(
   timings: dict[str, float],
   num_batches: int,
   face_batch: int,
+  detection_cache: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+  """A CMS run's `summary.json`: counts, every skipped input with its reason, per-stage times, and the detection
+  cache's hits and misses this run (`{"hits": h, "misses": m}`; None when the cache is off)."""
   records = acc.records()
   skipped = [{"index": r["index"], "name": r["name"], "reason": r["reason"]} for r in records if r["status"] != "ok"]
   device_stages = ("sweep", "fit", "texture")
@@ -297,6 +300,7 @@ def run_summary(
     # Mean wall seconds of each device stage per batch (the first batch includes compilation).
     "stage_seconds_per_batch": {k: timings[k] / num_batches for k in device_stages if k in timings and num_batches},
     "groups": {group: acc.num_images(group) for group in acc.groups()},
+    "detection_cache_this_run": detection_cache,
   }
 
 
@@ -342,9 +346,16 @@ def merge_processes(
     timings=timings,  # summed over processes: seconds of work, not of the job's wall time
     num_batches=sum(s["batches_this_run"] for s in summaries),
     face_batch=face_batch,
+    detection_cache=_summed([s["detection_cache_this_run"] for s in summaries]),
   )
   summary.update(num_processes=num_processes, per_process=[{k: s[k] for k in _PER_PROCESS_KEYS} for s in summaries])
   return merged, summary
+
+
+def _summed(counts: list[dict[str, int] | None]) -> dict[str, int] | None:
+  """Per-process counters added key by key (None where every process had none)."""
+  present = [c for c in counts if c is not None]
+  return {k: sum(c[k] for c in present) for k in present[0]} if present else None
 
 
 def _versions() -> dict[str, str]:

@@ -38,6 +38,7 @@ __all__ = [
   "cis_face",
   "cis_image",
   "detect_face",
+  "detection_cache",
   "embed_face",
   "embed_image",
   "explain_face",
@@ -172,10 +173,26 @@ def load_input(image, name: str | None) -> tuple[str, np.ndarray]:
 
 
 def detect_face(config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None) -> faces.Face:
+  """The largest face with the config's detector settings, through the detection cache when it is on.
+
+  Raises:
+    faces.NoFaceError: no face was found (the message names `name` and the settings).
+  """
   detector = detector or faces.default_detector(config.detector)
   return faces.largest_face(
-    pixels, name, detector=detector, upsample=config.upsample, adjust_threshold=config.detector_threshold
+    pixels,
+    name,
+    detector=detector,
+    upsample=config.upsample,
+    adjust_threshold=config.detector_threshold,
+    cache=detection_cache() if config.detection_cache else None,
   )
+
+
+@functools.cache
+def detection_cache() -> faces.DetectionCache:
+  """The process's `faces.DetectionCache` in the cache folder (its `hits` and `misses` count this process's)."""
+  return faces.DetectionCache()
 
 
 def explain_image(

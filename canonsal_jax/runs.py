@@ -79,6 +79,8 @@ def run_cms(
   checkpoint = outputs.checkpoint_path(out, process_index, num_processes)
   acc = cms.CMSAccumulator.load(checkpoint, settings=settings) if checkpoint.exists() else cms.CMSAccumulator(settings)
   resumed_with = len(acc.done_indices())
+  detections = pipeline.detection_cache() if config.detection_cache else None
+  counted_before = (detections.hits, detections.misses) if detections is not None else None
   local = threading.local()  # dlib's detectors are not safe to share between threads: one per thread
   timings: dict[str, float] = {}
   lock = threading.Lock()
@@ -166,6 +168,9 @@ def run_cms(
     timings=timings,
     num_batches=num_batches,
     face_batch=face_batch,
+    detection_cache=None
+    if detections is None
+    else {"hits": detections.hits - counted_before[0], "misses": detections.misses - counted_before[1]},
   )
   summary_name = "summary.json" if num_processes == 1 else f"summary.process{process_index}.json"
   if num_processes > 1:

@@ -248,3 +248,76 @@ def test_warp_to_image_inverts_the_crop_transform(astronaut, face, kind):
   zeros = faces.warp_to_image(np.ones((size, size, 2)), crop_from_image, (512, 512), outside=0.0)
   assert zeros.shape == (512, 512, 2) and zeros.dtype == np.float64
   np.testing.assert_allclose(zeros[..., 0], (~outside).astype(np.float64), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- detection cache
+
+
+def _counting(monkeypatch, detector) -> list[int]:
+  """Counts the detector's real detections (`detect` calls) from here on."""
+  calls, real = [], detector.detect
+  monkeypatch.setattr(detector, "detect", lambda *a, **k: calls.append(1) or real(*a, **k))
+  return calls
+
+
+def _same(a: list[faces.Face], b: list[faces.Face]) -> bool:
+  fields = ("box_xyxy", "score", "landmarks_xy", "landmarks5_xy")
+  return len(a) == len(b) and all(np.array_equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in fields)
+
+
+def test_detection_cache_detects_once_and_gives_what_detection_gives(astronaut, detector, tmp_path, monkeypatch):
+  want = detector.detect(astronaut, all_faces=True, adjust_threshold=-0.5)  # the suit's weak face too
+  assert len(want) >= 2
+  cache = faces.DetectionCache(tmp_path)
+  calls = _counting(monkeypatch, detector)
+  first = cache.detect(detector, astronaut, adjust_threshold=-0.5)
+  again = faces.DetectionCache(tmp_path).detect(detector, astronaut, adjust_threshold=-0.5)  # a later run
+  assert len(calls) == 1 and (cache.hits, cache.misses) == (0, 1)
+  assert _same(first, want) and _same(again, want)
+  largest = faces.largest_face(astronaut, "astronaut", detector=detector, adjust_threshold=-0.5, cache=cache)
+  assert _same([largest], want[:1]) and len(calls) == 1 and cache.hits == 1
+
+
+def test_detection_cache_keys_on_pixels_and_settings(astronaut, detector, tmp_path, monkeypatch):
+  cache = faces.DetectionCache(tmp_path)
+  calls = _counting(monkeypatch, detector)
+  cache.detect(detector, astronaut, adjust_threshold=0.3)
+  changed = astronaut.copy()
+  changed[0, 0, 0] ^= 1  # one pixel, one bit
+  cache.detect(detector, changed, adjust_threshold=0.3)
+  cache.detect(detector, astronaut, adjust_threshold=0.4)
+  cache.detect(detector, astronaut, upsample=0, adjust_threshold=0.3)
+  assert len(calls) == 4 and cache.hits == 0
+  cache.detect(detector, astronaut, adjust_threshold=0.3)
+  assert len(calls) == 4 and cache.hits == 1
+
+
+def test_detection_cache_keeps_no_face_and_its_error(detector, tmp_path, monkeypatch):
+  blank = np.full((120, 100, 3), 128, np.uint8)
+  cache = faces.DetectionCache(tmp_path)
+  calls = _counting(monkeypatch, detector)
+  messages = []
+  for _ in range(2):
+    with pytest.raises(faces.NoFaceError) as err:
+      faces.largest_face(blank, "blank.png", detector=detector, cache=cache)
+    messages.append(str(err.value))
+  assert len(calls) == 1 and messages[0] == messages[1] and "blank.png: no face found (100x120 px" in messages[0]
+
+
+def test_detection_cache_never_trusts_a_bad_entry(astronaut, detector, tmp_path, monkeypatch):
+  cache = faces.DetectionCache(tmp_path)
+  want = cache.detect(detector, astronaut)
+  key = cache.key(fileio.validate_image(astronaut), detector, 1, 0.0)
+  entry = cache.path(key)
+  good = entry.read_bytes()
+  blank = np.full((120, 100, 3), 128, np.uint8)
+  other = cache.path(cache.key(blank, detector, 1, 0.0))
+  calls = _counting(monkeypatch, detector)
+  for bad in (b"not an npz", good[: len(good) // 2]):  # garbage, a truncated file
+    entry.write_bytes(bad)
+    assert _same(cache.detect(detector, astronaut), want)
+    assert entry.read_bytes() == good  # recomputed and rewritten
+  other.parent.mkdir(parents=True, exist_ok=True)
+  other.write_bytes(good)  # the astronaut's entry under the blank image's key: another key inside
+  assert cache.detect(detector, blank) == []
+  assert len(calls) == 3

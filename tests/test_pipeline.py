@@ -117,3 +117,30 @@ def test_cis_script_writes_maps(tmp_path):
   colours = np.asarray(mesh.visual.vertex_colors)[:, :3]
   assert len(np.unique(colours, axis=0)) > 10  # coloured by saliency, not one flat colour
   assert (tmp_path / "cis_mesh.glb").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_second_model_over_the_same_photos_detects_nothing(dataset, tmp_path, monkeypatch):
+  """The detection cache: the age model's CMS after the gender model's reuses every detection, the photo without
+  a face included, and gives the CMS that detecting again gives."""
+  from canonsal_jax import faces, pipeline
+
+  cache = faces.DetectionCache(tmp_path / "detections")
+  monkeypatch.setattr(pipeline, "detection_cache", lambda: cache)
+  calls = []
+  real = faces.FaceDetector.detect
+  monkeypatch.setattr(faces.FaceDetector, "detect", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+  config = _fast_config()
+  runs.run_cms(config, tmp_path / "gender", dataset=str(dataset))
+  first = len(calls)
+  assert first == 4  # the four decodable photos; the corrupt file never reaches detection
+  config.model = "age"
+  cached = runs.run_cms(config, tmp_path / "age", dataset=str(dataset))
+  summary = json.loads((tmp_path / "age" / "summary.json").read_text())
+  assert len(calls) == first and summary["detection_cache_this_run"] == {"hits": 4, "misses": 0}
+  assert summary["images_accumulated"] == 3 and summary["images_skipped"] == 2
+  config.detection_cache = False
+  detected = runs.run_cms(config, tmp_path / "age_detected", dataset=str(dataset))
+  assert len(calls) == first + 4
+  for group in detected.groups():
+    np.testing.assert_array_equal(cached.mean(group)[0], detected.mean(group)[0])
