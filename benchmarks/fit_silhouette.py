@@ -20,7 +20,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed rounds (each runs both, alt
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
   from benchmarks import bench
   from canonsal_jax.evidence import fit_accuracy
   from canonsal_jax.morphable import fitting, sfm

@@ -5,9 +5,9 @@ Face Models" (IEEE T-BIOM 2021): occlusion saliency as one compiled XLA program,
 face model's texture and aggregated over datasets.
 
 Submodules load on first use (`canonsal_jax.occlusion`, `canonsal_jax.models`, ...), so importing the package
-is cheap and has no side effects. The core is this flat package; `canonsal_jax.evidence` holds the experiments
-and statistics that judge its maps (it imports the core, never the other way round). docs/ARCHITECTURE.md is
-the map.
+is cheap and has no side effects. The core is this flat package; `canonsal_jax.evidence` (import it by name)
+holds the experiments and statistics that judge its maps: it imports the core, never the other way round.
+docs/ARCHITECTURE.md is the map.
 """
 
 import importlib
@@ -23,7 +23,6 @@ _SUBMODULES = (
   "cms",
   "config",
   "datasets",
-  "evidence",
   "faces",
   "fileio",
   "incremental",

@@ -230,6 +230,27 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / "canonsal_jax"
 
 
+# Programs compiling faster than this are not written to the persistent compilation cache (not worth a file).
+_MIN_CACHED_COMPILE_S = 0.5
+
+
+def enable_compilation_cache(folder: str | os.PathLike[str] | None = None) -> pathlib.Path:
+  """Turns on JAX's persistent compilation cache, so a second run of a script reuses the first's programs.
+
+  Args:
+    folder: where compiled programs are kept; default `cache_dir() / "jax_compilation_cache"`.
+
+  Returns:
+    The folder.
+  """
+  import jax
+
+  folder = pathlib.Path(folder) if folder is not None else cache_dir() / "jax_compilation_cache"
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_CACHED_COMPILE_S)
+  return folder
+
+
 def sha256_of(file: os.PathLike[str] | str) -> str:
   """Hex SHA-256 of a file, read in chunks."""
   digest = hashlib.sha256()

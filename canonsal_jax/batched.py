@@ -124,7 +124,6 @@ class FaceBatcher:
     self.per_device = int(config.cms.face_batch)
     self.batch = self.per_device * len(self.devices)
     baseline = pipeline.model_baseline(self.model, occ.baseline)
-    baseline = tuple(baseline) if isinstance(baseline, list) else baseline
     args = (self.model.apply_fn, self.plan.patch_size, int(occ.batch_size), baseline, self.plan.score, occ.reduce)
     self.sweep = _batched_sweep(*args, self.devices, self.plan.target is not None)
     self.texture_size = config.cis.texture_size or canonical.default_texture_size(self.model.crop.size, self.model3d)

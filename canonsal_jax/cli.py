@@ -12,10 +12,10 @@ _OVERRIDES = cli.define_overrides(model=True, morphable_model=True)  # --model, 
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)  # no positional arguments; the persistent compilation cache
   config = cli.resolve(_CONFIG, _OVERRIDES)
   with cli.user_errors() as failed:
-    result = ...  # a bad input raises one of cli.USER_ERRORS
+    result = ...  # a bad input raises one of cli.user_error_types()
   if failed:
     return 1
 ```
@@ -44,6 +44,7 @@ __all__ = [
   "no_arguments",
   "resolve",
   "settings_from_flags",
+  "start",
   "user_error_types",
   "user_errors",
 ]
@@ -84,13 +85,16 @@ def define_sfm(*, required: bool = False) -> flags.FlagHolder:
 _DEFINERS = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string, bool: flags.DEFINE_bool}
 
 
-def define_settings(settings_type: type, help_texts: dict[str, str]) -> dict[str, flags.FlagHolder]:
+def define_settings(
+  settings_type: type, help_texts: dict[str, str], *, flag_values: flags.FlagValues = flags.FLAGS
+) -> dict[str, flags.FlagHolder]:
   """One flag per named field of a settings dataclass, its default the dataclass's (one source of defaults).
 
   Args:
     settings_type: a dataclass whose fields have defaults.
     help_texts: field name -> the flag's help; only these fields become flags. `int`, `float`, `str` and `bool`
       fields give flags of that type; `tuple[T, ...]` fields give comma-separated lists.
+    flag_values: where the flags are defined (absl's global `FLAGS` by default).
 
   Raises:
     TypeError: a named field has another type.
@@ -101,9 +105,9 @@ def define_settings(settings_type: type, help_texts: dict[str, str]) -> dict[str
   for name, help_text in help_texts.items():
     kind, default = hints[name], fields[name].default
     if typing.get_origin(kind) is tuple:
-      holders[name] = flags.DEFINE_list(name, [str(v) for v in default], help_text)
+      holders[name] = flags.DEFINE_list(name, [str(v) for v in default], help_text, flag_values=flag_values)
     elif kind in _DEFINERS:
-      holders[name] = _DEFINERS[kind](name, default, help_text)
+      holders[name] = _DEFINERS[kind](name, default, help_text, flag_values=flag_values)
     else:
       raise TypeError(f"{settings_type.__name__}.{name}: no flag for type {kind}")
   return holders
@@ -121,6 +125,23 @@ def settings_from_flags(settings_type: type, holders: dict[str, flags.FlagHolder
     else:
       values[name] = holder.value
   return settings_type(**values)
+
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  "default",
+  'JAX\'s persistent compilation cache: "default" (in the cache folder), a folder, or "off".',
+)
+
+
+def start(argv: list[str]) -> None:
+  """What every script's `main` does first: refuse positional arguments, then turn on JAX's persistent
+  compilation cache (`--compilation_cache`), so a second run reuses the first run's compiled programs."""
+  no_arguments(argv)
+  if _COMPILATION_CACHE.value != "off":
+    from canonsal_jax import assets
+
+    assets.enable_compilation_cache(None if _COMPILATION_CACHE.value == "default" else _COMPILATION_CACHE.value)
 
 
 def no_arguments(argv: list[str]) -> None:

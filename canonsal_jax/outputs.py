@@ -1,7 +1,8 @@
 """What runs write and read back: the per-image result folders, the CMS views and records, run summaries, the
 saved per-image textures, and the merge of a multi-process run's checkpoints and summaries.
 
-Every file is written atomically (`fileio`); array files carry a format name and version.
+Every file is written atomically (`fileio`); the JSON summaries and the checkpoint-like files (`cis_texture.npz`,
+`cms.npz`) carry a format name and version.
 
 Example:
   Lines marked +SKIP are not run as doctests: it explains the astronaut and writes files (weights fetched on first use).
@@ -45,6 +46,8 @@ _OUTPUT_VERSION = 1
 
 
 def occlusion_overlay(result: pipeline.OcclusionResult) -> np.ndarray:
+  """`uint8 [H, W, 3]`: the photo with the heatmap over it, the crop with its heatmap, and the heatmap alone, on one
+  colour scale, titled with the model, its score and the method."""
   covered = result.count > 0
   vmax = float(np.abs(result.heatmap[covered]).max()) if covered.any() else 1.0
   crop_heat = viz.colorize(result.heatmap, valid=covered, vmax=vmax)
@@ -163,7 +166,15 @@ def write_fit(fit: pipeline.FaceFit, out_dir: str | pathlib.Path) -> dict[str, A
   return summary
 
 
-def render_texture(model3d, texture, weight, size, vmax=None) -> np.ndarray:
+def render_texture(
+  model3d: morphable.MorphableModel,
+  texture: np.ndarray,
+  weight: np.ndarray,
+  size: int,
+  vmax: float | None = None,
+) -> np.ndarray:
+  """`uint8 [size, size, 3]`: a `[T, T]` texture on the canonical face (`canonical.render_canonical`), a diverging
+  scale when any value with data is negative; `vmax` (default: the largest |value| with data) fixes the scale."""
   data = weight > 0
   signed = bool(np.any(texture[data] < 0)) if data.any() else False
   if vmax is None:
@@ -229,6 +240,7 @@ def _cis_title(result: pipeline.CISResult) -> str:
 
 
 def checkpoint_path(out: pathlib.Path, process_index: int, num_processes: int) -> pathlib.Path:
+  """A CMS run's checkpoint: `cms.npz`, or `cms.process<i>.npz` for process i of a multi-process run."""
   return out / ("cms.npz" if num_processes == 1 else f"cms.process{process_index}.npz")
 
 
@@ -304,7 +316,14 @@ def run_summary(
   }
 
 
-def with_reproducibility(summary, config, model, model3d, texture_size) -> dict[str, Any]:
+def with_reproducibility(
+  summary: dict[str, Any],
+  config: Any,
+  model: Any,
+  model3d: morphable.MorphableModel,
+  texture_size: int,
+) -> dict[str, Any]:
+  """`summary` with what reproduces the run: the config, the face and morphable models, asset hashes, versions."""
   return {
     **summary,
     "texture_size": texture_size,

@@ -104,12 +104,13 @@ class OcclusionResult:
 
 
 def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tuple[float, ...]:
-  """Resolves a configured baseline into model input space ("black" = a black pixel, preprocessed)."""
+  """Resolves a configured baseline into model input space ("black" = a black pixel, preprocessed); a per-channel
+  list (as a config holds it) becomes a tuple, hashable for the compiled sweeps' caches."""
   if isinstance(baseline, str) and baseline in _NAMED_BASELINES:
     size = model.crop.size
     pixel = np.full((size, size, 3), _NAMED_BASELINES[baseline], np.uint8)
     return tuple(float(v) for v in model.preprocess(pixel)[size // 2, size // 2])
-  return baseline
+  return tuple(baseline) if isinstance(baseline, list) else baseline
 
 
 @functools.lru_cache(maxsize=16)
@@ -134,8 +135,6 @@ def model_sweep(
     contrast = occ.contrast >= 0 or bool(occ.impostor)
   score = occlusion.Score.for_model(model, kind=occ.score or None, contrast=contrast)
   baseline = model_baseline(model, occ.baseline)
-  if isinstance(baseline, list):
-    baseline = tuple(baseline)
   sweep = _cached_sweep(model.apply_fn, patch_size, int(occ.batch_size), baseline, score, occ.reduce)
   return sweep, patch_size, score
 
@@ -163,7 +162,12 @@ def _target(score: occlusion.Score, occ: ml_collections.ConfigDict, num_outputs:
   return np.int32(occ.target)
 
 
-def load_input(image, name: str | None) -> tuple[str, np.ndarray]:
+def load_input(image: str | pathlib.Path | np.ndarray | None, name: str | None) -> tuple[str, np.ndarray]:
+  """`(name, uint8 [H, W, 3])` of a photo given as a path, an array, or None (the astronaut).
+
+  Raises:
+    fileio.ImageError: the file cannot be read as an image, or the array is not one.
+  """
   if image is None:
     return name or "astronaut", fileio.default_image()
   if isinstance(image, (str, pathlib.Path)):
@@ -305,7 +309,6 @@ def _attribution_result(
     )
   att = config.attribution
   baseline = model_baseline(model, att.baseline)
-  baseline = tuple(baseline) if isinstance(baseline, list) else baseline
   settings = {
     "integrated_gradients": {"steps": att.steps, "baseline": baseline, "batch_size": att.batch_size},
     "score_cam": {"baseline": baseline, "batch_size": att.batch_size},

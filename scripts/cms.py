@@ -1,7 +1,7 @@
 r"""Canonical Model Saliency over a dataset: resumable, bad images skipped and recorded.
 
 python scripts/cms.py --out_dir=/tmp/cms                                  # default photos, gender model
-python scripts/cms.py --dataset=photos/ --model=age --out_dir=out         # rerun the same command to resume
+python scripts/cms.py --images=photos/ --model=age --out_dir=out          # rerun the same command to resume
 
 A multi-process job (`jax.distributed`; on CPUs the collectives go through gloo), one command per process, all
 writing to the same out_dir; process 0 merges the processes' checkpoints into the final outputs:
@@ -14,7 +14,7 @@ import time
 
 from absl import app, flags, logging
 
-from canonsal_jax import cli, runs
+from canonsal_jax import cli
 
 _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides()
@@ -28,8 +28,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0'
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
   import jax
+
+  from canonsal_jax import runs
 
   if _NUM_PROCESSES.value > 1:
     if not _COORDINATOR.value:

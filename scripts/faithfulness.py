@@ -1,6 +1,6 @@
 r"""Faithfulness of the CMS against rival saliency methods and controls, on test images disjoint from the CMS's.
 
-python scripts/cms.py --out_dir=/tmp/cms --max_images=40                      # a CMS from lfw images 0..39
+python scripts/cms.py --out_dir=/tmp/cms --config.cms.max_images=40           # a CMS from lfw images 0..39
 python scripts/faithfulness.py --cms=/tmp/cms --images=builtin:photos --out_dir=/tmp/eval \
   --methods=cms,occlusion,grad_cam,grad_cam_plus_plus,vanilla_gradient,integrated_gradients
 
@@ -32,7 +32,7 @@ _MASS = flags.DEFINE_float("mass", 0.1, "Mass of every map in the drop protocol,
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
   from canonsal_jax import fileio
   from canonsal_jax.evidence import faithfulness
 

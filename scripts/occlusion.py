@@ -9,7 +9,7 @@ import time
 
 from absl import app, flags, logging
 
-from canonsal_jax import cli, outputs, pipeline
+from canonsal_jax import cli
 
 _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides(morphable_model=False)
@@ -18,8 +18,10 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
   import jax
+
+  from canonsal_jax import outputs, pipeline
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   logging.info("devices: %s", jax.devices())

@@ -32,14 +32,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "outputs/planted", "Output folder.")
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
   import jax
-
-  from canonsal_jax import assets
-
-  # Compiled programs persist between runs, as the tests' do (tests/conftest.py).
-  jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
   with cli.user_errors() as failed:
     settings = cli.settings_from_flags(planted.Settings, _SETTINGS)

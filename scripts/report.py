@@ -28,7 +28,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap, the permutations
 
 
 def main(argv):
-  cli.no_arguments(argv)
+  cli.start(argv)
   from canonsal_jax.evidence import report
 
   with cli.user_errors() as failed:

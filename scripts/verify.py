@@ -8,7 +8,7 @@ import pathlib
 
 from absl import app, flags
 
-from canonsal_jax import cli, datasets
+from canonsal_jax import cli
 
 _CONFIG = cli.define_config("identity.py")
 _OVERRIDES = cli.define_overrides()
@@ -22,8 +22,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 
 def main(argv):
-  cli.no_arguments(argv)
-  from canonsal_jax import verification
+  cli.start(argv)
+  from canonsal_jax import datasets, verification
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   probe, reference = _PROBE.value, _REFERENCE.value

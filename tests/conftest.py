@@ -3,14 +3,12 @@
 import os
 import pathlib
 
-import jax
 import pytest
 
 from canonsal_jax import assets
 
 # Compiled programs persist between runs (CI reuses them on the same machine); tiny programs are not worth it.
-jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+assets.enable_compilation_cache()
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 

@@ -26,6 +26,7 @@ def test_every_module_is_listed():
 
   for package, listed in ((canonsal_jax, canonsal_jax.__all__), (canonsal_jax.evidence, canonsal_jax.evidence.__all__)):
     found = {m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")}
+    found.discard("evidence")  # the core does not load its evidence: imported by name, never by the core
     assert found == set(listed) - {"__version__"}, package.__name__
 
 

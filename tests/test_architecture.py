@@ -62,12 +62,19 @@ def test_no_module_shadows_the_standard_library():
 
 
 def test_benchmarks_are_not_installed():
-  """Only `canonsal_jax` and its sub-packages are packaged (setup.py's `find_packages` include list)."""
+  """setup.py packages `canonsal_jax` and its sub-packages only: its `find_packages(include=...)`, read from the
+  file and applied to this tree, finds the evidence and nothing outside the library."""
   from setuptools import find_packages
 
-  packages = find_packages(str(ROOT), include=["canonsal_jax", "canonsal_jax.*"])
+  calls = [
+    node
+    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "find_packages"
+  ]
+  (include,) = [ast.literal_eval(k.value) for call in calls for k in call.keywords if k.arg == "include"]
+  packages = find_packages(str(ROOT), include=include)
   assert "canonsal_jax.evidence" in packages
-  assert not [p for p in packages if not p.startswith("canonsal_jax")]
+  assert not [p for p in packages if p.split(".")[0] != "canonsal_jax"], packages
   assert (ROOT / "benchmarks" / "__init__.py").is_file()  # a package of the repository, beside the library
 
 

@@ -13,7 +13,7 @@ from canonsal_jax.models import FaceModel
 
 # Float32 sums over at most a few hundred products of O(1) values: rounding stays below 1e-5 relative.
 _TIGHT = 1e-5
-# The brief's completeness tolerance for Integrated Gradients at 64 steps on a smooth network.
+# The completeness tolerance set for Integrated Gradients at 64 steps on a smooth network.
 _IG_COMPLETENESS_RTOL = 1e-3
 
 _LOGIT = occlusion.Score("logit")

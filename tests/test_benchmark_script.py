@@ -97,3 +97,16 @@ def test_e2e_suite(tmp_path):
   assert run["images"] == run["images_accumulated"] == 1
   assert {"host_load_detect", "sweep", "fit", "texture", "accumulate"} <= set(run["stage_seconds"])
   assert run["images_per_s"] > 0 and run["unattributed_s"] >= 0 and run["max_rss_mib"] > 100
+
+
+@pytest.mark.slow
+def test_startup_suite(tmp_path):
+  """Each script runs cold, warm and without the cache in fresh processes; the cold run fills the cache."""
+  data = _suite(
+    tmp_path, "startup", "--startup_scripts=occlusion", "--repeats=1", f"--startup_out_dir={tmp_path / 's'}"
+  )
+  (res,) = data["results"]
+  assert res["script"] == "occlusion" and set(res["seconds"]) == {"cold", "warm", "off"}
+  assert res["warm_over_cold"] == res["rounds"]["warm"][0] / res["rounds"]["cold"][0]
+  assert any((tmp_path / "s" / "occlusion_cache0").iterdir())
+  assert (tmp_path / "s" / "occlusion_off0" / "result.json").is_file()

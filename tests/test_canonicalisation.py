@@ -1,8 +1,8 @@
-"""Canonicalisation check (`evidence.canonicalisation`): one face at several yaws, its CIS maps compared across views.
+"""Canonicalisation check: one face at several yaws, its CIS maps compared across views.
 
-Unit tests pin the 2-D baseline (`warp2d`) and the synthetic renders (`synthetic`); the slow test runs the
-whole CIS pipeline on renders of the astronaut's fitted, textured face and compares the 3-D path with the
-2-D piecewise-affine warp.
+Unit tests pin the 2-D baseline (`evidence.warp2d`), the synthetic renders (`evidence.synthetic`) and the
+summary of `evidence.canonicalisation`; the slow tests run the whole CIS pipeline on renders of the
+astronaut's fitted, textured face and compare the 3-D path with the 2-D piecewise-affine warp.
 """
 
 import numpy as np
@@ -10,7 +10,7 @@ import pytest
 import scipy.ndimage
 import scipy.spatial
 
-from canonsal_jax.evidence import synthetic, warp2d
+from canonsal_jax.evidence import canonicalisation, synthetic, warp2d
 
 
 def _landmarks(rng: np.random.Generator, n: int = 68) -> np.ndarray:
@@ -104,6 +104,27 @@ def _square_face(colour=(200.0, 100.0, 50.0), size=16) -> synthetic.TexturedFace
     texture=np.broadcast_to(np.asarray(colour, np.float32), (size, size, 3)).copy(),
     seen=np.ones((size, size), np.float32),
   )
+
+
+def test_summary_groups_faces_by_model_map_and_yaw():
+  """`canonicalisation.summarise`: one entry per (model, map, yaw), sorted, the faces' r in their order."""
+
+  def row(face, model, yaw, three_d, two_d):
+    agree = synthetic.ViewAgreement(
+      cis=synthetic.Agreement(three_d, three_d, 100),
+      cis_face=None,
+      cis_hull=None,
+      shared_share=0.5,
+      warp=synthetic.Agreement(two_d, two_d, 100),
+      warp_share=0.5,
+    )
+    return canonicalisation.Row(face, model, "saliency", yaw, yaw, "female", agree)
+
+  rows = [row("a", "gender", 20.0, 0.9, 0.8), row("b", "gender", 20.0, 0.6, 0.7), row("a", "age", -20.0, 0.5, 0.1)]
+  got = canonicalisation.summarise(rows)
+  assert [(s.model, s.yaw) for s in got] == [("age", -20.0), ("gender", 20.0)]
+  assert got[1].three_d == (0.9, 0.6) and got[1].two_d == (0.8, 0.7) and got[1].wins == 1
+  assert got[0].wins == 1 and canonicalisation.summarise([]) == []
 
 
 def test_render_draws_the_textured_mesh_where_the_camera_projects_it():

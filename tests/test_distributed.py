@@ -65,7 +65,7 @@ def test_four_devices_give_the_one_device_cms(dataset, reference, tmp_path):
     (want, want_valid), (got, got_valid) = reference.mean(group), sharded.mean(group)
     np.testing.assert_array_equal(got_valid, want_valid)
     # Each device runs the same per-device program (face_batch faces), so this is expected bit for bit; the
-    # tolerance is the issue's: 1e-6 of the largest value.
+    # tolerance, 1e-6 of the largest value, is the bound the multi-device design promises.
     np.testing.assert_allclose(got[got_valid], want[want_valid], rtol=0, atol=1e-6 * np.abs(want[want_valid]).max())
 
 

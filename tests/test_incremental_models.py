@@ -21,7 +21,7 @@ from canonsal_jax import models, occlusion
 from tests.tolerance import rounding_atol
 
 # Patch sides: the paper's 7% of the face (3 px on the 64 px chips, 5 px on identity's 150, 15 px on VGG's 224),
-# 5 px on the 64 px chips as the timing uses, 1 px on gender's 32.
+# 5 px on the 64 px chips as the incremental benchmark uses, 1 px on gender's 32.
 _CASES = {"gender": 3, "age": 5, "expression": 5, "identity": 11, "vgg16": 15}
 
 

@@ -19,8 +19,16 @@ def _run(script, *args, timeout=600):
 
 
 def test_occlusion_script_on_the_astronaut(tmp_path):
-  proc = _run("occlusion.py", f"--out_dir={tmp_path}", "--config.occlusion.stride=2", "--config.occlusion.patch_size=3")
+  cache = tmp_path / "compiled"
+  proc = _run(
+    "occlusion.py",
+    f"--out_dir={tmp_path}",
+    "--config.occlusion.stride=2",
+    "--config.occlusion.patch_size=3",
+    f"--compilation_cache={cache}",
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert any(cache.iterdir())  # the persistent compilation cache: the next run reuses these programs
   summary = json.loads((tmp_path / "result.json").read_text())
   assert summary["model"] == "gender" and summary["label"] == "female"
   assert summary["format"] == "canonsal_jax.occlusion_result" and summary["version"] == 1

@@ -3,7 +3,7 @@
 A drop is `score(original) - score(occluded)`: two results of a network's float32 arithmetic, each rounded at
 its own magnitude. Two programs that compute the same scores in another order (another batch size, the windowed
 convolutions of the incremental sweep, another CPU's vector width) differ by a few units in the last place
-(ulps) of the scores, however small the drop: 4.8e-7 on scores of 3.5 (one ulp) was seen on an AVX-512 CPU
+(ulps) of the scores, however small the drop: 4.8e-7 on scores of 3.5 (two ulps) was seen on an AVX-512 CPU
 where the drops peak at 2.2e-2. A tolerance relative to the largest drop (1e-5 of it: 2.2e-7 there) fails on
 such a machine; one relative to the scores holds on any, and still catches a wrong drop, which is off by a
 sizeable share of the drop itself (10^3 to 10^4 times these tolerances in the tests that use them).

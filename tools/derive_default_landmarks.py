@@ -228,7 +228,7 @@ def derive(size: int) -> dict:
 
 
 def main(argv: list[str]) -> None:
-  cli.no_arguments(argv)
+  cli.start(argv)
   data = derive(_SIZE.value)
   out = pathlib.Path(_OUTPUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)

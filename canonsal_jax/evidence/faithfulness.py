@@ -334,7 +334,6 @@ def run_protocol(
 
   # Deletion / insertion on both substrates.
   constant = pipeline.model_baseline(model, config.occlusion.baseline)
-  constant = tuple(constant) if isinstance(constant, list) else constant
   curves = {
     "constant": metrics.make_deletion_insertion(model.apply_fn, steps=steps, substrate="constant", constant=constant),
     "blur": metrics.make_deletion_insertion(model.apply_fn, steps=steps, substrate="blur"),

@@ -11,7 +11,7 @@ Two checks of `morphable.fit` on the Surrey Face Model (SFM), with eos as the re
    (`eos_fit`: `fit_shape_and_pose` with the edge topology, the contour landmarks and the model contours, 5
    iterations) given the same landmarks and the same model. The target is ours <= 0.8 x eos.
 
-The photos are `datasets.test_photos` (10 faces); tuning happens on `datasets.development_photos`, disjoint from
+The photos are `datasets.fit_test_photos` (10 faces); tuning happens on `datasets.development_photos`, disjoint from
 them, where `learn_landmark_sigma` learns the fitter's per-landmark noise model (`tools/fit_noise_model.py`).
 
 Example:
@@ -123,7 +123,7 @@ def held_out_error(
     eos_model_dir: the SFM folder (eos's share/ files); when given, eos's full fit (`eos_fit`) is measured too.
 
   Returns:
-    `HeldOutErrors`; per face, `errors.ours.mean(1)` is the issue's figure.
+    `HeldOutErrors`; per face, `errors.ours.mean(1)` is the protocol's figure.
 
   Raises:
     ValueError: a held-out landmark has no model vertex.
@@ -155,7 +155,7 @@ class HeldOutRow(NamedTuple):
     name: the photo's name.
     ours: `[H]` `fitting.fit`'s errors over the outer-eye-corner distance, columns `HELD_OUT_IBUG`.
     eos: `[H]` eos's full fit's.
-    ratio: `ours.mean() / eos.mean()`, the issue's per-photo figure.
+    ratio: `ours.mean() / eos.mean()`, the protocol's per-photo figure.
   """
 
   name: str
@@ -212,7 +212,7 @@ def learn_landmark_sigma(
   coordinates, pooled with its mirror landmark (`MIRROR_IBUG`) and floored at `floor`. A noise model, not a
   change of where the landmarks are: the held-out protocol measures at the same vertices.
 
-  Only ever run on photos disjoint from those used to judge the fit (`development_photos`).
+  Only ever run on photos disjoint from those used to judge the fit (`datasets.development_photos`).
 
   Args:
     model: the morphable model.

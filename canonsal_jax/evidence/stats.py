@@ -92,7 +92,7 @@ def region_mass(
   Args:
     textures: [..., T, T] values (NaN allowed where the weight is 0).
     weights: [..., T, T] in [0, 1], 0 = no data.
-    regions: [T, T] int region per texel (`region_labels`), -1 outside the layout (ignored).
+    regions: [T, T] int region per texel (`canonical.region_labels`), -1 outside the layout (ignored).
     num_regions: R.
     signed: sum values * weight instead of |values| * weight (shares then need not lie in [0, 1]).
 
@@ -125,7 +125,7 @@ def records_region_masses(
 ) -> tuple[list[str], np.ndarray]:
   """Per-image region shares from CMS records: `(names, shares [N, R])` over the records with status "ok".
 
-  Reads the key "region_mass" (what `runs.run_cms` writes) or "region_masses" (the key `cms` documents);
+  Reads the key "region_mass" (what `runs.run_cms` writes; "region_masses" too, as older records have it);
   a region missing from a record is NaN.
   """
   names, rows = [], []

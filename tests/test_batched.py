@@ -1,4 +1,5 @@
-"""Batched CMS: faces through the sweep, the fit and the texture sampler in batches, and true-label groups."""
+"""`batched.FaceBatcher` through `runs.run_cms`: faces through the sweep, the fit and the texture sampler in batches
+equal the per-image path; true-label groups."""
 
 import json
 import shutil
@@ -50,18 +51,18 @@ def cms_runs(dataset, tmp_path_factory):
 
 @pytest.mark.slow
 def test_batched_cms_equals_per_image(cms_runs):
-  per_image, batched, out, _ = cms_runs
+  per_image, in_batches, out, _ = cms_runs
   summary = json.loads((out / "batched" / "summary.json").read_text())
   assert summary["images_accumulated"] == 4 and summary["images_skipped"] == 1
   assert summary["face_batch"] == 3 and summary["batches_this_run"] == 2
   assert set(summary["stage_seconds_per_batch"]) == {"sweep", "fit", "texture"}
   assert summary["images_per_second_this_run"] > 0
   a = {r["index"]: r for r in per_image.records()}
-  b = {r["index"]: r for r in batched.records()}
+  b = {r["index"]: r for r in in_batches.records()}
   assert a.keys() == b.keys() and all(a[i]["status"] == b[i]["status"] for i in a)
   assert all(a[i].get("prediction") == b[i].get("prediction") for i in a)
   for group in per_image.groups():
-    (mean_a, valid_a), (mean_b, valid_b) = per_image.mean(group), batched.mean(group)
+    (mean_a, valid_a), (mean_b, valid_b) = per_image.mean(group), in_batches.mean(group)
     np.testing.assert_array_equal(valid_a, valid_b)
     # Not bit for bit: batching changes float rounding upstream of the exact sums. The model's forward pass on
     # a batch of faces rounds differently from one face (scores move by ~1e-6), and so does the fitter's batched
@@ -81,19 +82,19 @@ def test_batched_programs_compile_once(cms_runs):
 
 @pytest.mark.slow
 def test_true_label_groups(cms_runs):
-  _, batched, out, _ = cms_runs
-  records = {r["name"].rsplit("/", 1)[-1]: r for r in batched.records()}
+  _, in_batches, out, _ = cms_runs
+  records = {r["name"].rsplit("/", 1)[-1]: r for r in in_batches.records()}
   assert records["a_astronaut.png"]["true_label"] == "Female"
   assert records["b_lfw0.png"]["true_label"] == "male"  # matched by its path relative to the CSV
   assert records["d_lfw2.png"]["true_label"] is None
   assert records["e_corrupt.jpg"]["true_label"] is None and records["e_corrupt.jpg"]["status"] == "skipped"
-  groups = set(batched.groups())
+  groups = set(in_batches.groups())
   assert {"label_Female", "label_male", "label_female"} <= groups
   labelled = [r for r in records.values() if r["status"] == "ok" and r["true_label"] is not None]
   for r in labelled:
     correct = r["prediction"].casefold() == r["true_label"].casefold()  # "Female" matches "female"
     assert ("correct" if correct else "misclassified") in r["groups"]
-  assert sum(batched.num_images(g) for g in ("correct", "misclassified") if g in groups) == len(labelled) == 3
+  assert sum(in_batches.num_images(g) for g in ("correct", "misclassified") if g in groups) == len(labelled) == 3
   assert "correct" not in records["d_lfw2.png"]["groups"] and "misclassified" not in records["d_lfw2.png"]["groups"]
   assert (out / "batched" / "cms_label_Female.npy").is_file()
 
