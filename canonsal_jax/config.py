@@ -76,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.cms.dataset = ""
   config.cms.min_count = 1  # written maps show texels seen by at least this many images (the rest: no data)
   config.cms.normalisation = "max_abs"  # per-image normaliser: "none", "max_abs" or "sum_abs" (see cms.py)
-  config.cms.group_by_prediction = True  # also keep one CMS per predicted class (besides "all")
+  config.cms.group_by_prediction = True  # also one CMS per predicted class (classifiers; not an expected age)
   config.cms.checkpoint_every = 8  # images between atomic checkpoints (a resumed run equals an uninterrupted one)
   config.cms.max_images = 0  # process at most this many new images in this run (0 = all); rerun to go on
   config.cms.num_threads = 2  # host threads decoding and detecting ahead of the device work

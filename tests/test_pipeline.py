@@ -139,6 +139,7 @@ def test_a_second_model_over_the_same_photos_detects_nothing(dataset, tmp_path, 
   summary = json.loads((tmp_path / "age" / "summary.json").read_text())
   assert len(calls) == first and summary["detection_cache_this_run"] == {"hits": 4, "misses": 0}
   assert summary["images_accumulated"] == 3 and summary["images_skipped"] == 2
+  assert cached.groups() == ["all"]  # an expected age is not a class: no group per predicted value
   config.detection_cache = False
   detected = runs.run_cms(config, tmp_path / "age_detected", dataset=str(dataset))
   assert len(calls) == first + 4
