@@ -135,6 +135,7 @@ def test_a_second_model_over_the_same_photos_detects_nothing(dataset, tmp_path, 
   first = len(calls)
   assert first == 4  # the four decodable photos; the corrupt file never reaches detection
   config.model = "age"
+  config.occlusion.stride = 4  # the detections are what is tested: a coarse grid on age's 64 px crops suffices
   cached = runs.run_cms(config, tmp_path / "age", dataset=str(dataset))
   summary = json.loads((tmp_path / "age" / "summary.json").read_text())
   assert len(calls) == first and summary["detection_cache_this_run"] == {"hits": 4, "misses": 0}
