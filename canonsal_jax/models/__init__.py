@@ -14,8 +14,17 @@ import importlib
 from collections.abc import Callable
 
 from canonsal_jax.models.base import CROP_KINDS, SCORE_KINDS, CropSpec, FaceModel
+from canonsal_jax.models.card import ModelCard, load_card
 
-__all__ = ["CROP_KINDS", "SCORE_KINDS", "CropSpec", "FaceModel", "load", "names"]
+
+def from_onnx(path, card=None) -> FaceModel:
+  """An ONNX face network as a `FaceModel` (see `canonsal_jax.models.onnx_import.from_onnx`)."""
+  from canonsal_jax.models import onnx_import
+
+  return onnx_import.from_onnx(path, card)
+
+
+__all__ = ["CROP_KINDS", "SCORE_KINDS", "CropSpec", "FaceModel", "ModelCard", "from_onnx", "load", "load_card", "names"]
 
 
 def _gender() -> FaceModel:
