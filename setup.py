@@ -44,6 +44,9 @@ setup(
       "torch==2.13.0",  # the PyTorch twins of the ported networks and the paper's procedure (baseline tests)
       "captum==0.9.0",  # Captum's Occlusion, the other PyTorch baseline
     ],
+    "torch": [
+      "torch>=2.4",  # models.from_torch: PyTorch face networks, exported to ONNX and imported
+    ],
     "baseline": [
       "torch==2.13.0",
       "captum>=0.8",

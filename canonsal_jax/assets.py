@@ -110,6 +110,24 @@ ASSETS: dict[str, Asset] = {
       "MIT",
     ),
     Asset(
+      "onet.pt",  # MTCNN's O-Net (a PyTorch state dict), for importing a real PyTorch face network
+      "facenet-pytorch",
+      "2.6.0",
+      "facenet_pytorch",
+      "data/onet.pt",
+      "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
+      "MIT",
+    ),
+    Asset(
+      "rnet.pt",  # MTCNN's R-Net
+      "facenet-pytorch",
+      "2.6.0",
+      "facenet_pytorch",
+      "data/rnet.pt",
+      "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
+      "MIT",
+    ),
+    Asset(
       "shape_predictor_68_face_landmarks.dat",
       "face_recognition_models",
       "0.3.0",

@@ -341,7 +341,13 @@ def _sweep_graph(
     name = getattr(apply_fn, "__name__", type(apply_fn).__name__)
     if name not in _LOGGED_ONCE:
       _LOGGED_ONCE.add(name)
-      logging.info("occlusion: %s has no layer graph; the sweep runs the full model per patch", name)
+      # An imported network says why it has none (the first operator without window geometry).
+      reason = getattr(apply_fn, "layer_graph_reason", "")
+      logging.info(
+        "occlusion: %s has no layer graph%s; the sweep runs the full model per patch",
+        name,
+        f" ({reason})" if reason else "",
+      )
   return graph
 
 

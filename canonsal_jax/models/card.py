@@ -108,7 +108,9 @@ class ModelCard:
     if self.channel_order not in CHANNEL_ORDERS:
       raise bad("channel_order", f"must be one of {CHANNEL_ORDERS}", self.channel_order)
     if (self.channel_order == "GRAY") != (self.channels == 1):
-      raise bad("channel_order", f"must be 'GRAY' exactly when channels is 1 (channels={self.channels})", self.channel_order)
+      raise bad(
+        "channel_order", f"must be 'GRAY' exactly when channels is 1 (channels={self.channels})", self.channel_order
+      )
     if self.layout not in LAYOUTS:
       raise bad("layout", f"must be one of {LAYOUTS}", self.layout)
     for field in ("pixel_scale", "crop_padding"):
@@ -137,7 +139,11 @@ class ModelCard:
       raise bad("landmarks", "must be 5 or 68", self.landmarks)
     if self.output not in OUTPUT_KINDS:
       raise bad("output", f"must be one of {OUTPUT_KINDS}", self.output)
-    if isinstance(self.output_index, bool) or not isinstance(self.output_index, (int, np.integer)) or self.output_index < 0:
+    if (
+      isinstance(self.output_index, bool)
+      or not isinstance(self.output_index, (int, np.integer))
+      or self.output_index < 0
+    ):
       raise bad("output_index", "must be an integer >= 0", self.output_index)
     if self.output == "embedding":
       if self.labels:
@@ -229,7 +235,9 @@ def load_card(path: os.PathLike[str] | str) -> ModelCard:
   try:
     values = json.loads(path.read_text(encoding="utf-8"))
   except FileNotFoundError:
-    raise ValueError(f"model card {path} does not exist (give --model_card=PATH or put NAME.json beside the model)") from None
+    raise ValueError(
+      f"model card {path} does not exist (give --model_card=PATH or put NAME.json beside the model)"
+    ) from None
   except json.JSONDecodeError as e:
     raise ValueError(f"model card {path} is not valid JSON: {e}") from None
   return ModelCard.from_dict(values, origin=str(path))

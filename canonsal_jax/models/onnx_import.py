@@ -84,7 +84,7 @@ class _T(NamedTuple):
 
 
 def _is_static(v: Any) -> bool:
-  return isinstance(v, np.ndarray)
+  return isinstance(v, (np.ndarray, np.generic))
 
 
 def _plain(v: Any) -> Any:
@@ -120,7 +120,17 @@ class _OpError(ValueError):
   """An operator that cannot be evaluated as given; re-raised naming the node."""
 
 
-_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
+_DTYPES = {
+  1: np.float32,
+  2: np.uint8,
+  3: np.int8,
+  5: np.int16,
+  6: np.int32,
+  7: np.int64,
+  9: np.bool_,
+  10: np.float16,
+  11: np.float64,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,7 +241,9 @@ def read_graph(path: os.PathLike[str] | str) -> OnnxGraph:
       statics[name] = value
     elif name in hwio:
       if value.ndim != 4:
-        raise ValueError(f"{path}: convolution kernel {name!r} has shape {value.shape}; only 2-D convolutions are supported")
+        raise ValueError(
+          f"{path}: convolution kernel {name!r} has shape {value.shape}; only 2-D convolutions are supported"
+        )
       params[name] = np.ascontiguousarray(value.transpose(2, 3, 1, 0), np.float32)
     else:
       params[name] = np.asarray(value, np.float32)
@@ -366,12 +378,12 @@ _UNARY: dict[str, Callable[[_Node], Callable[[Any], Any]]] = {
   "LeakyRelu": lambda n: functools.partial(jax.nn.leaky_relu, negative_slope=n.attrs.get("alpha", 0.01)),
   "Elu": lambda n: functools.partial(jax.nn.elu, alpha=n.attrs.get("alpha", 1.0)),
   "Selu": lambda n: (
-    lambda x: n.attrs.get("gamma", 1.0507009873554805)
-    * jnp.where(x > 0, x, n.attrs.get("alpha", 1.6732632423543772) * jnp.expm1(x))
+    lambda x: (
+      n.attrs.get("gamma", 1.0507009873554805)
+      * jnp.where(x > 0, x, n.attrs.get("alpha", 1.6732632423543772) * jnp.expm1(x))
+    )
   ),
-  "HardSigmoid": lambda n: (
-    lambda x: jnp.clip(n.attrs.get("alpha", 0.2) * x + n.attrs.get("beta", 0.5), 0.0, 1.0)
-  ),
+  "HardSigmoid": lambda n: lambda x: jnp.clip(n.attrs.get("alpha", 0.2) * x + n.attrs.get("beta", 0.5), 0.0, 1.0),
   "HardSwish": lambda n: lambda x: x * jnp.clip(x / 6.0 + 0.5, 0.0, 1.0),
   "Identity": lambda n: lambda x: x,
 }
@@ -492,8 +504,10 @@ def _pool_geometry(node: _Node, x_shape: tuple[int, ...]) -> dict[str, Any]:
   max_pool = node.op == "MaxPool"
   # An average that leaves padding out of its divisor depends on where the window is, not just on what it
   # reads: it has no sliding-window form on a pre-padded input.
-  counted = max_pool or (node.attrs.get("count_include_pad", 0) and not any(extra)) or not any(
-    v for axis in padding for v in axis
+  counted = (
+    max_pool
+    or (node.attrs.get("count_include_pad", 0) and not any(extra))
+    or not any(v for axis in padding for v in axis)
   )
   return {
     "kernel": kernel,
@@ -518,7 +532,12 @@ def _conv_valid(node: _Node, geo: dict[str, Any], x: jax.Array, w: jax.Array, b:
   if geo["dilation"] == (1, 1) and stride[0] == stride[1]:
     return incremental.conv_valid(x, w, b, stride=stride[0], groups=groups)
   y = lax.conv_general_dilated(
-    x, w, stride, "VALID", rhs_dilation=geo["dilation"], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    x,
+    w,
+    stride,
+    "VALID",
+    rhs_dilation=geo["dilation"],
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
     feature_group_count=groups,
   )
   return y if b is None else y + b
@@ -635,7 +654,13 @@ def _pad_geometry(node: _Node, args: Sequence[Any], opset: int) -> dict[str, Any
   widths, value, mode = _pad_widths(node, args, opset, 4)
   if mode != "constant" or any(v < 0 for w in widths for v in w) or widths[0] != (0, 0):
     return None
-  return {"kernel": (1, 1), "stride": (1, 1), "padding": (widths[2], widths[3]), "pad_value": value, "channels": widths[1]}
+  return {
+    "kernel": (1, 1),
+    "stride": (1, 1),
+    "padding": (widths[2], widths[3]),
+    "pad_value": value,
+    "channels": widths[1],
+  }
 
 
 @_op("Flatten")
@@ -742,7 +767,13 @@ def _size(node, args, opset):
 @_op("Constant")
 def _constant(node, args, opset):
   attrs = node.attrs
-  for key, dtype in (("value", None), ("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
+  for key, dtype in (
+    ("value", None),
+    ("value_float", np.float32),
+    ("value_floats", np.float32),
+    ("value_int", np.int64),
+    ("value_ints", np.int64),
+  ):
     if key in attrs:
       return (np.asarray(attrs[key], dtype=dtype),)
   raise _OpError(f"constant kind {sorted(attrs)} is not supported")
@@ -780,8 +811,7 @@ def _slice(node, args, opset):
   index = [slice(None)] * x.ndim
   for a, s, e, st in zip(axes, starts, ends, steps, strict=True):
     size = x.shape[a]
-    clamp = lambda v: max(-size - 1, min(size, v))
-    index[a] = slice(clamp(s), None if (st < 0 and e < -size) else clamp(e), st)
+    index[a] = slice(max(-size - 1, min(size, s)), None if (st < 0 and e < -size) else max(-size - 1, min(size, e)), st)
   out = x[tuple(index)]
   return (out if _is_static(x) else _T(out),)
 
@@ -884,12 +914,18 @@ def _resize(node, args, opset):
   else:
     scales, sizes = _static(node, args, 2, "scales"), _static(node, args, 3, "sizes")
     scales = None if scales is None or scales.size == 0 else scales
+  axes = [a % len(shape) for a in node.attrs.get("axes", range(len(shape)))]  # opset 18 on
+  given = np.ones(len(shape), np.float64)
   if sizes is not None and sizes.size:
-    sizes = _ints(sizes)
-    scales = np.asarray(sizes, np.float64) / np.asarray(shape, np.float64)
+    given[axes] = np.asarray(_ints(sizes), np.float64) / np.asarray([shape[a] for a in axes], np.float64)
+    scales = given
+    sizes = [
+      shape[a] if a not in axes else _ints(_static(node, args, 3, "sizes"))[axes.index(a)] for a in range(len(shape))
+    ]
   else:
-    scales = np.asarray(scales, np.float64).reshape(-1)
-    sizes = [int(math.floor(s * f)) for s, f in zip(shape, scales, strict=True)]
+    given[axes] = np.asarray(scales, np.float64).reshape(-1)
+    scales = given
+    sizes = [math.floor(s * f) for s, f in zip(shape, scales, strict=True)]
   if len(shape) != 4 or scales[0] != 1 or scales[1] != 1:
     raise _OpError(f"resizes axes other than height and width (scales {list(scales)})")
   data = _to_cl(x)
@@ -947,7 +983,7 @@ def _run(
       raise ValueError(f"{graph.path}: {node.op} node {node.name!r} (opset {graph.opset}): {e}") from None
     for name, value in zip(node.outputs, outs, strict=False):
       if name:
-        env[name] = value
+        env[name] = np.asarray(value) if isinstance(value, np.generic) else value
   return env
 
 
@@ -964,7 +1000,12 @@ _HEAD_OPS = frozenset(
   {"GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Gemm", "MatMul", "Transpose", "Squeeze"}
   | {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 )
-_POINTWISE_OPS = frozenset(set(_UNARY) | {"Dropout", "Cast", "Clip", "PRelu", "BatchNormalization"} | set(_BINARY) | {"Sum", "Max", "Min", "Mean"})
+_POINTWISE_OPS = frozenset(
+  set(_UNARY)
+  | {"Dropout", "Cast", "Clip", "PRelu", "BatchNormalization"}
+  | set(_BINARY)
+  | {"Sum", "Max", "Min", "Mean"}
+)
 
 
 @dataclasses.dataclass
@@ -1076,7 +1117,10 @@ def _layer_graph(
     elif node.op in _POINTWISE_OPS and len(dyn_in) == 1:
       # Per pixel when every other operand is the same at every pixel (scalars, per-channel values).
       others = [n for n in node.inputs if n and n not in dynamic]
-      kind = "pointwise" if all(_constant_over_space(_value_shape(graph, values, n)) for n in others) else None
+      per_pixel = node.op == "BatchNormalization" or all(
+        _constant_over_space(_value_shape(graph, values, n)) for n in others
+      )
+      kind = "pointwise" if per_pixel else None
     if kind is None:
       return None, f"operator {node.op} (node {node.name!r}) has no window geometry"
     ids = tuple(where[name] for name in dyn_in)
@@ -1158,8 +1202,13 @@ def _build_layer_graph(
       geo = spec.geometry
       fn = _node_fn(graph, spec.onnx, spec.reads, geo)
       node = g.spatial(
-        inputs[0], fn, kernel=geo["kernel"], stride=geo["stride"], padding=geo["padding"],
-        pad_value=geo["pad_value"], name=label,
+        inputs[0],
+        fn,
+        kernel=geo["kernel"],
+        stride=geo["stride"],
+        padding=geo["padding"],
+        pad_value=geo["pad_value"],
+        name=label,
       )
     elif spec.kind == "pointwise":
       node = g.pointwise(inputs[0], _node_fn(graph, spec.onnx, spec.reads, None), name=label)
@@ -1205,9 +1254,7 @@ def _strip_softmax(graph: OnnxGraph, output: str) -> str | None:
   return producer.inputs[0] if axis in (1, -1) else None
 
 
-def from_onnx(
-  path: os.PathLike[str] | str, card: ModelCard | os.PathLike[str] | str | None = None
-) -> FaceModel:
+def from_onnx(path: os.PathLike[str] | str, card: ModelCard | os.PathLike[str] | str | None = None) -> FaceModel:
   """An ONNX face network as a `FaceModel`.
 
   Args:
@@ -1274,7 +1321,10 @@ def _check_input(graph: OnnxGraph, card: ModelCard) -> None:
   shown = "[" + ", ".join("N" if d is None else str(d) for d in dims) + "]"
   want = "[" + ", ".join("N" if d is None else str(d) for d in expected) + "]"
   if len(dims) != 4:
-    raise ValueError(f"model card: field 'layout' is {card.layout} ({want}) but the input {graph.input_name!r} of {pathlib.Path(graph.path).name} has shape {shown}")
+    raise ValueError(
+      f"model card: field 'layout' is {card.layout} ({want}) but the input {graph.input_name!r} of "
+      f"{pathlib.Path(graph.path).name} has shape {shown}"
+    )
   for d, e, field in zip(dims, expected, fields, strict=True):
     if d is not None and e is not None and d != e and d > 0:
       raise ValueError(
