@@ -114,7 +114,7 @@ class FaceBatcher:
 
   def __init__(self, config: ml_collections.ConfigDict, timings: dict[str, float]):
     self.timings = timings
-    self.model = models.load(config.model)
+    self.model = models.load_configured(config)
     self.model3d = pipeline.load_morphable(config.morphable_model)
     self.plan = pipeline.sweep_plan(config, self.model)
     occ = config.occlusion

@@ -65,7 +65,12 @@ def define_overrides(*, model: bool = True, morphable_model: bool = True) -> dic
   holders = {}
   if model:
     holders["model"] = flags.DEFINE_string(
-      "model", None, "Face model: a registry name or package.module:factory (overrides config.model)."
+      "model",
+      None,
+      "Face model (overrides config.model): a built-in name, onnx:PATH, PATH.py:factory or package.module:factory.",
+    )
+    holders["model_card"] = flags.DEFINE_string(
+      "model_card", None, "The JSON model card of an onnx:PATH model (default: PATH.json beside it)."
     )
   if morphable_model:
     holders["morphable_model"] = flags.DEFINE_string(

@@ -11,7 +11,10 @@ __all__ = ["default_config"]
 
 def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.model = "gender"  # a name from canonsal_jax.models.names()
+  # The face model: a built-in name (canonsal_jax.models.names()), onnx:PATH, PATH.py:factory,
+  # package.module:factory, or a name given to canonsal_jax.models.register.
+  config.model = "gender"
+  config.model_card = ""  # an onnx:PATH model's JSON card; "" looks for PATH.json beside the file
 
   # Face detection (dlib HOG; "cnn" uses dlib's mmod detector). The largest face is explained.
   config.detector = "hog"

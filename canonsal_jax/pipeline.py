@@ -280,12 +280,12 @@ def embed_image(
   """`embed_face` of the largest face in a photo (`config.model`, detector settings from `config`)."""
   name, pixels = load_input(image, name)
   face = detect_face(config, pixels, name, None)
-  return embed_face(models.load(config.model), pixels, face, name)
+  return embed_face(models.load_configured(config), pixels, face, name)
 
 
 def _reference_embedding(config: ml_collections.ConfigDict, model: models.FaceModel, path: str) -> np.ndarray:
   """A verification reference's embedding (float32 `[K]`), cached per model, photo and detector settings."""
-  key = (config.model, str(path), config.detector, config.upsample, config.detector_threshold)
+  key = (config.model, config.model_card, str(path), config.detector, config.upsample, config.detector_threshold)
   if key not in _REFERENCES:
     name, pixels = load_input(str(path), f"reference photo {path}")
     face = detect_face(config, pixels, name, None)
@@ -353,7 +353,7 @@ def explain_face(
   `target` overrides the configured one (e.g. a reference embedding `[K]` from `embed_face` for verification
   saliency, or `[2, K]` genuine and impostor references with a cosine contrast score).
   """
-  model = models.load(config.model)
+  model = models.load_configured(config)
   crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
   plan = sweep_plan(config, model, target)
   if config.explainer == "occlusion":

@@ -72,7 +72,7 @@ def run_cms(
   spec = dataset if dataset is not None else (config.cms.dataset or datasets.default_dataset())
   files = datasets.files_of(spec)
   labels = datasets.read_labels(config.cms.labels_csv) if config.cms.labels_csv else None
-  model = models.load(config.model)
+  model = models.load_configured(config)
   model3d = pipeline.load_morphable(config.morphable_model)
   texture_size = config.cis.texture_size or canonical.default_texture_size(model.crop.size, model3d)
   settings = cms.CMSSettings(texture_size, normalisation=config.cms.normalisation, on_invalid="skip")

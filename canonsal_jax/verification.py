@@ -87,7 +87,7 @@ def verify_pair(
     ValueError: the model has no cosine score, or non-finite outputs; faces.NoFaceError / fileio.ImageError naming
       the photo at fault.
   """
-  model = models.load(config.model)
+  model = models.load_configured(config)
   if model.score != "cosine":
     raise ValueError(f"verification needs an embedding model with a cosine score (identity), not {model.name!r}")
   config = ml_collections.ConfigDict(config.to_dict())

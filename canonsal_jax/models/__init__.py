@@ -46,7 +46,9 @@ __all__ = [
   "from_torch",
   "load",
   "load_card",
+  "load_configured",
   "names",
+  "register",
 ]
 
 
@@ -82,9 +84,33 @@ _REGISTRY: dict[str, Callable[[], FaceModel]] = {
 }
 
 
+_BUILTIN = frozenset(_REGISTRY)
+
+
 def names() -> tuple[str, ...]:
-  """The registered model names."""
+  """The registered model names: the built-in ones, then those given to `register`."""
   return tuple(_REGISTRY)
+
+
+def register(name: str, factory: Callable[[], FaceModel]) -> None:
+  """Makes `load(name)` (and so `config.model = name` in every pipeline) call `factory`, once.
+
+  For a model made in the caller's own code, e.g. ``register("mine", lambda: from_torch(net, card))``.
+
+  Raises:
+    ValueError: `name` is a built-in model's, or has the form of a path or module spec.
+  """
+  if name in _BUILTIN:
+    raise ValueError(f"model name {name!r} is a built-in model's; choose another")
+  if not name or ":" in name:
+    raise ValueError(f"model name {name!r} must be non-empty and without ':' (that form names files and modules)")
+  _REGISTRY[name] = factory
+  load.cache_clear()
+
+
+def load_configured(config) -> FaceModel:
+  """`load(config.model, card=config.model_card)`: the model a configuration names."""
+  return load(config.model, config.model_card or None)
 
 
 # The accepted forms of a model name (for help texts and error messages).
