@@ -247,6 +247,29 @@ def test_cms_figure_has_its_unit_and_no_data_key(model3d):
   assert "canonical face" in _titles(fig) and "no data: texels no image saw" in _key(fig)
 
 
+def test_cms_views_of_a_kind_share_one_scale_and_name_the_score(model3d, tmp_path, monkeypatch):
+  from canonsal_jax import cms
+
+  size = 64
+  layout = (np.asarray(canonical.model_uv_raster(model3d, size).tri_id) >= 0).astype(np.float32)
+  rng = np.random.default_rng(0)
+  acc = cms.CMSAccumulator(cms.CMSSettings(texture_size=size))
+  for i, group in enumerate(["pred_a", "pred_b", "pred_a"]):
+    texture = (rng.normal(size=(size, size)) * layout).astype(np.float32)
+    acc.add(i, f"/x/{i}.png", texture, layout, group=("all", group), record={"score_kind": "log-odds"})
+  figures = {}
+  monkeypatch.setattr(viz, "save_figure", lambda fig, out, stem, settings: figures.setdefault(stem, fig))
+  outputs.write_cms(acc, tmp_path, model3d, render_size=_RENDER)
+  assert {"cms_all", "cms_pred_a", "cms_pred_b", "cms_all_abs", "cms_diff_pred_a_vs_pred_b"} <= set(figures)
+  bars = {stem: _colorbars(fig)[0] for stem, fig in figures.items()}
+  signed = [bars[s].norm for s in ("cms_all", "cms_pred_a", "cms_pred_b")]
+  assert len({(n.vmin, n.vmax) for n in signed}) == 1 and all(n.vcenter == 0 for n in signed)
+  assert bars["cms_all"].ax.get_ylabel() == "drop in log-odds when hidden (each image / its max |drop|)"
+  assert bars["cms_all_abs"].norm.vmin == 0 and bars["cms_all_abs"].ax.get_ylabel().startswith("|drop|")
+  assert bars["cms_diff_pred_a_vs_pred_b"].ax.get_ylabel().startswith("A minus B: drop in log-odds")
+  assert "2 images" in figures["cms_pred_a"]._suptitle.get_text()
+
+
 def test_canonical_face_has_closed_eyes(model3d):
   """The embedded head's eye sockets are holes in its mesh: through them the render showed the inside of the back
   of the head, coloured with that part of the map. They are now capped and drawn as no data."""
