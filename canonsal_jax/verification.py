@@ -25,14 +25,16 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from matplotlib.figure import Figure
 
 from canonsal_jax import fileio, models, outputs, pipeline, viz
 
-__all__ = ["DLIB_THRESHOLD", "PairResult", "verify_pair", "write_pair"]
+__all__ = ["DLIB_THRESHOLD", "PairResult", "pair_figure", "pair_scale", "verify_pair", "write_pair"]
 
 # dlib's decision rule for its ResNet descriptor: two faces are the same person when the Euclidean distance of
 # their descriptors is below 0.6 (99.38% on LFW, as published by dlib's author).
 DLIB_THRESHOLD = 0.6
+_FIGURES = viz.FigureSettings()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,29 +121,70 @@ def verify_pair(
   )
 
 
-def _side_tiles(result: pipeline.CISResult, vmax: float, render_size: int) -> tuple[np.ndarray, np.ndarray]:
-  photo = outputs.occlusion_overlay(result.occlusion)
-  cis = outputs.render_texture(result.fit.model, result.texture, result.weight, render_size, vmax=vmax)
-  return photo, cis
+def pair_scale(result: PairResult) -> viz.Scale:
+  """The colour scale both sides of a pair share: over both crop heatmaps (covered pixels) and both canonical maps
+  (texels with data); its unit names both sides' score kinds."""
+  sides = (result.probe, result.reference)
+  return viz.make_scale(
+    [c.occlusion.heatmap for c in sides] + [c.texture for c in sides],
+    valid=[c.occlusion.count > 0 for c in sides] + [c.weight > 0 for c in sides],
+    unit=viz.unit_label([c.occlusion.score_kind for c in sides]),
+  )
 
 
-def write_pair(result: PairResult, out_dir: str | pathlib.Path, *, render_size: int = 256) -> dict[str, Any]:
-  """Writes `pair.png` (probe photo and map | probe CIS | reference CIS | reference photo and map, the two
-  CIS on one colour scale), `pair.json`, and each side's CIS outputs under `probe/` and `reference/`."""
-  out = pathlib.Path(out_dir)
+def pair_figure(
+  result: PairResult, *, render_size: int = outputs.RENDER_SIZE, settings: viz.FigureSettings = _FIGURES
+) -> Figure:
+  """`pair.png`: a row per side, labelled "probe" and "reference": the photo in grey with the map's contours, the
+  heatmap on the crop, and the map on the canonical face; all six panels on one colour scale (`pair_scale`, one
+  colour bar), with a key for the crop outline and what has no data."""
   sides = {"probe": result.probe, "reference": result.reference}
-  summaries = {key: outputs.write_cis(cis, out / key, render_size=render_size) for key, cis in sides.items()}
-  vmax = max(float(np.abs(c.texture[c.weight > 0]).max(initial=0.0)) for c in sides.values()) or 1.0
-  probe_photo, probe_cis = _side_tiles(result.probe, vmax, render_size)
-  ref_photo, ref_cis = _side_tiles(result.reference, vmax, render_size)
+  fig, axes = viz.new_figure(3, 2, settings=settings)
+  scale = pair_scale(result)
+  handles: dict[str, Any] = {}
+  for row, (key, cis) in enumerate(sides.items()):
+    occ = cis.occlusion
+    found = outputs.photo_panels(list(axes[row, :2]), occ, scale, prefix=f"{key}: ")
+    found += outputs.canonical_panel(
+      axes[row, 2], cis.fit.model, cis.texture, cis.weight, render_size, scale, f"{key}: canonical face",
+      "no data: texels not seen in the photo",
+    )  # fmt: skip
+    axes[row, 0].set_ylabel(f"{key}\n{viz.short_name(occ.name)}", fontsize=11)
+    axes[row, 2].set_xlabel(f"{occ.score_kind} {occ.score:.3f}", fontsize=9)
+    handles.update({h.get_label(): h for h in found})  # one entry per kind of mark
+  viz.add_colorbar(fig, axes, scale)
+  viz.add_key(fig, list(handles.values()))
   verdict = "same person" if result.same_person else "different people"
   title = (
     f"{result.probe.occlusion.model}: {verdict} (distance {result.distance:.3f}, threshold {result.threshold}, "
-    f"cosine {result.cosine:.3f}) | probe {result.probe.occlusion.name} | reference {result.reference.occlusion.name}"
+    f"cosine {result.cosine:.3f}) | probe {viz.short_name(result.probe.occlusion.name)} | reference "
+    f"{viz.short_name(result.reference.occlusion.name)}"
   )
   if result.impostor_name:
-    title += f" | probe map: genuine minus impostor {result.impostor_name} (cosine {result.impostor_cosine:.3f})"
-  fileio.save_png(out / "pair.png", viz.panel([probe_photo, probe_cis, ref_cis, ref_photo], title))
+    title += (
+      f" | probe map: genuine minus impostor {viz.short_name(result.impostor_name)} "
+      f"(cosine {result.impostor_cosine:.3f})"
+    )
+  viz.set_title(fig, title)
+  return fig
+
+
+def write_pair(
+  result: PairResult,
+  out_dir: str | pathlib.Path,
+  *,
+  render_size: int = outputs.RENDER_SIZE,
+  settings: viz.FigureSettings = _FIGURES,
+) -> dict[str, Any]:
+  """Writes `pair.png` (`pair_figure`, in `settings.format`), `pair.json`, and each side's CIS outputs under
+  `probe/` and `reference/`."""
+  out = pathlib.Path(out_dir)
+  sides = {"probe": result.probe, "reference": result.reference}
+  summaries = {
+    key: outputs.write_cis(cis, out / key, render_size=render_size, settings=settings) for key, cis in sides.items()
+  }
+  viz.save_figure(pair_figure(result, render_size=render_size, settings=settings), out, "pair", settings)
+  vmax = pair_scale(result).vmax
   summary = {
     "format": "canonsal_jax.verification_pair",
     "version": 1,
@@ -154,7 +197,7 @@ def write_pair(result: PairResult, out_dir: str | pathlib.Path, *, render_size: 
     "threshold": result.threshold,
     "same_person": result.same_person,
     "impostor_cosine": None if np.isnan(result.impostor_cosine) else result.impostor_cosine,
-    "shared_vmax": vmax,
+    "shared_vmax": vmax,  # the end of the colour scale both sides share (crop heatmaps and canonical maps)
   }
   fileio.save_json(out / "pair.json", summary)
   return summary

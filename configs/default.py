@@ -5,7 +5,9 @@ Run:
   python scripts/occlusion.py --config=configs/default.py --config.model=age --image=face.jpg --out_dir=out
 
 Expect `heatmap.npy` (the model-crop heatmap), `heatmap_image.npy`, `count.npy`, `result.json` and
-`overlay.png` (the photo and the model's crop with the heatmap and the predicted label) in the output folder.
+`overlay.png` (the photo and the model's crop in grey with the heatmap's contours, the heatmap on the crop, one
+colour bar in "drop in <score> when hidden", the predicted label in the title) in the output folder;
+`--config.figures.format=svg` writes `overlay.svg` instead.
 """
 
 import ml_collections

@@ -16,17 +16,18 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 def main(argv):
   cli.start(argv)
-  from canonsal_jax import outputs, pipeline
+  from canonsal_jax import outputs, pipeline, viz
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   with cli.user_errors() as failed:
+    figures = viz.FigureSettings.from_config(config)
     result = pipeline.cis_image(config, _IMAGE.value)
   if failed:
     return 1
-  summary = outputs.write_cis(result, _OUT_DIR.value, render_size=config.cis.render_size)
+  summary = outputs.write_cis(result, _OUT_DIR.value, render_size=config.cis.render_size, settings=figures)
   print(
     f"{summary['name']}: {summary['label']} ({summary['score_kind']} {summary['score']:.3f}); "
-    f"{summary['outside_mesh_share']:.0%} of the saliency off the mesh; wrote {_OUT_DIR.value}/cis.png"
+    f"{summary['outside_mesh_share']:.0%} of the saliency off the mesh; wrote {_OUT_DIR.value}/cis.{figures.format}"
   )
   return 0
 

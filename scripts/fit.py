@@ -16,18 +16,19 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 def main(argv):
   cli.start(argv)
-  from canonsal_jax import outputs, pipeline
+  from canonsal_jax import outputs, pipeline, viz
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   with cli.user_errors() as failed:
+    figures = viz.FigureSettings.from_config(config)
     fit = pipeline.fit_image(config, _IMAGE.value)
   if failed:
     return 1
-  summary = outputs.write_fit(fit, _OUT_DIR.value)
+  summary = outputs.write_fit(fit, _OUT_DIR.value, settings=figures)
   yaw, pitch, roll = summary["yaw_pitch_roll_deg"]
   print(
     f"{summary['name']}: {summary['morphable_model']} fitted, yaw {yaw:.1f} pitch {pitch:.1f} roll {roll:.1f} deg, "
-    f"landmark RMS {summary['landmark_rms_px']:.2f} px; wrote {_OUT_DIR.value}/mesh.obj and overlay.png"
+    f"landmark RMS {summary['landmark_rms_px']:.2f} px; wrote {_OUT_DIR.value}/mesh.obj and overlay.{figures.format}"
   )
   return 0
 

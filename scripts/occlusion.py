@@ -21,19 +21,20 @@ def main(argv):
   cli.start(argv)
   import jax
 
-  from canonsal_jax import outputs, pipeline
+  from canonsal_jax import outputs, pipeline, viz
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   logging.info("devices: %s", jax.devices())
   start = time.perf_counter()
   with cli.user_errors() as failed:
+    figures = viz.FigureSettings.from_config(config)
     result = pipeline.explain_image(config, _IMAGE.value)
   if failed:
     return 1
-  summary = outputs.write_occlusion(result, _OUT_DIR.value)
+  summary = outputs.write_occlusion(result, _OUT_DIR.value, settings=figures)
   logging.info("%d patches in %.2f s (compile included)", summary["num_patches"], time.perf_counter() - start)
   what = f"{summary['label']} ({summary['score_kind']} {summary['score']:.3f})"
-  print(f"{summary['name']}: {what}; wrote {_OUT_DIR.value}/overlay.png and heatmap.npy")
+  print(f"{summary['name']}: {what}; wrote {_OUT_DIR.value}/overlay.{figures.format} and heatmap.npy")
   return 0
 
 

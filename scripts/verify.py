@@ -23,7 +23,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 def main(argv):
   cli.start(argv)
-  from canonsal_jax import datasets, verification
+  from canonsal_jax import datasets, verification, viz
 
   config = cli.resolve(_CONFIG, _OVERRIDES)
   probe, reference = _PROBE.value, _REFERENCE.value
@@ -33,14 +33,15 @@ def main(argv):
     photos = {pathlib.Path(p).stem.rsplit("_", 1)[-1]: p for p in datasets.builtin_dataset("photos")}
     probe, reference = photos["obama"], photos["obama2"]
   with cli.user_errors() as failed:
+    figures = viz.FigureSettings.from_config(config)
     pair = verification.verify_pair(config, probe, reference, impostor=_IMPOSTOR.value, threshold=_THRESHOLD.value)
   if failed:
     return 1
-  summary = verification.write_pair(pair, _OUT_DIR.value, render_size=config.cis.render_size)
+  summary = verification.write_pair(pair, _OUT_DIR.value, render_size=config.cis.render_size, settings=figures)
   verdict = "same person" if summary["same_person"] else "different people"
   print(
     f"{verdict}: distance {summary['distance']:.3f} (threshold {summary['threshold']}), cosine "
-    f"{summary['cosine']:.3f}; wrote {_OUT_DIR.value}/pair.png"
+    f"{summary['cosine']:.3f}; wrote {_OUT_DIR.value}/pair.{figures.format}"
   )
   return 0
 

@@ -82,8 +82,10 @@ def test_pair_maps(photos, tmp_path):
   saved = json.loads((tmp_path / "pair.json").read_text())
   assert saved["same_person"] is True and saved["impostor"].endswith("biden.jpg")
   assert saved["distance"] == pytest.approx(summary["distance"])
-  both = [np.abs(c.texture[c.weight > 0]).max() for c in (pair.probe, pair.reference)]
-  assert saved["shared_vmax"] == pytest.approx(max(both))
+  # One scale for both sides: over both crop heatmaps (covered pixels) and both canonical maps.
+  shown = [np.abs(c.texture[c.weight > 0]).max() for c in (pair.probe, pair.reference)]
+  shown += [np.abs(c.occlusion.heatmap[c.occlusion.count > 0]).max() for c in (pair.probe, pair.reference)]
+  assert saved["shared_vmax"] == pytest.approx(max(shown))
 
 
 def test_bad_settings_and_inputs(photos, tmp_path):
