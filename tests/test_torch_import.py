@@ -107,9 +107,9 @@ def test_module_that_cannot_be_traced_names_the_reason():
     def forward(self, x):
       return torch.fft.fft2(x).abs().mean(dim=(2, 3))
 
-  with pytest.raises(ValueError, match="^Spectrum cannot be traced for export: .*fft"):
+  with pytest.raises(ValueError, match=r"^Spectrum cannot be traced for export: .*fft"):
     models.from_torch(Spectrum(), nets.IRESNET_CARD)
-  with pytest.raises(ValueError, match="from_torch takes a torch.nn.Module, got function"):
+  with pytest.raises(ValueError, match=r"from_torch takes a torch\.nn\.Module, got function"):
     models.from_torch(lambda x: x, nets.IRESNET_CARD)
 
 

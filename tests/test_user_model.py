@@ -1,7 +1,6 @@
 """A user's own Flax model, defined here, explained end to end through the library and the scripts."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
