@@ -35,6 +35,7 @@ __all__ = [
   "fit_vs_eos",
   "forward_vs_torch",
   "forward_xla_flags",
+  "imported_vs_port",
   "incremental_vs_full",
   "interleaved_seconds",
   "median_ratio",
@@ -1335,3 +1336,76 @@ def precision_vs_highest(
     "drop_mean_error": mean_errors,
     "drop_correlation": correlations,
   }
+
+
+def imported_vs_port(
+  name: str,
+  build: Callable[[], models.FaceModel],
+  *,
+  patch_size: int,
+  stride: int = 1,
+  num_positions: int | None = None,
+  port: models.FaceModel | None = None,
+  batch_size: int = 16,
+  repeats: int = 5,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """An imported network's sweeps: import time, full and incremental sweep speed, against its hand port.
+
+  `build()` makes the model (an ONNX import or a PyTorch export and import), timed as the import; the first
+  full sweep is compiled and run after it ("file to first sweep"). One random crop, constant baseline 0, the
+  `stride` grid of `patch_size` px patches (or `num_positions` random positions of it). Timed in interleaved
+  rounds: the imported model's full and incremental sweeps, and with `port` the hand port's too.
+
+  Returns:
+    A dict with `import_s`, `first_sweep_s` (import, compile and first call of the full sweep), seconds per
+    sweep, `speedup` (full over incremental, per side), `import_over_port` (the port's full-sweep time over the
+    import's: above 1 the import is faster), and the imported sweeps' drop errors (incremental against full;
+    full against the port's full), relative to the largest drop.
+  """
+  start = time.perf_counter()
+  model = build()
+  import_s = time.perf_counter() - start
+  image, patch_px, centres = _random_crop_and_grid(port or model, patch_size, stride, num_positions, seed)
+  valid = np.ones(len(centres), bool)
+  score = occlusion.Score.for_model(port or model)
+  subjects = {"imported": model} | ({"port": port} if port is not None else {})
+  compiled, drops = {}, {}
+  for side, m in subjects.items():
+    for method in ("full", "incremental"):
+      if method == "incremental" and m.layer_graph is None:
+        continue
+      sweep = occlusion.make_sweep(m.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, method=method)
+      key = f"{side}_{method}"
+      compiled[key] = sweep.lower(m.params, image, centres, valid).compile()
+      drops[key] = np.asarray(compiled[key](m.params, image, centres, valid).drops)
+      if key == "imported_full":
+        first_sweep_s = time.perf_counter() - start
+  params = {side: m.params for side, m in subjects.items()}
+  fns = {k: (lambda c=c, p=params[k.split("_")[0]]: c(p, image, centres, valid)) for k, c in compiled.items()}
+  times = interleaved_seconds(fns, repeats=repeats)
+  scale = float(np.abs(drops["imported_full"]).max())
+  result: dict[str, Any] = {
+    "model": name,
+    "num_patches": len(centres),
+    "patch_size": patch_px,
+    "batch_size": batch_size,
+    "import_s": import_s,
+    "first_sweep_s": first_sweep_s,
+    "layer_graph": model.layer_graph is not None,
+    "layer_graph_reason": getattr(model.apply_fn, "layer_graph_reason", ""),
+    "seconds": {k: statistics.median(v) for k, v in times.items()},
+    "speedup": {},
+    "drop_error": {},
+  }
+  for side in subjects:
+    if f"{side}_incremental" in times:
+      result["speedup"][side] = median_ratio(times[f"{side}_full"], times[f"{side}_incremental"])
+  if "imported_incremental" in drops:
+    result["drop_error"]["incremental_vs_full"] = float(
+      np.abs(drops["imported_incremental"] - drops["imported_full"]).max() / scale
+    )
+  if port is not None:
+    result["import_over_port"] = median_ratio(times["port_full"], times["imported_full"])
+    result["drop_error"]["import_vs_port"] = float(np.abs(drops["imported_full"] - drops["port_full"]).max() / scale)
+  return result

@@ -9,6 +9,7 @@ python -m benchmarks.benchmark --suite=e2e --max_images=24 --e2e_devices=1,2,4 -
 python -m benchmarks.benchmark --suite=forward --models=age --batch_sizes=8,16,32 --repeats=5
 python -m benchmarks.benchmark --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
 python -m benchmarks.benchmark --suite=incremental --models=age,vgg16 --incremental_patches=5 --batch_sizes=16
+python -m benchmarks.benchmark --suite=imported --imported_models=gender,age,onet,mobilefacenet,iresnet50
 """
 
 import json
@@ -21,7 +22,19 @@ from canonsal_jax import cli
 _SUITE = flags.DEFINE_enum(
   "suite",
   "sweep",
-  ["sweep", "fit", "fit_accuracy", "torch", "texture", "e2e", "forward", "incremental", "precision", "startup"],
+  [
+    "sweep",
+    "fit",
+    "fit_accuracy",
+    "torch",
+    "texture",
+    "e2e",
+    "forward",
+    "incremental",
+    "precision",
+    "startup",
+    "imported",
+  ],
   "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face at "
   "several batch sizes, with held-out landmark errors; fit_accuracy: one batch, pose and dense errors against "
   "the synthetic truth; torch: our sweep vs the paper's PyTorch procedure and Captum's Occlusion (needs the "
@@ -30,7 +43,9 @@ _SUITE = flags.DEFINE_enum(
   "forward passes in JAX and PyTorch per batch size, per-op profiles, and XLA:CPU flag variants; incremental: "
   "incremental occlusion (windows of changed activations) vs the full-forward sweep and PyTorch; precision: the "
   "sweep at XLA's lower matmul precisions (TF32 on a GPU) against float32, speed and drop error; startup: "
-  "per-image scripts run twice as a user starts them, with the persistent compilation cache empty, warm and off.",
+  "per-image scripts run twice as a user starts them, with the persistent compilation cache empty, warm and off; "
+  "imported: ONNX and PyTorch networks through models.from_onnx / from_torch, import time and full and "
+  "incremental sweeps, against the hand ports where there are some.",
 )
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
@@ -422,6 +437,70 @@ def _startup_suite() -> list[dict]:
   return results
 
 
+_IMPORTED = flags.DEFINE_list(
+  "imported_models",
+  ["gender", "age", "onet", "mobilefacenet", "iresnet50"],
+  "imported suite: gender and age (their ONNX files, against the hand ports), onet (MTCNN's O-Net, real "
+  "weights), mobilefacenet and iresnet50 (random weights), the last three through from_torch.",
+)
+
+
+def _imported_suite() -> list[dict]:
+  from benchmarks import bench
+  from benchmarks.baselines import face_nets
+  from canonsal_jax import assets, models
+
+  # name -> (build, patch px, stride, random positions or None, the hand port's name or None)
+  subjects = {
+    "gender": (
+      lambda: models.from_onnx(assets.path("gender-v1.onnx"), face_nets.dlib_onnx_card("gender")),
+      3,
+      1,
+      None,
+      "gender",
+    ),
+    "age": (lambda: models.from_onnx(assets.path("age-v1.onnx"), face_nets.dlib_onnx_card("age")), 5, 1, None, "age"),
+    "onet": (lambda: models.from_torch(face_nets.load_onet(), face_nets.mtcnn_card(48, 2)), 5, 1, None, None),
+    "mobilefacenet": (
+      lambda: models.from_torch(face_nets.MobileFaceNet(), face_nets.MOBILEFACENET_CARD),
+      9,
+      4,
+      None,
+      None,
+    ),
+    "iresnet50": (lambda: models.from_torch(face_nets.IResNet(), face_nets.IRESNET_CARD), 9, 4, 32, None),
+  }
+  results = []
+  for name in _IMPORTED.value:
+    if name not in subjects:
+      raise app.UsageError(f"--imported_models: unknown {name!r}; known: {', '.join(subjects)}")
+    build, patch, stride, positions, port = subjects[name]
+    res = bench.imported_vs_port(
+      name,
+      build,
+      patch_size=patch,
+      stride=stride,
+      num_positions=positions,
+      port=models.load(port) if port else None,
+      repeats=_REPEATS.value,
+    )
+    results.append(res)
+    sec = res["seconds"]
+    line = ", ".join(f"{k} {res['num_patches'] / v:.0f} img/s" for k, v in sec.items())
+    print(f"{name:14s} {res['num_patches']} patches of {res['patch_size']} px: {line}")
+    print(
+      f"  import {res['import_s']:.2f} s, file to first sweep {res['first_sweep_s']:.2f} s; speed-up of incremental "
+      + ", ".join(f"{k} {v:.2f}x" for k, v in res["speedup"].items())
+      + (
+        f"; imported full sweep at {res['import_over_port']:.2f}x the port's speed" if "import_over_port" in res else ""
+      )
+      + "; drop errors "
+      + ", ".join(f"{k} {v:.1e}" for k, v in res["drop_error"].items())
+      + (f"; no layer graph: {res['layer_graph_reason']}" if not res["layer_graph"] else "")
+    )
+  return results
+
+
 def main(argv):
   cli.start(argv)
   from benchmarks import bench
@@ -439,6 +518,7 @@ def main(argv):
     "incremental": _incremental_suite,
     "precision": _precision_suite,
     "startup": _startup_suite,
+    "imported": _imported_suite,
   }
   results = suites[_SUITE.value]()
   if _JSON_OUT.value:

