@@ -1381,8 +1381,8 @@ def imported_vs_port(
       drops[key] = np.asarray(compiled[key](m.params, image, centres, valid).drops)
       if key == "imported_full":
         first_sweep_s = time.perf_counter() - start
-  params = {side: m.params for side, m in subjects.items()}
-  fns = {k: (lambda c=c, p=params[k.split("_")[0]]: c(p, image, centres, valid)) for k, c in compiled.items()}
+  side_params = {k: subjects[k.split("_")[0]].params for k in compiled}
+  fns = {k: (lambda c=c, p=side_params[k]: c(p, image, centres, valid)) for k, c in compiled.items()}
   times = interleaved_seconds(fns, repeats=repeats)
   scale = float(np.abs(drops["imported_full"]).max())
   result: dict[str, Any] = {
