@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from canonsal_jax import config as config_lib
 from canonsal_jax import fileio, models, outputs, pipeline, viz
 
 __all__ = ["DLIB_THRESHOLD", "PairResult", "verify_pair", "write_pair"]
@@ -87,6 +88,7 @@ def verify_pair(
     ValueError: the model has no cosine score, or non-finite outputs; faces.NoFaceError / fileio.ImageError naming
       the photo at fault.
   """
+  config_lib.validate(config)
   model = models.load(config.model)
   if model.score != "cosine":
     raise ValueError(f"verification needs an embedding model with a cosine score (identity), not {model.name!r}")
