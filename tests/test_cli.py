@@ -2,7 +2,6 @@
 every command-line error of a script is one line naming what to change; `--help` and the listings show the way."""
 
 import dataclasses
-import os
 import pathlib
 import subprocess
 import sys
@@ -60,9 +59,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # this checkout
   return subprocess.run(
-    [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, env=env, timeout=120
+    [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, timeout=120
   )
 
 

@@ -38,7 +38,6 @@ def _constant_cms(path: pathlib.Path, names: list[str]) -> None:
 
 def _run(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, CANONSAL_CACHE_DIR=str(assets.cache_dir()))
-  env["PYTHONPATH"] = os.pathsep.join([str(_SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
   env["JAX_COMPILATION_CACHE_DIR"] = str(assets.cache_dir() / "jax_compilation_cache")  # as conftest.py
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   return subprocess.run([sys.executable, str(_SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)

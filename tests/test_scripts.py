@@ -1,7 +1,6 @@
 """End-to-end: the real scripts on real photos in a temporary folder, and their one-line errors."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,9 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(script, *args, timeout=600):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # this checkout
   return subprocess.run(
-    [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=timeout, env=env
+    [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=timeout
   )
 
 
