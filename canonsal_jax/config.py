@@ -1,12 +1,80 @@
-"""The default configuration: every key the library and scripts read, with its meaning.
+"""The default configuration: every key the library and scripts read, with its meaning, and `validate`.
 
 `configs/*.py` files start from `default_config()` and override what differs; scripts load them with
 `ml_collections.config_flags` and `lock_config=True`, so a misspelt key is an error, not a silent default.
+`validate` checks every value before anything is loaded or detected; its errors name the key as the
+command-line override that sets it (``--config.occlusion.patch_size=-3: ...``), which is also its path here.
+
+Example:
+  >>> from canonsal_jax import config as config_lib
+  >>> cfg = config_lib.default_config()
+  >>> config_lib.validate(cfg)
+  >>> cfg.occlusion.patch_size = 4
+  >>> config_lib.validate(cfg)
+  Traceback (most recent call last):
+  ...
+  canonsal_jax.config.ConfigError: --config.occlusion.patch_size=4: a size in pixels must be an odd integer (3 or 5)...
 """
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import ml_collections
 
-__all__ = ["default_config"]
+__all__ = [
+  "ATTRIBUTION_METHODS",
+  "BASELINES",
+  "BUILTIN_MODELS",
+  "DETECTORS",
+  "NORMALISATIONS",
+  "REDUCTIONS",
+  "SCORE_KINDS",
+  "BuiltinModel",
+  "ConfigError",
+  "default_config",
+  "flat_items",
+  "show",
+  "validate",
+]
+
+
+class BuiltinModel(NamedTuple):
+  """What a built-in model takes and gives, known without loading it (`--list_models`, the crop check)."""
+
+  crop_size: int  # the side of the model's face crop, pixels
+  outputs: str
+  score: str  # its natural score (`config.occlusion.score` = "")
+
+
+# The registry of `canonsal_jax.models` (tests/test_config.py checks that the two agree).
+BUILTIN_MODELS = {
+  "gender": BuiltinModel(32, "female, male", "log_odds"),
+  "age": BuiltinModel(64, "81 age bins, 0.25 to 80 years", "expected_value (the expected age)"),
+  "expression": BuiltinModel(64, "angry, disgust, fear, happy, sad, surprise, neutral", "log_softmax"),
+  "identity": BuiltinModel(150, "a 128-d face descriptor", "cosine (similarity to a reference)"),
+}
+# The values the library accepts, here so that a config is checked before JAX or dlib is imported; each equals its
+# library home (tests/test_config.py): faces.DETECTOR_KINDS, models.SCORE_KINDS, occlusion.BASELINES and
+# REDUCTIONS (with "black" and "white", which `pipeline` resolves), attribution.METHODS, cms.NORMALISATIONS.
+DETECTORS = ("hog", "cnn")
+SCORE_KINDS = ("logit", "log_softmax", "log_odds", "probability", "expected_value", "cosine")
+BASELINES = ("black", "white", "mean", "blur")
+REDUCTIONS = ("mean", "sum")
+ATTRIBUTION_METHODS = (
+  "vanilla_gradient",
+  "integrated_gradients",
+  "grad_cam",
+  "grad_cam_plus_plus",
+  "score_cam",
+  "rise",
+)
+NORMALISATIONS = ("none", "max_abs", "sum_abs")
+FIGURE_FORMATS = ("png", "svg", "pdf")  # viz.FORMATS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -99,3 +167,191 @@ def default_config() -> ml_collections.ConfigDict:
   config.figures.dpi = 150  # dots per inch (png; the pixel size of maps embedded in svg/pdf)
   config.figures.format = "png"  # "png", or vector "svg" / "pdf" (the same names with that suffix)
   return config
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work: the message names the key (as ``--config.<key>=<value>``) and what it takes.
+
+  Attributes:
+    key: the dotted key, e.g. "occlusion.patch_size".
+    value: the value refused.
+    reason: what is wrong and what the key accepts.
+  """
+
+  def __init__(self, key: str, value: Any, reason: str):
+    super().__init__(f"--config.{key}={show(value)}: {reason}")
+    self.key, self.value, self.reason = key, value, reason
+
+  def __reduce__(self):
+    return type(self), (self.key, self.value, self.reason)
+
+
+def show(value: Any) -> str:
+  """A config value as it is written on the command line (``3`` for 3.0, ``''`` for an empty string)."""
+  if isinstance(value, float) and value.is_integer():
+    return str(int(value))
+  if isinstance(value, str):
+    return value or "''"
+  return str(value)
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+  """`(dotted key, value)` of every leaf of a config, sorted by key."""
+  items = []
+  for key, value in sorted(config.items()):
+    if isinstance(value, ml_collections.ConfigDict):
+      items.extend(flat_items(value, f"{prefix}{key}."))
+    else:
+      items.append((f"{prefix}{key}", value))
+  return items
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(minimum: int, meaning: str = "") -> Callable[[Any], str | None]:
+  def check(value: Any) -> str | None:
+    return None if _is_int(value) and value >= minimum else f"must be an integer >= {minimum}{meaning}"
+
+  return check
+
+
+def _one_of(values: tuple[str, ...], meaning: str = "") -> Callable[[Any], str | None]:
+  def check(value: Any) -> str | None:
+    if isinstance(value, str) and value in values:
+      return None
+    return f"must be one of {', '.join(map(show, values))}{meaning}"
+
+  return check
+
+
+def _flag(value: Any) -> str | None:
+  return None if isinstance(value, bool) else "must be True or False"
+
+
+def _text(value: Any) -> str | None:
+  return None if isinstance(value, str) else "must be a string"
+
+
+def _number(value: Any) -> str | None:
+  return None if _is_number(value) else "must be a finite number"
+
+
+def _baseline(value: Any) -> str | None:
+  if isinstance(value, str):
+    try:
+      float(value)
+      return None if math.isfinite(float(value)) else _BASELINE_VALUES
+    except ValueError:
+      return None if value in BASELINES else _BASELINE_VALUES
+  if isinstance(value, (list, tuple)):
+    return None if value and all(_is_number(v) for v in value) else _BASELINE_VALUES
+  return None if _is_number(value) else _BASELINE_VALUES
+
+
+_BASELINE_VALUES = (
+  f"must be one of {', '.join(BASELINES)} (black and white: that pixel colour run through the model's "
+  "preprocessing; mean: the crop's mean colour; blur: the crop blurred) or a number (a constant in model input space)"
+)
+
+
+def _model(value: Any) -> str | None:
+  if isinstance(value, str) and (value in BUILTIN_MODELS or ":" in value):
+    return None
+  # A name given to `canonsal_jax.models.register` (that module is loaded by then; not imported here, which keeps
+  # validation free of JAX).
+  registry = sys.modules.get("canonsal_jax.models")
+  if isinstance(value, str) and registry is not None and value in registry.names():
+    return None
+  return (
+    f"must be a built-in model ({', '.join(BUILTIN_MODELS)}) or package.module:factory, PATH.py:factory or "
+    "onnx:PATH (--list_models describes them)"
+  )
+
+
+def _patch_size(value: Any, model: str) -> str | None:
+  fraction = "or a fraction of the face width below 1 (the paper's 0.07)"
+  crop = BUILTIN_MODELS[model].crop_size if model in BUILTIN_MODELS else None
+  if not _is_number(value) or value <= 0:
+    return f"must be positive: an odd number of crop pixels (3, 5, ...) {fraction}"
+  if crop is not None and value > crop:
+    return f"larger than the {model} model's {crop} px crop; give an odd size up to {crop - 1 + crop % 2} {fraction}"
+  if value >= 1 and (value != int(value) or int(value) % 2 == 0):
+    below = 2 * math.floor((value - 1) / 2) + 1
+    return f"a size in pixels must be an odd integer ({below} or {below + 2}) {fraction}"
+  return None
+
+
+# One check per key of `default_config()` (tests/test_config.py keeps the two in step): the reason a value is
+# refused, or None. Keys that depend on others (the patch against the model's crop) are checked in `validate`.
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
+  "model": _model,
+  "model_card": lambda v: (
+    None if isinstance(v, str) else "must be the path of a JSON model card, or '' (beside the model)"
+  ),
+  "detector": _one_of(DETECTORS, " (dlib's HOG detector, or its CNN: slower, finds harder faces)"),
+  "upsample": _integer(0, " (image pyramid upsampling; more finds smaller faces)"),
+  "detector_threshold": _number,
+  "detection_cache": _flag,
+  "morphable_model": lambda v: None if isinstance(v, str) and v else 'must be "default" or a Surrey Face Model folder',
+  "occlusion.patch_size": lambda v: None,  # in `validate`: it depends on the model's crop
+  "occlusion.stride": _integer(1, " (the patch grid's step, crop pixels)"),
+  "occlusion.baseline": _baseline,
+  "occlusion.batch_size": _integer(1, " (occluded images per forward pass)"),
+  "occlusion.reduce": _one_of(REDUCTIONS),
+  "occlusion.score": _one_of(("", *SCORE_KINDS), " ('': the model's own score)"),
+  "occlusion.target": _integer(-1, " (a class index; -1: the predicted class)"),
+  "occlusion.contrast": _integer(-1, " (a second class index; -1: none)"),
+  "occlusion.reference": _text,
+  "occlusion.impostor": _text,
+  "explainer": _one_of(("occlusion", *ATTRIBUTION_METHODS)),
+  "attribution.baseline": _baseline,
+  "attribution.steps": _integer(1),
+  "attribution.num_masks": _integer(1),
+  "attribution.seed": _integer(0),
+  "attribution.batch_size": _integer(1, " (inputs per forward pass)"),
+  "cis.texture_size": _integer(0, " (texels; 0: what the model's crop resolves)"),
+  "cis.cosine_weight": _flag,
+  "cis.render_size": _integer(1, " (pixels)"),
+  "cms.dataset": _text,
+  "cms.min_count": _integer(1),
+  "cms.normalisation": _one_of(NORMALISATIONS),
+  "cms.group_by_prediction": _flag,
+  "cms.checkpoint_every": _integer(1, " (images)"),
+  "cms.max_images": _integer(0, " (0: all)"),
+  "cms.num_threads": _integer(1),
+  "cms.face_batch": _integer(0, " (faces per device; 0: one at a time)"),
+  "cms.labels_csv": _text,
+  "cms.save_textures": _flag,
+  "figures.dpi": _integer(1, " (dots per inch)"),
+  "figures.format": _one_of(FIGURE_FORMATS, " (png, or vector svg / pdf)"),
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every value of a config before anything is loaded, detected or computed.
+
+  Every script calls it on its resolved config, and the library's entry points (`pipeline.explain_image`,
+  `cis_image`, `fit_image`, `runs.run_cms`, `verification.verify_pair`) on theirs. What needs the model itself
+  (a user's model's crop, its class count) is checked where the model is loaded, with the same kind of message.
+
+  Raises:
+    ConfigError: the first bad value, naming its key, the value and what the key accepts.
+  """
+  values = dict(flat_items(config))
+  for key, check in _CHECKS.items():
+    reason = check(values[key])
+    if reason is not None:
+      raise ConfigError(key, values[key], reason)
+  reason = _patch_size(values["occlusion.patch_size"], values["model"])
+  if reason is not None:
+    raise ConfigError("occlusion.patch_size", values["occlusion.patch_size"], reason)
+  if values["occlusion.impostor"] and not values["occlusion.reference"]:
+    raise ConfigError(
+      "occlusion.impostor", values["occlusion.impostor"], "needs --config.occlusion.reference (the genuine photo) too"
+    )

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from canonsal_jax import canonical, faces, fileio, models, morphable, occlusion, raster
+from canonsal_jax import config as config_lib
 
 __all__ = [
   "CISResult",
@@ -35,6 +36,7 @@ __all__ = [
   "OcclusionResult",
   "StageClock",
   "SweepPlan",
+  "check_settings",
   "cis_face",
   "cis_image",
   "detect_face",
@@ -110,6 +112,11 @@ def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tupl
     size = model.crop.size
     pixel = np.full((size, size, 3), _NAMED_BASELINES[baseline], np.uint8)
     return tuple(float(v) for v in model.preprocess(pixel)[size // 2, size // 2])
+  if isinstance(baseline, str) and baseline not in occlusion.BASELINES:
+    try:  # a number given on the command line (the key holds a string)
+      return float(baseline)
+    except ValueError:
+      raise ValueError(f"baseline {baseline!r} is not a number or one of {', '.join(config_lib.BASELINES)}") from None
   return tuple(baseline) if isinstance(baseline, list) else baseline
 
 
@@ -130,32 +137,39 @@ def model_sweep(
   Returns:
     `(sweep, patch_size_px, score)`.
   """
-  patch_size = occlusion.resolve_patch_size(occ.patch_size, model.crop.face_width)
+  try:
+    patch_size = occlusion.resolve_patch_size(occ.patch_size, model.crop.face_width)
+  except ValueError as e:
+    raise config_lib.ConfigError("occlusion.patch_size", occ.patch_size, str(e)) from None
   if contrast is None:
     contrast = occ.contrast >= 0 or bool(occ.impostor)
   score = occlusion.Score.for_model(model, kind=occ.score or None, contrast=contrast)
-  baseline = model_baseline(model, occ.baseline)
+  try:
+    baseline = model_baseline(model, occ.baseline)
+  except ValueError as e:
+    raise config_lib.ConfigError("occlusion.baseline", occ.baseline, str(e)) from None
   sweep = _cached_sweep(model.apply_fn, patch_size, int(occ.batch_size), baseline, score, occ.reduce)
   return sweep, patch_size, score
 
 
 def _target(score: occlusion.Score, occ: ml_collections.ConfigDict, num_outputs: int):
   if occ.impostor and not occ.reference:
-    raise ValueError("occlusion.impostor needs occlusion.reference (the genuine reference photo) too")
+    raise config_lib.ConfigError("occlusion.impostor", occ.impostor, "needs --config.occlusion.reference too")
   if occ.reference:
     if score.kind != "cosine":
-      raise ValueError(
-        f"occlusion.reference needs a cosine score (an embedding model such as identity), not {score.kind}"
-      )
+      needs = f"needs a cosine score (an embedding model such as identity), not {score.kind}"
+      raise config_lib.ConfigError("occlusion.reference", occ.reference, needs)
     return None  # resolved from the reference photos by `sweep_plan`
   if score.kind == "cosine":
     return None  # self-similarity, or references given as the target
   for key in ("target", "contrast"):
     if not -1 <= occ[key] < num_outputs:
-      raise ValueError(f"occlusion.{key}={occ[key]} is not a class index of this model (0..{num_outputs - 1})")
+      raise config_lib.ConfigError(
+        f"occlusion.{key}", occ[key], f"not a class index of this model (0..{num_outputs - 1}, or -1)"
+      )
   if score.contrast:
     if occ.target < 0:
-      raise ValueError("occlusion.contrast needs occlusion.target too")
+      raise config_lib.ConfigError("occlusion.contrast", occ.contrast, "needs --config.occlusion.target too")
     return np.array([occ.target, occ.contrast], np.int32)
   if score.kind in ("expected_value", "cosine") or occ.target < 0:
     return None
@@ -180,17 +194,30 @@ def detect_face(config, pixels: np.ndarray, name: str, detector: faces.FaceDetec
   """The largest face with the config's detector settings, through the detection cache when it is on.
 
   Raises:
-    faces.NoFaceError: no face was found (the message names `name` and the settings).
+    faces.NoFaceError: no face was found (the message names `name`, the settings and the ones to try).
   """
   detector = detector or faces.default_detector(config.detector)
-  return faces.largest_face(
-    pixels,
-    name,
-    detector=detector,
-    upsample=config.upsample,
-    adjust_threshold=config.detector_threshold,
-    cache=detection_cache() if config.detection_cache else None,
-  )
+  try:
+    return faces.largest_face(
+      pixels,
+      name,
+      detector=detector,
+      upsample=config.upsample,
+      adjust_threshold=config.detector_threshold,
+      cache=detection_cache() if config.detection_cache else None,
+    )
+  except faces.NoFaceError as e:
+    raise faces.NoFaceError(f"{e}; {_no_face_hint(config)}") from None
+
+
+def _no_face_hint(config: ml_collections.ConfigDict) -> str:
+  """The settings that find harder faces, as command-line overrides."""
+  tries = [f"--config.upsample={config.upsample + 1} (smaller faces)"]
+  if config.detector != "cnn":
+    tries.append("--config.detector=cnn (harder faces, slower)")
+  lower = 0.0 if config.detector_threshold > 0 else config.detector_threshold - 0.5
+  tries.append(f"a lower --config.detector_threshold (now {config.detector_threshold:g}; e.g. {lower:g})")
+  return "try " + ", ".join(tries)
 
 
 @functools.cache
@@ -217,11 +244,29 @@ def explain_image(
   Raises:
     fileio.ImageError: the image cannot be read.
     faces.NoFaceError: no face is found.
-    ValueError: bad settings, or non-finite model scores.
+    config.ConfigError: bad settings (checked before the photo is read).
+    ValueError: non-finite model scores.
   """
+  check_settings(config)
   name, pixels = load_input(image, name)
   face = detect_face(config, pixels, name, detector)
   return explain_face(config, pixels, face, name)
+
+
+def check_settings(config: ml_collections.ConfigDict) -> models.FaceModel:
+  """`config.validate`, then what needs the model (its crop, its classes): loads `config.model` and plans its
+  sweep, so that a bad setting is said before any photo is read or face detected.
+
+  Returns:
+    The loaded model.
+
+  Raises:
+    config.ConfigError: naming the key at fault.
+  """
+  config_lib.validate(config)
+  model = models.load_configured(config)
+  sweep_plan(config, model)
+  return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +295,15 @@ def sweep_plan(config: ml_collections.ConfigDict, model: models.FaceModel, targe
     sweep, patch_size, score = model_sweep(model, occ)
   size = model.crop.size
   if not isinstance(occ.stride, int) or occ.stride < 1:
-    raise ValueError(f"occlusion.stride must be a positive int, got {occ.stride!r}")
+    raise config_lib.ConfigError("occlusion.stride", occ.stride, "must be an integer >= 1")
+  if patch_size > size:
+    at = f" ({patch_size} px at the model's face width of {model.crop.face_width:g} px)" if occ.patch_size < 1 else ""
+    raise config_lib.ConfigError(
+      "occlusion.patch_size",
+      occ.patch_size,
+      f"larger than the {model.name} model's {size} px crop{at}; give an odd size up to {size - 1 + size % 2} or a "
+      "smaller fraction of the face width",
+    )
   centres = occlusion.grid_centres(size, size, patch_size=patch_size, stride=occ.stride)
   configured = _target(score, occ, len(model.labels))  # validates the settings even where overridden
   if not override and occ.reference:
@@ -435,10 +488,12 @@ def fit_image(
     fileio.ImageError: the image cannot be read.
     faces.NoFaceError: no face is found.
     FileNotFoundError: the morphable model is missing.
+    config.ConfigError: bad settings (checked before the photo is read).
   """
+  config_lib.validate(config)
+  model = load_morphable(config.morphable_model)
   name, pixels = load_input(image, name)
   face = detect_face(config, pixels, name, detector)
-  model = load_morphable(config.morphable_model)
   result = morphable.fit(model, face.landmarks_xy[None], image_size=pixels.shape[:2])
   result = jax.tree.map(lambda a: np.asarray(a)[0], result)
   if not np.all(np.isfinite(result.vertices_xyd)):
@@ -552,8 +607,11 @@ def cis_image(
   """Canonical Image Saliency of the largest face in one photo (None: the astronaut).
 
   Raises:
-    fileio.ImageError, faces.NoFaceError, FileNotFoundError (a missing 3DMM), ValueError (bad settings, NaN scores).
+    fileio.ImageError, faces.NoFaceError, FileNotFoundError (a missing 3DMM), config.ConfigError (bad settings,
+    checked before the photo is read), ValueError (NaN scores).
   """
+  check_settings(config)
+  load_morphable(config.morphable_model)
   name, pixels = load_input(image, name)
   face = detect_face(config, pixels, name, detector)
   return cis_face(config, pixels, face, name, target=target)

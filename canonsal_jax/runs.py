@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, models, outputs, pipeline, viz
+from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, outputs, pipeline, viz
 
 __all__ = ["run_cms"]
 
@@ -67,13 +67,11 @@ def run_cms(
   num_processes = jax.process_count() if num_processes is None else int(num_processes)
   if not 0 <= process_index < num_processes:
     raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
-  if not isinstance(config.cms.face_batch, int) or config.cms.face_batch < 0:
-    raise ValueError(f"cms.face_batch must be a non-negative int, got {config.cms.face_batch!r}")
+  model = pipeline.check_settings(config)  # every setting, before any photo is read
   figures = viz.FigureSettings.from_config(config)  # checked before the run, used when writing its figures
   spec = dataset if dataset is not None else (config.cms.dataset or datasets.default_dataset())
   files = datasets.files_of(spec)
   labels = datasets.read_labels(config.cms.labels_csv) if config.cms.labels_csv else None
-  model = models.load_configured(config)
   model3d = pipeline.load_morphable(config.morphable_model)
   texture_size = config.cis.texture_size or canonical.default_texture_size(model.crop.size, model3d)
   settings = cms.CMSSettings(texture_size, normalisation=config.cms.normalisation, on_invalid="skip")

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
+from canonsal_jax import config as config_lib
 from canonsal_jax import fileio, models, outputs, pipeline, viz
 
 __all__ = ["DLIB_THRESHOLD", "PairResult", "pair_figure", "pair_scale", "verify_pair", "write_pair"]
@@ -89,6 +90,7 @@ def verify_pair(
     ValueError: the model has no cosine score, or non-finite outputs; faces.NoFaceError / fileio.ImageError naming
       the photo at fault.
   """
+  config_lib.validate(config)
   model = models.load_configured(config)
   if model.score != "cosine":
     raise ValueError(f"verification needs an embedding model with a cosine score (identity), not {model.name!r}")

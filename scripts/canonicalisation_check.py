@@ -12,7 +12,7 @@ python scripts/canonicalisation_check.py --morphable_model=path/to/sfm --photos=
   --novariants
 """
 
-from absl import app, flags
+from absl import flags
 
 from canonsal_jax import cli
 
@@ -33,13 +33,13 @@ _VARIANTS = flags.DEFINE_bool(
 
 
 def main(argv):
-  cli.start(argv)
+  config = cli.resolve(_CONFIG, _OVERRIDES)  # every value checked before anything loads
+  cli.start(argv, out_dirs=[_OUT_DIR])
   import numpy as np
 
   from canonsal_jax import datasets
   from canonsal_jax.evidence import canonicalisation
 
-  config = cli.resolve(_CONFIG, _OVERRIDES)
   yaws = [float(y) for y in _YAWS.value] if _YAWS.value else list(canonicalisation.DEFAULT_YAWS)
   optional = {"template_size": _TEMPLATE_SIZE.value} if _TEMPLATE_SIZE.value else {}
   with cli.user_errors() as failed:
@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,9 +2,12 @@ r"""Canonical Image Saliency of one face: occlusion heatmap, 3DMM fit, the map o
 
 python scripts/cis.py --out_dir=/tmp/cis                               # astronaut, gender, embedded 3DMM
 python scripts/cis.py --image=face.jpg --model=age --morphable_model=path/to/sfm --out_dir=out
+python scripts/cis.py --config=configs/identity.py --config.occlusion.stride=8 --out_dir=/tmp/cis_identity
+python scripts/cis.py --list_models                                    # what --model accepts
+python scripts/cis.py --list_config                                    # every --config.<key> and its value
 """
 
-from absl import app, flags
+from absl import flags
 
 from canonsal_jax import cli
 
@@ -15,10 +18,10 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 
 def main(argv):
-  cli.start(argv)
+  config = cli.resolve(_CONFIG, _OVERRIDES)  # every value checked before anything loads
+  cli.start(argv, out_dirs=[_OUT_DIR])
   from canonsal_jax import outputs, pipeline, viz
 
-  config = cli.resolve(_CONFIG, _OVERRIDES)
   with cli.user_errors() as failed:
     figures = viz.FigureSettings.from_config(config)
     result = pipeline.cis_image(config, _IMAGE.value)
@@ -33,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

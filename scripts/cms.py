@@ -2,6 +2,9 @@ r"""Canonical Model Saliency over a dataset: resumable, bad images skipped and r
 
 python scripts/cms.py --out_dir=/tmp/cms                                  # default photos, gender model
 python scripts/cms.py --images=photos/ --model=age --out_dir=out          # rerun the same command to resume
+python scripts/cms.py --images=builtin:photos --config.cms.labels_csv=labels.csv --out_dir=out
+python scripts/cms.py --list_models                                        # what --model accepts
+python scripts/cms.py --list_config                                        # every --config.<key> and its value
 
 A multi-process job (`jax.distributed`; on CPUs the collectives go through gloo), one command per process, all
 writing to the same out_dir; process 0 merges the processes' checkpoints into the final outputs:
@@ -28,22 +31,20 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0'
 
 
 def main(argv):
-  cli.start(argv)
+  config = cli.resolve(_CONFIG, {**_OVERRIDES, "cms.dataset": _IMAGES})  # every value checked before anything loads
+  cli.start(argv, out_dirs=[_OUT_DIR])
+  if _NUM_PROCESSES.value > 1 and not _COORDINATOR.value:
+    raise app.UsageError("--num_processes > 1 needs --coordinator=host:port")
   import jax
 
   from canonsal_jax import runs
 
   if _NUM_PROCESSES.value > 1:
-    if not _COORDINATOR.value:
-      raise app.UsageError("--num_processes > 1 needs --coordinator=host:port")
     if "jax_cpu_collectives_implementation" in jax.config.values:  # gloo: the barrier's collective on CPUs
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (jax 0.10.2's default; said explicitly)
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
     )
-  config = cli.resolve(_CONFIG, _OVERRIDES)
-  if _IMAGES.value is not None:
-    config.cms.dataset = _IMAGES.value
   logging.info("process %d of %d; local devices: %s", jax.process_index(), jax.process_count(), jax.local_devices())
   start = time.perf_counter()
 
@@ -70,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

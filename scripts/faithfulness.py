@@ -1,18 +1,20 @@
 r"""Faithfulness of the CMS against rival saliency methods and controls, on test images disjoint from the CMS's.
 
-python scripts/cms.py --out_dir=/tmp/cms --config.cms.max_images=40           # a CMS from lfw images 0..39
+python -c "from canonsal_jax import datasets; print(*datasets.builtin_dataset('lfw')[1:41], sep='\n')" >/tmp/lfw.txt
+python scripts/cms.py --images=/tmp/lfw.txt --out_dir=/tmp/cms           # a CMS of 40 LFW crops (not the astronaut)
 python scripts/faithfulness.py --cms=/tmp/cms --images=builtin:photos --out_dir=/tmp/eval \
   --methods=cms,occlusion,grad_cam,grad_cam_plus_plus,vanilla_gradient,integrated_gradients
 
 Writes `metrics.csv` (one row per method and control: Average Drop %, % Increase in Confidence, Win %,
 deletion/insertion AUC with a constant and a blurred substrate, model-randomisation rank correlation, p-values
 against the controls) and `metrics.json` (everything, per image too). Test images the CMS was built from are
-refused.
+refused (by path or file name): `builtin:photos` holds the astronaut, which `builtin:lfw`, the CMS's default
+photo set, holds too, hence the list above.
 """
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from canonsal_jax import cli
 
@@ -32,11 +34,11 @@ _MASS = flags.DEFINE_float("mass", 0.1, "Mass of every map in the drop protocol,
 
 
 def main(argv):
-  cli.start(argv)
+  config = cli.resolve(_CONFIG, _OVERRIDES)  # every value checked before anything loads
+  cli.start(argv, out_dirs=[_OUT_DIR])
   from canonsal_jax import fileio
   from canonsal_jax.evidence import faithfulness
 
-  config = cli.resolve(_CONFIG, _OVERRIDES)
   try:
     table = faithfulness.run_protocol(
       config,
@@ -65,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

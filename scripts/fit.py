@@ -2,9 +2,10 @@ r"""Fits a 3D morphable model to the largest face of a photo: mesh (OBJ/PLY) and
 
 python scripts/fit.py --out_dir=/tmp/fit                                   # astronaut, embedded default
 python scripts/fit.py --image=face.jpg --morphable_model=path/to/sfm --out_dir=out
+python scripts/fit.py --image=small_face.jpg --config.upsample=2 --out_dir=out     # a small face: upsample more
 """
 
-from absl import app, flags
+from absl import flags
 
 from canonsal_jax import cli
 
@@ -15,10 +16,10 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 
 def main(argv):
-  cli.start(argv)
+  config = cli.resolve(_CONFIG, _OVERRIDES)  # every value checked before anything loads
+  cli.start(argv, out_dirs=[_OUT_DIR])
   from canonsal_jax import outputs, pipeline, viz
 
-  config = cli.resolve(_CONFIG, _OVERRIDES)
   with cli.user_errors() as failed:
     figures = viz.FigureSettings.from_config(config)
     fit = pipeline.fit_image(config, _IMAGE.value)
@@ -34,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,11 +3,13 @@ r"""Occlusion saliency of one face: writes the heatmap (.npy) and an overlay PNG
 python scripts/occlusion.py --out_dir=/tmp/canonsal_out                      # astronaut, gender model
 python scripts/occlusion.py --image=face.jpg --model=age --out_dir=out
 python scripts/occlusion.py --config=configs/paper.py --config.occlusion.stride=2 --out_dir=out
+python scripts/occlusion.py --list_models                                    # what --model accepts
+python scripts/occlusion.py --list_config                                    # every --config.<key> and its value
 """
 
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from canonsal_jax import cli
 
@@ -18,13 +20,13 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 
 def main(argv):
-  cli.start(argv)
+  config = cli.resolve(_CONFIG, _OVERRIDES)  # every value checked before anything loads
+  cli.start(argv, out_dirs=[_OUT_DIR])
   import jax
 
   from canonsal_jax import outputs, pipeline, viz
 
-  config = cli.resolve(_CONFIG, _OVERRIDES)
-  logging.info("devices: %s", jax.devices())
+  logging.vlog(1, "devices: %s", jax.devices())
   start = time.perf_counter()
   with cli.user_errors() as failed:
     figures = viz.FigureSettings.from_config(config)
@@ -39,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

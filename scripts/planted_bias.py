@@ -9,7 +9,7 @@ python scripts/planted_bias.py --out_dir=outputs/planted                        
 python scripts/planted_bias.py --regions=nose --seeds=0 --num_faces=12 --steps=60 --out_dir=/tmp/planted
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from canonsal_jax import cli
 from canonsal_jax.evidence import planted
@@ -32,7 +32,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "outputs/planted", "Output folder.")
 
 
 def main(argv):
-  cli.start(argv)
+  cli.start(argv, out_dirs=[_OUT_DIR])
   import jax
 
   with cli.user_errors() as failed:
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,14 +1,18 @@
 r"""A static, offline HTML report of a CMS run: maps per group, differences, regions, tests, metrics, settings.
 
-python scripts/cms.py --out_dir=/tmp/cms --config.cms.labels_csv=labels.csv --config.cms.save_textures=True
+python -c "from canonsal_jax import datasets; print(*datasets.builtin_dataset('lfw')[1:41], sep='\n')" >/tmp/lfw.txt
+python scripts/cms.py --images=/tmp/lfw.txt --out_dir=/tmp/cms --config.cms.save_textures=True
 python scripts/faithfulness.py --cms=/tmp/cms --images=builtin:photos --out_dir=/tmp/eval        # optional
 python scripts/report.py --cms=/tmp/cms --metrics=/tmp/eval --out=/tmp/report             # open index.html
+
+With true labels (`--config.cms.labels_csv=labels.csv`, rows `path_or_basename,label`) the CMS also has a group
+per label and the groups "correct" and "misclassified", which the report shows and compares.
 
 Writes `index.html` (no external URLs, no JavaScript) with `images/`, `meshes/cms_<group>.ply`, `regions.csv`,
 `tests.csv` and `report.json` beside it. The same inputs and --seed give the same files.
 """
 
-from absl import app, flags
+from absl import flags
 
 from canonsal_jax import cli
 
@@ -28,7 +32,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap, the permutations
 
 
 def main(argv):
-  cli.start(argv)
+  cli.start(argv, out_dirs=[_OUT])
   from canonsal_jax.evidence import report
 
   with cli.user_errors() as failed:
@@ -49,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

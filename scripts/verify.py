@@ -22,10 +22,10 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", requi
 
 
 def main(argv):
-  cli.start(argv)
+  config = cli.resolve(_CONFIG, _OVERRIDES)  # every value checked before anything loads
+  cli.start(argv, out_dirs=[_OUT_DIR])
   from canonsal_jax import datasets, verification, viz
 
-  config = cli.resolve(_CONFIG, _OVERRIDES)
   probe, reference = _PROBE.value, _REFERENCE.value
   if (probe is None) != (reference is None):
     raise app.UsageError("give both --probe and --reference, or neither (the shipped example pair)")
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,6 +10,10 @@ from canonsal_jax import assets
 # Compiled programs persist between runs (CI reuses them on the same machine); tiny programs are not worth it.
 assets.enable_compilation_cache()
 
+# Scripts run as subprocesses import this checkout's package, not another copy installed in the environment.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 
 

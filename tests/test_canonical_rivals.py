@@ -61,5 +61,5 @@ def test_rival_cms_and_bad_explainer(tmp_path):
   if skipped:
     with pytest.raises(FileNotFoundError, match="save_textures"):
       outputs.load_textures(tmp_path, skipped)
-  with pytest.raises(ValueError, match=r"explainer must be 'occlusion' or one of .*grad_cam"):
+  with pytest.raises(ValueError, match=r"--config\.explainer=lime: must be one of occlusion, .*grad_cam"):
     pipeline.explain_image(_config("lime"))

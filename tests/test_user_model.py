@@ -75,6 +75,24 @@ def test_user_model_through_the_library(user_module):
   assert np.abs(result.occlusion.heatmap).max() > 0
 
 
+def test_a_setting_the_user_model_cannot_take_is_refused_before_any_photo_is_read(user_module, tmp_path):
+  config = config_lib.default_config()
+  config.model = "my_face_model:build"
+  config.occlusion.patch_size = 33.0  # the table of built-in models cannot know this crop: checked once loaded
+  photo = tmp_path / "not_read.png"
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"^--config\.occlusion\.patch_size=33: larger than the tiny model's 32 px crop; give an odd size up to 31",
+  ):
+    pipeline.explain_image(config, photo)
+  config.occlusion.patch_size = 3.0
+  config.occlusion.target = 2
+  with pytest.raises(
+    config_lib.ConfigError, match=r"^--config\.occlusion\.target=2: not a class index of this model \(0\.\.1, or -1\)"
+  ):
+    pipeline.cis_image(config, photo)
+
+
 def test_bad_user_models_are_clear_errors(user_module):
   with pytest.raises(ValueError, match="not a canonsal_jax FaceModel"):
     models.load("my_face_model:not_a_model")

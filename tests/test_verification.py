@@ -93,7 +93,7 @@ def test_bad_settings_and_inputs(photos, tmp_path):
   config.model = "gender"
   with pytest.raises(ValueError, match="cosine score"):
     pipeline.explain_image(config, photos["obama"])
-  with pytest.raises(ValueError, match=r"impostor needs occlusion\.reference"):
+  with pytest.raises(ValueError, match=r"--config\.occlusion\.impostor=.*needs --config\.occlusion\.reference"):
     pipeline.explain_image(_config(impostor=photos["biden"]), photos["obama"])
   gender = _config()
   gender.model = "gender"

@@ -36,6 +36,7 @@ def from_torch(module, card: ModelCard) -> FaceModel:
 
 
 __all__ = [
+  "BUILTIN",
   "CROP_KINDS",
   "FORMS",
   "SCORE_KINDS",
@@ -84,7 +85,7 @@ _REGISTRY: dict[str, Callable[[], FaceModel]] = {
 }
 
 
-_BUILTIN = frozenset(_REGISTRY)
+BUILTIN = tuple(_REGISTRY)  # the built-in models' names
 
 
 def names() -> tuple[str, ...]:
@@ -100,7 +101,7 @@ def register(name: str, factory: Callable[[], FaceModel]) -> None:
   Raises:
     ValueError: `name` is a built-in model's, or has the form of a path or module spec.
   """
-  if name in _BUILTIN:
+  if name in BUILTIN:
     raise ValueError(f"model name {name!r} is a built-in model's; choose another")
   if not name or ":" in name:
     raise ValueError(f"model name {name!r} must be non-empty and without ':' (that form names files and modules)")
