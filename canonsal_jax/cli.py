@@ -76,9 +76,13 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # What `--model` accepts besides a built-in name, as `--list_models` and `--help` say it.
 MODEL_FORMS = (
-  ("package.module:factory", "an importable function returning a canonsal_jax FaceModel (your JAX/Flax model)"),
-  ("PATH.py:factory", "the same function in a Python file"),
-  ("onnx:PATH", "an ONNX classifier"),
+  ("onnx:PATH", "an ONNX face network (any framework's export), with its model card PATH.json or --model_card"),
+  (
+    "PATH.py:factory",
+    "a function in a Python file returning a canonsal_jax FaceModel (JAX/Flax code, or "
+    "models.from_torch for a PyTorch module)",
+  ),
+  ("package.module:factory", "the same function in an importable module"),
 )
 
 # A command-line error found while the flags were being defined (an unknown config key), said by `run`.

@@ -38,7 +38,6 @@ def from_torch(module, card: ModelCard) -> FaceModel:
 __all__ = [
   "BUILTIN",
   "CROP_KINDS",
-  "FORMS",
   "SCORE_KINDS",
   "CropSpec",
   "FaceModel",
@@ -114,15 +113,6 @@ def load_configured(config) -> FaceModel:
   return load(config.model, config.model_card or None)
 
 
-# The accepted forms of a model name (for help texts and error messages).
-FORMS = (
-  "a built-in name",
-  "onnx:PATH (an ONNX file; its model card PATH.json beside it, or card=)",
-  "PATH.py:factory (a Python file defining a function that returns a FaceModel)",
-  "package.module:factory (an importable module's function that returns a FaceModel)",
-)
-
-
 @functools.cache
 def load(name: str, card: str | None = None) -> FaceModel:
   """Loads a built-in face model, an ONNX file, or a user's factory.
@@ -152,7 +142,8 @@ def load(name: str, card: str | None = None) -> FaceModel:
     loader = _REGISTRY[name]
   except KeyError:
     raise ValueError(
-      f"Unknown model {name!r}; known models: {', '.join(_REGISTRY)}; or give {'; '.join(FORMS[1:])}"
+      f"Unknown model {name!r}; known models: {', '.join(_REGISTRY)}; or give onnx:PATH, PATH.py:factory or "
+      "package.module:factory"
     ) from None
   return loader()
 
