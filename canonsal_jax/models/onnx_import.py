@@ -315,8 +315,9 @@ def _elementwise(fn_np: Callable, fn_jnp: Callable, *args: Any) -> Any:
 
 
 def _unary(node: _Node, fn: Callable[[Any], Any], x: Any) -> Any:
-  if _is_static(x):
-    return np.asarray(fn(jnp.asarray(x)))
+  if _is_static(x):  # shape arithmetic (a Neg of a size): evaluated now, even inside a trace
+    with jax.ensure_compile_time_eval():
+      return np.asarray(fn(jnp.asarray(x)))
   return _T(fn(x.data), x.cl)
 
 
@@ -1040,18 +1041,35 @@ def _fold_constants(graph: OnnxGraph) -> OnnxGraph:
   return dataclasses.replace(graph, statics=statics)
 
 
-def _trace_values(graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int]) -> dict[str, Any]:
-  """Every computed value's (shape, channels-last) on a one-image batch, evaluated abstractly."""
+def _trace_values(
+  graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int], batch: int = 1
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Every computed value's (shape, channels-last) on a batch of `batch` images, and the static values the
+  shape arithmetic computed, evaluated abstractly (nothing is computed on the device)."""
   recorded: dict[str, Any] = {}
+  statics: dict[str, np.ndarray] = {}
 
   def forward(params, x):
     env = _run(graph, params, {graph.input_name: _input_value(x, layout)})
     for name, v in env.items():
       recorded[name] = (tuple(v.shape), isinstance(v, _T) and v.cl)
+      if _is_static(v) and name not in graph.statics:
+        statics[name] = np.asarray(v)
     return 0.0
 
-  jax.eval_shape(forward, graph.params, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
-  return recorded
+  jax.eval_shape(forward, graph.params, jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32))
+  return recorded, statics
+
+
+def _fold_shapes(graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int]) -> OnnxGraph:
+  """The graph with the shape arithmetic that does not depend on the batch size folded into its statics (a
+  TensorFlow-style "same" pool's pads, computed from `Shape(x)[2:]`): what is equal for batches of 1 and 2."""
+  _, one = _trace_values(graph, layout, input_shape, 1)
+  _, two = _trace_values(graph, layout, input_shape, 2)
+  same = {
+    name: v for name, v in one.items() if name in two and v.shape == two[name].shape and np.array_equal(v, two[name])
+  }
+  return dataclasses.replace(graph, statics={**graph.statics, **same})
 
 
 def _value_shape(graph: OnnxGraph, values: dict[str, Any], name: str) -> tuple[int, ...]:
@@ -1074,7 +1092,7 @@ def _layer_graph(
   graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int], output: str
 ) -> tuple[incremental.LayerGraph | None, str]:
   """The network as an `incremental.LayerGraph`, or None and the reason (the operator without geometry)."""
-  values = _trace_values(graph, layout, input_shape)
+  values, _ = _trace_values(graph, layout, input_shape)
   dynamic = _dynamic_names(graph)
   consumers: dict[str, int] = {}
   for node in graph.nodes:
@@ -1085,8 +1103,8 @@ def _layer_graph(
   where = {graph.input_name: 0}  # ONNX value -> spec id
   for k, node in enumerate(graph.nodes):
     dyn_in = [name for name in node.inputs if name in dynamic]
-    if not dyn_in:
-      continue
+    if not dyn_in or node.op in ("Shape", "Size") or all(name in graph.statics for name in node.outputs if name):
+      continue  # shape arithmetic: folded, or evaluated where it is read
     if node.op == "Transpose" and tuple(node.attrs.get("perm", ())) == (0, 3, 1, 2) and not values[dyn_in[0]][1]:
       where[node.outputs[0]] = where[dyn_in[0]]  # NHWC seen as NCHW: the same storage, nothing to compute
       continue
@@ -1290,7 +1308,7 @@ def from_onnx(path: os.PathLike[str] | str, card: ModelCard | os.PathLike[str] |
     logits = _strip_softmax(graph, output)
     log_output = logits is None
     output = logits or output
-  graph = _fold_constants(graph)
+  graph = _fold_shapes(_fold_constants(graph), card.layout, card.input_shape)
   layer_graph, reason = _layer_graph(graph, card.layout, card.input_shape, output)
   apply_fn = _Apply(graph, card.layout, output, log_output, layer_graph, reason)
   params = {name: jnp.asarray(value) for name, value in graph.params.items()}
