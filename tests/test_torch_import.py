@@ -134,3 +134,19 @@ def test_expression_port_round_trips_through_onnx_with_its_real_weights():
   x = np.stack([port.preprocess(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)) for _ in range(3)])
   want = np.asarray(port.logits(x))
   chex.assert_trees_all_close(np.asarray(model.logits(x)), want, rtol=0, atol=RTOL * np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_identity_port_round_trips_through_onnx_with_its_real_weights():
+  """dlib's ResNet face descriptor (29 convolutions, zero-padded residual adds, real weights): JAX port -> its
+  PyTorch twin -> ONNX -> imported, equal to the port; the import keeps a layer graph."""
+  from benchmarks.baselines import torch_models
+
+  port = models.load("identity")
+  card = models.ModelCard(input_size=150, crop="dlib_chip", crop_padding=0.25, output="embedding")
+  model = models.from_torch(torch_models.from_face_model(port), card)
+  assert model.layer_graph is not None, model.apply_fn.layer_graph_reason
+  rng = np.random.default_rng(5)
+  x = np.stack([port.preprocess(rng.integers(0, 256, size=(150, 150, 3), dtype=np.uint8)) for _ in range(2)])
+  want = np.asarray(port.logits(x))
+  chex.assert_trees_all_close(np.asarray(model.logits(x)), want, rtol=0, atol=RTOL * np.abs(want).max())

@@ -171,6 +171,31 @@ class TorchAgeNet(nn.Module):
     return self.fc(x.mean(dim=(2, 3)))
 
 
+class TorchFaceDescriptorNet(nn.Module):
+  """`canonsal_jax.models.dlib_resnet.FaceDescriptorNet` in PyTorch: `[B, 3, 150, 150]` -> descriptors `[B, 128]`.
+
+  A block downsamples where its first convolution is applied at stride 2 in the port: the 3x3 kernels of the
+  `ares_down` blocks are read with no padding, as dlib does; `dlib_resnet._BLOCKS` says which blocks those are.
+  """
+
+  def __init__(self, weights: Weights):
+    super().__init__()
+    from canonsal_jax.models import dlib_resnet
+
+    self.stem_conv = _conv(weights, "stem_conv", stride=2)
+    self.stem_affine = _Affine(weights, "stem_affine")
+    self.blocks = nn.Sequential(
+      *(_Residual(weights, f"blocks/{b}", downsample=down) for b, (_, down) in enumerate(dlib_resnet._BLOCKS))
+    )
+    self.fc = nn.Linear(*weights["fc"].shape, bias=False)
+    with torch.no_grad():
+      self.fc.weight.copy_(_t(weights["fc"].T))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
+    return self.fc(self.blocks(x).mean(dim=(2, 3)))
+
+
 def _max_pool_same(x: torch.Tensor) -> torch.Tensor:
   """TensorFlow's 3x3 stride-2 "same" max pool: the extra padding goes to the bottom and right."""
   pads = []
@@ -266,6 +291,7 @@ _BUILDERS: dict[str, Callable[[Weights], nn.Module]] = {
   "gender": TorchGenderNet,
   "age": TorchAgeNet,
   "expression": lambda w: TorchMiniXception(w, epsilon=_fer_epsilon()),
+  "identity": TorchFaceDescriptorNet,
   "vgg16": TorchVGG16,
 }
 
