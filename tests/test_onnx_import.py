@@ -407,6 +407,33 @@ def test_layer_graph_of_a_residual_network_and_its_exact_incremental_sweep(tmp_p
   chex.assert_trees_all_close(drops["incremental"], drops["full"], rtol=0, atol=1e-5 * scale)
 
 
+def test_a_weight_shared_through_identity_reaches_every_layer(tmp_path):
+  """PyTorch's exporter stores equal weights once and feeds the second layer through an `Identity` node placed
+  anywhere in the graph; each layer of the incremental sweep must still see it."""
+  nodes = [
+    helper.make_node("Identity", ["slope"], ["slope_copy"]),
+    helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+    helper.make_node("PRelu", ["c1", "slope"], ["p1"]),
+    helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+    helper.make_node("PRelu", ["c2", "slope_copy"], ["p2"]),
+    helper.make_node("GlobalAveragePool", ["p2"], ["y"]),
+  ]
+  inits = {"w1": _rand(4, 3, 3, 3), "w2": _rand(4, 4, 3, 3, seed=3), "slope": _rand(4, 1, 1, seed=4)}
+  model = _compare(_save(tmp_path, nodes, inits, (3, 12, 12), name="shared"), 12)
+  image = _rand(12, 12, 3, seed=5)
+  centres = occlusion.grid_centres(12, 12, patch_size=3, stride=1)
+  valid = np.ones(len(centres), bool)
+  drops = {
+    method: np.asarray(
+      occlusion.make_sweep(model.apply_fn, patch_size=3, batch_size=8, score=occlusion.Score("cosine"), method=method)(
+        model.params, image, centres, valid
+      ).drops
+    )
+    for method in ("full", "incremental")
+  }
+  chex.assert_trees_all_close(drops["incremental"], drops["full"], rtol=0, atol=1e-5 * np.abs(drops["full"]).max())
+
+
 def test_a_network_without_geometry_falls_back_and_says_which_operator(tmp_path):
   nodes = [
     helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),

@@ -152,12 +152,18 @@ def load_rnet() -> RNet:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Face-recognition backbones (random weights; their statistics are randomised too so BN is not the identity).
+# Face-recognition backbones, with random weights.
 
 
-def _randomise_batch_norms(net: nn.Module, seed: int) -> nn.Module:
+def _randomise(net: nn.Module, seed: int) -> nn.Module:
+  """He-initialised convolutions and dense layers (PyTorch's default initialisation leaves a deep random
+  network's output almost independent of its input, so its occlusion drops would be rounding noise), random
+  batch-norm statistics and PReLU slopes (so no two layers share a weight and batch norm is not the identity)."""
   gen = torch.Generator().manual_seed(seed)
   for m in net.modules():
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+      fan_in = m.weight[0].numel()
+      m.weight.data.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
       m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
       m.running_var.copy_(1.0 + 0.2 * torch.rand(m.running_var.shape, generator=gen))
@@ -207,7 +213,7 @@ class IResNet(nn.Module):
     self.dropout = nn.Dropout(0.0)
     self.fc = nn.Linear(c * 7 * 7, embedding)
     self.features = nn.BatchNorm1d(embedding)
-    _randomise_batch_norms(self, seed)
+    _randomise(self, seed)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.dropout(self.bn2(self.blocks(self.stem(x))))
@@ -262,7 +268,7 @@ class MobileFaceNet(nn.Module):
     self.gdc = conv_bn(512, 512, 7, 1, 0, groups=512, act=False)  # the global depthwise convolution
     self.linear = nn.Conv2d(512, embedding, 1, bias=False)
     self.bn = nn.BatchNorm2d(embedding)
-    _randomise_batch_norms(self, seed)
+    _randomise(self, seed)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = self.gdc(self.conv(self.blocks(self.stem(x))))

@@ -1186,10 +1186,25 @@ def _node_fn(graph: OnnxGraph, onnx_ids: Sequence[int], reads: str, spatial: dic
         y = _pool_valid(first, spatial, x)
       env = {first.outputs[0]: _T(y, cl=True)}
       rest = onnx_ids[1:]
-    env = _run(graph, bound, env, indices=rest)
+    env = _run(graph, bound, env, indices=[*_weight_nodes(graph), *rest])
     return env[graph.nodes[onnx_ids[-1]].outputs[0]].data
 
   return fn
+
+
+@functools.cache
+def _weight_nodes(graph: OnnxGraph) -> tuple[int, ...]:
+  """Nodes computed from the weights alone (an exporter's `Identity` of a weight shared by two layers, a
+  transposed kernel): a layer's fn runs them first, since they may sit anywhere in the graph."""
+  known = set(graph.params) | set(graph.statics)
+  out = []
+  for i, node in enumerate(graph.nodes):
+    if node.op in ("Shape", "Size") or all(name in graph.statics for name in node.outputs if name):
+      continue
+    if all(not name or name in known for name in node.inputs):
+      out.append(i)
+      known.update(name for name in node.outputs if name)
+  return tuple(out)
 
 
 def _tail_fn(graph: OnnxGraph, start: int, reads: str, output: str, values: dict[str, Any], dynamic: set[str]):
