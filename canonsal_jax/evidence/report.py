@@ -3,10 +3,13 @@
 `write_report(cms_dir, out_dir)` reads a run folder written by `runs.run_cms` (`cms.npz`, `summary.json`,
 and, when the run kept them, the per-image textures `textures/<index>.npz`) and writes into `out_dir`:
 
-* `index.html`: no external URLs, no JavaScript, all text escaped; images are files beside it.
-* `images/*.png`: per group the CMS (signed mean), the absolute CMS (mean |saliency|) and the coverage (images
-  per texel) on the canonical face, with no-data texels hatched grey; difference maps of group pairs on a
-  diverging scale; texel t maps and their significant clusters; example CIS per group; colour bars.
+* `index.html`: no external URLs, no JavaScript, all text escaped; images are files beside it. Laid out for a
+  window 1280 px wide or more (the page never scrolls sideways; tables wrap their headers), every column header
+  in words with its unit (`metric_header`).
+* `images/*.png`: per group the CMS (signed mean) and the absolute CMS (mean |saliency|), each on one scale shared
+  by all groups, and the coverage (images per texel) on the group's own scale, 0 to its image count, all on the
+  canonical face with no-data texels hatched grey; difference maps of group pairs on a diverging scale; texel t
+  maps and their significant clusters; example CIS per group; colour bars.
 * `regions.csv`: per group and region, the CMS's region mass (`stats.region_mass` of the CMS, raw, share,
   area share, density, mean value) and the mean per-image share with its bootstrap interval.
 * `tests.csv`: the per-region permutation tests of every group pair, with Holm-adjusted p-values.
@@ -17,7 +20,12 @@ Statistics (all seeded by `seed`, so the report is the same file for the same in
 
 * Region bars: the per-image region shares kept in the records (share of |saliency| mass), their mean per group
   with a bootstrap interval over images (`stats.bootstrap_ci`), next to the group CMS's own share and the
-  region's share of the UV layout (a region as salient as its size sits at its area share).
+  region's share of the UV layout (a region as salient as its size sits at its area share); in percent, on an
+  axis that ends at a round number above every mark.
+* The metric table of `scripts/faithfulness.py` (with `metrics`): its scores, then its tests against the
+  controls. Units: Average Drop in % of each image's score; Increase in Confidence and Win in % of the images;
+  AUCs in score units; "Area hidden" (the table's `mean_mass`) in pixels, what a map scaled to the setting
+  `mass` (a share of the crop's pixels, 0.1 = 10%) hid per image.
 * Group pairs (`comparisons`): per region, `stats.region_permutation_test` (difference of mean shares, label
   permutations), Holm-adjusted over the regions of the pair and, more strictly, over all pairs and regions.
 * Texel level, where the run saved per-image textures: `stats.cluster_permutation_test` on the normalised
