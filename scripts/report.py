@@ -8,8 +8,9 @@ python scripts/report.py --cms=/tmp/cms --metrics=/tmp/eval --out=/tmp/report   
 With true labels (`--config.cms.labels_csv=labels.csv`, rows `path_or_basename,label`) the CMS also has a group
 per label and the groups "correct" and "misclassified", which the report shows and compares.
 
-Writes `index.html` (no external URLs, no JavaScript) with `images/`, `meshes/cms_<group>.ply`, `regions.csv`,
-`tests.csv` and `report.json` beside it. The same inputs and --seed give the same files.
+Writes `index.html` (no external URLs, no JavaScript; laid out for a window 1280 px wide or more, headers in words
+with their units) with `images/`, `meshes/cms_<group>.ply`, `regions.csv`, `tests.csv` and `report.json` beside
+it. The same inputs and --seed give the same files.
 """
 
 from absl import flags
@@ -18,7 +19,7 @@ from canonsal_jax import cli
 
 _CMS = flags.DEFINE_string("cms", None, "The CMS run folder (cms.npz, summary.json, textures/).", required=True)
 _METRICS = flags.DEFINE_string(
-  "metrics", None, "A metrics table of scripts/faithfulness.py: its folder or metrics.json."
+  "metrics", None, "A metrics table of scripts/faithfulness.py: its folder, metrics.json or metrics.csv."
 )
 _OUT = flags.DEFINE_string("out", None, "Folder for the report.", required=True)
 _MORPHABLE = flags.DEFINE_string(

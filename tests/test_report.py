@@ -3,6 +3,7 @@ files, determinism, and a real run's report rendered by headless Chromium."""
 
 import csv
 import dataclasses
+import html
 import json
 import os
 import pathlib
@@ -164,7 +165,7 @@ def test_report_of_planted_groups(tmp_path):
     "grad_cam": "does not beat: drop vs face_mask",
     "face_mask": "control",
   }
-  assert "does not beat: drop vs face_mask" in page and "higher drop: better" in page
+  assert "beats 1 of 2 tests" in page and "higher drop: better" in page
 
   # Text is escaped everywhere (group names, skip reasons, asset names); file names are safe.
   assert "<b>" not in page and "&lt;b&gt;" in page and 'in <img src="x">' not in page
@@ -232,17 +233,71 @@ def _chromium() -> str:
   return found
 
 
-# Added only to a copy of the page, for the test: after load, the title lists 1 per image that decoded, 0 per
+# Added only to a copy of the page, for the test: after load, a <pre id="probe"> holds, as JSON, the page's
+# width against the window's, the table boxes that scroll inside themselves, and 1 per image that decoded, 0 per
 # image that did not.
-_PROBE = (
-  '<script>window.addEventListener("load", () => { document.title = "images:" + Array.from(document.images)'
-  '.map(i => (i.complete && i.naturalWidth > 0) ? "1" : "0").join(""); });</script>'
-)
+_PROBE = """<script>window.addEventListener("load", () => {
+  const root = document.documentElement;
+  const probe = document.createElement("pre");
+  probe.id = "probe";
+  probe.textContent = JSON.stringify({
+    scrollWidth: root.scrollWidth, clientWidth: root.clientWidth, innerWidth: window.innerWidth,
+    scrollingTables: Array.from(document.querySelectorAll("div.table")).filter(b => b.scrollWidth > b.clientWidth)
+      .map(b => b.querySelector("th").textContent),
+    images: Array.from(document.images).map(i => (i.complete && i.naturalWidth > 0) ? "1" : "0").join(""),
+  });
+  document.body.appendChild(probe);
+});</script>"""
+_WIDTH = 1280  # the narrowest window the report is laid out for
+
+
+def _artifact_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+  """Where screenshots are kept: $CANONSAL_TEST_ARTIFACTS if set, else the test's temporary folder."""
+  folder = pathlib.Path(os.environ.get("CANONSAL_TEST_ARTIFACTS") or tmp_path)
+  folder.mkdir(parents=True, exist_ok=True)
+  return folder
+
+
+def _open_in_chromium(out: pathlib.Path, shot: pathlib.Path, *, width: int = _WIDTH) -> dict:
+  """Opens `out/index.html` in headless Chromium `width` px wide: the probe's measurements; a screenshot to `shot`."""
+  chromium = _chromium()
+  page = (out / "index.html").read_text(encoding="utf-8")
+  probe = out / "probe.html"
+  probe.write_text(page.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+  browser = [
+    chromium,
+    "--headless",
+    "--disable-gpu",
+    "--no-sandbox",
+    "--hide-scrollbars",
+    "--virtual-time-budget=10000",
+  ]
+  done = subprocess.run(
+    [*browser, f"--window-size={width},1000", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+  )
+  found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.DOTALL)
+  assert found is not None, (done.stdout[:500], done.stderr[-2000:])
+  measured = json.loads(html.unescape(found.group(1)))
+  subprocess.run(
+    [*browser, f"--screenshot={shot}", f"--window-size={width},2000", (out / "index.html").as_uri()],
+    capture_output=True,
+    timeout=120,
+  )
+  print(f"screenshot of the report at {width} px: {shot}")
+  return measured
+
+
+def _check_fits(measured: dict, page: str, *, width: int = _WIDTH) -> None:
+  """The page is laid out in the window: no horizontal scrolling, no table scrolling in its box, images decode."""
+  assert measured["innerWidth"] == width, measured  # the window size was applied
+  assert measured["scrollWidth"] <= measured["clientWidth"], measured
+  assert measured["scrollingTables"] == [], measured
+  assert measured["images"] == "1" * page.count("<img "), measured
 
 
 @pytest.mark.slow
 def test_real_run_report_renders_in_chromium(tmp_path):
-  chromium = _chromium()
+  _chromium()  # skip (or fail in CI) before the run when there is no browser
   files = datasets.builtin_dataset("lfw")[:4]
   labels = tmp_path / "labels.csv"
   labels.write_text("".join(f"{pathlib.Path(f).name},{'ab'[i % 2]}\n" for i, f in enumerate(files)))
@@ -256,42 +311,171 @@ def test_real_run_report_renders_in_chromium(tmp_path):
   assert acc.num_images("label_a") == 2 and acc.num_images("label_b") == 2
 
   out = tmp_path / "report"
-  cmd = [sys.executable, str(_SCRIPT), f"--cms={tmp_path / 'run'}", f"--out={out}", "--permutations=49"]
+  metrics = _wide_metrics_table(tmp_path / "eval")
+  cmd = [sys.executable, str(_SCRIPT), f"--cms={tmp_path / 'run'}", f"--out={out}", f"--metrics={metrics}"]
   # The script reuses the programs this process compiled (UV raster, canonical renders) from the persistent cache.
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   if getattr(jax.config, "jax_compilation_cache_dir", None):
     env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(jax.config.jax_persistent_cache_min_compile_time_secs)
   done = subprocess.run(
-    [*cmd, "--bootstrap=100", "--seed=1", "--max_examples=1"], capture_output=True, text=True, env=env, timeout=300
+    [*cmd, "--permutations=49", "--bootstrap=100", "--seed=1", "--max_examples=1"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
   )
   assert done.returncode == 0, done.stderr[-3000:]
   page = _check_offline_html(out)
   for group in acc.groups():
     assert f"<h3>{group}</h3>" in page
   assert "label_a (2) vs label_b (2)" in page and "did not save" not in page
-  assert "No metrics table was given" in page
+  assert "Tests against the controls" in page and "No metrics table was given" not in page
   regions = canonical.region_labels(pipeline.load_morphable("default"), acc.texture_size)
   rows = [r for r in _read_csv(out / "regions.csv") if r["group"] == "all"]
   want = stats.region_mass(*acc.mean("all"), regions)
   np.testing.assert_allclose([float(r["cms_share"]) for r in rows], want.share, rtol=1e-12)
 
-  # Every image decodes in the browser, and the page is not blank.
-  probe = out / "probe.html"
-  probe.write_text(page.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
-  browser = [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=10000"]
-  dom = subprocess.run([*browser, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
-  loaded = re.search(r"<title>images:([01]*)</title>", dom)
-  assert loaded is not None, dom[:500]
-  assert loaded.group(1) == "1" * page.count("<img "), loaded.group(1)
-  shot = out / "screenshot.png"
-  subprocess.run(
-    [*browser, f"--screenshot={shot}", "--window-size=1280,2000", (out / "index.html").as_uri()],
-    capture_output=True,
-    timeout=120,
-  )
+  # Every image decodes in the browser, the page fits a 1280 px window, and it is not blank.
+  shot = _artifact_dir(tmp_path) / "report_real_run_1280.png"
+  _check_fits(_open_in_chromium(out, shot), page)
   pixels = np.asarray(Image.open(shot).convert("RGB"), np.float64)
   assert pixels.shape == (2000, 1280, 3) and pixels.std() > 20
   # The first CMS row is drawn: the face renders put saturated colour (not grey, not white) on the screen.
   saturation = pixels.max(axis=-1) - pixels.min(axis=-1)
   assert (saturation > 60).mean() > 0.01
+
+
+# ------------------------------------------------------------------------------------------ readability
+
+# A metrics table with every column scripts/faithfulness.py writes, for four methods and three controls: the
+# widest table the report shows.
+_METHODS = ("cms", "occlusion", "grad_cam", "vanilla_gradient")
+_CONTROLS = ("face_mask", "gaussian", "cms_random")
+
+
+def _wide_metrics_table(folder: pathlib.Path) -> pathlib.Path:
+  rng = np.random.default_rng(1)
+  rows = []
+  for method in (*_METHODS, *_CONTROLS):
+    row = {"method": method, "kind": "control" if method in _CONTROLS else "method"}
+    row |= {"average_drop_pct": 45.25, "increase_in_confidence_pct": 3.125, "win_pct": 12.5}
+    for curve in ("deletion", "insertion"):
+      row |= {f"{curve}_auc_{substrate}": float(rng.uniform()) for substrate in ("constant", "blur")}
+    row |= {"mean_mass": 102.4, "randomisation_spearman": float(rng.uniform())}
+    for test in ("drop", "deletion_blur"):
+      row |= {f"{test}_p_vs_{c}": float(rng.uniform(0, 0.1)) if method in _METHODS else float("nan") for c in _CONTROLS}
+    row |= {"beats_controls": None if method in _CONTROLS else True, "num_images": 40, "num_excluded": 0}
+    rows.append(row)
+  settings = {
+    "direction": "higher average drop: better",
+    "mass": 0.1,
+    "mass_rule": "clipped: every map hides the same mass after clipping to [0, 1]",
+    "cms": "/data/runs/" + "a_very_long_folder_name_without_spaces_" * 4,
+    "model": "gender",
+    "deletion_steps": 32,
+  }
+  table = {"rows": rows, "images": [f"t{i}" for i in range(40)], "skipped": [], "settings": settings}
+  faithfulness.write_evaluation(table, folder)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def small_report(tmp_path_factory) -> pathlib.Path:
+  """A report of a small synthetic run (groups of 3 and 6 images: all, A, B) with the widest metric table."""
+  folder = tmp_path_factory.mktemp("small_report")
+  _synthetic_run(folder / "run", save_textures=False, num_per_group=3)
+  options = dataclasses.replace(_FAST, num_bootstrap=50, num_permutations=19)  # _FAST's renders: compiled once
+  report.write_report(folder / "run", folder / "report", metrics=_wide_metrics_table(folder / "eval"), options=options)
+  return folder / "report"
+
+
+def _headers(page: str) -> list[str]:
+  """The text of every table header cell (its title and unit), unescaped."""
+  cells = re.findall(r"<th[^>]*>(.*?)</th>", page, re.DOTALL)
+  return [html.unescape(re.sub(r"<[^>]+>", " ", c)).strip() for c in cells]
+
+
+def test_table_headers_are_words_with_units(small_report):
+  page = (small_report / "index.html").read_text(encoding="utf-8")
+  headers = _headers(page)
+  assert headers
+  # No snake_case identifier (deletion_auc_blur, mean_mass, images_listed) is a header; group names are the
+  # user's own words.
+  words = [h.replace(_A, "A").replace(_B, "B") for h in headers]
+  raw = [h for h in words if re.search(r"[A-Za-z0-9]_[A-Za-z0-9]", h)]
+  assert not raw, raw
+  # Every metric column has its title and its unit and direction.
+  for column in ("deletion_auc_blur", "average_drop_pct", "win_pct", "mean_mass", "drop_p_vs_face_mask"):
+    title, unit = report.metric_header(column)
+    assert f"{title} {unit}" in headers, (column, headers)
+  assert "Deletion AUC, blurred substitute score units; lower = more faithful" in headers
+  assert any(h.startswith("Average Drop % of the score") for h in headers)
+  # A column the report does not know is shown in words.
+  assert report.metric_header("new_metric_pct") == ("New metric %", "")
+
+
+def test_mass_has_its_unit(small_report):
+  page = html.unescape((small_report / "index.html").read_text(encoding="utf-8"))
+  # The setting "mass 0.1" is a share of the crop's pixels; the column "mean_mass" (102.4) is in pixels.
+  assert "Area hidden pixels per image (mean)" in _headers(page)
+  assert "hide 10% of the face crop's pixels (mass 0.1, a share of the crop" in page
+  assert "0.1 × the crop's pixel count" in page
+  assert "mass: 0.1" not in page and "mean_mass" not in page
+
+
+def test_region_bars_label_their_numbers_and_hold_their_marks(small_report):
+  page = (small_report / "index.html").read_text(encoding="utf-8")
+  svgs = re.findall(r"<svg[^>]*aria-label=\"[^\"]*images\)\".*?</svg>", page, re.DOTALL)
+  assert len(svgs) == 3  # all, A, B
+  # A crafted plot whose largest value is the "other" region's area share (as a real run's often is).
+  names = list(morphable.REGION_NAMES)
+  small = np.full(len(names), 0.05)
+  area = small.copy()
+  area[0] = 0.93
+  crafted = report._region_svg(names, small, small / 2, small * 1.5, small, area, "crafted")
+  for svg in [*svgs, crafted]:
+    # The number column has a header, and one number per region under it.
+    assert re.search(r'<text class="value-header"[^>]*>mean per image</text>', svg)
+    assert len(re.findall(r'<text class="value"', svg)) == len(names)
+    ((x0, x1),) = [tuple(map(float, m)) for m in re.findall(r'class="axis" x1="([\d.]+)" x2="([\d.]+)"', svg)]
+    # Every mark (bar end, interval ends, area tick, CMS diamond centre) is on the axis.
+    xs = [float(v) for v in re.findall(r'class="(?:interval|area)" x1="([\d.]+)"', svg)]
+    xs += [float(v) for v in re.findall(r'class="(?:interval|area)" x1="[\d.]+" x2="([\d.]+)"', svg)]
+    xs += [x0 + float(w) for w in re.findall(r'class="bar" x="[\d.]+" y="[\d.]+" width="([\d.]+)"', svg)]
+    xs += [float(p) for p in re.findall(r'class="cms" points="([\d.]+),', svg)]
+    assert len(xs) >= 3 * len(names) and all(x0 - 1e-6 <= x <= x1 + 1e-6 for x in xs), (x0, x1, max(xs))
+    # The axis's ticks are on it, the last one at its end, and the end's label is at least every value drawn.
+    ticks = [float(v) for v in re.findall(r'class="tick" x1="([\d.]+)"', svg)]
+    assert ticks[0] == x0 and ticks[-1] == x1
+    labels = re.findall(r'class="tick-label" x="([\d.]+)"[^>]*>([\d.]+)%</text>', svg)
+    assert float(labels[-1][0]) == x1
+    # The number column starts right of the axis's end, past the diamond's half-width.
+    values_x = [float(v) for v in re.findall(r'<text class="value" x="([\d.]+)"', svg)]
+    assert all(v > x1 + 40 for v in values_x)
+  top = float(re.findall(r'class="tick-label"[^>]*>([\d.]+)%</text>', crafted)[-1])
+  assert top >= 93.0
+  area_x = float(re.findall(r'class="area" x1="([\d.]+)"', crafted)[0])
+  ((x0, x1),) = [tuple(map(float, m)) for m in re.findall(r'class="axis" x1="([\d.]+)" x2="([\d.]+)"', crafted)]
+  assert x0 < area_x <= x1
+
+
+def test_each_group_has_its_own_coverage_scale(small_report):
+  page = html.unescape((small_report / "index.html").read_text(encoding="utf-8"))
+  numbers = json.loads((small_report / "report.json").read_text())
+  scales = numbers["colour_scales"]["coverage"]
+  assert scales == {"all": 6, _A: 3, _B: 3}  # each group's own image count
+  for group, top in scales.items():
+    assert numbers["groups"][group]["coverage_scale"] == top
+    # The legend under the group's heading ends at the group's own count.
+    assert re.search(rf"coverage of {re.escape(group)} \(images of its {top}\): 0 <img [^>]*> {top};", page), group
+    assert f"coverage: {group} (0 to {top} images)" in page
+
+
+@pytest.mark.slow  # two browser starts: over 8 s on a shared 2-core machine
+def test_report_fits_1280_px_in_chromium(small_report, tmp_path):
+  page = _check_offline_html(small_report)
+  shot = _artifact_dir(tmp_path) / "report_synthetic_1280.png"
+  _check_fits(_open_in_chromium(small_report, shot), page)
+  pixels = np.asarray(Image.open(shot).convert("RGB"), np.float64)
+  assert pixels.shape == (2000, _WIDTH, 3) and pixels.std() > 20

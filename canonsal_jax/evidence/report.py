@@ -3,10 +3,13 @@
 `write_report(cms_dir, out_dir)` reads a run folder written by `runs.run_cms` (`cms.npz`, `summary.json`,
 and, when the run kept them, the per-image textures `textures/<index>.npz`) and writes into `out_dir`:
 
-* `index.html`: no external URLs, no JavaScript, all text escaped; images are files beside it.
-* `images/*.png`: per group the CMS (signed mean), the absolute CMS (mean |saliency|) and the coverage (images
-  per texel) on the canonical face, with no-data texels hatched grey; difference maps of group pairs on a
-  diverging scale; texel t maps and their significant clusters; example CIS per group; colour bars.
+* `index.html`: no external URLs, no JavaScript, all text escaped; images are files beside it. Laid out for a
+  window 1280 px wide or more (the page never scrolls sideways; tables wrap their headers), every column header
+  in words with its unit (`metric_header`).
+* `images/*.png`: per group the CMS (signed mean) and the absolute CMS (mean |saliency|), each on one scale shared
+  by all groups, and the coverage (images per texel) on the group's own scale, 0 to its image count, all on the
+  canonical face with no-data texels hatched grey; difference maps of group pairs on a diverging scale; texel t
+  maps and their significant clusters; example CIS per group; colour bars.
 * `regions.csv`: per group and region, the CMS's region mass (`stats.region_mass` of the CMS, raw, share,
   area share, density, mean value) and the mean per-image share with its bootstrap interval.
 * `tests.csv`: the per-region permutation tests of every group pair, with Holm-adjusted p-values.
@@ -17,7 +20,12 @@ Statistics (all seeded by `seed`, so the report is the same file for the same in
 
 * Region bars: the per-image region shares kept in the records (share of |saliency| mass), their mean per group
   with a bootstrap interval over images (`stats.bootstrap_ci`), next to the group CMS's own share and the
-  region's share of the UV layout (a region as salient as its size sits at its area share).
+  region's share of the UV layout (a region as salient as its size sits at its area share); in percent, on an
+  axis that ends at a round number above every mark.
+* The metric table of `scripts/faithfulness.py` (with `metrics`): its scores, then its tests against the
+  controls. Units: Average Drop in % of each image's score; Increase in Confidence and Win in % of the images;
+  AUCs in score units; "Area hidden" (the table's `mean_mass`) in pixels, what a map scaled to the setting
+  `mass` (a share of the crop's pixels, 0.1 = 10%) hid per image.
 * Group pairs (`comparisons`): per region, `stats.region_permutation_test` (difference of mean shares, label
   permutations), Holm-adjusted over the regions of the pair and, more strictly, over all pairs and regions.
 * Texel level, where the run saved per-image textures: `stats.cluster_permutation_test` on the normalised
@@ -46,7 +54,16 @@ import numpy as np
 from canonsal_jax import canonical, cms, fileio, morphable, outputs, pipeline, viz
 from canonsal_jax.evidence import stats
 
-__all__ = ["REGION_COLUMNS", "ReportOptions", "comparisons", "load_metrics", "vertex_values", "write_report"]
+__all__ = [
+  "METRIC_HEADERS",
+  "REGION_COLUMNS",
+  "ReportOptions",
+  "comparisons",
+  "load_metrics",
+  "metric_header",
+  "vertex_values",
+  "write_report",
+]
 
 # Columns of regions.csv, in order.
 REGION_COLUMNS = (
@@ -78,14 +95,20 @@ _TEST_COLUMNS = (
   "significant",
 )
 _STYLE = """
-body { font-family: sans-serif; margin: 1.5em; max-width: 1250px; color: #222; }
+body { font-family: sans-serif; margin: 1.5em auto; padding: 0 1.5em; max-width: 1200px; color: #222;
+  overflow-wrap: anywhere; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
+.table { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; margin: .5em 0; font-size: .9em; }
-th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; } th { text-align: left; }
-th:first-child, td:first-child, td.text { text-align: left; }
+th, td { border: 1px solid #ccc; padding: .2em .5em; text-align: right; vertical-align: top; }
+th { text-align: left; vertical-align: bottom; font-weight: 600; max-width: 11em; overflow-wrap: normal; }
+th:first-child, td:first-child, td.text { text-align: left; } td.text { max-width: 32em; }
+td.text:first-child { min-width: 6em; }
+th .unit { display: block; font-weight: normal; font-size: .85em; color: #555; }
 tr.control td { background: #f3f3f3; font-style: italic; } tr.significant td { background: #fff3c4; }
 figure { display: inline-block; margin: .3em .6em .6em 0; vertical-align: top; }
 figcaption { font-size: .85em; max-width: 260px; }
+img, svg { max-width: 100%; height: auto; }
 .note { background: #eef4fb; border-left: 4px solid #4a7ab5; padding: .4em .8em; }
 .missing { background: #fdf0e6; border-left: 4px solid #c06a2b; padding: .4em .8em; }
 pre { background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .8em; max-height: 40em; }
@@ -290,14 +313,25 @@ def _fmt(value: Any, digits: int = 3) -> str:
   return str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequence[str] | None = None) -> str:
-  head = "".join(f"<th>{_e(h)}</th>" for h in header)
+def _th(header: str | tuple[str, str]) -> str:
+  """A header cell: a title, or (title, unit) with the unit on its own line."""
+  if isinstance(header, tuple):
+    title, unit = header
+    return f'<th scope="col">{_e(title)}<span class="unit">{_e(unit)}</span></th>'
+  return f'<th scope="col">{_e(header)}</th>'
+
+
+def _table(
+  header: Sequence[str | tuple[str, str]], rows: Sequence[Sequence[Any]], classes: Sequence[str] | None = None
+) -> str:
+  """A table in a box of the page's width (it scrolls inside the box, never the page, if it cannot fit)."""
+  head = "".join(_th(h) for h in header)
   body = []
   for i, row in enumerate(rows):
     cls = f' class="{_e(classes[i])}"' if classes and classes[i] else ""
     cells = "".join(f'<td class="text">{_e(v)}</td>' if isinstance(v, str) else f"<td>{_e(_fmt(v))}</td>" for v in row)
     body.append(f"<tr{cls}>{cells}</tr>")
-  return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+  return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _link(rel: str) -> str:
@@ -319,43 +353,95 @@ def _scale(bar: str, low: str, high: str, what: str) -> str:
   )
 
 
+def _nice_ceiling(value: float) -> float:
+  """The smallest round number (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of 10) at or above `value` > 0."""
+  power = 10.0 ** math.floor(math.log10(value))
+  for step in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0):
+    if step * power >= value * (1 - 1e-9):
+      return step * power
+  return 10.0 * power
+
+
+def _pct(share: float) -> str:
+  """A share in [0, 1] as a percentage with two significant digits ("–" when not finite)."""
+  if not np.isfinite(share):
+    return "–"
+  percent = 100.0 * float(share)
+  return f"{percent:.0f}%" if abs(percent) >= 9.95 else f"{percent:.2g}%"
+
+
 def _region_svg(names: Sequence[str], est, low, high, cms_share, area_share, title: str) -> str:
   """Horizontal bars (mean per-image share) with interval whiskers, the CMS share (black diamond) and the area
-  share (grey tick), one row per region, as inline SVG."""
-  label_w, bar_w, row_h, top = 80, 440, 18, 24
-  finite = [v for v in (*high, *est, *cms_share, *area_share) if np.isfinite(v)]
-  top_value = max(max(finite, default=0.0), 1e-12)
-  x = lambda v: label_w + bar_w * float(v) / top_value
-  height = top + row_h * len(names) + 20
+  share (grey tick), one row per region, as inline SVG.
+
+  The axis runs from 0 to a round number at or above every value drawn, so every mark lies on it; its ticks are
+  labelled in percent, and the number column (the bar's value) has its own header.
+  """
+  label_w, bar_w, row_h, top, value_w = 80, 440, 18, 40, 96
+  finite = [float(v) for v in (*high, *est, *cms_share, *area_share) if np.isfinite(v)]
+  top_value = _nice_ceiling(max(max(finite, default=0.0), 1e-6))
+  x0, x1 = label_w, label_w + bar_w
+  x = lambda v: x0 + bar_w * float(v) / top_value
+  axis_y = top + row_h * len(names) + 4
+  height = axis_y + 52
+  width = x1 + value_w
   parts = [
-    f'<svg width="{label_w + bar_w + 90}" height="{height}" role="img" aria-label="{_e(title)}">',
+    f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
     f'<text x="0" y="14" font-size="12">{_e(title)}</text>',
+    f'<text class="column-header" x="0" y="{top - 6}" font-size="10" font-weight="bold">region</text>',
+    f'<text class="column-header" x="{x0}" y="{top - 6}" font-size="10" font-weight="bold">'
+    "share of the |saliency| mass</text>",
+    f'<text class="value-header" x="{width - 2}" y="{top - 6}" font-size="10" font-weight="bold" '
+    'text-anchor="end">mean per image</text>',
   ]
+  for k in range(5):  # vertical grid lines and ticks at quarters of the axis
+    tx = x0 + bar_w * k / 4
+    parts.append(f'<line class="grid" x1="{tx:.1f}" x2="{tx:.1f}" y1="{top}" y2="{axis_y}" stroke="#eee"/>')
+    parts.append(f'<line class="tick" x1="{tx:.1f}" x2="{tx:.1f}" y1="{axis_y}" y2="{axis_y + 4}" stroke="#444"/>')
+    anchor = "start" if k == 0 else "end" if k == 4 else "middle"
+    parts.append(
+      f'<text class="tick-label" x="{tx:.1f}" y="{axis_y + 15}" font-size="10" text-anchor="{anchor}">'
+      f"{_e(_pct(top_value * k / 4))}</text>"
+    )
+  parts.append(f'<line class="axis" x1="{x0}" x2="{x1}" y1="{axis_y}" y2="{axis_y}" stroke="#444"/>')
   for i, name in enumerate(names):
     y = top + i * row_h
     parts.append(f'<text x="0" y="{y + 12}" font-size="11">{_e(name)}</text>')
     if np.isfinite(est[i]):
       parts.append(
-        f'<rect x="{label_w}" y="{y + 3}" width="{x(est[i]) - label_w:.1f}" height="{row_h - 6}" fill="#7fa7d6"/>'
+        f'<rect class="bar" x="{x0}" y="{y + 3}" width="{x(est[i]) - x0:.1f}" height="{row_h - 6}" fill="#7fa7d6"/>'
       )
     if np.isfinite(low[i]) and np.isfinite(high[i]):
       parts.append(
-        f'<line x1="{x(low[i]):.1f}" x2="{x(high[i]):.1f}" y1="{y + row_h / 2}" y2="{y + row_h / 2}" '
-        'stroke="#1f3f66" stroke-width="1.5"/>'
+        f'<line class="interval" x1="{x(low[i]):.1f}" x2="{x(high[i]):.1f}" y1="{y + row_h / 2}" '
+        f'y2="{y + row_h / 2}" stroke="#1f3f66" stroke-width="1.5"/>'
       )
     if np.isfinite(area_share[i]):
       parts.append(
-        f'<line x1="{x(area_share[i]):.1f}" x2="{x(area_share[i]):.1f}" y1="{y + 1}" y2="{y + row_h - 1}" '
-        'stroke="#999" stroke-width="2"/>'
+        f'<line class="area" x1="{x(area_share[i]):.1f}" x2="{x(area_share[i]):.1f}" y1="{y + 1}" '
+        f'y2="{y + row_h - 1}" stroke="#999" stroke-width="2"/>'
       )
     if np.isfinite(cms_share[i]):
       cx, cy = x(cms_share[i]), y + row_h / 2
-      parts.append(f'<polygon points="{cx:.1f},{cy - 5} {cx + 4:.1f},{cy} {cx:.1f},{cy + 5} {cx - 4:.1f},{cy}"/>')
-    parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 12}" font-size="10">{_e(_fmt(est[i], 2))}</text>')
-  axis_y = top + row_h * len(names) + 14
-  parts.append(f'<text x="{label_w}" y="{axis_y}" font-size="10">0</text>')
-  parts.append(f'<text x="{label_w + bar_w - 30}" y="{axis_y}" font-size="10">{_e(_fmt(top_value, 2))}</text>')
-  parts.append("</svg>")
+      parts.append(
+        f'<polygon class="cms" points="{cx:.1f},{cy - 5} {cx + 4:.1f},{cy} {cx:.1f},{cy + 5} {cx - 4:.1f},{cy}"/>'
+      )
+    parts.append(
+      f'<text class="value" x="{width - 2}" y="{y + 12}" font-size="10" text-anchor="end">{_e(_pct(est[i]))}</text>'
+    )
+  # The key: what each mark is.
+  key_y = axis_y + 36
+  parts += [
+    f'<rect x="{x0}" y="{key_y - 8}" width="14" height="8" fill="#7fa7d6"/>',
+    f'<text x="{x0 + 18}" y="{key_y}" font-size="10">mean per image</text>',
+    f'<line x1="{x0 + 110}" x2="{x0 + 130}" y1="{key_y - 4}" y2="{key_y - 4}" stroke="#1f3f66" stroke-width="1.5"/>',
+    f'<text x="{x0 + 134}" y="{key_y}" font-size="10">interval</text>',
+    f'<polygon points="{x0 + 190},{key_y - 9} {x0 + 194},{key_y - 4} {x0 + 190},{key_y + 1} {x0 + 186},{key_y - 4}"/>',
+    f'<text x="{x0 + 198}" y="{key_y}" font-size="10">group CMS</text>',
+    f'<line x1="{x0 + 270}" x2="{x0 + 270}" y1="{key_y - 10}" y2="{key_y + 2}" stroke="#999" stroke-width="2"/>',
+    f'<text x="{x0 + 276}" y="{key_y}" font-size="10">share of the face area</text>',
+    "</svg>",
+  ]
   return "".join(parts)
 
 
@@ -364,7 +450,9 @@ def _histogram_svg(values: np.ndarray, bins: int = 10) -> str:
   counts, _ = np.histogram(values, bins=bins, range=(0.0, 1.0))
   peak = max(int(counts.max()), 1)
   w, h, bw, top = 420, 120, 40, 14  # top: room for the tallest bar's count
-  parts = [f'<svg width="{w}" height="{top + h + 30}" role="img" aria-label="histogram">']
+  parts = [
+    f'<svg width="{w}" height="{top + h + 30}" viewBox="0 0 {w} {top + h + 30}" role="img" aria-label="histogram">'
+  ]
   for k, c in enumerate(counts):
     bar = h * int(c) / peak
     y = top + h - bar
@@ -413,41 +501,62 @@ def _cms_section(rep: _Report) -> str:
   absolute = {g: run.acc.mean(g, min_count=rep.min_count, kind="absolute") for g in groups}
   counts = {g: run.acc.sums(g).count for g in groups}
   vmax_s, vmax_a = _vmax(list(signed.values())), _vmax(list(absolute.values()))
-  vmax_c = float(max(int(c.max()) for c in counts.values()) or 1)
   is_signed = any(np.any(m[v] < 0) for m, v in signed.values())
   bars = {k: rep.files.png(f"scale_{k}", _colorbar(k == "signed")) for k in ("signed", "sequential")}
   unseen = "no image saw" if rep.min_count == 1 else f"seen by fewer than {rep.min_count} images"
   out = [
     f"<p>Each group's CMS is the weighted mean of its images' normalised CIS ({_e(run.acc.settings.normalisation)}) "
     f"over the images that saw each texel; texels {unseen} are no data "
-    "(hatched grey), never zero saliency. Coverage counts the images that saw each texel. All groups share "
-    "one colour scale per kind. A per-vertex PLY of each CMS (the canonical face, coloured) is in meshes/.</p>",
+    "(hatched grey), never zero saliency. The CMS and the absolute CMS of all groups share one colour scale "
+    "each (below), so groups compare by colour. Coverage counts the images that saw each texel; each group's "
+    "coverage has its own scale, from 0 to the group's image count (under its heading), so a small group's "
+    "coverage is as readable as a large one's. A per-vertex PLY of each CMS (the canonical face, coloured) is in "
+    "meshes/.</p>",
     _scale(bars["signed" if is_signed else "sequential"], _fmt(-vmax_s if is_signed else 0.0), _fmt(vmax_s), "CMS"),
     _scale(bars["sequential"], "0", _fmt(vmax_a), "absolute CMS"),
-    _scale(bars["sequential"], "0", _fmt(vmax_c), "coverage (images)"),
   ]
+  coverage_scales = {}
   rep.numbers["groups"] = {}
   for g in groups:
     (mean, valid), (mean_abs, valid_abs), count = signed[g], absolute[g], counts[g]
     n = run.acc.num_images(g)
     shown = int(valid.sum())
+    vmax_c = coverage_scales[g] = max(n, 1)  # the group's own images: a texel every one of them saw is the top
     imgs = [
-      (_render(run, mean, valid, size, vmax=vmax_s, signed=is_signed), f"cms_{g}", "CMS"),
-      (_render(run, mean_abs, valid_abs, size, vmax=vmax_a, signed=False), f"cms_{g}_abs", "absolute CMS"),
-      (_render(run, count.astype(np.float64), count > 0, size, vmax=vmax_c, signed=False), f"cov_{g}", "coverage"),
+      (_render(run, mean, valid, size, vmax=vmax_s, signed=is_signed), f"cms_{g}", "CMS", "shared scale"),
+      (
+        _render(run, mean_abs, valid_abs, size, vmax=vmax_a, signed=False),
+        f"cms_{g}_abs",
+        "absolute CMS",
+        "shared scale",
+      ),
+      (
+        _render(run, count.astype(np.float64), count > 0, size, vmax=vmax_c, signed=False),
+        f"cov_{g}",
+        "coverage",
+        f"0 to {vmax_c} images",
+      ),
     ]
     figures = [
-      _figure(rep.files.png(stem, rgb), f"{what}: {g}", f"{what} of group {g}", rgb.shape[:2])
-      for rgb, stem, what in imgs
+      _figure(rep.files.png(stem, rgb), f"{what}: {g} ({scale})", f"{what} of group {g}", rgb.shape[:2])
+      for rgb, stem, what, scale in imgs
     ]
     ply = "meshes/" + rep.files.name(f"cms_{g}", ".ply")
     _write_ply(rep.files.out / ply, run.model3d, mean, valid, vmax=vmax_s, signed=is_signed)
     out.append(
       f"<h3>{_e(g)}</h3><p>{n} image(s); {shown} texels with data (of {int((count > 0).sum())} seen by any image; "
-      f"at most {int(count.max())} images per texel). Mesh: {_link(ply)}</p>" + "".join(figures)
+      f"at most {int(count.max())} images per texel). Mesh: {_link(ply)}</p>"
+      + _scale(bars["sequential"], "0", str(vmax_c), f"coverage of {g} (images of its {n})")
+      + "".join(figures)
     )
-    rep.numbers["groups"][g] = {"images": n, "texels_with_data": shown, "max_coverage": int(count.max()), "ply": ply}
-  rep.numbers["colour_scales"] = {"cms": vmax_s, "absolute_cms": vmax_a, "coverage": vmax_c}
+    rep.numbers["groups"][g] = {
+      "images": n,
+      "texels_with_data": shown,
+      "max_coverage": int(count.max()),
+      "coverage_scale": vmax_c,
+      "ply": ply,
+    }
+  rep.numbers["colour_scales"] = {"cms": vmax_s, "absolute_cms": vmax_a, "coverage": coverage_scales}
   return "".join(out)
 
 
@@ -485,8 +594,9 @@ def _region_section(rep: _Report) -> str:
   out = [
     f"<p>Bars: the mean over a group's images of each region's share of the image's |saliency| mass, with a "
     f"{opt.confidence:.0%} bootstrap interval over images ({opt.num_bootstrap} resamples, seed {opt.seed}). "
-    "Black diamond: the group CMS's own share (of its |mean| mass). Grey tick: the region's share of the UV "
-    "layout (a region as salient as its size sits there). Numbers in regions.csv.</p>"
+    "Black diamond: the group CMS's own share (of its |mean| mass). Grey tick: the region's share of the face's "
+    "UV layout (a region as salient as its size sits there). Shares are in percent of the mass; the column on the "
+    "right gives each bar's value; every number is in regions.csv.</p>"
   ]
   for g in run.acc.groups():
     member = rep.members(g)
@@ -693,6 +803,88 @@ def _examples_section(rep: _Report) -> str:
   return "".join(out)
 
 
+# Readable headers of the metric table's columns (`faithfulness.run_protocol`'s rows): identifier -> (title, unit
+# and direction). The units follow `evidence.metrics`: Average Drop is a percentage of each image's unoccluded
+# score; Increase in Confidence and Win are percentages of the images; an AUC is the mean score over the
+# deletion or insertion curve (score units); "mean_mass" is the sum of a scaled map, the pixels it hid.
+METRIC_HEADERS: dict[str, tuple[str, str]] = {
+  "method": ("Method", "italic: control"),
+  "average_drop_pct": ("Average Drop", "% of the score; higher = more faithful"),
+  "increase_in_confidence_pct": ("Increase in Confidence", "% of images; lower = more faithful"),
+  "win_pct": ("Win", "% of images with the largest drop; higher = better"),
+  "deletion_auc_constant": ("Deletion AUC, constant substitute", "score units; lower = more faithful"),
+  "insertion_auc_constant": ("Insertion AUC, constant substitute", "score units; higher = more faithful"),
+  "deletion_auc_blur": ("Deletion AUC, blurred substitute", "score units; lower = more faithful"),
+  "insertion_auc_blur": ("Insertion AUC, blurred substitute", "score units; higher = more faithful"),
+  "mean_mass": ("Area hidden", "pixels per image (mean)"),
+  "randomisation_spearman": ("Rank correlation with a randomised model", "Spearman ρ; near 1 = ignores the weights"),
+  "beats_controls": ("Beats every control", "on Average Drop, p ≤ 0.05 each"),
+  "num_images": ("Images", "scored"),
+  "num_excluded": ("Excluded", "images with a score ≤ 0"),
+}
+# The tests against controls, `<test>_p_vs_<control>` columns: test -> what it compares.
+_P_TESTS = {"drop": "Average Drop", "deletion_blur": "Deletion AUC (blurred)"}
+# Methods and controls of `faithfulness` by their usual names.
+_METHOD_NAMES = {
+  "cms": "CMS",
+  "occlusion": "occlusion",
+  "vanilla_gradient": "vanilla gradient",
+  "integrated_gradients": "Integrated Gradients",
+  "grad_cam": "Grad-CAM",
+  "grad_cam_plus_plus": "Grad-CAM++",
+  "score_cam": "Score-CAM",
+  "rise": "RISE",
+  "face_mask": "face mask",
+  "gaussian": "centred Gaussian",
+  "cms_random": "CMS of a randomised model",
+}
+# Settings of a metrics table shown in the report, with their readable names.
+_METRIC_SETTINGS = {
+  "cms": "CMS run",
+  "cms_group": "CMS group mapped back",
+  "cms_images": "images in that group",
+  "cms_random": "CMS of the randomised model",
+  "model": "face model",
+  "score": "score",
+  "protocol_baseline": "what a hidden pixel becomes (model input units)",
+  "deletion_steps": "deletion and insertion steps",
+  "seed": "seed",
+}
+
+
+def _human(identifier: str) -> str:
+  """A column identifier as words ("foo_bar_pct" -> "Foo bar %"), for columns the report does not know."""
+  words = [("%" if w == "pct" else w) for w in str(identifier).split("_") if w]
+  text = " ".join(words)
+  return text[:1].upper() + text[1:] if text else str(identifier)
+
+
+def _method_name(method: Any) -> str:
+  return _METHOD_NAMES.get(str(method), _human(str(method)).lower())
+
+
+def metric_header(column: str) -> tuple[str, str]:
+  """The (title, unit) the report shows for a metric table's column.
+
+  Args:
+    column: an identifier of `faithfulness.run_protocol`'s rows ("deletion_auc_blur", "drop_p_vs_gaussian").
+
+  Returns:
+    (title, unit and direction); columns the report does not know get their identifier in words and no unit.
+
+  >>> metric_header("deletion_auc_blur")
+  ('Deletion AUC, blurred substitute', 'score units; lower = more faithful')
+  >>> metric_header("drop_p_vs_face_mask")
+  ('Average Drop vs face mask', 'one-sided p; small = beats it')
+  """
+  if column in METRIC_HEADERS:
+    return METRIC_HEADERS[column]
+  test, sep, control = column.partition("_p_vs_")
+  if sep:
+    return f"{_P_TESTS.get(test, _human(test))} vs {_method_name(control)}", "one-sided p; small = beats it"
+  return _human(column), ""
+
+
 def _metrics_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
   if metrics is None:
     return (
@@ -701,38 +893,84 @@ def _metrics_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
   rows = metrics.get("rows") or []
   if not rows:
     return '<p class="missing">The metrics table has no rows.</p>'
+  alpha = rep.options.alpha
   columns = list(dict.fromkeys(k for row in rows for k in row))
   # Tests against controls that were run (a CSV keeps empty columns for controls that were not given).
   p_columns = [c for c in columns if "_p_vs_" in c and any(math.isfinite(_as_float(r.get(c))) for r in rows)]
-  verdicts = []
-  for row in rows:
-    if row.get("kind") == "control":
+  is_control = [row.get("kind") == "control" for row in rows]
+  verdicts, shown = [], []  # report.json's verdicts (identifiers) and the page's (words)
+  for row, control in zip(rows, is_control):
+    if control:
       verdicts.append("control")
+      shown.append("control")
       continue
-    lost = [c.replace("_p_vs_", " vs ") for c in p_columns if not (_as_float(row.get(c)) <= rep.options.alpha)]
+    lost = [c for c in p_columns if not (_as_float(row.get(c)) <= alpha)]
     if not p_columns:
       verdicts.append("no tests against controls in the table")
+      shown.append(verdicts[-1])
+    elif lost:
+      verdicts.append("does not beat: " + ", ".join(c.replace("_p_vs_", " vs ") for c in lost))
+      shown.append(f"beats {len(p_columns) - len(lost)} of {len(p_columns)} tests")
     else:
-      verdicts.append("does not beat: " + ", ".join(lost) if lost else "beats every control")
-  table = _table(
-    [*columns, "verdict"],
-    [[row.get(c) for c in columns] + [v] for row, v in zip(rows, verdicts)],
-    ["control" if row.get("kind") == "control" else "" for row in rows],
-  )
+      verdicts.append("beats every control")
+      shown.append("beats every control")
+  names = [_method_name(row.get("method")) for row in rows]
+
+  # The scores: one column per number the protocol measured.
+  scores = [c for c in columns if c not in ("method", "kind", "beats_controls") and c not in p_columns]
+  scores = [c for c in scores if "_p_vs_" not in c]  # tests against controls that were not run
+  out = [
+    "<h3>Scores</h3>",
+    _table(
+      [METRIC_HEADERS["method"], *(metric_header(c) for c in scores)],
+      [[name] + [row.get(c) for c in scores] for name, row in zip(names, rows)],
+      ["control" if c else "" for c in is_control],
+    ),
+  ]
+  # The tests against the controls, for the methods.
+  if p_columns:
+    tested = [(name, row, v) for name, row, v, c in zip(names, rows, shown, is_control) if not c]
+    extra = ["beats_controls"] if "beats_controls" in columns else []
+    out += [
+      "<h3>Tests against the controls</h3>",
+      _table(
+        [("Method", ""), *(metric_header(c) for c in [*p_columns, *extra]), ("Verdict", f"tests with p ≤ {alpha}")],
+        [[name] + [row.get(c) for c in [*p_columns, *extra]] + [v] for name, row, v in tested],
+      ),
+    ]
+
   settings = metrics.get("settings") or {}
-  direction = settings.get("direction")
-  facts = [f"Direction: {direction}." if direction else ""]
+  facts = []
+  if settings.get("direction"):
+    facts.append(f"Direction: {settings['direction']}.")
+  mass = _as_float(settings.get("mass"))
+  if math.isfinite(mass):
+    rule = settings.get("mass_rule")
+    facts.append(
+      f"Mass: every map was scaled to hide {mass:.0%} of the face crop's pixels (mass {_fmt(mass)}, a share of the "
+      f"crop{'; ' + str(rule) if rule else ''}). “Area hidden” is what that hid, in pixels, per image on average: "
+      f"{_fmt(mass)} × the crop's pixel count for a map that reaches the target, less for a map with fewer positive "
+      "pixels than that (it hides only its support)."
+    )
+  elif "mean_mass" in columns:
+    facts.append("“Area hidden”: the sum of each scaled map, in pixels, per image on average.")
   facts.append(
-    f"One-sided p-values that a method beats a control (paired sign-flip permutations); a method "
-    f"beats a control when p ≤ {rep.options.alpha}. Italic rows are controls."
+    "Deletion and insertion AUCs are the score averaged over the curve (pixels removed or restored in "
+    "the map's order), in the unit of the score."
+  )
+  facts.append(
+    f"Tests: one-sided p-values that a method beats a control on the same images (paired sign-flip permutations); "
+    f"a method beats a control when p ≤ {alpha}. Italic rows are controls (maps that know nothing about the model)."
   )
   if "images" in metrics:
     facts.append(f"{len(metrics['images'])} test faces, {len(metrics.get('skipped') or [])} skipped.")
-  for key in ("cms", "cms_group", "model", "mass", "deletion_steps", "seed"):
-    if key in settings:
-      facts.append(f"{key}: {settings[key]}.")
+  rows_settings = [
+    [label, _fmt(settings[key])] for key, label in _METRIC_SETTINGS.items() if settings.get(key) is not None
+  ]
   rep.numbers["metrics_verdicts"] = {str(r.get("method")): v for r, v in zip(rows, verdicts)}
-  return f"<p>{_e(' '.join(f for f in facts if f))}</p>{table}"
+  head = "".join(f"<p>{_e(f)}</p>" for f in facts)
+  tail = ["<h3>Settings of the metrics</h3>", _table(["setting", "value"], rows_settings)] if rows_settings else []
+  return head + "".join(out + tail)
 
 
 def _as_float(value: Any) -> float:
@@ -740,6 +978,17 @@ def _as_float(value: Any) -> float:
     return float(value)
   except (TypeError, ValueError):
     return float("nan")
+
+
+_OFF_MESH_HEADERS = {
+  "images": "images",
+  "mean": ("mean", "share"),
+  "min": ("smallest", "share"),
+  "p10": ("10th percentile", "share"),
+  "median": ("median", "share"),
+  "p90": ("90th percentile", "share"),
+  "max": ("largest", "share"),
+}
 
 
 def _off_mesh_section(rep: _Report) -> str:
@@ -764,9 +1013,9 @@ def _off_mesh_section(rep: _Report) -> str:
   return (
     "<p>The share of each image's saliency that fell on the crop outside the fitted mesh (hair, background): "
     "it is not in the CIS, so a large share means the canonical maps miss part of what the model used.</p>"
-    + _table(list(summary), [list(summary.values())])
+    + _table([_OFF_MESH_HEADERS[k] for k in summary], [list(summary.values())])
     + _histogram_svg(values)
-    + _table(["group", "images", "mean", "median"], per_group)
+    + _table(["group", "images", ("mean", "share"), ("median", "share")], per_group)
   )
 
 
@@ -793,17 +1042,19 @@ def _settings_section(rep: _Report) -> str:
     "alpha": opt.alpha,
     "per-image textures saved": run.textures_saved,
   }
-  out = ["<h3>This report</h3>", _table(["setting", "value"], [[k, _fmt(v)] for k, v in report_settings.items()])]
+  labels = {"min_count": "min count (texels seen by fewer images are no data)", "alpha": "alpha (family-wise level)"}
+  rows = [[labels.get(k, k), _fmt(v)] for k, v in report_settings.items()]
+  out = ["<h3>This report</h3>", _table(["setting", "value"], rows)]
   rep.numbers["report_settings"] = report_settings
   summary = run.summary
   if summary is None:
     return "".join(out) + '<p class="missing">The run folder has no summary.json: the run\'s settings are unknown.</p>'
   counts = [
-    [k, summary.get(k)]
+    [k.replace("_", " "), summary.get(k)]
     for k in ("images_listed", "images_seen", "images_accumulated", "images_skipped", "texture_size")
   ]
   counts += [[f"group {g}", n] for g, n in (summary.get("groups") or {}).items()]
-  out += ["<h3>The run</h3>", _table(["", "value"], counts)]
+  out += ["<h3>The run</h3>", _table(["count", "value"], counts)]
   skipped = summary.get("skipped") or []
   if skipped:
     rows = [[str(s.get("index")), str(s.get("name")), str(s.get("reason"))] for s in skipped[:50]]
