@@ -10,6 +10,7 @@ python -m benchmarks.benchmark --suite=forward --models=age --batch_sizes=8,16,3
 python -m benchmarks.benchmark --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
 python -m benchmarks.benchmark --suite=incremental --models=age,vgg16 --incremental_patches=5 --batch_sizes=16
 python -m benchmarks.benchmark --suite=imported --imported_models=gender,age,onet,mobilefacenet,iresnet50
+python -m benchmarks.benchmark --suite=drill_down --models=gender,age,expression --drill_down_every=4
 """
 
 import json
@@ -34,6 +35,7 @@ _SUITE = flags.DEFINE_enum(
     "precision",
     "startup",
     "imported",
+    "drill_down",
   ],
   "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face at "
   "several batch sizes, with held-out landmark errors; fit_accuracy: one batch, pose and dense errors against "
@@ -45,7 +47,9 @@ _SUITE = flags.DEFINE_enum(
   "sweep at XLA's lower matmul precisions (TF32 on a GPU) against float32, speed and drop error; startup: "
   "per-image scripts run twice as a user starts them, with the persistent compilation cache empty, warm and off; "
   "imported: ONNX and PyTorch networks through models.from_onnx / from_torch, import time and full and "
-  "incremental sweeps, against the hand ports where there are some.",
+  "incremental sweeps, against the hand ports where there are some; drill_down: the drill-down sweep (coarse "
+  "lattice, then a budget of fine patches where the coarse map is salient) against the exact stride-1 sweep on "
+  "real faces, speed and fidelity.",
 )
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
@@ -501,6 +505,37 @@ def _imported_suite() -> list[dict]:
   return results
 
 
+_DD_EVERY = flags.DEFINE_integer("drill_down_every", 4, "drill_down suite: the coarse lattice, in fine-grid steps.")
+_DD_FRACTION = flags.DEFINE_float("drill_down_fraction", 0.2, "drill_down suite: the fine stage's budget share.")
+_DD_PHOTOS = flags.DEFINE_integer("drill_down_photos", 3, "drill_down suite: the first N built-in photos.")
+
+
+def _drill_down_suite() -> list[dict]:
+  from benchmarks import bench
+  from canonsal_jax import datasets, models
+
+  photos = datasets.files_of("builtin:photos")[: _DD_PHOTOS.value]
+  results = []
+  for name in _MODELS.value:
+    res = bench.drill_down_vs_fine(
+      models.load(name),
+      patch_size=_PATCH.value,
+      coarse_every=_DD_EVERY.value,
+      fine_fraction=_DD_FRACTION.value,
+      photos=photos,
+      repeats=_REPEATS.value,
+    )
+    results.append(res)
+    w = res["worst"]
+    print(
+      f"{name:10s} {res['num_patches']} patches of {res['patch_size']} px, every {res['coarse_every']}, budget "
+      f"{res['fine_fraction']:.0%}: {res['speedup_over_fine']:.2f}x over the exact sweep, "
+      f"{res['speedup_over_full']:.2f}x over the full sweep; worst top-10% overlap {w['top10_overlap']:.3f}, "
+      f"r {w['pearson_r']:.4f}, max error {w['max_error']:.3f}, exact pixels {w['exact_share']:.0%}"
+    )
+  return results
+
+
 def main(argv):
   cli.start(argv)
   from benchmarks import bench
@@ -519,6 +554,7 @@ def main(argv):
     "precision": _precision_suite,
     "startup": _startup_suite,
     "imported": _imported_suite,
+    "drill_down": _drill_down_suite,
   }
   results = suites[_SUITE.value]()
   if _JSON_OUT.value:

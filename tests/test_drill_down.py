@@ -1,0 +1,83 @@
+"""Drill-down occlusion: exact where the fine stage ran, the coarse map elsewhere, the budget spent where the
+coarse map is salient."""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from canonsal_jax import drill_down, occlusion
+
+
+def _spot_model(params, x):
+  """Logit 0 reads a Gaussian spot of the image (a model that looks at one place), logit 1 is constant."""
+  return jnp.stack([jnp.sum(x * params, axis=(1, 2, 3)), jnp.zeros(x.shape[0])], axis=1)
+
+
+@pytest.fixture(scope="module")
+def setting():
+  size = 20
+  yy, xx = np.mgrid[:size, :size]
+  spot = np.exp(-((yy - 6.0) ** 2 + (xx - 13.0) ** 2) / 6.0)[..., None].astype(np.float32)
+  image = np.random.default_rng(0).uniform(0.5, 1.5, size=(size, size, 1)).astype(np.float32)
+  centres = occlusion.grid_centres(size, size, patch_size=3, stride=1)
+  valid = np.ones(len(centres), bool)
+  score = occlusion.Score("logit")
+  full = occlusion.make_sweep(_spot_model, patch_size=3, batch_size=16, score=score)(spot, image, centres, valid, 0)
+  return spot, image, centres, valid, score, full
+
+
+def _drill(setting, every, fraction):
+  spot, image, centres, valid, score, _ = setting
+  sweep = drill_down.make_drill_down_sweep(
+    _spot_model, patch_size=3, batch_size=16, score=score, coarse_every=every, fine_fraction=fraction
+  )
+  return sweep(spot, image, centres, valid, 0)
+
+
+def test_a_full_budget_is_the_fine_sweep(setting):
+  full = setting[-1]
+  result = _drill(setting, 3, 1.0)
+  assert bool(np.all(result.exact[np.asarray(full.count) > 0]))
+  chex.assert_trees_all_close(result.heatmap, full.heatmap, rtol=0, atol=1e-6)
+  chex.assert_trees_all_close(result.drops, full.drops, rtol=0, atol=1e-6)
+
+
+def test_exact_where_the_fine_stage_ran_coarse_elsewhere(setting):
+  full = setting[-1]
+  result = _drill(setting, 3, 0.15)
+  exact = np.asarray(result.exact)
+  assert 0 < exact.sum() < exact.size
+  chex.assert_trees_all_close(np.asarray(result.heatmap)[exact], np.asarray(full.heatmap)[exact], rtol=0, atol=1e-6)
+  coarse = np.asarray(result.coarse.heatmap)
+  np.testing.assert_array_equal(np.asarray(result.heatmap)[~exact], coarse[~exact])
+  # Ran patches: the coarse lattice plus at most the budget.
+  budget = int(np.ceil(0.15 * len(setting[2])))
+  assert int(result.ran.sum()) <= len(drill_down.coarse_subset(setting[2], 3)) + budget
+
+
+def test_the_budget_goes_where_the_coarse_map_is_salient(setting):
+  """The top 5% of the exact map (20 pixels) needs 44 fine patches; a budget of 20% of the grid (65 patches,
+  some of them on the coarse lattice already) spent by the coarse map's salience covers them all."""
+  full = setting[-1]
+  result = _drill(setting, 3, 0.2)
+  top = np.asarray(np.abs(full.heatmap)) >= np.quantile(np.abs(full.heatmap), 0.95)
+  assert np.asarray(result.exact)[top].mean() == 1.0  # the top 5% of the exact map is exact
+
+
+def test_bad_settings():
+  score = occlusion.Score("logit")
+  with pytest.raises(ValueError, match="coarse_every must be a positive int"):
+    drill_down.make_drill_down_sweep(
+      _spot_model, patch_size=3, batch_size=4, score=score, coarse_every=0, fine_fraction=0.1
+    )
+  with pytest.raises(ValueError, match=r"fine_fraction must be in \[0, 1\]"):
+    drill_down.make_drill_down_sweep(
+      _spot_model, patch_size=3, batch_size=4, score=score, coarse_every=2, fine_fraction=2
+    )
+  with pytest.raises(ValueError, match="reduce must be 'mean'"):
+    drill_down.make_drill_down_sweep(
+      _spot_model, patch_size=3, batch_size=4, score=score, coarse_every=2, fine_fraction=0.1, reduce="sum"
+    )
