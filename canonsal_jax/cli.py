@@ -3,7 +3,7 @@ overrides, flags made from an experiment's settings dataclass, the argument chec
 
 Each script defines its own flags with these helpers and keeps its heavy imports inside `main`, so `--help` and
 flag errors stay instant. The flags these helpers define are the script's own (its key flags, listed by
-`--help`): `--config` (with `--list_config`), `--model` (with `--list_models`) and `--morphable_model`.
+`--help`): `--config` (with `--list_config`), `--model` (with `--list_models`), `--morphable_model` and `--face`.
 
 ```python
 from canonsal_jax import cli
@@ -123,9 +123,11 @@ def define_config(default: str = "default.py") -> flags.FlagHolder:
   return holder
 
 
-def define_overrides(*, model: bool = True, morphable_model: bool = True) -> dict[str, flags.FlagHolder]:
-  """`--model` (with `--list_models`) and/or `--morphable_model`, shortcuts for `--config.model` /
-  `--config.morphable_model`."""
+def define_overrides(
+  *, model: bool = True, morphable_model: bool = True, face: bool = False
+) -> dict[str, flags.FlagHolder]:
+  """`--model` (with `--list_models`), `--morphable_model` and/or `--face`, shortcuts for `--config.model`,
+  `--config.morphable_model` and `--config.face`."""
   holders = {}
   if model:
     holders["model"] = flags.DEFINE_string(
@@ -138,6 +140,14 @@ def define_overrides(*, model: bool = True, morphable_model: bool = True) -> dic
       "model_card", None, "The JSON model card of an onnx:PATH model (default: PATH.json beside it)."
     )
     flags.DEFINE_flag(_ExitFlag("list_models", "Print the models --model accepts and exit.", list_models))
+  if face:
+    holders["face"] = flags.DEFINE_string(
+      "face",
+      None,
+      "Which detected face to explain (overrides config.face): largest (default), central (nearest the photo's "
+      "centre), an index (0, 1, ...: faces numbered left to right, as result.json lists them) or a box "
+      "x0,y0,x1,y1 in photo pixels (the face overlapping it most).",
+    )
   if morphable_model:
     holders["morphable_model"] = flags.DEFINE_string(
       "morphable_model", None, '"default" or the folder of a Surrey Face Model copy (overrides config).'
