@@ -56,14 +56,17 @@ from canonsal_jax import config as config_lib
 __all__ = [
   "CONFIGS",
   "MODEL_FORMS",
+  "claim_out_dir",
   "define_config",
   "define_overrides",
+  "define_overwrite",
   "define_settings",
   "define_sfm",
   "list_models",
   "no_arguments",
   "resolve",
   "run",
+  "run_inputs",
   "settings_from_flags",
   "start",
   "user_error_types",
@@ -346,6 +349,67 @@ def _check_out_dir(flag: str, path: pathlib.Path) -> None:
     raise app.UsageError(f"{flag}: cannot be created: {existing} is a file")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise app.UsageError(f"{flag}: cannot be written: {existing} is not writable")
+
+
+def define_overwrite() -> flags.FlagHolder:
+  """`--overwrite`: let a run replace another run's outputs in its folder (`manifest.claim`)."""
+  return flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace another run's outputs in the output folder (the files its manifest.json lists) instead of refusing. "
+    "Rerunning the same run (same config and inputs) needs no --overwrite: a CMS run resumes.",
+  )
+
+
+def run_inputs(config: ml_collections.ConfigDict, photos: Mapping[str, Any] = ()) -> dict[str, Any]:
+  """What a run reads, with each file's SHA-256, for its manifest: the `photos` given (role -> path, or a dict
+  already describing them), the
+  reference and impostor photos, a model file (`onnx:PATH`, `PATH.py:factory`) and its card, a labels CSV.
+  A path that is not a file is recorded with no hash (the run says what is wrong with it)."""
+  from canonsal_jax import manifest
+
+  model = config.model
+  model_file = model[len("onnx:") :] if model.startswith("onnx:") else model.rpartition(":")[0]
+  named = {
+    **dict(photos),
+    "reference": config.occlusion.reference,
+    "impostor": config.occlusion.impostor,
+    "model_file": model_file if model_file.endswith((".onnx", ".py")) or model.startswith("onnx:") else "",
+    "model_card": config.model_card,
+    "labels_csv": config.cms.labels_csv,
+  }
+  found = {}
+  for role, path in named.items():
+    if isinstance(path, Mapping):  # already described (a dataset's photos as one digest)
+      found[role] = dict(path)
+    elif path:
+      is_file = pathlib.Path(path).is_file()
+      found[role] = {"path": str(path), "sha256": manifest.sha256_file(path) if is_file else None}
+  return found
+
+
+def claim_out_dir(
+  out_dir: flags.FlagHolder,
+  overwrite: flags.FlagHolder,
+  config: ml_collections.ConfigDict,
+  *,
+  kind: str,
+  inputs: dict[str, Any],
+) -> Any:
+  """`manifest.claim` of the output folder, before anything is written: a `manifest.RunFolder` whose `finish`
+  the script calls after writing.
+
+  Raises:
+    app.UsageError: the folder holds another run's outputs and `--overwrite` is off (one line, exit status 1).
+  """
+  from canonsal_jax import manifest
+
+  try:
+    return manifest.claim(
+      out_dir.value, kind=kind, config=config, inputs=inputs, overwrite=overwrite.value, flag=f"--{out_dir.name}"
+    )
+  except manifest.FolderInUseError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def no_arguments(argv: list[str]) -> None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import platform
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from canonsal_jax import assets, canonical, cms, fileio, morphable, pipeline, raster, viz
+from canonsal_jax import assets, canonical, cms, fileio, manifest, morphable, pipeline, raster, viz
 
 __all__ = [
   "RENDER_SIZE",
@@ -496,7 +495,7 @@ def with_reproducibility(
       "face_model": model.source,
       "morphable_model": model3d.name,
       "asset_sha256": {a.name: a.sha256 for a in assets.ASSETS.values()},
-      "versions": _versions(),
+      "versions": manifest.versions(),
       "note": "no randomness: detection, sweep, fit and accumulation are deterministic",
     },
   }
@@ -539,18 +538,6 @@ def _summed(counts: list[dict[str, int] | None]) -> dict[str, int] | None:
   """Per-process counters added key by key (None where every process had none)."""
   present = [c for c in counts if c is not None]
   return {k: sum(c[k] for c in present) for k in present[0]} if present else None
-
-
-def _versions() -> dict[str, str]:
-  import importlib.metadata
-
-  found = {"python": platform.python_version()}
-  for package in ("canonsal_jax", "jax", "jaxlib", "flax", "numpy", "dlib-bin", "scikit-image"):
-    try:
-      found[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return found
 
 
 def cms_figure(

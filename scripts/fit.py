@@ -13,12 +13,16 @@ _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides(model=False, face=True)
 _IMAGE = flags.DEFINE_string("image", None, "Photo to fit (default: scikit-image's astronaut).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", required=True)
+_OVERWRITE = cli.define_overwrite()
 
 
 def main(argv):
   config = cli.resolve(_CONFIG, _OVERRIDES)  # every value checked before anything loads
   cli.start(argv, out_dirs=[_OUT_DIR])
-  from canonsal_jax import outputs, pipeline, viz
+  from canonsal_jax import fileio, outputs, pipeline, viz
+
+  photo = _IMAGE.value or str(fileio.default_image_path())
+  folder = cli.claim_out_dir(_OUT_DIR, _OVERWRITE, config, kind="fit", inputs=cli.run_inputs(config, {"photo": photo}))
 
   with cli.user_errors() as failed:
     figures = viz.FigureSettings.from_config(config)
@@ -26,6 +30,7 @@ def main(argv):
   if failed:
     return 1
   summary = outputs.write_fit(fit, _OUT_DIR.value, settings=figures)
+  folder.finish()
   yaw, pitch, roll = summary["yaw_pitch_roll_deg"]
   face = f"face {summary['face_index']} of {summary['num_faces']} ({summary['face_choice']})"
   print(

@@ -18,6 +18,7 @@ _CONFIG = cli.define_config()
 _OVERRIDES = cli.define_overrides(morphable_model=False, face=True)
 _IMAGE = flags.DEFINE_string("image", None, "Photo to explain (default: scikit-image's astronaut).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", required=True)
+_OVERWRITE = cli.define_overwrite()
 
 
 def main(argv):
@@ -25,7 +26,12 @@ def main(argv):
   cli.start(argv, out_dirs=[_OUT_DIR])
   import jax
 
-  from canonsal_jax import outputs, pipeline, viz
+  from canonsal_jax import fileio, outputs, pipeline, viz
+
+  photo = _IMAGE.value or str(fileio.default_image_path())
+  folder = cli.claim_out_dir(
+    _OUT_DIR, _OVERWRITE, config, kind="occlusion", inputs=cli.run_inputs(config, {"photo": photo})
+  )
 
   logging.vlog(1, "devices: %s", jax.devices())
   start = time.perf_counter()
@@ -37,6 +43,7 @@ def main(argv):
   summary = outputs.write_occlusion(
     result, _OUT_DIR.value, settings=figures, heatmap_image=config.outputs.heatmap_image
   )
+  folder.finish()
   logging.info("%d patches in %.2f s (compile included)", summary["num_patches"], time.perf_counter() - start)
   wrote = f"wrote {_OUT_DIR.value}/overlay.{figures.format} and heatmap.npy"
   print(f"{summary['name']}: {outputs.describe(summary)}; {wrote}")
