@@ -26,6 +26,7 @@ _SUBMODULES = (
   "faces",
   "fileio",
   "incremental",
+  "manifest",
   "models",
   "morphable",
   "occlusion",

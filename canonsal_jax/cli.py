@@ -3,7 +3,7 @@ overrides, flags made from an experiment's settings dataclass, the argument chec
 
 Each script defines its own flags with these helpers and keeps its heavy imports inside `main`, so `--help` and
 flag errors stay instant. The flags these helpers define are the script's own (its key flags, listed by
-`--help`): `--config` (with `--list_config`), `--model` (with `--list_models`) and `--morphable_model`.
+`--help`): `--config` (with `--list_config`), `--model` (with `--list_models`), `--morphable_model` and `--face`.
 
 ```python
 from canonsal_jax import cli
@@ -56,14 +56,17 @@ from canonsal_jax import config as config_lib
 __all__ = [
   "CONFIGS",
   "MODEL_FORMS",
+  "claim_out_dir",
   "define_config",
   "define_overrides",
+  "define_overwrite",
   "define_settings",
   "define_sfm",
   "list_models",
   "no_arguments",
   "resolve",
   "run",
+  "run_inputs",
   "settings_from_flags",
   "start",
   "user_error_types",
@@ -123,9 +126,11 @@ def define_config(default: str = "default.py") -> flags.FlagHolder:
   return holder
 
 
-def define_overrides(*, model: bool = True, morphable_model: bool = True) -> dict[str, flags.FlagHolder]:
-  """`--model` (with `--list_models`) and/or `--morphable_model`, shortcuts for `--config.model` /
-  `--config.morphable_model`."""
+def define_overrides(
+  *, model: bool = True, morphable_model: bool = True, face: bool = False
+) -> dict[str, flags.FlagHolder]:
+  """`--model` (with `--list_models`), `--morphable_model` and/or `--face`, shortcuts for `--config.model`,
+  `--config.morphable_model` and `--config.face`."""
   holders = {}
   if model:
     holders["model"] = flags.DEFINE_string(
@@ -138,6 +143,14 @@ def define_overrides(*, model: bool = True, morphable_model: bool = True) -> dic
       "model_card", None, "The JSON model card of an onnx:PATH model (default: PATH.json beside it)."
     )
     flags.DEFINE_flag(_ExitFlag("list_models", "Print the models --model accepts and exit.", list_models))
+  if face:
+    holders["face"] = flags.DEFINE_string(
+      "face",
+      None,
+      "Which detected face to explain (overrides config.face): largest (default), central (nearest the photo's "
+      "centre), an index (0, 1, ...: faces numbered left to right, as result.json lists them) or a box "
+      "x0,y0,x1,y1 in photo pixels (the face overlapping it most).",
+    )
   if morphable_model:
     holders["morphable_model"] = flags.DEFINE_string(
       "morphable_model", None, '"default" or the folder of a Surrey Face Model copy (overrides config).'
@@ -336,6 +349,67 @@ def _check_out_dir(flag: str, path: pathlib.Path) -> None:
     raise app.UsageError(f"{flag}: cannot be created: {existing} is a file")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise app.UsageError(f"{flag}: cannot be written: {existing} is not writable")
+
+
+def define_overwrite() -> flags.FlagHolder:
+  """`--overwrite`: let a run replace another run's outputs in its folder (`manifest.claim`)."""
+  return flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace another run's outputs in the output folder (the files its manifest.json lists) instead of refusing. "
+    "Rerunning the same run (same config and inputs) needs no --overwrite: a CMS run resumes.",
+  )
+
+
+def run_inputs(config: ml_collections.ConfigDict, photos: Mapping[str, Any] = ()) -> dict[str, Any]:
+  """What a run reads, with each file's SHA-256, for its manifest: the `photos` given (role -> path, or a dict
+  already describing them), the
+  reference and impostor photos, a model file (`onnx:PATH`, `PATH.py:factory`) and its card, a labels CSV.
+  A path that is not a file is recorded with no hash (the run says what is wrong with it)."""
+  from canonsal_jax import manifest
+
+  model = config.model
+  model_file = model[len("onnx:") :] if model.startswith("onnx:") else model.rpartition(":")[0]
+  named = {
+    **dict(photos),
+    "reference": config.occlusion.reference,
+    "impostor": config.occlusion.impostor,
+    "model_file": model_file if model_file.endswith((".onnx", ".py")) or model.startswith("onnx:") else "",
+    "model_card": config.model_card,
+    "labels_csv": config.cms.labels_csv,
+  }
+  found = {}
+  for role, path in named.items():
+    if isinstance(path, Mapping):  # already described (a dataset's photos as one digest)
+      found[role] = dict(path)
+    elif path:
+      is_file = pathlib.Path(path).is_file()
+      found[role] = {"path": str(path), "sha256": manifest.sha256_file(path) if is_file else None}
+  return found
+
+
+def claim_out_dir(
+  out_dir: flags.FlagHolder,
+  overwrite: flags.FlagHolder,
+  config: ml_collections.ConfigDict,
+  *,
+  kind: str,
+  inputs: dict[str, Any],
+) -> Any:
+  """`manifest.claim` of the output folder, before anything is written: a `manifest.RunFolder` whose `finish`
+  the script calls after writing.
+
+  Raises:
+    app.UsageError: the folder holds another run's outputs and `--overwrite` is off (one line, exit status 1).
+  """
+  from canonsal_jax import manifest
+
+  try:
+    return manifest.claim(
+      out_dir.value, kind=kind, config=config, inputs=inputs, overwrite=overwrite.value, flag=f"--{out_dir.name}"
+    )
+  except manifest.FolderInUseError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def no_arguments(argv: list[str]) -> None:

@@ -31,6 +31,7 @@ __all__ = [
   "BASELINES",
   "BUILTIN_MODELS",
   "DETECTORS",
+  "FACE_RULES",
   "NORMALISATIONS",
   "REDUCTIONS",
   "SCORE_KINDS",
@@ -38,6 +39,7 @@ __all__ = [
   "ConfigError",
   "default_config",
   "flat_items",
+  "parse_face",
   "show",
   "validate",
 ]
@@ -84,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.model = "gender"
   config.model_card = ""  # an onnx:PATH model's JSON card; "" looks for PATH.json beside the file
 
-  # Face detection (dlib HOG; "cnn" uses dlib's mmod detector). The largest face is explained.
+  # Face detection (dlib HOG; "cnn" uses dlib's mmod detector).
   config.detector = "hog"
   config.upsample = 1  # detector image pyramid upsampling; raise it for small faces
   # Added to the detector's threshold (dlib's adjust_threshold). dlib's own default is 0; at upsample 1 the
@@ -94,6 +96,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Keep every photo's detections and landmarks in the cache folder (`faces.DetectionCache`, keyed by the
   # pixels and the detector settings), so a second run over the same photos, with any model, detects nothing.
   config.detection_cache = True
+  # Which detected face is explained (`faces.choose_face`; the outputs list every face found with its index):
+  # "largest" (the largest box), "central" (the box centre closest to the photo's centre), an integer INDEX
+  # (faces numbered left to right by box centre, as result.json lists them), or a box "x0,y0,x1,y1" in photo
+  # pixels (the detected face that overlaps it most, by IoU).
+  config.face = "largest"
 
   # The 3D morphable model: "default" (built from CC0 MakeHuman assets at first use) or the folder of a
   # Surrey Face Model copy (sfm_shape_3448.bin and its companions; non-commercial licence, never bundled).
@@ -160,6 +167,12 @@ def default_config() -> ml_collections.ConfigDict:
   # Also keep each accumulated image's CIS texture and weight as textures/<index>.npz (for texel-level
   # permutation tests and report examples; ~T*T*8 bytes per image before compression).
   config.cms.save_textures = False
+
+  # What the per-image runs write besides their summaries and figures.
+  config.outputs = ml_collections.ConfigDict()
+  # heatmap_image.npy: the crop heatmap carried back onto the photo, float32 at the photo's size (96 MB for a
+  # 6000x4000 photo; NaN outside the crop). heatmap.npy (crop size) and result.json's crop_from_image hold it too.
+  config.outputs.heatmap_image = False
 
   # Figures (overlay.png, cis.png, pair.png, cms_<group>.png; `canonsal_jax.viz`): one colour scale per figure
   # with a colour bar naming the unit, labelled panels, a key for no data.
@@ -274,6 +287,49 @@ def _model(value: Any) -> str | None:
   )
 
 
+FACE_RULES = ("largest", "central")  # faces.FACE_RULES
+
+
+def parse_face(value: Any) -> str | int | tuple[float, float, float, float]:
+  """`config.face` as `faces.choose_face` takes it: a rule name, an index, or a box `(x0, y0, x1, y1)`.
+
+  Raises:
+    ValueError: the value is none of these (the message says what the key accepts).
+  """
+  accepts = (
+    f"must be {' or '.join(FACE_RULES)}, a face index (0, 1, ...: left to right) or a box x0,y0,x1,y1 in photo pixels"
+  )
+  if _is_int(value) and value >= 0:
+    return int(value)
+  if not isinstance(value, str):
+    raise ValueError(accepts)
+  text = value.strip()
+  if text in FACE_RULES:
+    return text
+  if text.isdigit():
+    return int(text)
+  parts = text.split(",")
+  if len(parts) == 4:
+    try:
+      box = tuple(float(v) for v in parts)
+    except ValueError:
+      raise ValueError(accepts) from None
+    if not all(math.isfinite(v) for v in box):
+      raise ValueError(accepts)
+    if box[2] <= box[0] or box[3] <= box[1]:
+      raise ValueError("a box x0,y0,x1,y1 needs x1 > x0 and y1 > y0 (left, top, right, bottom in photo pixels)")
+    return box
+  raise ValueError(accepts)
+
+
+def _face(value: Any) -> str | None:
+  try:
+    parse_face(value)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def _patch_size(value: Any, model: str) -> str | None:
   fraction = "or a fraction of the face width below 1 (the paper's 0.07)"
   crop = BUILTIN_MODELS[model].crop_size if model in BUILTIN_MODELS else None
@@ -298,6 +354,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "upsample": _integer(0, " (image pyramid upsampling; more finds smaller faces)"),
   "detector_threshold": _number,
   "detection_cache": _flag,
+  "face": _face,
   "morphable_model": lambda v: None if isinstance(v, str) and v else 'must be "default" or a Surrey Face Model folder',
   "occlusion.patch_size": lambda v: None,  # in `validate`: it depends on the model's crop
   "occlusion.stride": _integer(1, " (the patch grid's step, crop pixels)"),
@@ -328,6 +385,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "cms.face_batch": _integer(0, " (faces per device; 0: one at a time)"),
   "cms.labels_csv": _text,
   "cms.save_textures": _flag,
+  "outputs.heatmap_image": _flag,
   "figures.dpi": _integer(1, " (dots per inch)"),
   "figures.format": _one_of(FIGURE_FORMATS, " (png, or vector svg / pdf)"),
 }

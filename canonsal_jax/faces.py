@@ -27,6 +27,7 @@ import math
 import os
 import pathlib
 import threading
+from typing import Any
 
 import dlib
 import numpy as np
@@ -37,17 +38,24 @@ from canonsal_jax.models.base import CropSpec
 
 __all__ = [
   "DETECTOR_KINDS",
+  "FACE_RULES",
+  "Detection",
   "DetectionCache",
   "Face",
+  "FaceChoiceError",
   "FaceDetector",
   "NoFaceError",
   "apply_affine",
   "box_crop_affine",
+  "box_iou",
   "chip_affine",
+  "choose_face",
   "crop_face",
   "default_detector",
+  "find_faces",
   "invert_affine",
   "largest_face",
+  "order_faces",
   "warp_to_image",
 ]
 
@@ -70,6 +78,11 @@ _DLIB_PYRAMID_SHIFT_XY = np.array([-0.5, 0.5])
 
 class NoFaceError(ValueError):
   """No face was found in an image; the message names the image."""
+
+
+class FaceChoiceError(ValueError):
+  """The configured face (`config.face`: an index or a box) is none of the faces found; the message names the
+  image, the setting and the faces there are."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -240,18 +253,222 @@ def largest_face(
   Raises:
     NoFaceError: no face was found; the message names `name` and the settings used.
   """
+  return find_faces(
+    image, name, detector=detector, upsample=upsample, adjust_threshold=adjust_threshold, cache=cache
+  ).face
+
+
+# ---------------------------------------------------------------------------------------------- which face
+
+# How `config.face` picks a face by rule (besides an index or a box); config.FACE_RULES holds a copy.
+FACE_RULES = ("largest", "central")
+
+# `Detection.warning`'s thresholds: another face more than twice as wide as the chosen one; a chosen face
+# narrower than a tenth of the photo's shorter side (a bystander, or a false face, while the face meant was
+# missed); a chosen face whose centre lies outside the middle third of the photo while another face at least
+# half as wide lies nearer the centre.
+_WIDER_FACTOR, _SMALL_IN_PHOTO, _MIDDLE = 2.0, 0.1, 1.0 / 3.0
+
+
+def _centre(face: Face) -> np.ndarray:
+  return (face.box_xyxy[:2] + face.box_xyxy[2:]) / 2.0
+
+
+def order_faces(found: list[Face] | tuple[Face, ...]) -> tuple[Face, ...]:
+  """Faces numbered as `config.face`'s INDEX counts them: left to right by box centre x (ties: top to bottom by
+  centre y, then the larger box first). Stable for the same detections, whatever order the detector gave."""
+  return tuple(sorted(found, key=lambda f: (float(_centre(f)[0]), float(_centre(f)[1]), -f.area)))
+
+
+def box_iou(box_a: np.ndarray, box_b: np.ndarray) -> float:
+  """Intersection over union of two boxes given as the area they cover, `(x0, y0, x1, y1)` with x1 > x0, y1 > y0."""
+  a, b = np.asarray(box_a, np.float64), np.asarray(box_b, np.float64)
+  w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = w * h
+  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+  return float(inter / union) if union > 0 else 0.0
+
+
+def _covered(face: Face) -> np.ndarray:
+  """The area a face's box covers (dlib's boxes hold inclusive pixel centres: half a pixel more each side)."""
+  return face.box_xyxy + np.array([-0.5, -0.5, 0.5, 0.5])
+
+
+def _show_box(box: np.ndarray | tuple[float, ...]) -> str:
+  return ",".join(f"{v:g}" for v in box)
+
+
+def _listing(ordered: tuple[Face, ...]) -> str:
+  return "; ".join(f"face {i}: {_show_box(f.box_xyxy)} ({f.width:.0f} px)" for i, f in enumerate(ordered))
+
+
+def choose_face(
+  ordered: tuple[Face, ...] | list[Face],
+  choice: str | int | tuple[float, float, float, float],
+  image_size: tuple[int, int],
+  *,
+  name: str = "image",
+) -> int:
+  """Which of the faces found is explained.
+
+  Args:
+    ordered: the faces, numbered left to right (`order_faces`); not empty.
+    choice: `config.face` as `config.parse_face` reads it: "largest" (the largest box; ties: the higher score,
+      then the leftmost), "central" (box centre nearest the photo's centre; ties: the larger box), an index
+      into `ordered`, or a box `(x0, y0, x1, y1)` in photo pixels (the face whose box overlaps it with the
+      largest IoU).
+    image_size: the photo's `(height, width)`.
+    name: what to call the image in errors.
+
+  Returns:
+    The chosen face's index in `ordered`.
+
+  Raises:
+    FaceChoiceError: an index past the faces found, or a box no face overlaps (the message lists the faces).
+    ValueError: an unknown rule, or no faces.
+
+  Example:
+    >>> import numpy as np
+    >>> def face(x0, y0, x1, y1, score=1.0):
+    ...   return Face(np.array([x0, y0, x1, y1], float), score, np.zeros((68, 2)), np.zeros((5, 2)))
+    >>> found = order_faces([face(600, 100, 799, 299), face(50, 50, 99, 99), face(300, 200, 399, 299)])
+    >>> [choose_face(found, rule, (400, 800)) for rule in ("largest", "central", 0, (40, 40, 110, 110))]
+    [2, 1, 0, 0]
+  """
+  if not ordered:
+    raise ValueError("choose_face needs at least one face")
+  height, width = image_size
+  if choice == "largest":
+    return max(range(len(ordered)), key=lambda i: (ordered[i].area, ordered[i].score, -i))
+  if choice == "central":
+    centre = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+    return min(range(len(ordered)), key=lambda i: (float(np.hypot(*(_centre(ordered[i]) - centre))), -ordered[i].area))
+  if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
+    if not 0 <= choice < len(ordered):
+      raise FaceChoiceError(
+        f"{name}: --config.face={choice}: {len(ordered)} face{'s' if len(ordered) != 1 else ''} found, numbered "
+        f"0..{len(ordered) - 1} left to right ({_listing(tuple(ordered))})"
+      )
+    return int(choice)
+  if isinstance(choice, tuple) and len(choice) == 4:
+    ious = [box_iou(_covered(f), choice) for f in ordered]
+    best = int(np.argmax(ious))
+    if ious[best] <= 0.0:
+      raise FaceChoiceError(
+        f"{name}: --config.face={_show_box(choice)}: no face found overlaps this box ({_listing(tuple(ordered))})"
+      )
+    return best
+  raise ValueError(f"unknown face choice {choice!r}; give one of {', '.join(FACE_RULES)}, an index or a box")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Detection:
+  """Every face found in a photo, and the one explained.
+
+  Attributes:
+    faces: every face found, numbered left to right (`order_faces`): the numbers `config.face` takes.
+    index: the chosen face's number.
+    choice: the setting that chose it, as written (`config.face`: "largest", "central", "1", "x0,y0,x1,y1").
+    image_size: the photo's `(height, width)`.
+  """
+
+  faces: tuple[Face, ...]
+  index: int
+  choice: str
+  image_size: tuple[int, int]
+
+  @property
+  def face(self) -> Face:
+    """The chosen face."""
+    return self.faces[self.index]
+
+  def summary(self) -> dict[str, Any]:
+    """What the outputs record: `faces` (each face's index, box and score), `face_index`, `face_choice`."""
+    return {
+      "faces": [
+        {"index": i, "box_xyxy": [float(v) for v in f.box_xyxy], "score": None if math.isnan(f.score) else f.score}
+        for i, f in enumerate(self.faces)
+      ],
+      "face_index": self.index,
+      "face_choice": self.choice,
+    }
+
+  def warning(self, name: str = "image") -> str | None:
+    """One line when the face explained may not be the one meant: another face more than twice as wide, a face
+    small in the photo (the one meant may have gone undetected), or off-centre while another face is nearer the
+    centre. None when nothing looks amiss."""
+    chosen, height, width = self.face, *self.image_size
+    others = [(i, f) for i, f in enumerate(self.faces) if i != self.index]
+    reasons = []
+    wider = [(i, f) for i, f in others if f.width > _WIDER_FACTOR * chosen.width]
+    if wider:
+      i, f = max(wider, key=lambda item: item[1].width)
+      reasons.append(f"face {i} is {f.width:.0f} px wide")
+    if chosen.width < _SMALL_IN_PHOTO * min(height, width):
+      reasons.append(
+        f"it is small in the {width}x{height} photo (a face the detector missed? try a lower "
+        "--config.detector_threshold or a larger --config.upsample)"
+      )
+    cx, cy = _centre(chosen)
+    outside = not ((1 - _MIDDLE) / 2 * width <= cx <= (1 + _MIDDLE) / 2 * width) or not (
+      (1 - _MIDDLE) / 2 * height <= cy <= (1 + _MIDDLE) / 2 * height
+    )
+    middle = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+    distance = float(np.hypot(*(_centre(chosen) - middle)))
+    nearer = [(i, f) for i, f in others if f.width >= chosen.width / 2 and np.hypot(*(_centre(f) - middle)) < distance]
+    if outside and nearer:
+      i, f = min(nearer, key=lambda item: float(np.hypot(*(_centre(item[1]) - middle))))
+      reasons.append(f"it is off-centre and face {i} ({f.width:.0f} px) is nearer the photo's centre")
+    if not reasons:
+      return None
+    return (
+      f"{name}: explaining face {self.index} of {len(self.faces)} (--config.face={self.choice}), {chosen.width:.0f} "
+      f"px wide at {_show_box(chosen.box_xyxy)}; {'; '.join(reasons)}; --face=INDEX (0..{len(self.faces) - 1}, left "
+      "to right), central or x0,y0,x1,y1 picks another"
+    )
+
+
+def find_faces(
+  image: np.ndarray,
+  name: str = "image",
+  *,
+  choice: str | int | tuple[float, float, float, float] = "largest",
+  choice_text: str | None = None,
+  detector: FaceDetector | None = None,
+  upsample: int = 1,
+  adjust_threshold: float = 0.0,
+  cache: DetectionCache | None = None,
+) -> Detection:
+  """Every face in an image, numbered left to right, and the one `choice` picks (`choose_face`).
+
+  Args:
+    image: an image array (see `FaceDetector.detect`).
+    name: what to call the image in error messages.
+    choice: which face (see `choose_face`); `config.parse_face` reads `config.face` into it.
+    choice_text: the setting as written, for the outputs (default: `choice` shown).
+    detector, upsample, adjust_threshold, cache: as `largest_face`.
+
+  Raises:
+    NoFaceError: no face was found; the message names `name` and the settings used.
+    FaceChoiceError: `choice` is an index or a box that matches none of the faces found.
+  """
   detector = detector or default_detector()
   if cache is not None:
-    found = cache.detect(detector, image, upsample=upsample, adjust_threshold=adjust_threshold, name=name)[:1]
+    found = cache.detect(detector, image, upsample=upsample, adjust_threshold=adjust_threshold, name=name)
   else:
-    found = detector.detect(image, upsample=upsample, adjust_threshold=adjust_threshold, name=name)
+    found = detector.detect(image, upsample=upsample, adjust_threshold=adjust_threshold, all_faces=True, name=name)
+  shape = np.shape(image)
   if not found:
-    shape = np.shape(image)
     raise NoFaceError(
       f"{name}: no face found ({shape[1]}x{shape[0]} px, {detector.kind} detector, "
       f"upsample={upsample}, adjust_threshold={adjust_threshold})"
     )
-  return found[0]
+  ordered = order_faces(found)
+  index = choose_face(ordered, choice, (shape[0], shape[1]), name=name)
+  if choice_text is None:
+    choice_text = _show_box(choice) if isinstance(choice, tuple) else str(choice)
+  return Detection(ordered, index, choice_text, (int(shape[0]), int(shape[1])))
 
 
 # ---------------------------------------------------------------------------------------------- detection cache

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import platform
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from canonsal_jax import assets, canonical, cms, fileio, morphable, pipeline, raster, viz
+from canonsal_jax import assets, canonical, cms, fileio, manifest, morphable, pipeline, raster, viz
 
 __all__ = [
   "RENDER_SIZE",
@@ -30,10 +29,13 @@ __all__ = [
   "checkpoint_path",
   "cis_figure",
   "cms_figure",
+  "describe",
+  "face_record",
   "fit_figure",
   "load_textures",
   "merge_processes",
   "occlusion_figure",
+  "occlusion_summary",
   "photo_panels",
   "render_texture",
   "run_summary",
@@ -58,8 +60,9 @@ def _what(result: pipeline.OcclusionResult) -> str:
   """The prediction and score, for titles."""
   if result.score_kind == "expected_value":
     return f"expected value {result.score:.1f}"
-  if result.score_kind.startswith("cosine"):
-    return f"{result.score_kind} similarity {result.score:.3f}"  # to itself, a reference, or genuine - impostor
+  if result.is_embedding:  # to itself, a reference, or genuine - impostor
+    distance = f", distance {result.distances[0]:.3f}" if result.distances else ""
+    return f"{result.score_kind} similarity {result.score:.3f}{distance}"
   return f"{result.label} (p={result.probabilities[result.target]:.2f}), {result.score_kind} {result.score:.2f}"
 
 
@@ -82,6 +85,7 @@ def photo_panels(axes: Sequence[Any], result: pipeline.OcclusionResult, scale: v
   viz.draw_contours(axes[0], result.heatmap_image, inside, scale)
   viz.draw_crop_outline(axes[0], inside)
   handles = [viz.crop_outline_handle()] if 0 < inside.sum() < inside.size else []
+  handles += _face_boxes(axes[0], result.face, result.detection)
   covered = result.count > 0
   size = result.crop.shape[0]
   if len(axes) == 3:
@@ -91,6 +95,80 @@ def photo_panels(axes: Sequence[Any], result: pipeline.OcclusionResult, scale: v
   if not covered.all():
     handles.append(viz.no_data_handle(f"no data: {np.sum(~covered)} crop pixels no patch covered"))
   return handles
+
+
+def _face_boxes(ax: Any, face: Any, detection: Any) -> list:
+  """The face explained (and the other faces found) as boxes on the photo; the key's entries for them."""
+  if detection is None:
+    return viz.draw_face_boxes(ax, [face.box_xyxy], 0)
+  return viz.draw_face_boxes(ax, [f.box_xyxy for f in detection.faces], detection.index)
+
+
+def face_record(face: Any, detection: Any) -> dict[str, Any]:
+  """The faces a result's JSON records: the chosen face's box, and with a `faces.Detection` every face found
+  (`faces`: index, box, score, numbered left to right as `config.face` counts them), `face_index` and
+  `face_choice`."""
+  record = {"face_box_xyxy": [float(v) for v in face.box_xyxy]}
+  if detection is not None:
+    record.update(num_faces=len(detection.faces), **detection.summary())
+  return record
+
+
+def occlusion_summary(result: pipeline.OcclusionResult) -> dict[str, Any]:
+  """`result.json`'s content. A classifier's result has its label, explained class and probabilities; an
+  embedding model's (cosine score) has none of these (a descriptor has no classes), but its similarity (`score`)
+  and descriptor distance (`distance`: Euclidean, to the reference or, for self-similarity, to itself: 0;
+  `impostor_distance` with an impostor)."""
+  summary: dict[str, Any] = {
+    "format": _OUTPUT_FORMAT,
+    "version": _OUTPUT_VERSION,
+    "name": result.name,
+    "model": result.model,
+  }
+  if result.is_embedding:
+    summary.update(score_kind=result.score_kind, score=result.score)
+    if result.distances:
+      summary["distance"] = result.distances[0]
+    if len(result.distances) > 1:
+      summary["impostor_distance"] = result.distances[1]
+  else:
+    summary.update(
+      label=result.label,
+      score_kind=result.score_kind,
+      target=result.target,
+      score=result.score,
+      probabilities=[float(p) for p in result.probabilities],
+    )
+  summary.update(
+    **face_record(result.face, result.detection),
+    crop_from_image=np.asarray(result.crop_from_image).tolist(),
+    patch_size_px=result.patch_size,
+    stride_px=result.stride,
+    num_patches=result.num_patches,
+    method=result.method,
+    uncovered_crop_pixels=int(np.sum(result.count == 0)),
+  )
+  return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+  """A result's prediction and face for the console, from its JSON summary: `male (log_odds 2.345)` for a
+  classifier, `cosine similarity 0.912, distance 0.402` for an embedding model, then which face of how many.
+
+  Example:
+    >>> describe({"score_kind": "cosine", "score": 1.0, "distance": 0.0, "num_faces": 1, "face_index": 0,
+    ...           "face_choice": "largest"})
+    'cosine similarity 1.000, distance 0.000; face 0 of 1 (largest)'
+  """
+  if "label" in summary:
+    what = f"{summary['label']} ({summary['score_kind']} {summary['score']:.3f})"
+  else:
+    what = f"{summary['score_kind']} similarity {summary['score']:.3f}"
+    if "distance" in summary:
+      what += f", distance {summary['distance']:.3f}"
+  if "num_faces" in summary:
+    what += f"; face {summary['face_index']} of {summary['num_faces']} ({summary['face_choice']})"
+  return what
 
 
 def occlusion_figure(result: pipeline.OcclusionResult, *, settings: viz.FigureSettings = _FIGURES) -> Figure:
@@ -106,35 +184,24 @@ def occlusion_figure(result: pipeline.OcclusionResult, *, settings: viz.FigureSe
 
 
 def write_occlusion(
-  result: pipeline.OcclusionResult, out_dir: str | pathlib.Path, *, settings: viz.FigureSettings = _FIGURES
+  result: pipeline.OcclusionResult,
+  out_dir: str | pathlib.Path,
+  *,
+  settings: viz.FigureSettings = _FIGURES,
+  heatmap_image: bool = False,
 ) -> dict[str, Any]:
-  """Writes `heatmap.npy`, `count.npy`, `heatmap_image.npy`, `crop.png`, `overlay.png` (`occlusion_figure`, in
-  `settings.format`: `overlay.svg` / `.pdf` on request) and `result.json`.
+  """Writes `heatmap.npy`, `count.npy`, `crop.png`, `overlay.png` (`occlusion_figure`, in `settings.format`:
+  `overlay.svg` / `.pdf` on request), `result.json` (`occlusion_summary`) and, with `heatmap_image`
+  (`config.outputs.heatmap_image`), `heatmap_image.npy`: the heatmap at the photo's size.
 
   Every file is written atomically. Returns the JSON summary.
   """
   out = pathlib.Path(out_dir)
-  summary = {
-    "format": _OUTPUT_FORMAT,
-    "version": _OUTPUT_VERSION,
-    "name": result.name,
-    "model": result.model,
-    "label": result.label,
-    "score_kind": result.score_kind,
-    "target": result.target,
-    "score": result.score,
-    "probabilities": [float(p) for p in result.probabilities],
-    "face_box_xyxy": [float(v) for v in result.face.box_xyxy],
-    "crop_from_image": np.asarray(result.crop_from_image).tolist(),
-    "patch_size_px": result.patch_size,
-    "stride_px": result.stride,
-    "num_patches": result.num_patches,
-    "method": result.method,
-    "uncovered_crop_pixels": int(np.sum(result.count == 0)),
-  }
+  summary = occlusion_summary(result)
   fileio.save_npy(out / "heatmap.npy", result.heatmap)
   fileio.save_npy(out / "count.npy", result.count)
-  fileio.save_npy(out / "heatmap_image.npy", result.heatmap_image)
+  if heatmap_image:
+    fileio.save_npy(out / "heatmap_image.npy", result.heatmap_image)
   fileio.save_png(out / "crop.png", result.crop)
   viz.save_figure(occlusion_figure(result, settings=settings), out, "overlay", settings)
   fileio.save_json(out / "result.json", summary)
@@ -168,8 +235,10 @@ def fit_figure(fit: pipeline.FaceFit, *, settings: viz.FigureSettings = _FIGURES
   ):
     ok = points[np.all(np.isfinite(points), axis=1)]
     ax.scatter(ok[:, 0], ok[:, 1], s=8, c=colour, edgecolors="black", linewidths=0.4, label=label)
+  handles = ax.get_legend_handles_labels()[0]  # the mesh and the landmarks, before the boxes
+  handles += _face_boxes(ax, fit.face, fit.detection)
   ax.set(xlim=(-0.5, width - 0.5), ylim=(height - 0.5, -0.5))
-  viz.add_key(fig, ax.get_legend_handles_labels()[0])
+  viz.add_key(fig, handles)
   yaw, pitch, roll = np.degrees(fit.fit.yaw_pitch_roll)
   viz.set_title(
     fig,
@@ -209,7 +278,7 @@ def write_fit(
     "alpha": np.asarray(fit.fit.alpha).tolist(),
     "beta": np.asarray(fit.fit.beta).tolist(),
     "landmark_rms_px": float(np.sqrt(np.mean(err**2))),
-    "face_box_xyxy": [float(v) for v in fit.face.box_xyxy],
+    **face_record(fit.face, fit.detection),
   }
   fileio.save_json(out / "fit.json", summary)
   return summary
@@ -286,11 +355,12 @@ def write_cis(
   *,
   render_size: int = RENDER_SIZE,
   settings: viz.FigureSettings = _FIGURES,
+  heatmap_image: bool = False,
 ) -> dict[str, Any]:
   """Writes the occlusion outputs plus `cis_texture.npz` (texture and weight, versioned), `cis.png` (`cis_figure`,
   in `settings.format`), `cis_mesh.ply` / `.glb` (the fitted mesh coloured by saliency) and `cis.json`."""
   out = pathlib.Path(out_dir)
-  summary = write_occlusion(result.occlusion, out, settings=settings)
+  summary = write_occlusion(result.occlusion, out, settings=settings, heatmap_image=heatmap_image)
   model3d = result.fit.model
   fileio.save_npz_versioned(
     out / "cis_texture.npz", "canonsal_jax.cis_texture", 1, texture=result.texture, weight=result.weight
@@ -425,7 +495,7 @@ def with_reproducibility(
       "face_model": model.source,
       "morphable_model": model3d.name,
       "asset_sha256": {a.name: a.sha256 for a in assets.ASSETS.values()},
-      "versions": _versions(),
+      "versions": manifest.versions(),
       "note": "no randomness: detection, sweep, fit and accumulation are deterministic",
     },
   }
@@ -468,18 +538,6 @@ def _summed(counts: list[dict[str, int] | None]) -> dict[str, int] | None:
   """Per-process counters added key by key (None where every process had none)."""
   present = [c for c in counts if c is not None]
   return {k: sum(c[k] for c in present) for k in present[0]} if present else None
-
-
-def _versions() -> dict[str, str]:
-  import importlib.metadata
-
-  found = {"python": platform.python_version()}
-  for package in ("canonsal_jax", "jax", "jaxlib", "flax", "numpy", "dlib-bin", "scikit-image"):
-    try:
-      found[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return found
 
 
 def cms_figure(

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from canonsal_jax import canonical, faces, fileio, models, morphable, occlusion, raster
 from canonsal_jax import config as config_lib
@@ -40,6 +41,7 @@ __all__ = [
   "cis_face",
   "cis_image",
   "detect_face",
+  "detect_faces",
   "detection_cache",
   "embed_face",
   "embed_image",
@@ -71,7 +73,7 @@ class OcclusionResult:
     score: the unoccluded score (for "expected_value", e.g. the expected age).
     probabilities: `[K]` softmax of the unoccluded outputs.
     image: `uint8 [H, W, 3]` the photo.
-    face: the detected face.
+    face: the face explained.
     crop: `uint8 [S, S, 3]` the model's face crop.
     crop_from_image: `[2, 3]` affine map from image xy to crop xy.
     heatmap: `[S, S]` mean drop per crop pixel.
@@ -82,6 +84,9 @@ class OcclusionResult:
     num_patches: the number of occluded images scored.
     face_width: the face's width in crop pixels under the model's crop convention.
     method: "occlusion", or the rival `attribution` method that made the heatmap (patch fields then 0).
+    detection: every face found in the photo and which one is `face` (None when the caller gave the face).
+    distances: an embedding model's (cosine score) Euclidean descriptor distances to the references explained
+      against (one, or genuine and impostor); empty for classifiers. 0 for self-similarity.
   """
 
   name: str
@@ -103,6 +108,13 @@ class OcclusionResult:
   num_patches: int
   face_width: float = 0.0
   method: str = "occlusion"
+  detection: faces.Detection | None = None
+  distances: tuple[float, ...] = ()
+
+  @property
+  def is_embedding(self) -> bool:
+    """An embedding model's result (cosine score): a similarity and distance, no class, label or probabilities."""
+    return self.score_kind.startswith("cosine")
 
 
 def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tuple[float, ...]:
@@ -190,17 +202,22 @@ def load_input(image: str | pathlib.Path | np.ndarray | None, name: str | None) 
   return name, fileio.validate_image(image, name)
 
 
-def detect_face(config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None) -> faces.Face:
-  """The largest face with the config's detector settings, through the detection cache when it is on.
+def detect_faces(config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None) -> faces.Detection:
+  """Every face found with the config's detector settings (through the detection cache when it is on), and the
+  one `config.face` chooses. Logs one warning line when the chosen face may not be the one meant
+  (`faces.Detection.warning`).
 
   Raises:
     faces.NoFaceError: no face was found (the message names `name`, the settings and the ones to try).
+    faces.FaceChoiceError: `config.face` is an index or a box that matches none of the faces found.
   """
   detector = detector or faces.default_detector(config.detector)
   try:
-    return faces.largest_face(
+    detection = faces.find_faces(
       pixels,
       name,
+      choice=config_lib.parse_face(config.face),
+      choice_text=str(config.face).strip(),
       detector=detector,
       upsample=config.upsample,
       adjust_threshold=config.detector_threshold,
@@ -208,6 +225,15 @@ def detect_face(config, pixels: np.ndarray, name: str, detector: faces.FaceDetec
     )
   except faces.NoFaceError as e:
     raise faces.NoFaceError(f"{e}; {_no_face_hint(config)}") from None
+  warning = detection.warning(name)
+  if warning is not None:
+    logging.warning("%s", warning)
+  return detection
+
+
+def detect_face(config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None) -> faces.Face:
+  """The face `config.face` chooses (`detect_faces(...).face`)."""
+  return detect_faces(config, pixels, name, detector).face
 
 
 def _no_face_hint(config: ml_collections.ConfigDict) -> str:
@@ -233,7 +259,7 @@ def explain_image(
   name: str | None = None,
   detector: faces.FaceDetector | None = None,
 ) -> OcclusionResult:
-  """Occlusion saliency of the largest face in one photo.
+  """Occlusion saliency of one face in one photo: the one `config.face` chooses (default: the largest).
 
   Args:
     config: a configuration as `canonsal_jax.config.default_config()`.
@@ -249,8 +275,8 @@ def explain_image(
   """
   check_settings(config)
   name, pixels = load_input(image, name)
-  face = detect_face(config, pixels, name, detector)
-  return explain_face(config, pixels, face, name)
+  detection = detect_faces(config, pixels, name, detector)
+  return dataclasses.replace(explain_face(config, pixels, detection.face, name), detection=detection)
 
 
 def check_settings(config: ml_collections.ConfigDict) -> models.FaceModel:
@@ -330,7 +356,7 @@ def embed_face(model: models.FaceModel, pixels: np.ndarray, face: faces.Face, na
 def embed_image(
   config: ml_collections.ConfigDict, image: str | pathlib.Path | np.ndarray, *, name: str | None = None
 ) -> np.ndarray:
-  """`embed_face` of the largest face in a photo (`config.model`, detector settings from `config`)."""
+  """`embed_face` of the chosen face (`config.face`) in a photo (`config.model`, detector settings from `config`)."""
   name, pixels = load_input(image, name)
   face = detect_face(config, pixels, name, None)
   return embed_face(models.load_configured(config), pixels, face, name)
@@ -338,7 +364,15 @@ def embed_image(
 
 def _reference_embedding(config: ml_collections.ConfigDict, model: models.FaceModel, path: str) -> np.ndarray:
   """A verification reference's embedding (float32 `[K]`), cached per model, photo and detector settings."""
-  key = (config.model, config.model_card, str(path), config.detector, config.upsample, config.detector_threshold)
+  key = (
+    config.model,
+    config.model_card,
+    str(path),
+    config.detector,
+    config.upsample,
+    config.detector_threshold,
+    str(config.face),
+  )
   if key not in _REFERENCES:
     name, pixels = load_input(str(path), f"reference photo {path}")
     face = detect_face(config, pixels, name, None)
@@ -416,8 +450,14 @@ def explain_face(
     plan = dataclasses.replace(plan, patch_size=0, stride=0, centres=plan.centres[:0])
   result = occlusion.check_finite(jax.device_get(result), name)
   outputs = np.asarray(result.outputs, np.float64)
-  probabilities = np.exp(outputs - outputs.max())
-  probabilities /= probabilities.sum()
+  if plan.score.kind == "cosine":  # a descriptor, not class scores: no probabilities; distances to the references
+    probabilities = np.zeros((0,), np.float64)
+    references = outputs[None] if plan.target is None else np.asarray(plan.target, np.float64).reshape(-1, len(outputs))
+    distances = tuple(float(np.linalg.norm(outputs - r)) for r in references)
+  else:
+    probabilities = np.exp(outputs - outputs.max())
+    probabilities /= probabilities.sum()
+    distances = ()
   label, target = predicted_label(model, plan.score, result)
   heatmap = np.asarray(result.heatmap, np.float32)
   heatmap_image = faces.warp_to_image(np.where(result.count > 0, heatmap, np.nan), crop_from_image, pixels.shape[:2])
@@ -441,6 +481,7 @@ def explain_face(
     num_patches=len(plan.centres),
     face_width=float(model.crop.face_width),
     method=config.explainer,
+    distances=distances,
   )
 
 
@@ -458,7 +499,7 @@ def load_morphable(spec: str) -> morphable.MorphableModel:
 
 @dataclasses.dataclass(frozen=True)
 class FaceFit:
-  """A 3DMM fitted to the largest face of one photo.
+  """A 3DMM fitted to one face of a photo.
 
   Attributes:
     name: the input's name.
@@ -466,6 +507,7 @@ class FaceFit:
     face: the detected face (box and 68 landmarks).
     model: the morphable model.
     fit: the `morphable.FitResult` of this face, batch axis removed, as numpy arrays.
+    detection: every face found and which one is `face` (None when the caller gave the face).
   """
 
   name: str
@@ -473,6 +515,7 @@ class FaceFit:
   face: faces.Face
   model: morphable.MorphableModel
   fit: Any
+  detection: faces.Detection | None = None
 
 
 def fit_image(
@@ -482,7 +525,7 @@ def fit_image(
   name: str | None = None,
   detector: faces.FaceDetector | None = None,
 ) -> FaceFit:
-  """Detects the largest face and fits `config.morphable_model` to its 68 landmarks.
+  """Detects the face `config.face` chooses and fits `config.morphable_model` to its 68 landmarks.
 
   Raises:
     fileio.ImageError: the image cannot be read.
@@ -493,12 +536,13 @@ def fit_image(
   config_lib.validate(config)
   model = load_morphable(config.morphable_model)
   name, pixels = load_input(image, name)
-  face = detect_face(config, pixels, name, detector)
+  detection = detect_faces(config, pixels, name, detector)
+  face = detection.face
   result = morphable.fit(model, face.landmarks_xy[None], image_size=pixels.shape[:2])
   result = jax.tree.map(lambda a: np.asarray(a)[0], result)
   if not np.all(np.isfinite(result.vertices_xyd)):
     raise ValueError(f"{name}: the 3DMM fit diverged (non-finite vertices)")
-  return FaceFit(name=name, image=pixels, face=face, model=model, fit=result)
+  return FaceFit(name=name, image=pixels, face=face, model=model, fit=result, detection=detection)
 
 
 class StageClock:
@@ -604,7 +648,7 @@ def cis_image(
   detector: faces.FaceDetector | None = None,
   target: Any = None,
 ) -> CISResult:
-  """Canonical Image Saliency of the largest face in one photo (None: the astronaut).
+  """Canonical Image Saliency of one face in a photo (None: the astronaut): the one `config.face` chooses.
 
   Raises:
     fileio.ImageError, faces.NoFaceError, FileNotFoundError (a missing 3DMM), config.ConfigError (bad settings,
@@ -613,5 +657,10 @@ def cis_image(
   check_settings(config)
   load_morphable(config.morphable_model)
   name, pixels = load_input(image, name)
-  face = detect_face(config, pixels, name, detector)
-  return cis_face(config, pixels, face, name, target=target)
+  detection = detect_faces(config, pixels, name, detector)
+  result = cis_face(config, pixels, detection.face, name, target=target)
+  return dataclasses.replace(
+    result,
+    occlusion=dataclasses.replace(result.occlusion, detection=detection),
+    fit=dataclasses.replace(result.fit, detection=detection),
+  )

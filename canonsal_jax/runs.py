@@ -89,10 +89,10 @@ def run_cms(
     if not hasattr(local, "detector"):
       local.detector = faces.FaceDetector(config.detector)
     pixels = fileio.load_image(path)
-    face = pipeline.detect_face(config, pixels, path, local.detector)
+    detection = pipeline.detect_faces(config, pixels, path, local.detector)
     with lock:  # host seconds, overlapped with the device stages by the prefetch threads
       timings["host_load_detect"] = timings.get("host_load_detect", 0.0) + time.perf_counter() - begin
-    return pixels, face
+    return pixels, detection
 
   skip = set(acc.done_indices()) | {i for i in range(len(files)) if i % num_processes != process_index}
   if config.cms.max_images > 0:  # a time-boxed run: the rest is left to the next run (resume)
@@ -111,9 +111,10 @@ def run_cms(
   def per_image(batch: list[datasets.Prefetched]) -> list[batched.FaceOutcome | str]:
     found = []
     for item in batch:
-      pixels, face = item.value
+      pixels, detection = item.value
       try:
-        found.append(batched.FaceOutcome.from_cis(pipeline.cis_face(config, pixels, face, item.name, timings=timings)))
+        cis = pipeline.cis_face(config, pixels, detection.face, item.name, timings=timings)
+        found.append(batched.FaceOutcome.from_cis(cis))
       except ValueError as e:
         found.append(f"{type(e).__name__}: {e}")
     return found
@@ -121,10 +122,14 @@ def run_cms(
   def flush(batch: list[datasets.Prefetched]) -> None:
     nonlocal done, processed, since_checkpoint, num_batches
     num_batches += 1 if batcher is not None else len(batch)
-    found = batcher([(item.name, *item.value) for item in batch]) if batcher is not None else per_image(batch)
+    if batcher is not None:
+      found = batcher([(item.name, pixels, detection.face) for item in batch for pixels, detection in [item.value]])
+    else:
+      found = per_image(batch)
     clock = pipeline.StageClock(timings)
     for item, outcome in zip(batch, found):
-      added = _accumulate(acc, item.index, item.name, outcome, config, labels)
+      detection = item.value[1]
+      added = _accumulate(acc, item.index, item.name, outcome, config, labels, detection)
       if added and config.cms.save_textures:  # before the checkpoint that records the image
         fileio.save_npz(outputs.texture_path(out, item.index), texture=outcome.texture, weight=outcome.weight)
     clock.lap("accumulate")
@@ -210,10 +215,13 @@ def _accumulate(
   outcome: batched.FaceOutcome | str,
   config: ml_collections.ConfigDict,
   labels: dict[str, str] | None,
+  detection: faces.Detection,
 ) -> bool:
   """Adds one face's outcome (or records why it failed) with its groups: "all", "pred_<label>", and with true
-  labels "label_<label>" and "correct" / "misclassified". Returns whether it was accumulated."""
-  record: dict[str, Any] = {}
+  labels "label_<label>" and "correct" / "misclassified". Returns whether it was accumulated. The record holds
+  every face found in the photo and which was explained (`outputs.face_record`); an embedding model's (cosine
+  score) has no prediction."""
+  record: dict[str, Any] = outputs.face_record(detection.face, detection)
   true = None
   if labels is not None:
     true = datasets.true_label(labels, name)
@@ -236,7 +244,7 @@ def _accumulate(
     outcome.weight,
     group=groups,
     record={
-      "prediction": outcome.label,
+      **({} if outcome.score_kind.startswith("cosine") else {"prediction": outcome.label}),
       "score": outcome.score,
       "score_kind": outcome.score_kind,
       "outside_mesh_share": outcome.outside_mesh_share,

@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from canonsal_jax import config as config_lib
-from canonsal_jax import fileio, models, outputs, pipeline, viz
+from canonsal_jax import faces, fileio, models, outputs, pipeline, viz
 
 __all__ = ["DLIB_THRESHOLD", "PairResult", "pair_figure", "pair_scale", "verify_pair", "write_pair"]
 
@@ -98,7 +98,8 @@ def verify_pair(
   config.occlusion.reference, config.occlusion.impostor = "", ""
   config.occlusion.score = "cosine"
   loaded = [pipeline.load_input(image, name) for image, name in zip((probe, reference), names[:2])]
-  found = [pipeline.detect_face(config, pixels, name, None) for name, pixels in loaded]
+  detections = [pipeline.detect_faces(config, pixels, name, None) for name, pixels in loaded]
+  found = [d.face for d in detections]
   probe_emb, ref_emb = (pipeline.embed_face(model, pixels, face, name) for (name, pixels), face in zip(loaded, found))
   impostor_name, impostor_cos, probe_target = "", float("nan"), ref_emb
   if impostor is not None:
@@ -107,9 +108,10 @@ def verify_pair(
     imp_emb = pipeline.embed_face(model, imp_pixels, imp_face, impostor_name)
     impostor_cos = _cos(probe_emb, imp_emb)
     probe_target = np.stack([ref_emb, imp_emb])  # [2, K]: the score becomes the cosine contrast
-  (probe_name, probe_pixels), (ref_name, ref_pixels) = loaded
-  probe_cis = pipeline.cis_face(config, probe_pixels, found[0], probe_name, target=probe_target)
-  ref_cis = pipeline.cis_face(config, ref_pixels, found[1], ref_name, target=probe_emb)
+  probe_cis, ref_cis = (
+    _with_detection(pipeline.cis_face(config, pixels, d.face, name, target=target), d)
+    for (name, pixels), d, target in zip(loaded, detections, (probe_target, probe_emb))
+  )
   distance = float(np.linalg.norm(probe_emb - ref_emb))
   return PairResult(
     probe=probe_cis,
@@ -169,6 +171,15 @@ def pair_figure(
     )
   viz.set_title(fig, title)
   return fig
+
+
+def _with_detection(result: pipeline.CISResult, detection: faces.Detection) -> pipeline.CISResult:
+  """A side's CIS with every face found in its photo (recorded in its outputs, drawn in the figures)."""
+  return dataclasses.replace(
+    result,
+    occlusion=dataclasses.replace(result.occlusion, detection=detection),
+    fit=dataclasses.replace(result.fit, detection=detection),
+  )
 
 
 def write_pair(

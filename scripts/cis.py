@@ -12,24 +12,35 @@ from absl import flags
 from canonsal_jax import cli
 
 _CONFIG = cli.define_config()
-_OVERRIDES = cli.define_overrides()
+_OVERRIDES = cli.define_overrides(face=True)
 _IMAGE = flags.DEFINE_string("image", None, "Photo to explain (default: scikit-image's astronaut).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", required=True)
+_OVERWRITE = cli.define_overwrite()
 
 
 def main(argv):
   config = cli.resolve(_CONFIG, _OVERRIDES)  # every value checked before anything loads
   cli.start(argv, out_dirs=[_OUT_DIR])
-  from canonsal_jax import outputs, pipeline, viz
+  from canonsal_jax import fileio, outputs, pipeline, viz
+
+  photo = _IMAGE.value or str(fileio.default_image_path())
+  folder = cli.claim_out_dir(_OUT_DIR, _OVERWRITE, config, kind="cis", inputs=cli.run_inputs(config, {"photo": photo}))
 
   with cli.user_errors() as failed:
     figures = viz.FigureSettings.from_config(config)
     result = pipeline.cis_image(config, _IMAGE.value)
   if failed:
     return 1
-  summary = outputs.write_cis(result, _OUT_DIR.value, render_size=config.cis.render_size, settings=figures)
+  summary = outputs.write_cis(
+    result,
+    _OUT_DIR.value,
+    render_size=config.cis.render_size,
+    settings=figures,
+    heatmap_image=config.outputs.heatmap_image,
+  )
+  folder.finish()
   print(
-    f"{summary['name']}: {summary['label']} ({summary['score_kind']} {summary['score']:.3f}); "
+    f"{summary['name']}: {outputs.describe(summary)}; "
     f"{summary['outside_mesh_share']:.0%} of the saliency off the mesh; wrote {_OUT_DIR.value}/cis.{figures.format}"
   )
   return 0

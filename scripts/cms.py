@@ -2,6 +2,7 @@ r"""Canonical Model Saliency over a dataset: resumable, bad images skipped and r
 
 python scripts/cms.py --out_dir=/tmp/cms                                  # default photos, gender model
 python scripts/cms.py --images=photos/ --model=age --out_dir=out          # rerun the same command to resume
+python scripts/cms.py --images=photos/ --model=gender --out_dir=out --overwrite  # replace another run's outputs
 python scripts/cms.py --images=builtin:photos --config.cms.labels_csv=labels.csv --out_dir=out
 python scripts/cms.py --list_models                                        # what --model accepts
 python scripts/cms.py --list_config                                        # every --config.<key> and its value
@@ -25,6 +26,7 @@ _IMAGES = flags.DEFINE_string(
   "images", None, 'Folder, .txt list, glob, or "builtin:lfw" / "builtin:photos" (overrides config.cms.dataset).'
 )
 _OUT_DIR = flags.DEFINE_string("out_dir", "outputs", "Folder for the outputs and the checkpoint.")
+_OVERWRITE = cli.define_overwrite()
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a jax.distributed job (1: no job).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in the job, 0 .. num_processes - 1.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0's coordination service.")
@@ -37,8 +39,17 @@ def main(argv):
     raise app.UsageError("--num_processes > 1 needs --coordinator=host:port")
   import jax
 
-  from canonsal_jax import runs
+  from canonsal_jax import datasets, manifest, runs
 
+  with cli.user_errors() as failed:  # the photos' hashes: the manifest's "same run" test (a CMS run resumes)
+    files = datasets.files_of(config.cms.dataset or datasets.default_dataset())
+    images = {"spec": config.cms.dataset or "builtin:lfw", "count": len(files), "sha256": manifest.digest_files(files)}
+  if failed:
+    return 1
+  folder = cli.claim_out_dir(
+    _OUT_DIR, _OVERWRITE, config, kind="cms", inputs=cli.run_inputs(config, {"images": images})
+  )
+  folder.write()  # now: a killed run's folder is still its own, and resumes
   if _NUM_PROCESSES.value > 1:
     if "jax_cpu_collectives_implementation" in jax.config.values:  # gloo: the barrier's collective on CPUs
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (jax 0.10.2's default; said explicitly)
@@ -60,6 +71,8 @@ def main(argv):
       jax.distributed.shutdown()
   if failed:
     return 1
+  if _PROCESS_ID.value == 0:  # process 0 writes the merged outputs last
+    folder.finish()
   skipped = [r for r in acc.records() if r["status"] != "ok"]
   print(
     f"CMS of {acc.num_images('all') if 'all' in acc.groups() else 0} images ({len(skipped)} skipped), "

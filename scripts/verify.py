@@ -19,6 +19,7 @@ _IMPOSTOR = flags.DEFINE_string(
 )
 _THRESHOLD = flags.DEFINE_float("threshold", 0.6, "Descriptor distance below which the model says 'same person'.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", required=True)
+_OVERWRITE = cli.define_overwrite()
 
 
 def main(argv):
@@ -32,12 +33,15 @@ def main(argv):
   if probe is None:
     photos = {pathlib.Path(p).stem.rsplit("_", 1)[-1]: p for p in datasets.builtin_dataset("photos")}
     probe, reference = photos["obama"], photos["obama2"]
+  inputs = cli.run_inputs(config, {"probe": probe, "reference_photo": reference, "impostor_photo": _IMPOSTOR.value})
+  folder = cli.claim_out_dir(_OUT_DIR, _OVERWRITE, config, kind="verify", inputs=inputs)
   with cli.user_errors() as failed:
     figures = viz.FigureSettings.from_config(config)
     pair = verification.verify_pair(config, probe, reference, impostor=_IMPOSTOR.value, threshold=_THRESHOLD.value)
   if failed:
     return 1
   summary = verification.write_pair(pair, _OUT_DIR.value, render_size=config.cis.render_size, settings=figures)
+  folder.finish()
   verdict = "same person" if summary["same_person"] else "different people"
   print(
     f"{verdict}: distance {summary['distance']:.3f} (threshold {summary['threshold']}), cosine "

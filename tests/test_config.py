@@ -61,6 +61,7 @@ def _config(key, value):
   return config
 
 
+_FACE = "must be largest or central, a face index (0, 1, ...: left to right) or a box x0,y0,x1,y1 in photo pixels"
 _PATCH = "or a fraction of the face width below 1 (the paper's 0.07)"
 
 
@@ -80,6 +81,11 @@ _PATCH = "or a fraction of the face width below 1 (the paper's 0.07)"
     ("cms.normalisation", "l2", "must be one of none, max_abs, sum_abs"),
     ("explainer", "lime", f"must be one of occlusion, {', '.join(attribution.METHODS)}"),
     ("occlusion.impostor", "b.jpg", "needs --config.occlusion.reference (the genuine photo) too"),
+    ("face", "biggest", _FACE),
+    ("face", "-1", _FACE),
+    ("face", "1,2,3", _FACE),
+    ("face", "10,10,5,20", "a box x0,y0,x1,y1 needs x1 > x0 and y1 > y0 (left, top, right, bottom in photo pixels)"),
+    ("outputs.heatmap_image", "yes", "must be True or False"),
   ],
 )
 def test_a_bad_value_names_its_key_and_what_it_takes(key, value, message):
@@ -122,3 +128,16 @@ def test_a_baseline_given_as_text_is_a_number():
   assert pipeline.model_baseline(model, "0.5") == 0.5
   with pytest.raises(ValueError, match="black, white, mean, blur"):
     pipeline.model_baseline(model, "grey")
+
+
+def test_face_accepts_a_rule_an_index_or_a_box():
+  assert config_lib.FACE_RULES == faces.FACE_RULES
+  for value, parsed in [
+    ("largest", "largest"),
+    ("central", "central"),
+    ("2", 2),
+    (3, 3),
+    ("1,2,30.5,40", (1, 2, 30.5, 40)),
+  ]:
+    config_lib.validate(_config("face", value))
+    assert config_lib.parse_face(value) == parsed

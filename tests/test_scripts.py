@@ -25,6 +25,7 @@ def test_occlusion_script_on_the_astronaut(tmp_path):
     f"--out_dir={tmp_path}",
     "--config.occlusion.stride=2",
     "--config.occlusion.patch_size=3",
+    "--config.outputs.heatmap_image=True",
     f"--compilation_cache={cache}",
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -32,6 +33,7 @@ def test_occlusion_script_on_the_astronaut(tmp_path):
   summary = json.loads((tmp_path / "result.json").read_text())
   assert summary["model"] == "gender" and summary["label"] == "female"
   assert summary["format"] == "canonsal_jax.occlusion_result" and summary["version"] == 1
+  assert summary["num_faces"] == 1 and summary["face_index"] == 0 and summary["face_choice"] == "largest"
   heat = np.load(tmp_path / "heatmap.npy")
   count = np.load(tmp_path / "count.npy")
   assert heat.shape == count.shape == (32, 32)
@@ -41,7 +43,7 @@ def test_occlusion_script_on_the_astronaut(tmp_path):
   assert np.isnan(image_heat[0, 0]) and np.isfinite(image_heat[120, 220])  # corner outside the crop, face inside
   overlay = np.asarray(Image.open(tmp_path / "overlay.png"))
   assert overlay.ndim == 3 and overlay.shape[2] == 3
-  assert "female" in proc.stdout
+  assert "female" in proc.stdout and "face 0 of 1 (largest)" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -319,3 +319,79 @@ def test_figures_leave_no_pyplot_state():
 
   outputs.occlusion_figure(_occlusion())
   assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+
+
+# ------------------------------------------------------------------------------------------- faces and results
+
+
+def _with_faces(occ):
+  """The synthetic result as one of three faces found (its own box the middle one), chosen as the largest."""
+  other_left = faces.Face(np.array([10.0, 10, 49, 49]), 0.5, np.zeros((68, 2)), np.zeros((5, 2)))
+  other_right = faces.Face(np.array([400.0, 300, 459, 359]), 0.2, np.zeros((68, 2)), np.zeros((5, 2)))
+  detection = faces.Detection((other_left, occ.face, other_right), 1, "largest", occ.image.shape[:2])
+  return dataclasses.replace(occ, detection=detection)
+
+
+def _rectangles(ax, label):
+  from matplotlib.patches import Rectangle
+
+  return [p for p in ax.patches if isinstance(p, Rectangle) and p.get_label() == label]
+
+
+def test_the_photo_panel_boxes_the_face_explained_and_mutes_the_others():
+  occ = _with_faces(_occlusion())
+  fig = outputs.occlusion_figure(occ)
+  photo = fig.axes[0]
+  assert photo.get_title() == "photo"
+  (chosen,) = _rectangles(photo, viz.CHOSEN_FACE_LABEL)
+  x0, y0, x1, y1 = occ.face.box_xyxy  # dlib's inclusive corners: the box covers half a pixel more each side
+  assert chosen.get_xy() == (x0 - 0.5, y0 - 0.5)
+  assert (chosen.get_width(), chosen.get_height()) == (x1 - x0 + 1, y1 - y0 + 1)
+  others = _rectangles(photo, viz.OTHER_FACE_LABEL)
+  assert sorted(r.get_xy() for r in others) == [(9.5, 9.5), (399.5, 299.5)]
+  assert all(r.get_linewidth() < chosen.get_linewidth() for r in others)
+  assert [t.get_text() for t in photo.texts] == ["0", "1", "2"]  # numbered as --face counts them
+  labels = [t.get_text() for t in fig.legends[0].get_texts()]
+  assert viz.CHOSEN_FACE_LABEL in labels and viz.OTHER_FACE_LABEL in labels
+  for ax in fig.axes[1:]:
+    assert not _rectangles(ax, viz.CHOSEN_FACE_LABEL)
+  # Given the face alone (no detection), the face is still boxed, with nothing else.
+  fig = outputs.occlusion_figure(_occlusion())
+  assert len(_rectangles(fig.axes[0], viz.CHOSEN_FACE_LABEL)) == 1 and not _rectangles(fig.axes[0], "other faces found")
+
+
+def test_result_json_records_every_face_and_the_choice_and_no_photo_sized_array(tmp_path):
+  import json
+
+  occ = _with_faces(_occlusion())
+  summary = outputs.write_occlusion(occ, tmp_path)
+  assert json.loads((tmp_path / "result.json").read_text()) == summary
+  assert summary["num_faces"] == 3 and summary["face_index"] == 1 and summary["face_choice"] == "largest"
+  assert summary["faces"][1] == {"index": 1, "box_xyxy": [170.0, 100.0, 297.0, 227.0], "score": 1.0}
+  assert summary["face_box_xyxy"] == summary["faces"][1]["box_xyxy"]
+  assert summary["label"] == "female" and summary["probabilities"] == [0.9, 0.1]
+  assert not (tmp_path / "heatmap_image.npy").exists()  # photo-sized: only on request
+  outputs.write_occlusion(occ, tmp_path / "with", heatmap_image=True)
+  np.testing.assert_array_equal(np.load(tmp_path / "with" / "heatmap_image.npy"), occ.heatmap_image)
+
+
+def test_an_embedding_result_has_a_similarity_and_distance_and_no_class_fields(tmp_path):
+  import json
+
+  occ = dataclasses.replace(
+    _occlusion(), model="identity", label="", score_kind="cosine", target=-1, score=0.93,
+    probabilities=np.zeros(0), distances=(0.41,),
+  )  # fmt: skip
+  summary = outputs.write_occlusion(occ, tmp_path)
+  saved = json.loads((tmp_path / "result.json").read_text())
+  assert saved == summary
+  assert not {"label", "probabilities", "target"} & set(saved)
+  assert saved["score_kind"] == "cosine" and saved["score"] == 0.93 and saved["distance"] == 0.41
+  assert outputs.describe(saved) == "cosine similarity 0.930, distance 0.410"
+  fig = outputs.occlusion_figure(occ)
+  assert "cosine similarity 0.930, distance 0.410" in fig._suptitle.get_text()
+  contrast = dataclasses.replace(occ, score_kind="cosine contrast", distances=(0.41, 0.72))
+  saved = outputs.occlusion_summary(contrast)
+  assert saved["distance"] == 0.41 and saved["impostor_distance"] == 0.72 and "label" not in saved
+  classifier = outputs.occlusion_summary(_occlusion())
+  assert outputs.describe(classifier) == "female (log-odds 2.500)"
