@@ -11,7 +11,7 @@ method on that crop:
 and the controls: "face_mask" (uniform on the mesh's pixels), "gaussian" (centred), and, given the CMS of the
 same architecture with re-initialised weights
 (`scripts/cms.py --model=canonsal_jax.evidence.faithfulness:randomised_gender`), "cms_random". All maps are
-scored by `metrics.make_protocol`
+scored by `metrics.make_mass_protocol`
 (Average Drop %, % Increase in Confidence, Win %) and by deletion/insertion AUC on both substrates; each
 method's per-image Average Drop and blurred deletion AUC are tested against each control
 (`metrics.compare_with_controls`), and model randomisation is reported as the mean Spearman correlation between
@@ -324,7 +324,7 @@ def run_protocol(
   order = list(maps)
 
   # Drop protocol.
-  protocol = metrics.make_protocol(model.apply_fn, baseline=protocol_baseline, mass=mass)
+  protocol = metrics.make_mass_protocol(model.apply_fn, baseline=protocol_baseline, mass=mass)
   result = protocol(model.params, x, np.stack([maps[m] for m in order]), np.stack([valid[m] for m in order]))
   summary = metrics.protocol_summary(result, order)
   original = np.asarray(result.original, np.float64)
