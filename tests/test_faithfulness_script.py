@@ -73,6 +73,7 @@ def test_faithfulness_script_writes_the_metric_table(tmp_path):
     "--max_images=3",
     "--config.occlusion.patch_size=3",
     "--config.occlusion.stride=2",
+    "--protocol=both",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with (out / "metrics.csv").open() as f:
@@ -96,6 +97,28 @@ def test_faithfulness_script_writes_the_metric_table(tmp_path):
   assert isinstance(by_method["grad_cam"]["beats_controls"], bool) and by_method["gaussian"]["beats_controls"] is None
   assert rows["cms"]["drop_p_vs_cms_random"] == ""  # no randomised CMS given
   assert len(table["per_image"]["average_drop"]["cms"]) == len(table["images"])
+  # The paper's table, beside it: the CMS against the three CAM methods, whatever --methods said.
+  paper = table["paper"]
+  assert [row["method"] for row in paper["rows"]] == list(faithfulness.PAPER_METHODS)
+  assert paper["paper_as_published"] is False
+  masses = [row["mean_mass"] for row in paper["rows"]]
+  assert masses == pytest.approx([masses[0]] * 4, rel=1e-4)  # every map hides the CMS's own mass
+  assert masses[0] > 0.1 * 32 * 32  # a uniform CMS on the face: the face's pixels, not a tenth of the crop
+  for row in paper["rows"]:
+    for figure in ("average_drop_pct", "increase_in_confidence_pct", "win_pct"):
+      lo, hi = row[f"{figure}_ci"]
+      assert 0 <= lo <= row[figure] <= hi <= 100, (row["method"], figure)
+  assert sum(row["win_pct"] for row in paper["rows"]) == pytest.approx(100.0)
+  assert len(paper["comparisons"]) == 9 and all(c["p_holm"] >= c["p_value"] for c in paper["comparisons"])
+  assert len(paper["per_image"]["occluded_score"]["score_cam"]) == len(table["images"])
+  with (out / "paper.csv").open() as f:
+    paper_rows = list(csv.DictReader(f))
+  assert [row["method"] for row in paper_rows] == list(faithfulness.PAPER_METHODS)
+  assert paper_rows[0]["win_pct_finding"] == "" and paper_rows[1]["win_pct_finding"] in (
+    "no difference shown",
+    "cms better",
+    "grad_cam better",
+  )
 
 
 def test_a_cms_of_another_model_or_3dmm_is_refused(tmp_path):
@@ -121,3 +144,23 @@ def test_randomised_model_keeps_the_architecture_and_changes_the_outputs():
 
   for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(random.params)):
     assert a.shape == b.shape
+
+
+@pytest.mark.slow
+def test_paper_protocol_alone_as_published(tmp_path):
+  images = _test_images()
+  _constant_cms(tmp_path, [f"/elsewhere/face_{i}.png" for i in range(3)])
+  out = tmp_path / "eval"
+  proc = _run(
+    f"--images={images[0]}",
+    f"--cms={tmp_path}",
+    f"--out_dir={out}",
+    "--protocol=paper",
+    "--paper_as_published",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (out / "metrics.csv").exists() and (out / "paper.csv").is_file()
+  table = json.loads((out / "metrics.json").read_text())
+  assert table["rows"] == [] and table["paper"]["paper_as_published"] is True
+  assert table["settings"]["protocol"] == "paper" and len(table["images"]) == 1
+  assert "as published" in proc.stdout and "cms better than every rival" not in proc.stdout  # one face: no claim

@@ -1,5 +1,7 @@
 """Tests for `evidence.metrics`: mass scaling, the drop protocol, deletion/insertion, controls, randomisation."""
 
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,7 +82,7 @@ def test_protocol_scores_each_image_against_its_own_score():
   x = _images()
   rng = np.random.default_rng(2)
   maps = rng.exponential(size=(2, len(x), _H, _W)).astype(np.float32)
-  protocol = metrics.make_protocol(apply_fn, mass=0.2)
+  protocol = metrics.make_mass_protocol(apply_fn, mass=0.2)
   result = protocol(w, x, maps)
 
   # Reference, image by image in numpy: probability of the predicted class before and after occlusion.
@@ -115,7 +117,7 @@ def test_protocol_baseline_is_what_a_full_map_reveals():
   full = np.ones((1, 2, _H, _W), np.float32)
   score = occlusion.Score("logit")
   for baseline, expect in ((0.0, lambda xi: 0.0), (0.5, lambda xi: 0.5 * float(np.sum(w[..., :]))), ("mean", None)):
-    result = metrics.make_protocol(apply_fn, score=score, baseline=baseline, mass=1.0)(w, x, full, target=0)
+    result = metrics.make_mass_protocol(apply_fn, score=score, baseline=baseline, mass=1.0)(w, x, full, target=0)
     for i in range(2):
       want = float(np.sum(np.mean(x[i], axis=(0, 1)) * np.asarray(w))) if expect is None else expect(x[i])
       np.testing.assert_allclose(float(result.occluded[0, i]), want, atol=1e-4)
@@ -127,7 +129,7 @@ def test_non_positive_original_scores_are_excluded_and_counted():
   logits = np.einsum("bhwc,hwc->b", x, np.asarray(w))
   maps = np.random.default_rng(3).exponential(size=(2, 5, _H, _W)).astype(np.float32)
   # The class-0 logit as the score: images with a negative logit have a non-positive score.
-  protocol = metrics.make_protocol(apply_fn, score=occlusion.Score("logit"), mass=0.2)
+  protocol = metrics.make_mass_protocol(apply_fn, score=occlusion.Score("logit"), mass=0.2)
   result = protocol(w, x, maps, target=0)
   positive = logits > 0
   assert 0 < positive.sum() < 5
@@ -158,6 +160,132 @@ def test_protocol_summary_known_answers():
   np.testing.assert_allclose(s["b"]["pairwise_win_pct"]["a"], 100 * 2 / 3)
   np.testing.assert_allclose(s["c"]["pairwise_win_pct"]["b"], 100 * 1.5 / 3)
   assert s["a"]["num_excluded"] == 1
+
+
+# ------------------------------------------------------------------------------------------ the paper's protocol
+
+
+def _paper_case():
+  """Two methods' maps on one 2 x 2 face, its crop, and the scaled maps worked out by hand.
+
+  CMS [[7, 1], [3, 5]] with the 7 marked invalid: 0 there, then min-max (0 to 5): [[0, .2], [.6, 1]], sum 1.8.
+  Rival [[-3, -1], [1, 2]]: clipped to [[0, 0], [1, 2]], min-max: [[0, 0], [.5, 1]], sum 1.5, times 1.8 / 1.5:
+  [[0, 0], [.6, 1.2]], over 1 at the bottom right.
+  """
+  maps = np.array([[[[7, 1], [3, 5]]], [[[-3, -1], [1, 2]]]], np.float32)  # [M=2, B=1, 2, 2]
+  valid = np.ones(maps.shape, bool)
+  valid[0, 0, 0, 0] = False
+  crop = np.array([[[[5, 128, 255], [77, 0, 201]], [[11, 251, 33], [101, 3, 57]]]], np.uint8)  # [1, 2, 2, 3]
+  scaled = np.array([[[[0, 0.2], [0.6, 1]]], [[[0, 0], [0.6, 1.2]]]], np.float32)
+  return maps, valid, crop, scaled
+
+
+def test_paper_scaling_min_max_then_the_cms_sum_by_hand():
+  maps, valid, _, scaled = _paper_case()
+  np.testing.assert_allclose(np.asarray(metrics.minmax_scale(maps[1])), [[[0, 0], [0.5, 1]]])
+  np.testing.assert_allclose(np.asarray(metrics.minmax_scale(maps[0], valid[0])), [[[0, 0.2], [0.6, 1]]], rtol=1e-6)
+  out = np.asarray(metrics.paper_scale(maps, valid, reference=0))
+  np.testing.assert_allclose(out, scaled, rtol=1e-6)
+  np.testing.assert_allclose(out.sum(axis=(-2, -1)), [[1.8], [1.8]], rtol=1e-6)
+  assert out[1].max() > 1  # not clipped: the paper's rescaled rival exceeds 1
+  # The reference is the other way round: the CMS given the rival's sum.
+  other = np.asarray(metrics.paper_scale(maps, valid, reference=1))
+  np.testing.assert_allclose(other[0], scaled[0] * 1.5 / 1.8, rtol=1e-6)
+  # A constant map (no min-max span) and an all-zero map hide nothing.
+  flat = np.stack([maps[0], np.full_like(maps[0], 3.0), np.zeros_like(maps[0])])
+  assert np.all(np.asarray(metrics.paper_scale(flat, reference=0))[1:] == 0)
+
+
+def test_explanation_images_wrap_as_published_and_clip_by_default():
+  _, _, crop, scaled = _paper_case()
+  published = metrics.explanation_images(crop, scaled, paper_as_published=True)  # [2, 1, 2, 2, 3]
+  clipped = metrics.explanation_images(crop, scaled)
+  assert published.dtype == clipped.dtype == np.uint8 and published.shape == (2, 1, 2, 2, 3)
+  # Pixel by pixel, 255 * (v / 255) * (1 - m) truncated: m = 0 keeps v; m = .2 keeps .8 v; m = .6 keeps .4 v.
+  cms = [[[5, 128, 255], [61, 0, 160]], [[4, 100, 13], [0, 0, 0]]]  # .8 * (77, 0, 201); .4 * (11, 251, 33)
+  np.testing.assert_array_equal(published[0, 0], cms)
+  np.testing.assert_array_equal(clipped[0, 0], cms)
+  # m = 1.2 on (101, 3, 57): -.2 v = (-20.2, -0.6, -11.4), truncated (-20, 0, -11), wrapped mod 256.
+  rival = [[[5, 128, 255], [77, 0, 201]], [[4, 100, 13], [236, 0, 245]]]
+  np.testing.assert_array_equal(published[1, 0], rival)
+  np.testing.assert_array_equal(clipped[1, 0, 1, 1], [0, 0, 0])  # clipped to black
+  np.testing.assert_array_equal(clipped[1, 0, :, 0], published[1, 0, :, 0])
+  # The wrap is numpy's own cast on x86-64 (elsewhere numpy may saturate; the written-out cast does not).
+  values = np.array([-20.2, -0.6, -11.4, -255.3, 300.2, 255.9], np.float32)
+  np.testing.assert_array_equal(metrics.uint8_cast(values), [236, 0, 245, 1, 44, 255])
+  if platform.machine() in ("x86_64", "AMD64"):
+    with np.errstate(invalid="ignore"):
+      np.testing.assert_array_equal(metrics.uint8_cast(values), values.astype(np.uint8))
+
+
+def test_paper_protocol_scores_the_8_bit_images_through_the_preprocessing():
+  maps, valid, crop, scaled = _paper_case()
+  w = np.random.default_rng(11).normal(size=(2, 2, 3)).astype(np.float32)
+
+  def apply_fn(params, x):
+    logit = jnp.sum(x * params, axis=(1, 2, 3))
+    return jnp.stack([logit, -logit], axis=-1)
+
+  preprocess = lambda c: (np.asarray(c, np.float32) - 128.0) / 64.0  # a host function of the uint8 crop
+  prob = lambda image, cls: 1 / (1 + np.exp(-2 * (1 - 2 * cls) * float(np.sum(preprocess(image) * w))))
+  target = int(np.sum(preprocess(crop[0]) * w) < 0)
+  for as_published in (True, False):
+    protocol = metrics.make_paper_protocol(apply_fn, preprocess, paper_as_published=as_published, batch_size=3)
+    result = protocol(jnp.asarray(w), crop, maps, valid)
+    images = metrics.explanation_images(crop, scaled, paper_as_published=as_published)
+    assert int(result.target[0]) == target
+    np.testing.assert_allclose(float(result.original[0]), prob(crop[0], target), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(result.occluded)[:, 0], [prob(im[0], target) for im in images], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(result.mass), [[1.8], [1.8]], rtol=1e-6)
+    if as_published:
+      published = np.asarray(result.occluded)
+  assert float(published[1, 0]) != pytest.approx(float(result.occluded[1, 0]))  # the wrap changes the score
+  assert float(published[0, 0]) == pytest.approx(float(result.occluded[0, 0]))  # the CMS never exceeds 1
+
+
+def test_paper_figures_by_hand_on_three_faces_and_two_methods():
+  # Face 1: a drops .8 -> .4 (.5), b -> .6 (.25): a wins. Face 2: both raise .5 (a .6, b .55), drop 0 each, b
+  # has the lower score and wins the paper's way (a tie by drop). Face 3: a raises .4 -> .5, b drops to .2 (.5).
+  result = metrics.ProtocolResult(
+    original=np.array([0.8, 0.5, 0.4]),
+    occluded=np.array([[0.4, 0.6, 0.5], [0.6, 0.55, 0.2]]),
+    target=np.zeros(3, np.int32),
+    mass=np.ones((2, 3)),
+  )
+  paper = metrics.protocol_summary(result, ["a", "b"], win="lowest_score")
+  np.testing.assert_allclose([paper[k]["average_drop_pct"] for k in "ab"], [100 * 0.5 / 3, 100 * 0.75 / 3])
+  np.testing.assert_allclose([paper[k]["increase_in_confidence_pct"] for k in "ab"], [200 / 3, 100 / 3])
+  np.testing.assert_allclose([paper[k]["win_pct"] for k in "ab"], [100 / 3, 200 / 3])
+  by_drop = metrics.protocol_summary(result, ["a", "b"])
+  np.testing.assert_allclose([by_drop[k]["win_pct"] for k in "ab"], [50, 50])
+  table = metrics.paper_table(result, ["a", "b"], reference="a", num_resamples=200)
+  assert [row["method"] for row in table["rows"]] == ["a", "b"]
+  assert table["rows"][1]["win_pct"] == pytest.approx(200 / 3)
+  for row in table["rows"]:
+    for figure in metrics.PAPER_FIGURES:
+      lo, hi = row[f"{figure}_ci"]
+      assert lo <= row[figure] <= hi
+  # Three faces: the exact sign-flip test cannot go below 2 / 8, so no finding and no claim.
+  assert [c["figure"] for c in table["comparisons"]] == list(metrics.PAPER_FIGURES)
+  assert all(c["finding"] == "no difference shown" and c["p_value"] >= 0.25 for c in table["comparisons"])
+  assert not any(claim["supported"] for claim in table["claims"].values())
+
+
+def test_paper_table_claims_only_what_the_corrected_tests_support():
+  n = 12  # 2**12 sign patterns, enumerated: the smallest two-sided p-value is 2 / 4096
+  result = metrics.ProtocolResult(
+    original=np.full(n, 0.9),
+    occluded=np.stack([np.full(n, 0.1), np.linspace(0.5, 0.8, n)]),
+    target=np.zeros(n, np.int32),
+    mass=np.ones((2, n)),
+  )
+  table = metrics.paper_table(result, ["cms", "rival"], reference="cms", num_resamples=200)
+  found = {c["figure"]: c for c in table["comparisons"]}
+  assert found["average_drop_pct"]["finding"] == found["win_pct"]["finding"] == "cms better"
+  np.testing.assert_allclose(found["average_drop_pct"]["p_holm"], 3 * 2 / 4096)  # Holm: 3 x the smallest
+  assert found["increase_in_confidence_pct"]["finding"] == "no difference shown"  # no image raised
+  assert table["claims"]["win_pct"]["supported"] and not table["claims"]["increase_in_confidence_pct"]["supported"]
+  assert "rival" in table["claims"]["increase_in_confidence_pct"]["statement"]
 
 
 # ------------------------------------------------------------------------------------------ deletion, insertion
@@ -317,7 +445,7 @@ def test_protocol_and_curves_do_not_retrace_for_new_inputs_of_the_same_shapes():
     traces.append(x.shape)  # runs only while tracing
     return base_fn(params, x)
 
-  protocol = metrics.make_protocol(apply_fn)
+  protocol = metrics.make_mass_protocol(apply_fn)
   curves = metrics.make_deletion_insertion(apply_fn, steps=4)
   rng = np.random.default_rng(10)
   for k in range(2):

@@ -95,6 +95,20 @@ def test_holm_known_answer():
   np.testing.assert_allclose(stats.holm([0.5, np.nan, 0.2]), [0.5, np.nan, 0.4])
 
 
+def test_paired_permutation_test_exact_and_random():
+  # [1, 2, 3]: of the 8 sign patterns only all + and all - reach |mean| >= 2.
+  assert stats.paired_permutation_test([1.0, 2.0, 3.0, np.nan]) == (2.0, 0.25)
+  assert stats.paired_permutation_test([-1.0, 1.0])[1] == 1.0
+  assert stats.paired_permutation_test(np.zeros(4)) == (0.0, 1.0)
+  assert np.isnan(stats.paired_permutation_test([np.nan])[1])
+  # Too many patterns to enumerate: random ones, p = (1 + #) / (1 + P), never 0.
+  mean, p = stats.paired_permutation_test(np.ones(40), num_permutations=999)
+  assert mean == 1.0 and p == pytest.approx(1 / 1000)
+  rng = np.random.default_rng(0)
+  null_p = [stats.paired_permutation_test(rng.normal(size=20), num_permutations=199, seed=k)[1] for k in range(200)]
+  assert 0.02 < np.mean(np.array(null_p) <= 0.05) < 0.1
+
+
 def test_region_permutation_test_null_false_positive_rate_and_planted_difference():
   rng = np.random.default_rng(3)
   n, regions = 24, 6

@@ -10,13 +10,21 @@ method on that crop:
 
 and the controls: "face_mask" (uniform on the mesh's pixels), "gaussian" (centred), and, given the CMS of the
 same architecture with re-initialised weights
-(`scripts/cms.py --model=canonsal_jax.evidence.faithfulness:randomised_gender`), "cms_random". All maps are
-scored by `metrics.make_protocol`
-(Average Drop %, % Increase in Confidence, Win %) and by deletion/insertion AUC on both substrates; each
-method's per-image Average Drop and blurred deletion AUC are tested against each control
-(`metrics.compare_with_controls`), and model randomisation is reported as the mean Spearman correlation between
-a method's maps with the trained and with re-initialised weights (`metrics.randomise_params`; for "cms" against
-"cms_random" when given).
+(`scripts/cms.py --model=canonsal_jax.evidence.faithfulness:randomised_gender`), "cms_random".
+
+Two protocols (`PROTOCOLS`, `metrics` explains both):
+
+* "mass" (ours, the extended table): all maps are scored by `metrics.make_mass_protocol` (Average Drop %,
+  % Increase in Confidence, Win %, every map hiding the same mass) and by deletion/insertion AUC on both
+  substrates; each method's per-image Average Drop and blurred deletion AUC are tested against each control
+  (`metrics.compare_with_controls`), and model randomisation is reported as the mean Spearman correlation
+  between a method's maps with the trained and with re-initialised weights (`metrics.randomise_params`; for
+  "cms" against "cms_random" when given).
+* "paper" (the paper's table, as its released code computes it): the CMS against Grad-CAM, Grad-CAM++ and
+  Score-CAM (`PAPER_METHODS`, whatever `methods` says) by `metrics.make_paper_protocol`, with bootstrap
+  intervals and Holm-corrected paired tests of the CMS against each rival (`metrics.paper_table`); the
+  published 8-bit wrap-around only with `paper_as_published`.
+* "both".
 
 Example:
   Lines marked +SKIP are not run as doctests: it needs a CMS run and test photos (minutes).
@@ -46,6 +54,8 @@ from canonsal_jax.evidence import metrics
 __all__ = [
   "CONTROLS",
   "METHODS",
+  "PAPER_METHODS",
+  "PROTOCOLS",
   "OverlapError",
   "check_disjoint",
   "load_cms",
@@ -59,10 +69,13 @@ __all__ = [
 
 METHODS = ("cms", "occlusion", *attribution.METHODS)
 CONTROLS = ("face_mask", "gaussian", "cms_random")
+# The methods of the paper's table (John et al. 2021), the CMS first (the reference of its tests).
+PAPER_METHODS = ("cms", "grad_cam", "grad_cam_plus_plus", "score_cam")
+PROTOCOLS = (*metrics.PROTOCOLS, "both")
 # Level of the per-image tests against the controls (`beats_controls`).
 ALPHA = 0.05
 _FORMAT = "canonsal_jax.faithfulness"
-_VERSION = 1
+_VERSION = 2  # 2: the "paper" table; "rows" empty when only the paper's protocol ran
 # Columns of the CSV table, in order.
 _COLUMNS = (
   "method",
@@ -83,6 +96,14 @@ _COLUMNS = (
   "deletion_blur_p_vs_gaussian",
   "deletion_blur_p_vs_cms_random",
   "beats_controls",
+  "num_images",
+  "num_excluded",
+)
+# Columns of the paper's CSV table, in order.
+_PAPER_COLUMNS = (
+  "method",
+  *(f"{figure}{part}" for figure in metrics.PAPER_FIGURES for part in ("", "_low", "_high", "_p_holm", "_finding")),
+  "mean_mass",
   "num_images",
   "num_excluded",
 )
@@ -215,6 +236,8 @@ def run_protocol(
   protocol_baseline: Any = 0.0,
   steps: int = metrics.DEFAULT_STEPS,
   method_settings: dict[str, dict[str, Any]] | None = None,
+  protocol: str = "mass",
+  paper_as_published: bool = False,
   seed: int = 0,
   progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
@@ -233,12 +256,15 @@ def run_protocol(
     protocol_baseline: what maps blend towards in the drop protocol, model input space (0: the paper's).
     steps: deletion/insertion steps.
     method_settings: keyword settings per attribution method, e.g. {"rise": {"num_masks": 500}}.
+    protocol: one of `PROTOCOLS` (module docstring).
+    paper_as_published: the paper's protocol keeps its published 8-bit wrap-around (`metrics.explanation_images`).
     seed: seeds the randomised weights and the statistics.
     progress: called as `progress(done, total, name)` per test image.
 
   Returns:
-    {"rows": one dict per method and control (the CSV's columns), "per_image": {...}, "images": [...],
-    "skipped": [...], "settings": {...}}.
+    {"rows": one dict per method and control (the CSV's columns; empty without the mass protocol), "per_image":
+    {...}, "paper": `metrics.paper_table`'s dict with "per_image" scores (with the paper's protocol), "images":
+    [...], "skipped": [...], "settings": {...}}.
 
   Raises:
     OverlapError: a test image is one of the CMS's.
@@ -247,6 +273,10 @@ def run_protocol(
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+  run_mass, run_paper = protocol in ("mass", "both"), protocol in ("paper", "both")
+  methods = list(methods) if run_mass else []
   settings = dict(method_settings or {})
   acc = load_cms(cms_path)
   if isinstance(images, str) and images.startswith("builtin:"):
@@ -276,7 +306,7 @@ def run_protocol(
   detector = faces.default_detector(config.detector)
 
   # Faces: fit, crop, canonical maps.
-  names, inputs, crop_maps, crop_valid, masks, skipped = [], [], {}, {}, [], []
+  names, inputs, crops, crop_maps, crop_valid, masks, skipped = [], [], [], {}, {}, [], []
   start = time.perf_counter()
   limit = max_images if max_images > 0 else len(files)
   for k, path in enumerate(files):
@@ -296,6 +326,7 @@ def run_protocol(
       crop_valid.setdefault(key, []).append(np.asarray(ok))
     masks.append(np.asarray(metrics.face_mask(mesh, triangles, size, max_box=box, max_oversized=0)))
     names.append(path)
+    crops.append(crop)
     inputs.append(np.asarray(model.preprocess(crop), np.float32))
     if progress is not None:
       progress(k + 1, len(files), path)
@@ -303,28 +334,80 @@ def run_protocol(
     raise ValueError(f"no test image had a usable face ({len(skipped)} skipped)")
   x = np.stack(inputs)
 
-  # Every map [B, S, S] with its valid mask.
-  maps: dict[str, np.ndarray] = {}
-  valid: dict[str, np.ndarray] = {}
-  for name in methods:
-    if name == "cms":
-      maps[name], valid[name] = np.stack(crop_maps["cms"]), np.stack(crop_valid["cms"])
-  others = [m for m in methods if m != "cms"]
-  maps.update(_method_maps(others, model, model.params, x, sweep_fn, settings))
-  controls = {
-    "face_mask": np.stack(masks),
-    "gaussian": np.broadcast_to(np.asarray(metrics.centred_gaussian(size)), x.shape[:3]),
+  # Every map [B, S, S]; each rival's maps made once for both protocols.
+  rivals = [m for m in dict.fromkeys([*methods, *(PAPER_METHODS if run_paper else ())]) if m != "cms"]
+  made = _method_maps(rivals, model, model.params, x, sweep_fn, settings)
+  cms_map, cms_valid = np.stack(crop_maps["cms"]), np.stack(crop_valid["cms"]).astype(bool)
+  table: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "rows": []}
+  run_settings: dict[str, Any] = {
+    "protocol": protocol,
+    "cms": str(cms_path),
+    "cms_random": None if cms_random_path is None else str(cms_random_path),
+    "cms_group": group,
+    "cms_images": acc.num_images(group),
+    "model": model.name,
+    "morphable_model": model3d.name,
+    "method_settings": settings,
+    "seed": seed,
   }
-  if "cms_random" in crop_maps:
-    controls["cms_random"] = np.stack(crop_maps["cms_random"])
-    valid["cms_random"] = np.stack(crop_valid["cms_random"])
-  maps.update(controls)
-  for name in maps:
-    valid.setdefault(name, np.ones(x.shape[:3], bool))
-  order = list(maps)
+  if run_mass:
+    maps: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray] = {}
+    if "cms" in methods:
+      maps["cms"], valid["cms"] = cms_map, cms_valid
+    maps.update({m: made[m] for m in methods if m != "cms"})
+    maps["face_mask"] = np.stack(masks)
+    maps["gaussian"] = np.broadcast_to(np.asarray(metrics.centred_gaussian(size)), x.shape[:3])
+    if "cms_random" in crop_maps:
+      maps["cms_random"] = np.stack(crop_maps["cms_random"])
+      valid["cms_random"] = np.stack(crop_valid["cms_random"])
+    for name in maps:
+      valid.setdefault(name, np.ones(x.shape[:3], bool))
+    found, mass_settings = _mass_evaluation(
+      config,
+      model,
+      x,
+      maps,
+      valid,
+      names,
+      sweep_fn,
+      settings,
+      mass=mass,
+      baseline=protocol_baseline,
+      steps=steps,
+      seed=seed,
+    )
+    table.update(found)
+    run_settings.update(mass_settings)
+  if run_paper:
+    paper_maps = {"cms": cms_map, **{m: made[m] for m in PAPER_METHODS if m != "cms"}}
+    table["paper"] = _paper_evaluation(
+      model, np.stack(crops), paper_maps, cms_valid, names, paper_as_published=paper_as_published, seed=seed
+    )
+  table.update(images=names, skipped=skipped, settings={**run_settings, "seconds": time.perf_counter() - start})
+  return table
 
+
+def _mass_evaluation(
+  config: ml_collections.ConfigDict,
+  model: models.FaceModel,
+  x: np.ndarray,
+  maps: dict[str, np.ndarray],
+  valid: dict[str, np.ndarray],
+  names: list[str],
+  sweep_fn: Callable,
+  settings: dict,
+  *,
+  mass: float,
+  baseline: Any,
+  steps: int,
+  seed: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The mass protocol's tables of `maps` (methods, then controls; [B, S, S] each): (entries, settings)."""
+  order = list(maps)
+  others = [m for m in order if m not in CONTROLS and m != "cms"]
   # Drop protocol.
-  protocol = metrics.make_protocol(model.apply_fn, baseline=protocol_baseline, mass=mass)
+  protocol = metrics.make_mass_protocol(model.apply_fn, baseline=baseline, mass=mass)
   result = protocol(model.params, x, np.stack([maps[m] for m in order]), np.stack([valid[m] for m in order]))
   summary = metrics.protocol_summary(result, order)
   original = np.asarray(result.original, np.float64)
@@ -353,7 +436,7 @@ def run_protocol(
   )
   randomised = metrics.randomise_params(model.params, jax.random.key(seed))
   random_maps = _method_maps(others, model, randomised, x, sweep_fn, settings)
-  if "cms" in methods and "cms_random" in maps:
+  if "cms" in maps and "cms_random" in maps:
     random_maps["cms"] = maps["cms_random"]
   rand_rho = {m: _finite_mean(metrics.spearman(maps[m], random_maps[m], valid[m])) for m in random_maps}
   rows = []
@@ -382,9 +465,7 @@ def run_protocol(
   spearman_between = {
     a: {b: _finite_mean(metrics.spearman(maps[a], maps[b], valid[a] & valid[b])) for b in order} for a in order
   }
-  return {
-    "format": _FORMAT,
-    "version": _VERSION,
+  entries = {
     "rows": rows,
     "pairwise_win_pct": {m: summary[m]["pairwise_win_pct"] for m in order},
     "spearman_between_methods": spearman_between,
@@ -396,38 +477,88 @@ def run_protocol(
       "average_drop": {m: drops[i].tolist() for i, m in enumerate(order)},
       **{key: {m: auc[m][key].tolist() for m in order} for key in next(iter(auc.values()))},
     },
-    "images": names,
-    "skipped": skipped,
-    "settings": {
-      "cms": str(cms_path),
-      "cms_random": None if cms_random_path is None else str(cms_random_path),
-      "cms_group": group,
-      "cms_images": acc.num_images(group),
-      "model": model.name,
-      "morphable_model": model3d.name,
-      "score": "probability of the target class (each image's prediction)",
-      "direction": "higher average drop and win %, lower increase in confidence and deletion AUC, higher "
-      "insertion AUC: the map found what the model needs",
-      "mass": mass,
-      "mass_rule": "clipped: every map hides the same mass after clipping to [0, 1]",
-      "protocol_baseline": protocol_baseline,
-      "deletion_steps": steps,
-      "constant_substrate": constant,
-      "method_settings": settings,
-      "seed": seed,
-      "seconds": time.perf_counter() - start,
-    },
+  }
+  return entries, {
+    "score": "probability of the target class (each image's prediction)",
+    "direction": "higher average drop and win %, lower increase in confidence and deletion AUC, higher "
+    "insertion AUC: the map found what the model needs",
+    "mass": mass,
+    "mass_rule": "clipped: every map hides the same mass after clipping to [0, 1]",
+    "protocol_baseline": baseline,
+    "deletion_steps": steps,
+    "constant_substrate": constant,
   }
 
 
-def write_evaluation(table: dict[str, Any], out_dir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes `metrics.csv` (one row per method and control) and `metrics.json` (everything), atomically."""
-  out = pathlib.Path(out_dir)
+def _paper_evaluation(
+  model: models.FaceModel,
+  crops: np.ndarray,
+  maps: dict[str, np.ndarray],
+  cms_valid: np.ndarray,
+  names: list[str],
+  *,
+  paper_as_published: bool,
+  seed: int,
+) -> dict[str, Any]:
+  """The paper's table (`metrics.paper_table`) of the `PAPER_METHODS` maps [B, S, S] on uint8 crops [B, S, S, 3]."""
+  order = list(PAPER_METHODS)
+  valid = np.stack([cms_valid if m == "cms" else np.ones(cms_valid.shape, bool) for m in order])
+  protocol = metrics.make_paper_protocol(model.apply_fn, model.preprocess, paper_as_published=paper_as_published)
+  result = protocol(model.params, crops, np.stack([maps[m] for m in order]), valid)
+  table = metrics.paper_table(result, order, reference="cms", seed=seed)
+  occluded = np.asarray(result.occluded, np.float64)
+  table.update(
+    paper_as_published=paper_as_published,
+    score="softmax probability of the class predicted on the unaltered crop",
+    per_image={
+      "names": names,
+      "original_score": np.asarray(result.original, np.float64).tolist(),
+      "target": np.asarray(result.target).tolist(),
+      "occluded_score": {m: occluded[i].tolist() for i, m in enumerate(order)},
+      "mass": np.asarray(result.mass, np.float64)[0].tolist(),
+    },
+  )
+  return table
+
+
+def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> bytes:
   buffer = stdio.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, restval="", extrasaction="ignore", lineterminator="\n")
+  writer = csv.DictWriter(buffer, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
   writer.writeheader()
-  for row in table["rows"]:
+  for row in rows:
     writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-  fileio.write_atomic(out / "metrics.csv", buffer.getvalue().encode("utf-8"))
+  return buffer.getvalue().encode("utf-8")
+
+
+def _paper_rows(paper: dict[str, Any]) -> list[dict[str, Any]]:
+  """The paper's table flattened for its CSV: intervals as low/high, each rival's corrected test and finding."""
+  tests = {(c["rival"], c["figure"]): c for c in paper["comparisons"]}
+  rows = []
+  for row in paper["rows"]:
+    flat = {k: v for k, v in row.items() if not k.endswith("_ci")}
+    for figure in metrics.PAPER_FIGURES:
+      flat[f"{figure}_low"], flat[f"{figure}_high"] = row[f"{figure}_ci"]
+      test = tests.get((row["method"], figure))
+      if test is not None:
+        flat[f"{figure}_p_holm"], flat[f"{figure}_finding"] = test["p_holm"], test["finding"]
+    rows.append(flat)
+  return rows
+
+
+def write_evaluation(table: dict[str, Any], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+  """Writes the evaluation's tables atomically and returns the files written.
+
+  `metrics.csv`: the mass protocol's table, one row per method and control (when it ran). `paper.csv`: the
+  paper's table, one row per method: the figures with their interval ends, and for each rival the
+  Holm-corrected p-value of its test against the CMS and the finding (when it ran). `metrics.json`: everything.
+  """
+  out = pathlib.Path(out_dir)
+  written = []
+  if table["rows"]:
+    fileio.write_atomic(out / "metrics.csv", _csv_text(_COLUMNS, table["rows"]))
+    written.append(out / "metrics.csv")
+  if "paper" in table:
+    fileio.write_atomic(out / "paper.csv", _csv_text(_PAPER_COLUMNS, _paper_rows(table["paper"])))
+    written.append(out / "paper.csv")
   fileio.save_json(out / "metrics.json", table)
-  return out / "metrics.csv", out / "metrics.json"
+  return [*written, out / "metrics.json"]

@@ -1,29 +1,47 @@
-"""Faithfulness metrics for saliency maps on the model input: the paper's drop protocol, deletion/insertion, controls.
+"""Faithfulness metrics for saliency maps on the model input: two drop protocols, deletion/insertion, controls.
 
-**The paper's protocol** (John et al., T-BIOM 2021, after Chattopadhay et al.'s Grad-CAM++ metrics, but
-occluding the salient part instead of keeping it). For each image `x` (a model input) and each method's map `m`
-on the same crop: clip at 0, give every method the same total mass (`scale_to_mass`), form the occluded input
-``x * (1 - m) + b * m`` (`b` the baseline; the paper's ``x * (1 - m)`` is ``b = 0``), and score both with the
-model's score `Y` (by default the probability of the target class, the unoccluded prediction):
+Two drop protocols (`PROTOCOLS`) share the paper's three numbers (John et al., T-BIOM 2021, after Chattopadhay
+et al.'s Grad-CAM++ metrics, but hiding the salient part instead of keeping it). For each image, each method's
+map `m` makes an occluded image scored `O`, against the unoccluded score `Y` (by default the softmax probability
+of the class predicted on the unoccluded image):
 
 * Average Drop % = ``100 * mean_i max(0, Y_i - O_i) / Y_i``;
 * % Increase in Confidence = ``100 * mean_i [O_i > Y_i]``;
-* Win % = the share of images on which the method has the largest drop among the methods compared (ties share
-  the win), and pairwise, the share on which it beats each other method (ties count half).
+* Win % = the share of images on which the method wins among the methods compared (ties share the win), and
+  pairwise, the share on which it beats each other method (ties count half). `WIN_RULES`: "largest_drop"
+  (the mass protocol) or "lowest_score" (the paper's: the lowest `O`; it differs only where several maps raise
+  the score, all with a drop of 0).
 
-Direction: the map hides what it says matters, so a **higher** Average Drop and a **lower** Increase in
-Confidence mean the map found what the model needs. Every image keeps its own score `Y_i` and its own target (a
-published implementation divides every image of a batch by the last image's score; `tests/test_metrics.py`
+Direction: the map hides what it says matters, so a **higher** Average Drop and Win % and a **lower** Increase
+in Confidence mean the map found what the model needs. Every image keeps its own score `Y_i` and its own target
+(a published implementation divides every image of a batch by the last image's score; `tests/test_metrics.py`
 checks this cannot happen here). The ratio needs `Y_i > 0`: images whose unoccluded score is not positive (a
 probability that underflowed to 0, a negative logit when another score kind is chosen) are excluded from all
 three numbers, for every method alike, and counted in `num_excluded`; with no image left the numbers are NaN.
 
-**Mass rule** (`MASS_RULES`). "clipped" (the default): each map is multiplied by the one factor ``s >= 0`` for
-which ``sum(min(s * m, 1)) = mass * H * W``, so every method hides exactly the same amount of the image after
-the clip to [0, 1] (a peaky map scaled before clipping would lose mass to the clip and hide less, for reasons
-that have nothing to do with where its mass is). A map with fewer than ``mass * H * W`` positive pixels cannot
-reach the target: it becomes its support (1 on every positive pixel) and its mass is reported. "before_clip":
-the literal ``m * (mass * H * W / sum(m))`` then clip to [0, 1]. An all-zero map stays zero (it hides nothing).
+**The mass protocol** (`make_mass_protocol`, ours). Every map is clipped at 0 and given the same total mass
+(`scale_to_mass`, a share of the crop), and the occluded input is ``x * (1 - m) + b * m`` in model-input space
+(`b` the baseline, 0 by default). Every method hides the same amount, whatever the CMS's own mass; one jitted
+program.
+
+**The paper's protocol** (`make_paper_protocol`, as the authors' released code computes it). Every map is
+clipped at 0 and min-max scaled to [0, 1]; each rival map is then rescaled so that its sum equals the reference
+map's (the CMS carried onto that face) on the same image (`paper_scale`: every method hides the CMS's own mass,
+not a fixed share, and a rescaled map may exceed 1). The explanation image is the photo crop's pixels in [0, 1]
+times ``1 - m`` per channel, written as an 8-bit image (``(x * 255).astype(uint8)``) and read back through the
+model's own preprocessing (`explanation_images`): the substitute is black in pixel space. Where a rescaled map
+exceeds 1, ``1 - m`` is negative, and the published 8-bit cast wraps around modulo 256 instead of clipping
+(numpy's cast on x86-64), leaving bright garbage where the map is largest; `paper_as_published=True` keeps
+that defect, the default clips to [0, 1] before the cast. Win % is the lowest `O` ("lowest_score").
+`paper_table` adds bootstrap intervals and paired tests of the reference method against each rival.
+
+**Mass rule** of the mass protocol (`MASS_RULES`). "clipped" (the default): each map is multiplied by the one
+factor ``s >= 0`` for which ``sum(min(s * m, 1)) = mass * H * W``, so every method hides exactly the same amount
+of the image after the clip to [0, 1] (a peaky map scaled before clipping would lose mass to the clip and hide
+less, for reasons that have nothing to do with where its mass is). A map with fewer than ``mass * H * W``
+positive pixels cannot reach the target: it becomes its support (1 on every positive pixel) and its mass is
+reported. "before_clip": the literal ``m * (mass * H * W / sum(m))`` then clip to [0, 1]. An all-zero map stays
+zero (it hides nothing).
 
 **Deletion and insertion** (Petsiuk et al., RISE, 2018). Pixels are ranked by the map, most salient first (ties
 broken by a fixed random permutation, so a uniform map is not read top to bottom); at step k of `steps` the first
@@ -40,9 +58,12 @@ permutation test. `randomise_params` re-initialises a model's weights (model ran
 
 Example:
   Lines marked +SKIP are not run as doctests: it needs a model, a batch of images and their maps.
-  >>> protocol = make_protocol(model.apply_fn)  # doctest: +SKIP
+  >>> protocol = make_mass_protocol(model.apply_fn)  # doctest: +SKIP
   >>> result = protocol(model.params, x, maps, valid)  # x [B, H, W, C], maps [M, B, H, W]  # doctest: +SKIP
   >>> protocol_summary(result, ["cms", "grad_cam"])["cms"]["average_drop_pct"]  # doctest: +SKIP
+  >>> paper = make_paper_protocol(model.apply_fn, model.preprocess)  # doctest: +SKIP
+  >>> result = paper(model.params, crops, maps, valid)  # crops uint8 [B, H, W, 3]  # doctest: +SKIP
+  >>> paper_table(result, ["cms", "grad_cam"], reference="cms")["rows"][0]["win_pct"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -54,33 +75,57 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 from canonsal_jax import occlusion, raster
+from canonsal_jax.evidence import stats
 
 __all__ = [
   "DEFAULT_MASS",
   "DEFAULT_STEPS",
   "MASS_RULES",
+  "PAPER_FIGURES",
+  "PROTOCOLS",
   "SUBSTRATES",
+  "WIN_RULES",
   "CurveResult",
   "ProtocolResult",
   "centred_gaussian",
   "compare_with_controls",
   "curve_summary",
+  "explanation_images",
   "face_mask",
   "make_deletion_insertion",
-  "make_protocol",
+  "make_mass_protocol",
+  "make_paper_protocol",
+  "minmax_scale",
+  "paper_scale",
+  "paper_table",
+  "per_image_outcomes",
   "protocol_summary",
   "randomise_params",
   "scale_to_mass",
   "spearman",
+  "uint8_cast",
   "weight_paths",
 ]
 
-# Share of the crop's pixels' worth of occlusion each map is given in the drop protocol. Our choice: the paper
+# Share of the crop's pixels' worth of occlusion each map is given in the mass protocol. Our choice: the paper
 # does not state one; a tenth of a 32 px crop (~100 px) is about the eyes and brows, or the mouth.
 DEFAULT_MASS = 0.1
 MASS_RULES = ("clipped", "before_clip")
+# The drop protocols (module docstring): ours, every map the same mass; the paper's, as its released code.
+PROTOCOLS = ("mass", "paper")
+# Who wins an image among the methods compared: the largest drop (mass protocol) or the lowest occluded score
+# (the paper's code).
+WIN_RULES = ("largest_drop", "lowest_score")
+# The paper's table, in its order, and the direction in which each figure is better (+1: higher).
+PAPER_FIGURES = ("average_drop_pct", "increase_in_confidence_pct", "win_pct")
+_BETTER = {"average_drop_pct": 1.0, "increase_in_confidence_pct": -1.0, "win_pct": 1.0}
+# Explanation images per forward pass of the paper's protocol (bounds memory; one program per pass shape).
+_PAPER_BATCH = 64
+# The paper's 8-bit images: pixels in [0, 1] times this, cast to uint8.
+_UINT8_SCALE = 255.0
 # Deletion / insertion steps: Petsiuk et al. change 224 px per step on 224 x 224 inputs (224 steps); 64 steps
 # resolve the curves of 32-64 px crops to under 2% of their pixels.
 DEFAULT_STEPS = 64
@@ -160,7 +205,7 @@ class ProtocolResult(NamedTuple):
     original: [B] the unoccluded score of each image.
     occluded: [M, B] the score of each image occluded by each method's map.
     target: [B] the target each image was scored on.
-    mass: [M, B] the mass each scaled map hid (pixels' worth).
+    mass: [M, B] the sum of each scaled map (pixels' worth of occlusion).
   """
 
   original: jax.Array
@@ -199,7 +244,7 @@ def _resolve_baseline(baseline: Any, blur_sigma: float | None, size: int) -> tup
   return baseline, 0.0
 
 
-def make_protocol(
+def make_mass_protocol(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
   *,
   score: occlusion.Score | None = None,
@@ -208,7 +253,7 @@ def make_protocol(
   mass: float = DEFAULT_MASS,
   rule: str = "clipped",
 ) -> Callable[..., ProtocolResult]:
-  """The drop protocol as one jitted function over a batch of images and methods.
+  """The mass protocol (module docstring) as one jitted function over a batch of images and methods.
 
   Args:
     apply_fn: `(params, x[B, H, W, C]) -> [B, K]` the model.
@@ -254,47 +299,347 @@ def make_protocol(
   return protocol
 
 
-def protocol_summary(result: ProtocolResult, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+# ------------------------------------------------------------------------------------------ the paper's protocol
+
+
+@jax.jit
+def minmax_scale(maps: jax.typing.ArrayLike, valid: jax.typing.ArrayLike | None = None) -> jax.Array:
+  """Clips each map at 0 and min-max scales it to [0, 1]: the paper's normalisation of every map.
+
+  Args:
+    maps: [..., H, W] saliency on the model input (NaN counts as 0).
+    valid: [..., H, W] bool pixels where the map has data (None: all); the others count as 0 before the scaling.
+
+  Returns:
+    [..., H, W] float32, ``(m - min m) / (max m - min m)`` of each clipped map; 0 where a map is constant (the
+    published code divides by 0 there; a constant map says nothing about where to look).
+  """
+  m = jnp.maximum(jnp.nan_to_num(jnp.asarray(maps, jnp.float32), nan=0.0), 0.0)
+  if valid is not None:
+    m = jnp.where(jnp.asarray(valid, bool), m, 0.0)
+  lo = jnp.min(m, axis=(-2, -1), keepdims=True)
+  span = jnp.max(m, axis=(-2, -1), keepdims=True) - lo
+  return jnp.where(span > 0, (m - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("reference",))
+def paper_scale(
+  maps: jax.typing.ArrayLike, valid: jax.typing.ArrayLike | None = None, *, reference: int = 0
+) -> jax.Array:
+  """The paper's maps: min-max scaled, then each rescaled to the reference map's sum on the same image.
+
+  Args:
+    maps: [M, B, H, W] the M methods' maps of B images.
+    valid: [M, B, H, W] or [B, H, W] bool pixels with data (None: all).
+    reference: the index of the method whose sum every map is given (the CMS carried onto the face); its own
+      map is only min-max scaled.
+
+  Returns:
+    [M, B, H, W] float32, non-negative, each image's maps summing to the reference map's sum (a map that is 0
+    everywhere stays 0). Not clipped: a rescaled map may exceed 1, as in the paper.
+  """
+  scaled = minmax_scale(maps, valid)
+  if scaled.ndim != 4 or not 0 <= reference < scaled.shape[0]:
+    raise ValueError(f"need maps [M, B, H, W] and a reference in [0, M), got {scaled.shape} and {reference}")
+  total = jnp.sum(scaled, axis=(-2, -1), keepdims=True)  # [M, B, 1, 1]
+  factor = jnp.where(total > 0, total[reference] / jnp.where(total > 0, total, 1.0), 0.0)
+  return scaled * factor
+
+
+def uint8_cast(values: npt.ArrayLike) -> np.ndarray:
+  """Floats to uint8 as numpy's ``astype(np.uint8)`` does on x86-64: truncated toward 0, then wrapped modulo 256.
+
+  C leaves an out-of-range float-to-integer cast undefined; numpy on x86-64 converts to a wide integer and keeps
+  its low 8 bits (-1.7 -> 255, 300.2 -> 44), while on ARM it saturates. Written out, the paper's 8-bit images
+  come out the same on every machine.
+
+  Args:
+    values: finite floats.
+
+  Returns:
+    uint8 array of the same shape.
+  """
+  v = np.trunc(np.asarray(values))
+  return np.mod(v.astype(np.int64), 256).astype(np.uint8)
+
+
+def explanation_images(crops: npt.ArrayLike, maps: npt.ArrayLike, *, paper_as_published: bool = False) -> np.ndarray:
+  """The paper's explanation images: the crop's pixels in [0, 1] times ``1 - map`` per channel, in 8 bits.
+
+  Args:
+    crops: [..., H, W, C] uint8 face crops at the model's input size.
+    maps: [..., H, W] maps scaled by `paper_scale` (broadcast against the crops' leading axes: maps
+      [M, B, H, W] with crops [B, H, W, C] give [M, B, H, W, C]).
+    paper_as_published: keep the published defect: where a map exceeds 1 the negative pixel values wrap
+      around in the 8-bit cast (`uint8_cast`). False: clip to [0, 1] before the cast.
+
+  Returns:
+    uint8 [..., H, W, C]: ``uint8_cast(255 * x * (1 - m))`` in float32, x = crop / 255.
+
+  Raises:
+    ValueError: the crops are not uint8.
+  """
+  crops = np.asarray(crops)
+  if crops.dtype != np.uint8:
+    raise ValueError(f"explanation images need uint8 crops, got {crops.dtype}")
+  scale = np.float32(_UINT8_SCALE)
+  x = crops.astype(np.float32) / scale
+  e = x * (np.float32(1.0) - np.asarray(maps, np.float32)[..., None])
+  if not paper_as_published:
+    e = np.clip(e, np.float32(0.0), np.float32(1.0))
+  return uint8_cast(e * scale)
+
+
+def make_paper_protocol(
+  apply_fn: Callable[[Any, jax.Array], jax.Array],
+  preprocess: Callable[[np.ndarray], np.ndarray],
+  *,
+  score: occlusion.Score | None = None,
+  reference: int = 0,
+  paper_as_published: bool = False,
+  batch_size: int = _PAPER_BATCH,
+) -> Callable[..., ProtocolResult]:
+  """The paper's drop protocol (module docstring) over a batch of face crops and methods.
+
+  A host function around two jitted programs (the scaling and the forward pass): the explanation image is an
+  8-bit image read back through `preprocess`, a host function of a uint8 crop (`FaceModel.preprocess`: PIL
+  resizes, numpy normalisations), so the 8-bit images are made and preprocessed in numpy between them.
+
+  Args:
+    apply_fn: `(params, x[B, H, W, C]) -> [B, K]` the model.
+    preprocess: `(crop uint8 [H, W, 3]) -> float32 model input`, the model's own (`FaceModel.preprocess`).
+    score: what is measured; default `Score("probability")`, the paper's softmax probability of the target.
+    reference: the index among the maps of the method whose sum every map is given (the CMS).
+    paper_as_published: keep the published 8-bit wrap-around (`explanation_images`); False clips.
+    batch_size: explanation images per forward pass (the last pass is padded: one compiled program).
+
+  Returns:
+    ``protocol(params, crops[B, H, W, 3] uint8, maps[M, B, H, W], valid=None, target=None) -> ProtocolResult``
+    (`mass`: each map's sum after `paper_scale`). `valid` ([M, B, H, W] or [B, H, W] bool) marks pixels with
+    data; `target` is one target for the batch or one per image (default: each image's prediction on the
+    unaltered crop).
+  """
+  score = occlusion.Score("probability") if score is None else score
+  if not isinstance(score, occlusion.Score):
+    raise ValueError(f"score must be an occlusion.Score, got {score!r}")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+  @jax.jit
+  def unaltered(params, x, target):
+    outputs = apply_fn(params, x)
+    targets = _per_image_targets(score, jax.lax.stop_gradient(outputs), target)
+    return jax.vmap(lambda o, t: score(o[None], t)[0])(outputs, targets), targets
+
+  scores = jax.jit(functools.partial(_scores, apply_fn, score))
+
+  def protocol(params, crops, maps, valid=None, target=None) -> ProtocolResult:
+    crops = np.asarray(crops)
+    maps = np.asarray(maps, np.float32)
+    if crops.dtype != np.uint8 or crops.ndim != 4 or maps.ndim != 4 or maps.shape[1:] != crops.shape[:3]:
+      raise ValueError(
+        f"need uint8 crops [B, H, W, C] and maps [M, B, H, W], got {crops.dtype} {crops.shape} and {maps.shape}"
+      )
+    if not 0 <= reference < maps.shape[0]:
+      raise ValueError(f"reference {reference} is not one of the {maps.shape[0]} maps")
+    scaled = np.asarray(paper_scale(maps, valid, reference=reference))
+    original, targets = unaltered(params, np.stack([preprocess(c) for c in crops]), target)
+    images = explanation_images(crops, scaled, paper_as_published=paper_as_published)  # [M, B, H, W, C]
+    x = np.stack([preprocess(image) for image in images.reshape(-1, *crops.shape[1:])])  # [M * B, ...]
+    t = np.tile(np.asarray(targets), (maps.shape[0],) + (1,) * (np.ndim(targets) - 1))
+    n = x.shape[0]
+    pad = -n % min(batch_size, n)
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    t = np.concatenate([t, np.repeat(t[:1], pad, axis=0)])
+    step = min(batch_size, n)
+    occluded = np.concatenate([np.asarray(scores(params, x[i : i + step], t[i : i + step])) for i in range(0, n, step)])
+    return ProtocolResult(
+      original, jnp.asarray(occluded[:n].reshape(maps.shape[:2])), targets, jnp.asarray(scaled.sum(axis=(-2, -1)))
+    )
+
+  return protocol
+
+
+# ------------------------------------------------------------------------------------------ summaries
+
+
+def per_image_outcomes(result: ProtocolResult, *, win: str = "largest_drop") -> dict[str, np.ndarray]:
+  """Per-image values whose means over images are the protocol's three numbers (host-side).
+
+  Args:
+    result: a `ProtocolResult` (one batch, or batches concatenated along B).
+    win: one of `WIN_RULES`: who wins an image.
+
+  Returns:
+    {"ok": [B] bool, images with a positive original score; "drop": [M, B] ``max(0, Y - O) / Y``; "increase":
+    [M, B] 1.0 where ``O > Y``; "win": [M, B] the share of the image's win each method takes (ties share)};
+    NaN at excluded images.
+  """
+  if win not in WIN_RULES:
+    raise ValueError(f"win rule {win!r} is not one of {WIN_RULES}")
+  original = np.asarray(result.original, np.float64)
+  occluded = np.asarray(result.occluded, np.float64)
+  ok = original > 0
+  y = np.where(ok, original, 1.0)
+  drop = np.maximum(y - occluded, 0.0) / y  # [M, B]
+  key = drop if win == "largest_drop" else -occluded
+  winners = key == key.max(axis=0, keepdims=True)
+  nan = np.where(ok, 0.0, np.nan)
+  return {
+    "ok": ok,
+    "drop": drop + nan,
+    "increase": (occluded > original).astype(np.float64) + nan,
+    "win": winners / winners.sum(axis=0, keepdims=True) + nan,
+  }
+
+
+def protocol_summary(
+  result: ProtocolResult, names: Sequence[str], *, win: str = "largest_drop"
+) -> dict[str, dict[str, Any]]:
   """Average Drop %, % Increase in Confidence and Win % per method (host-side; see the module docstring).
 
   Args:
     result: a `ProtocolResult` (one batch, or batches concatenated along B).
     names: the M methods' names, in the order of the maps.
+    win: one of `WIN_RULES` ("lowest_score" for the paper's protocol).
 
   Returns:
     name -> {"average_drop_pct", "increase_in_confidence_pct", "win_pct", "pairwise_win_pct" (other name ->
     %), "mean_mass", "num_images", "num_excluded"}; percentages are over images with a positive original score
     (NaN when there are none).
   """
-  original = np.asarray(result.original, np.float64)
   occluded = np.asarray(result.occluded, np.float64)
-  if occluded.shape != (len(names), original.shape[0]):
+  if occluded.shape != (len(names), np.shape(result.original)[0]):
     raise ValueError(f"{len(names)} names for occluded scores of shape {occluded.shape}")
-  ok = original > 0
+  per = per_image_outcomes(result, win=win)
+  ok = per["ok"]
   n = int(ok.sum())
-  drop = np.maximum(original[ok] - occluded[:, ok], 0.0) / original[ok]  # [M, n]
-  increase = occluded[:, ok] > original[ok]
-  if n:
-    best = drop.max(axis=0)
-    winners = drop == best
-    win_credit = (winners / winners.sum(axis=0)).sum(axis=1)
+  drop, increase, credit = per["drop"][:, ok], per["increase"][:, ok], per["win"][:, ok]
+  key = drop if win == "largest_drop" else -occluded[:, ok]
+  nan = float("nan")
   out: dict[str, dict[str, Any]] = {}
   for i, name in enumerate(names):
     pairwise = {}
     for j, other in enumerate(names):
       if j != i:
-        share = (np.sum(drop[i] > drop[j]) + 0.5 * np.sum(drop[i] == drop[j])) / n if n else np.nan
+        share = (np.sum(key[i] > key[j]) + 0.5 * np.sum(key[i] == key[j])) / n if n else np.nan
         pairwise[other] = 100.0 * float(share)
     out[name] = {
-      "average_drop_pct": 100.0 * float(drop[i].mean()) if n else float("nan"),
-      "increase_in_confidence_pct": 100.0 * float(increase[i].mean()) if n else float("nan"),
-      "win_pct": 100.0 * float(win_credit[i]) / n if n else float("nan"),
+      "average_drop_pct": 100.0 * float(drop[i].mean()) if n else nan,
+      "increase_in_confidence_pct": 100.0 * float(increase[i].mean()) if n else nan,
+      "win_pct": 100.0 * float(credit[i].mean()) if n else nan,
       "pairwise_win_pct": pairwise,
       "mean_mass": float(np.mean(np.asarray(result.mass)[i])),
       "num_images": n,
       "num_excluded": int((~ok).sum()),
     }
   return out
+
+
+def paper_table(
+  result: ProtocolResult,
+  names: Sequence[str],
+  *,
+  reference: str,
+  confidence: float = 0.95,
+  alpha: float = 0.05,
+  num_resamples: int = 2000,
+  num_permutations: int = 9999,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """The paper's table with intervals and the tests behind any claim that the reference method is better.
+
+  Each figure (`PAPER_FIGURES`, Win % by the lowest occluded score) is the mean over images of a per-image value
+  (`per_image_outcomes`), given with a bootstrap percentile interval over images (`stats.bootstrap_ci`). The
+  reference method is compared with each rival on each figure by a two-sided paired sign-flip test of the
+  per-image differences (`stats.paired_permutation_test`), Holm-corrected over all the comparisons
+  (`stats.holm`); a finding names a winner only where the corrected p-value is at most `alpha`.
+
+  Args:
+    result: a `ProtocolResult` of the paper's protocol (`make_paper_protocol`).
+    names: the M methods' names, in the order of the maps.
+    reference: the name of the method compared with every other (the CMS).
+    confidence: the intervals' coverage.
+    alpha: the family-wise level of the findings.
+    num_resamples: bootstrap resamples.
+    num_permutations: random sign patterns of the tests (exact enumeration on up to ``log2(P + 1)`` images).
+    seed: seeds the bootstrap and the tests.
+
+  Returns:
+    {"rows": one dict per method: the three figures, each with "<figure>_ci" [low, high] (NaN with fewer than
+    2 images), "mean_mass", "num_images", "num_excluded"; "comparisons": one dict per rival and figure:
+    "difference" (reference - rival, in the figure's units), "p_value", "p_holm", "finding" ("<reference>
+    better", "<rival> better" or "no difference shown"); "claims": figure -> {"supported": whether the
+    reference is better than every rival, "statement"}; and the settings.}
+  """
+  names = list(names)
+  if reference not in names:
+    raise ValueError(f"reference {reference!r} is not one of the methods {names}")
+  summary = protocol_summary(result, names, win="lowest_score")
+  per = per_image_outcomes(result, win="lowest_score")
+  ok = per["ok"]
+  n = int(ok.sum())
+  values = {
+    "average_drop_pct": 100.0 * per["drop"][:, ok],
+    "increase_in_confidence_pct": 100.0 * per["increase"][:, ok],
+    "win_pct": 100.0 * per["win"][:, ok],
+  }  # figure -> [M, n]
+  intervals = {}
+  for figure, v in values.items():
+    if n >= 2:
+      _, lo, hi = stats.bootstrap_ci(v.T, confidence=confidence, num_resamples=num_resamples, seed=seed)
+    else:
+      lo = hi = np.full(len(names), np.nan)
+    intervals[figure] = (lo, hi)
+  rows = []
+  for i, name in enumerate(names):
+    row: dict[str, Any] = {"method": name}
+    for figure in PAPER_FIGURES:
+      row[figure] = summary[name][figure]
+      row[f"{figure}_ci"] = [float(intervals[figure][0][i]), float(intervals[figure][1][i])]
+    row.update({k: summary[name][k] for k in ("mean_mass", "num_images", "num_excluded")})
+    rows.append(row)
+  r = names.index(reference)
+  comparisons = []
+  for j, rival in enumerate(names):
+    if j == r:
+      continue
+    for figure in PAPER_FIGURES:
+      diff, p = stats.paired_permutation_test(
+        values[figure][r] - values[figure][j], num_permutations=num_permutations, seed=seed
+      )
+      comparisons.append({"rival": rival, "figure": figure, "difference": diff, "p_value": p})
+  p_holm = stats.holm([c["p_value"] for c in comparisons])
+  for c, q in zip(comparisons, p_holm):
+    c["p_holm"] = float(q)
+    if np.isfinite(q) and q <= alpha and c["difference"] != 0:
+      c["finding"] = f"{reference if _BETTER[c['figure']] * c['difference'] > 0 else c['rival']} better"
+    else:
+      c["finding"] = "no difference shown"
+  claims = {}
+  for figure in PAPER_FIGURES:
+    mine = [c for c in comparisons if c["figure"] == figure]
+    not_beaten = [c["rival"] for c in mine if c["finding"] != f"{reference} better"]
+    supported = bool(mine) and not not_beaten
+    claims[figure] = {
+      "supported": supported,
+      "statement": f"{reference} better than every rival"
+      if supported
+      else f"not shown that {reference} is better than {', '.join(not_beaten) or 'any rival'}",
+    }
+  return {
+    "rows": rows,
+    "comparisons": comparisons,
+    "claims": claims,
+    "reference": reference,
+    "win": "lowest occluded score among the methods compared (ties share the win)",
+    "direction": "higher average drop and win %, lower increase in confidence: the map found what the model needs",
+    "intervals": f"{100 * confidence:g}% bootstrap percentile over images ({num_resamples} resamples)",
+    "test": "two-sided paired sign-flip permutation test of the per-image differences, Holm-corrected over "
+    f"the {len(comparisons)} comparisons, level {alpha:g}",
+    "num_images": n,
+    "seed": seed,
+  }
 
 
 # ------------------------------------------------------------------------------------------ deletion, insertion

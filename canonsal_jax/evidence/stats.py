@@ -19,8 +19,10 @@ Everything here is host-side numpy on arrays a CMS run can keep: textures `[N, T
   of one sign on the texture (`scipy.ndimage.label`, or a small union-find without scipy), each cluster's mass
   ``sum |t|`` compared with the permutation distribution of the largest cluster mass, which controls the
   family-wise error over all texels and clusters.
+* **Pairs.** `paired_permutation_test`: two methods scored on the same images, a two-sided sign-flip test of
+  their mean per-image difference (exact by enumeration on few images).
 
-Permutation p-values are ``(1 + #{null >= observed}) / (1 + P)``, never 0. Texture-space adjacency ignores UV
+Random permutation p-values are ``(1 + #{null >= observed}) / (1 + P)``, never 0. Texture-space adjacency ignores UV
 seams: a cluster crossing a seam counts as two (conservative).
 
 Example:
@@ -51,6 +53,7 @@ __all__ = [
   "group_mean",
   "holm",
   "label_clusters",
+  "paired_permutation_test",
   "records_in_group",
   "records_region_masses",
   "region_mass",
@@ -269,6 +272,42 @@ def holm(p_values: Any) -> np.ndarray:
   adjusted = np.minimum(np.maximum.accumulate((m - np.arange(m)) * flat[order]), 1.0)
   out[order] = adjusted
   return out.reshape(p.shape)
+
+
+def paired_permutation_test(differences: Any, *, num_permutations: int = 9999, seed: int = 0) -> tuple[float, float]:
+  """Two-sided sign-flip permutation test that paired per-image differences have mean 0.
+
+  Under the null the two members of each pair are exchangeable, so each difference is as likely with either
+  sign. All ``2**n`` sign patterns are enumerated when there are no more than ``num_permutations + 1`` of them
+  (exact p-value, the observed pattern included); otherwise `num_permutations` random ones are drawn and
+  ``p = (1 + #{|null| >= |observed|}) / (1 + P)``. Binary per-image values (0/1 indicators) make this an exact
+  McNemar-type test.
+
+  Args:
+    differences: [N] per-image differences a - b; NaN entries (images missing in either) are left out.
+    num_permutations: random sign patterns P when enumeration is too large.
+    seed: the random patterns' seed.
+
+  Returns:
+    (mean difference, two-sided p-value); (NaN, NaN) with no finite difference, and p = 1 when all are 0.
+  """
+  d = np.asarray(differences, np.float64).ravel()
+  d = d[np.isfinite(d)]
+  n = d.size
+  if n == 0:
+    return float("nan"), float("nan")
+  observed = float(d.mean())
+  if n < 63 and 2**n <= num_permutations + 1:
+    bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1
+    null = ((1 - 2 * bits) * d).mean(axis=1)
+    extra, total = 0, 2**n
+  else:
+    flips = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(num_permutations, n))
+    null = (flips * d).mean(axis=1)
+    extra, total = 1, num_permutations + 1
+  tol = 1e-12 * max(1.0, abs(observed))
+  p = (extra + np.sum(np.abs(null) >= abs(observed) - tol)) / total
+  return observed, float(min(p, 1.0))
 
 
 class RegionTest(NamedTuple):
