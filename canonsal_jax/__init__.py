@@ -23,6 +23,7 @@ _SUBMODULES = (
   "cms",
   "config",
   "datasets",
+  "drill_down",
   "faces",
   "fileio",
   "incremental",
