@@ -166,7 +166,7 @@ def test_canonical_occlusion_is_the_pipelines_cis(astronaut_experiment, model3d,
   (explained,) = planted.explain(model, prepared, model3d, uvr, region, settings, methods=methods)
   assert set(explained.textures) == set(methods)
 
-  monkeypatch.setattr(models, "load", lambda name: model)
+  monkeypatch.setattr(models, "load", lambda name, card=None: model)
   config = config_lib.default_config()
   config.occlusion.stride = settings.occlusion_stride
   config.occlusion.target = 1
