@@ -722,7 +722,9 @@ def script_restarts(
       shutil.rmtree(cache, ignore_errors=True)
       for kind, flag in (("cold", str(cache)), ("warm", str(cache)), ("off", "off")):
         command = [sys.executable, str(_REPOSITORY / "scripts" / f"{script}.py"), f"--compilation_cache={flag}"]
-        command.append(f"--out_dir={pathlib.Path(out_dir) / f'{script}_{kind}{r}'}")
+        outputs = pathlib.Path(out_dir) / f"{script}_{kind}{r}"
+        shutil.rmtree(outputs, ignore_errors=True)  # a fresh folder, as a user's first run (no --overwrite)
+        command.append(f"--out_dir={outputs}")
         start = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
         times[kind].append(time.perf_counter() - start)
