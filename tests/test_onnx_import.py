@@ -589,3 +589,37 @@ def test_card_preprocessing_orders_scales_and_resizes():
   chex.assert_trees_all_close(out, (face[:, :20, ::-1].astype(np.float32) - [1, 2, 3]) / 2, rtol=0, atol=1e-6)
   gray = card_lib.ModelCard(input_size=10, labels=("a", "b"), channels=1, channel_order="GRAY")
   assert gray.preprocess(face).shape == (10, 10, 1)
+
+
+def test_probabilities_not_from_a_final_softmax_are_read_as_log_probabilities_by_both_sweeps(tmp_path):
+  """A probability output whose softmax cannot be stripped (here an Identity follows it) becomes log p in the
+  forward and in the layer graph's head alike, so the incremental sweep scores what the full sweep scores."""
+  path = _residual_net(tmp_path)
+  model = onnx.load(path)
+  model.graph.node[-2].output[0] = "logits"  # the Gemm, before the final Flatten of `_save`
+  model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("Softmax", ["logits"], ["p"], axis=1))
+  model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("Identity", ["p"], ["y"]))
+  onnx.save(model, path)
+  card = card_lib.ModelCard(input_size=16, labels=tuple("abcde"), output="probabilities")
+  imported = models.from_onnx(path, card)
+  x = _rand(2, 16, 16, 3, seed=13)
+  probabilities = ort.InferenceSession(str(path)).run(None, {"x": x.transpose(0, 3, 1, 2)})[0]
+  want = np.log(np.maximum(probabilities, np.finfo(np.float32).tiny))  # underflowed classes: the smallest float
+  chex.assert_trees_all_close(np.asarray(imported.logits(x)), want, rtol=0, atol=1e-5 * np.abs(want).max())
+  graph_out = np.asarray(jax.jit(imported.layer_graph.apply)(imported.params, x))
+  chex.assert_trees_all_close(graph_out, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_imported_models_expose_features_and_head_for_the_cams():
+  hand = models.load("gender")
+  model = models.from_onnx(assets.path("gender-v1.onnx"), face_nets.dlib_onnx_card("gender"))
+  x = np.stack([hand.preprocess(c) for c in np.random.default_rng(6).integers(0, 256, (2, 32, 32, 3), np.uint8)])
+  features = model.features_fn(model.params, x)
+  assert features.ndim == 4 and features.shape[0] == 2
+  chex.assert_trees_all_close(
+    np.asarray(model.head_fn(model.params, features)), np.asarray(model.logits(x)), rtol=0, atol=1e-5
+  )
+  from canonsal_jax import attribution
+
+  maps = np.asarray(attribution.attribute("grad_cam", model, model.params, x, occlusion.Score.for_model(model)))
+  assert maps.shape == (2, 32, 32) and np.isfinite(maps).all() and np.abs(maps).max() > 0

@@ -1089,7 +1089,7 @@ def _constant_over_space(shape: tuple[int, ...]) -> bool:
 
 
 def _layer_graph(
-  graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int], output: str
+  graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int], output: str, log_output: bool = False
 ) -> tuple[incremental.LayerGraph | None, str]:
   """The network as an `incremental.LayerGraph`, or None and the reason (the operator without geometry)."""
   values, _ = _trace_values(graph, layout, input_shape)
@@ -1117,7 +1117,7 @@ def _layer_graph(
       if not values[dyn_in[0]][1]:
         return None, f"{node.op} (node {node.name!r}) reads a map that is not an NCHW image map"
       specs.append(_Spec("full", (where[dyn_in[0]],), list(range(k, len(graph.nodes))), dyn_in[0]))
-      return _build_layer_graph(graph, specs, output, values, dynamic), ""
+      return _build_layer_graph(graph, specs, output, values, dynamic, log_output), ""
     if node.op == "Conv" and dyn_in == [node.inputs[0]]:
       w_shape = _kernel_static_shape(graph, node)
       kind, geometry = "spatial", _conv_geometry(node, values[node.inputs[0]][0], w_shape)
@@ -1207,7 +1207,21 @@ def _weight_nodes(graph: OnnxGraph) -> tuple[int, ...]:
   return tuple(out)
 
 
-def _tail_fn(graph: OnnxGraph, start: int, reads: str, output: str, values: dict[str, Any], dynamic: set[str]):
+def _as_logits(y: jax.Array, log_output: bool) -> jax.Array:
+  """A probability output as logits: log p differs from the logits by a constant per row, which every
+  softmax-based score ignores (used only where the graph does not end in a Softmax to strip)."""
+  return jnp.log(jnp.maximum(y, jnp.finfo(y.dtype).tiny)) if log_output else y
+
+
+def _tail_fn(
+  graph: OnnxGraph,
+  start: int,
+  reads: str,
+  output: str,
+  values: dict[str, Any],
+  dynamic: set[str],
+  log_output: bool,
+):
   """The `Full` node: every ONNX node from `start` on, plus the earlier shape arithmetic they read."""
   before = [
     i for i, node in enumerate(graph.nodes[:start]) if not any(name in dynamic for name in node.outputs if name)
@@ -1218,13 +1232,13 @@ def _tail_fn(graph: OnnxGraph, start: int, reads: str, output: str, values: dict
     env = {name: _Abstract((x.shape[0], *values[name][0][1:])) for name in known}
     env[reads] = _T(x, cl=True)
     env = _run(graph, bound, env, indices=[*before, *range(start, len(graph.nodes))])
-    return jnp.asarray(_plain(env[output]))
+    return _as_logits(jnp.asarray(_plain(env[output])), log_output)
 
   return fn
 
 
 def _build_layer_graph(
-  graph: OnnxGraph, specs: list[_Spec], output: str, values: dict[str, Any], dynamic: set[str]
+  graph: OnnxGraph, specs: list[_Spec], output: str, values: dict[str, Any], dynamic: set[str], log_output: bool
 ) -> incremental.LayerGraph:
   g = incremental.GraphBuilder()
   ids = [g.input]
@@ -1248,7 +1262,8 @@ def _build_layer_graph(
     elif spec.kind == "add":
       node = g.add(*inputs, name=label)
     else:
-      node = g.full(inputs[0], _tail_fn(graph, spec.onnx[0], spec.reads, output, values, dynamic), name=label)
+      tail = _tail_fn(graph, spec.onnx[0], spec.reads, output, values, dynamic, log_output)
+      node = g.full(inputs[0], tail, name=label)
     ids.append(node)
   return g.build()
 
@@ -1272,10 +1287,7 @@ class _Apply:
 
   def __call__(self, params: Any, x: jax.typing.ArrayLike) -> jax.Array:
     env = _run(self._graph, params, {self._graph.input_name: _input_value(jnp.asarray(x, jnp.float32), self._layout)})
-    y = jnp.asarray(_plain(env[self._output]))
-    # A probability output becomes logits: log p differs from the logits by a constant per row, which every
-    # softmax-based score ignores. Used only where the graph does not end in a Softmax to strip.
-    return jnp.log(jnp.maximum(y, jnp.finfo(y.dtype).tiny)) if self._log else y
+    return _as_logits(jnp.asarray(_plain(env[self._output])), self._log)
 
 
 def _strip_softmax(graph: OnnxGraph, output: str) -> str | None:
@@ -1324,7 +1336,7 @@ def from_onnx(path: os.PathLike[str] | str, card: ModelCard | os.PathLike[str] |
     log_output = logits is None
     output = logits or output
   graph = _fold_shapes(_fold_constants(graph), card.layout, card.input_shape)
-  layer_graph, reason = _layer_graph(graph, card.layout, card.input_shape, output)
+  layer_graph, reason = _layer_graph(graph, card.layout, card.input_shape, output, log_output)
   apply_fn = _Apply(graph, card.layout, output, log_output, layer_graph, reason)
   params = {name: jnp.asarray(value) for name, value in graph.params.items()}
   out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((2, *card.input_shape), jnp.float32))
@@ -1340,7 +1352,21 @@ def from_onnx(path: os.PathLike[str] | str, card: ModelCard | os.PathLike[str] |
     score=card.score_kind,
     output_values=card.output_values,
     source=card.source or f"{path.name} (ONNX opset {graph.opset})",
+    features_fn=functools.partial(_features, layer_graph) if layer_graph is not None else None,
+    head_fn=functools.partial(_head, layer_graph) if layer_graph is not None else None,
   )
+
+
+def _features(layer_graph: incremental.LayerGraph, params: Any, x: jax.typing.ArrayLike) -> jax.Array:
+  """The map the head reads (the last map before the first flatten or global pool), `[B, h, w, D]`: what
+  Grad-CAM and its kin weigh (`canonsal_jax.attribution`)."""
+  acts = layer_graph.activations(params, jnp.asarray(x, jnp.float32))
+  return acts[layer_graph.nodes[-1].inputs[0]]
+
+
+def _head(layer_graph: incremental.LayerGraph, params: Any, features: jax.typing.ArrayLike) -> jax.Array:
+  """The network from that map on: `head(params, features(params, x)) == apply_fn(params, x)`."""
+  return layer_graph.nodes[-1].op.fn(layer_graph.bind(params), jnp.asarray(features))
 
 
 def _check_input(graph: OnnxGraph, card: ModelCard) -> None:
