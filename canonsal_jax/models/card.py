@@ -209,10 +209,6 @@ class ModelCard:
       raise ValueError(f"model card{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
     if "input_size" not in values:
       raise ValueError(f"model card{where}: field 'input_size' is required")
-    values = dict(values)
-    for field in ("labels", "output_values"):
-      if isinstance(values.get(field), list):
-        values[field] = tuple(values[field])
     try:
       return cls(**values)
     except ValueError as e:

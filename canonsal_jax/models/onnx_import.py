@@ -551,7 +551,8 @@ def _kernel_hwio(graph: OnnxGraph, node: _Node, w: Any) -> jax.Array:
 
 
 def _kernel_oihw_shape(graph: OnnxGraph, node: _Node, w: Any) -> tuple[int, ...]:
-  s = _shape(w.data if isinstance(w, _T) else w)
+  """A Conv's kernel shape in ONNX's OIHW order (`w` a value, a param or a static; params are stored HWIO)."""
+  s = tuple((w.data if isinstance(w, _T) else w).shape)
   return (s[3], s[2], s[0], s[1]) if node.inputs[1] in graph.hwio else s
 
 
@@ -1032,13 +1033,13 @@ def _dynamic_names(graph: OnnxGraph) -> set[str]:
 
 def _fold_constants(graph: OnnxGraph) -> OnnxGraph:
   """The graph with every value computed from constants alone (not from shapes) added to its statics."""
-  statics = dict(graph.statics)
-  for node in graph.nodes:
-    if node.op in ("Shape", "Size") or not all(not name or name in statics for name in node.inputs):
+  folded = dataclasses.replace(graph, statics=dict(graph.statics))  # its statics grow as nodes fold
+  for i, node in enumerate(graph.nodes):
+    if node.op in ("Shape", "Size") or not all(not name or name in folded.statics for name in node.inputs):
       continue
-    env = _run(dataclasses.replace(graph, statics=statics), {}, {}, indices=[graph.nodes.index(node)])
-    statics.update({name: v for name, v in env.items() if _is_static(v)})
-  return dataclasses.replace(graph, statics=statics)
+    env = _run(folded, {}, {}, indices=[i])
+    folded.statics.update({name: v for name, v in env.items() if _is_static(v)})
+  return folded
 
 
 def _trace_values(
@@ -1061,15 +1062,16 @@ def _trace_values(
   return recorded, statics
 
 
-def _fold_shapes(graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int]) -> OnnxGraph:
+def _fold_shapes(graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int]) -> tuple[OnnxGraph, dict[str, Any]]:
   """The graph with the shape arithmetic that does not depend on the batch size folded into its statics (a
-  TensorFlow-style "same" pool's pads, computed from `Shape(x)[2:]`): what is equal for batches of 1 and 2."""
-  _, one = _trace_values(graph, layout, input_shape, 1)
+  TensorFlow-style "same" pool's pads, computed from `Shape(x)[2:]`): what is equal for batches of 1 and 2.
+  Also returns every value's (shape, channels-last) for a batch of 1 (`_trace_values`; folding changes none)."""
+  values, one = _trace_values(graph, layout, input_shape, 1)
   _, two = _trace_values(graph, layout, input_shape, 2)
   same = {
     name: v for name, v in one.items() if name in two and v.shape == two[name].shape and np.array_equal(v, two[name])
   }
-  return dataclasses.replace(graph, statics={**graph.statics, **same})
+  return dataclasses.replace(graph, statics={**graph.statics, **same}), values
 
 
 def _value_shape(graph: OnnxGraph, values: dict[str, Any], name: str) -> tuple[int, ...]:
@@ -1089,10 +1091,11 @@ def _constant_over_space(shape: tuple[int, ...]) -> bool:
 
 
 def _layer_graph(
-  graph: OnnxGraph, layout: str, input_shape: tuple[int, int, int], output: str, log_output: bool = False
+  graph: OnnxGraph, values: dict[str, Any], output: str, log_output: bool = False
 ) -> tuple[incremental.LayerGraph | None, str]:
-  """The network as an `incremental.LayerGraph`, or None and the reason (the operator without geometry)."""
-  values, _ = _trace_values(graph, layout, input_shape)
+  """The network as an `incremental.LayerGraph`, or None and the reason (the operator without geometry).
+
+  `values`: every computed value's (shape, channels-last) on a batch of 1 (`_fold_shapes`)."""
   dynamic = _dynamic_names(graph)
   consumers: dict[str, int] = {}
   for node in graph.nodes:
@@ -1118,8 +1121,9 @@ def _layer_graph(
         return None, f"{node.op} (node {node.name!r}) reads a map that is not an NCHW image map"
       specs.append(_Spec("full", (where[dyn_in[0]],), list(range(k, len(graph.nodes))), dyn_in[0]))
       return _build_layer_graph(graph, specs, output, values, dynamic, log_output), ""
-    if node.op == "Conv" and dyn_in == [node.inputs[0]]:
-      w_shape = _kernel_static_shape(graph, node)
+    kernel = graph.params.get(node.inputs[1], graph.statics.get(node.inputs[1])) if node.op == "Conv" else None
+    if node.op == "Conv" and dyn_in == [node.inputs[0]] and kernel is not None:
+      w_shape = _kernel_oihw_shape(graph, node, kernel)
       kind, geometry = "spatial", _conv_geometry(node, values[node.inputs[0]][0], w_shape)
     elif node.op in ("MaxPool", "AveragePool"):
       geometry = _pool_geometry(node, values[node.inputs[0]][0])
@@ -1153,17 +1157,6 @@ def _layer_graph(
   return None, "the network has no head (a global pool, flatten or dense layer) to end its layer graph"
 
 
-def _kernel_static_shape(graph: OnnxGraph, node: _Node) -> tuple[int, ...]:
-  """A Conv's kernel shape, OIHW."""
-  name = node.inputs[1]
-  if name in graph.params:
-    w = graph.params[name]
-    return (w.shape[3], w.shape[2], w.shape[0], w.shape[1]) if name in graph.hwio else tuple(w.shape)
-  if name in graph.statics:
-    return tuple(graph.statics[name].shape)
-  raise _OpError("its kernel is computed at run time")
-
-
 def _node_fn(graph: OnnxGraph, onnx_ids: Sequence[int], reads: str, spatial: dict[str, Any] | None):
   """The fn of a layer-graph node running ONNX nodes `onnx_ids` on its one map input (`bound` is the params)."""
 
@@ -1186,16 +1179,16 @@ def _node_fn(graph: OnnxGraph, onnx_ids: Sequence[int], reads: str, spatial: dic
         y = _pool_valid(first, spatial, x)
       env = {first.outputs[0]: _T(y, cl=True)}
       rest = onnx_ids[1:]
-    env = _run(graph, bound, env, indices=[*_weight_nodes(graph), *rest])
+    env = _run(graph, bound, env, indices=rest)
     return env[graph.nodes[onnx_ids[-1]].outputs[0]].data
 
   return fn
 
 
-@functools.cache
 def _weight_nodes(graph: OnnxGraph) -> tuple[int, ...]:
   """Nodes computed from the weights alone (an exporter's `Identity` of a weight shared by two layers, a
-  transposed kernel): a layer's fn runs them first, since they may sit anywhere in the graph."""
+  transposed kernel). They may sit anywhere in the graph, so the layer graph's `bind` computes them once per
+  call (`_bind`), before any layer reads them."""
   known = set(graph.params) | set(graph.statics)
   out = []
   for i, node in enumerate(graph.nodes):
@@ -1205,6 +1198,14 @@ def _weight_nodes(graph: OnnxGraph) -> tuple[int, ...]:
       out.append(i)
       known.update(name for name in node.outputs if name)
   return tuple(out)
+
+
+def _bind(graph: OnnxGraph, weight_nodes: Sequence[int], params: dict[str, Any]) -> dict[str, Any]:
+  """The params with the weight nodes' outputs added: what every layer-graph fn receives as `bound`."""
+  if not weight_nodes:
+    return params
+  env = _run(graph, params, {}, indices=weight_nodes)
+  return {**params, **{name: v.plain for name, v in env.items() if isinstance(v, _T)}}
 
 
 def _as_logits(y: jax.Array, log_output: bool) -> jax.Array:
@@ -1221,10 +1222,14 @@ def _tail_fn(
   values: dict[str, Any],
   dynamic: set[str],
   log_output: bool,
+  weight_nodes: Sequence[int],
 ):
-  """The `Full` node: every ONNX node from `start` on, plus the earlier shape arithmetic they read."""
+  """The `Full` node: every ONNX node from `start` on, plus the earlier shape arithmetic they read (the weight
+  nodes' outputs come bound)."""
   before = [
-    i for i, node in enumerate(graph.nodes[:start]) if not any(name in dynamic for name in node.outputs if name)
+    i
+    for i, node in enumerate(graph.nodes[:start])
+    if i not in weight_nodes and not any(name in dynamic for name in node.outputs if name)
   ]
   known = [name for name in values if name in dynamic and name != reads]
 
@@ -1240,6 +1245,7 @@ def _tail_fn(
 def _build_layer_graph(
   graph: OnnxGraph, specs: list[_Spec], output: str, values: dict[str, Any], dynamic: set[str], log_output: bool
 ) -> incremental.LayerGraph:
+  weight_nodes = _weight_nodes(graph)
   g = incremental.GraphBuilder()
   ids = [g.input]
   for spec in specs[1:]:
@@ -1262,10 +1268,10 @@ def _build_layer_graph(
     elif spec.kind == "add":
       node = g.add(*inputs, name=label)
     else:
-      tail = _tail_fn(graph, spec.onnx[0], spec.reads, output, values, dynamic, log_output)
+      tail = _tail_fn(graph, spec.onnx[0], spec.reads, output, values, dynamic, log_output, weight_nodes)
       node = g.full(inputs[0], tail, name=label)
     ids.append(node)
-  return g.build()
+  return g.build(functools.partial(_bind, graph, weight_nodes))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1335,8 +1341,8 @@ def from_onnx(path: os.PathLike[str] | str, card: ModelCard | os.PathLike[str] |
     logits = _strip_softmax(graph, output)
     log_output = logits is None
     output = logits or output
-  graph = _fold_shapes(_fold_constants(graph), card.layout, card.input_shape)
-  layer_graph, reason = _layer_graph(graph, card.layout, card.input_shape, output, log_output)
+  graph, values = _fold_shapes(_fold_constants(graph), card.layout, card.input_shape)
+  layer_graph, reason = _layer_graph(graph, values, output, log_output)
   apply_fn = _Apply(graph, card.layout, output, log_output, layer_graph, reason)
   params = {name: jnp.asarray(value) for name, value in graph.params.items()}
   out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((2, *card.input_shape), jnp.float32))
