@@ -76,7 +76,8 @@ ATTRIBUTION_METHODS = (
   "rise",
 )
 NORMALISATIONS = ("none", "max_abs", "sum_abs")
-FIGURE_FORMATS = ("png", "svg", "pdf")  # viz.FORMATS
+FIGURE_FORMATS = ("png", "svg", "pdf")  # what `viz.save_figure` writes (viz reads both from here)
+FIGURE_DPI = (20, 1200)  # the dots per inch a figure may have, inclusive
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -386,7 +387,11 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "cms.labels_csv": _text,
   "cms.save_textures": _flag,
   "outputs.heatmap_image": _flag,
-  "figures.dpi": _integer(1, " (dots per inch)"),
+  "figures.dpi": lambda v: (
+    None
+    if _is_int(v) and FIGURE_DPI[0] <= v <= FIGURE_DPI[1]
+    else f"must be an integer in [{FIGURE_DPI[0]}, {FIGURE_DPI[1]}] (dots per inch)"
+  ),
   "figures.format": _one_of(FIGURE_FORMATS, " (png, or vector svg / pdf)"),
 }
 

@@ -202,22 +202,26 @@ def load_input(image: str | pathlib.Path | np.ndarray | None, name: str | None) 
   return name, fileio.validate_image(image, name)
 
 
-def detect_faces(config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None) -> faces.Detection:
+def detect_faces(
+  config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None, *, face: str | None = None
+) -> faces.Detection:
   """Every face found with the config's detector settings (through the detection cache when it is on), and the
-  one `config.face` chooses. Logs one warning line when the chosen face may not be the one meant
-  (`faces.Detection.warning`).
+  one `face` chooses (default `config.face`: the face explained; a reference or impostor photo passes
+  "largest", since the choice names a face of the photo explained). Logs one warning line when the chosen face
+  may not be the one meant (`faces.Detection.warning`).
 
   Raises:
     faces.NoFaceError: no face was found (the message names `name`, the settings and the ones to try).
     faces.FaceChoiceError: `config.face` is an index or a box that matches none of the faces found.
   """
   detector = detector or faces.default_detector(config.detector)
+  face = config.face if face is None else face
   try:
     detection = faces.find_faces(
       pixels,
       name,
-      choice=config_lib.parse_face(config.face),
-      choice_text=str(config.face).strip(),
+      choice=config_lib.parse_face(face),
+      choice_text=str(face).strip(),
       detector=detector,
       upsample=config.upsample,
       adjust_threshold=config.detector_threshold,
@@ -231,9 +235,11 @@ def detect_faces(config, pixels: np.ndarray, name: str, detector: faces.FaceDete
   return detection
 
 
-def detect_face(config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None) -> faces.Face:
-  """The face `config.face` chooses (`detect_faces(...).face`)."""
-  return detect_faces(config, pixels, name, detector).face
+def detect_face(
+  config, pixels: np.ndarray, name: str, detector: faces.FaceDetector | None, *, face: str | None = None
+) -> faces.Face:
+  """The face `face` (default `config.face`) chooses (`detect_faces(...).face`)."""
+  return detect_faces(config, pixels, name, detector, face=face).face
 
 
 def _no_face_hint(config: ml_collections.ConfigDict) -> str:
@@ -371,11 +377,10 @@ def _reference_embedding(config: ml_collections.ConfigDict, model: models.FaceMo
     config.detector,
     config.upsample,
     config.detector_threshold,
-    str(config.face),
   )
   if key not in _REFERENCES:
     name, pixels = load_input(str(path), f"reference photo {path}")
-    face = detect_face(config, pixels, name, None)
+    face = detect_face(config, pixels, name, None, face="largest")
     _REFERENCES[key] = embed_face(model, pixels, face, name).astype(np.float32)
   return _REFERENCES[key]
 

@@ -98,13 +98,17 @@ def verify_pair(
   config.occlusion.reference, config.occlusion.impostor = "", ""
   config.occlusion.score = "cosine"
   loaded = [pipeline.load_input(image, name) for image, name in zip((probe, reference), names[:2])]
-  detections = [pipeline.detect_faces(config, pixels, name, None) for name, pixels in loaded]
+  # `config.face` picks the probe's face; the reference photo's is its largest.
+  detections = [
+    pipeline.detect_faces(config, pixels, name, None, face=face)
+    for (name, pixels), face in zip(loaded, (None, "largest"), strict=True)
+  ]
   found = [d.face for d in detections]
   probe_emb, ref_emb = (pipeline.embed_face(model, pixels, face, name) for (name, pixels), face in zip(loaded, found))
   impostor_name, impostor_cos, probe_target = "", float("nan"), ref_emb
   if impostor is not None:
     impostor_name, imp_pixels = pipeline.load_input(impostor, names[2])
-    imp_face = pipeline.detect_face(config, imp_pixels, impostor_name, None)
+    imp_face = pipeline.detect_face(config, imp_pixels, impostor_name, None, face="largest")
     imp_emb = pipeline.embed_face(model, imp_pixels, imp_face, impostor_name)
     impostor_cos = _cos(probe_emb, imp_emb)
     probe_target = np.stack([ref_emb, imp_emb])  # [2, K]: the score becomes the cosine contrast

@@ -53,6 +53,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from PIL import Image, ImageDraw, ImageFont
 
+from canonsal_jax import config as config_lib
 from canonsal_jax import fileio
 
 __all__ = [
@@ -87,7 +88,7 @@ __all__ = [
 SEQUENTIAL = "inferno"
 DIVERGING = "RdBu_r"
 NO_DATA_RGB = (128, 128, 128)  # no data: grey, never a colour of either scale
-FORMATS = ("png", "svg", "pdf")
+FORMATS = config_lib.FIGURE_FORMATS
 # Panel side in inches: at the default 150 dpi a panel is ~510 px, so a 512 px canonical render is shown at about
 # its own resolution and text at 9-11 pt reads on a laptop screen.
 _PANEL_INCHES = 3.4
@@ -108,8 +109,9 @@ class FigureSettings:
   format: str = "png"
 
   def __post_init__(self):
-    if not isinstance(self.dpi, int | np.integer) or not 20 <= int(self.dpi) <= 1200:
-      raise ValueError(f"figures.dpi must be an integer in [20, 1200], got {self.dpi!r}")
+    low, high = config_lib.FIGURE_DPI  # the range `config.validate` checks
+    if not isinstance(self.dpi, int | np.integer) or not low <= int(self.dpi) <= high:
+      raise ValueError(f"figures.dpi must be an integer in [{low}, {high}], got {self.dpi!r}")
     if self.format not in FORMATS:
       raise ValueError(f"figures.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
 

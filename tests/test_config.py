@@ -34,7 +34,7 @@ def test_allowed_values_are_the_librarys():
   assert config_lib.REDUCTIONS == occlusion.REDUCTIONS
   assert config_lib.ATTRIBUTION_METHODS == tuple(attribution.METHODS)
   assert config_lib.NORMALISATIONS == cms.NORMALISATIONS
-  assert config_lib.FIGURE_FORMATS == viz.FORMATS
+  assert config_lib.FIGURE_FORMATS == viz.FORMATS  # one tuple: viz reads it from config
 
 
 def test_the_builtin_models_table_is_the_registry():
@@ -79,6 +79,7 @@ _PATCH = "or a fraction of the face width below 1 (the paper's 0.07)"
     ("detector", "mtcnn", "must be one of hog, cnn (dlib's HOG detector, or its CNN: slower, finds harder faces)"),
     ("upsample", -1, "must be an integer >= 0 (image pyramid upsampling; more finds smaller faces)"),
     ("cms.normalisation", "l2", "must be one of none, max_abs, sum_abs"),
+    ("figures.dpi", 10, "must be an integer in [20, 1200] (dots per inch)"),  # the range viz.FigureSettings takes
     ("explainer", "lime", f"must be one of occlusion, {', '.join(attribution.METHODS)}"),
     ("occlusion.impostor", "b.jpg", "needs --config.occlusion.reference (the genuine photo) too"),
     ("face", "biggest", _FACE),
