@@ -366,7 +366,7 @@ def run_inputs(config: ml_collections.ConfigDict, photos: Mapping[str, Any] = ()
   already describing them), the
   reference and impostor photos, a model file (`onnx:PATH`, `PATH.py:factory`) and its card, a labels CSV.
   A path that is not a file is recorded with no hash (the run says what is wrong with it)."""
-  from canonsal_jax import manifest
+  from canonsal_jax import assets
 
   model = config.model
   model_file = model[len("onnx:") :] if model.startswith("onnx:") else model.rpartition(":")[0]
@@ -384,7 +384,7 @@ def run_inputs(config: ml_collections.ConfigDict, photos: Mapping[str, Any] = ()
       found[role] = dict(path)
     elif path:
       is_file = pathlib.Path(path).is_file()
-      found[role] = {"path": str(path), "sha256": manifest.sha256_file(path) if is_file else None}
+      found[role] = {"path": str(path), "sha256": assets.sha256_of(path) if is_file else None}
   return found
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from absl import logging
 
-from canonsal_jax import fileio
+from canonsal_jax import assets, fileio
 
 __all__ = [
   "MANIFEST",
@@ -43,7 +43,6 @@ __all__ = [
   "RunFolder",
   "claim",
   "digest_files",
-  "sha256_file",
   "versions",
 ]
 
@@ -89,20 +88,11 @@ class FolderInUseError(ValueError):
   """An output folder holds another run's outputs; the message names the folder, what differs, and `--overwrite`."""
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-  """SHA-256 hex of a file's bytes, read in 1 MiB pieces."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def digest_files(paths: Iterable[str | os.PathLike[str]]) -> str:
   """One SHA-256 over files in order: each file's own SHA-256 (a dataset's photos, as a manifest records them)."""
   digest = hashlib.sha256()
   for path in paths:
-    digest.update(bytes.fromhex(sha256_file(path)))
+    digest.update(bytes.fromhex(assets.sha256_of(path)))
   return digest.hexdigest()
 
 
@@ -248,7 +238,7 @@ def claim(
     out_dir: the folder (created later by the writers if missing).
     kind: the run's kind ("occlusion", "cis", "fit", "verify", "cms").
     config: the run's config (a `ConfigDict` or a dict).
-    inputs: what the run reads, with its SHA-256 (`sha256_file`, `digest_files`), as JSON values.
+    inputs: what the run reads, with its SHA-256 (`assets.sha256_of`, `digest_files`), as JSON values.
     overwrite: replace another run's outputs instead of refusing.
     command: the command line (default `sys.argv`).
     flag: how the folder was given, for the message.

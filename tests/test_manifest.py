@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from canonsal_jax import assets, manifest
 from canonsal_jax import config as config_lib
-from canonsal_jax import manifest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _inputs(tmp_path, name="photo.jpg", content=b"pixels"):
   photo = tmp_path / name
   photo.write_bytes(content)
-  return {"photo": {"path": str(photo), "sha256": manifest.sha256_file(photo)}}
+  return {"photo": {"path": str(photo), "sha256": assets.sha256_of(photo)}}
 
 
 def _run(out, inputs, config=None, kind="occlusion", files=("result.json", "heatmap.npy"), **claim):
@@ -146,7 +146,7 @@ def test_run_inputs_hash_photos_references_and_model_files(tmp_path):
   config = config_lib.default_config()
   config.model, config.occlusion.reference = f"onnx:{model}", str(photo)
   found = cli.run_inputs(config, {"photo": str(photo), "images": {"count": 2}})
-  assert found["photo"]["sha256"] == found["reference"]["sha256"] == manifest.sha256_file(photo)
-  assert found["model_file"] == {"path": str(model), "sha256": manifest.sha256_file(model)}
+  assert found["photo"]["sha256"] == found["reference"]["sha256"] == assets.sha256_of(photo)
+  assert found["model_file"] == {"path": str(model), "sha256": assets.sha256_of(model)}
   assert found["images"] == {"count": 2} and "impostor" not in found
   assert sorted(found) == ["images", "model_file", "photo", "reference"]

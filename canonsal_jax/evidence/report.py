@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import html
 import io as stdio
 import json
@@ -51,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from canonsal_jax import canonical, cms, fileio, morphable, outputs, pipeline, viz
+from canonsal_jax import assets, canonical, cms, fileio, morphable, outputs, pipeline, viz
 from canonsal_jax.evidence import stats
 
 __all__ = [
@@ -1019,18 +1018,10 @@ def _off_mesh_section(rep: _Report) -> str:
   )
 
 
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _settings_section(rep: _Report) -> str:
   run, opt = rep.run, rep.options
   report_settings = {
-    "cms checkpoint sha256": _sha256(run.folder / "cms.npz"),
+    "cms checkpoint sha256": assets.sha256_of(run.folder / "cms.npz"),
     "texture size": run.acc.texture_size,
     "normalisation": run.acc.settings.normalisation,
     "3DMM": f"{run.model3d.name} ({run.morphable_spec})",
