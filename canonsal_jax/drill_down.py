@@ -77,10 +77,9 @@ def coarse_subset(centres_rc: np.ndarray, every: int) -> np.ndarray:
     [0, 2, 4, 5]
   """
   centres_rc = np.asarray(centres_rc)
-  rows = {r: i for i, r in enumerate(np.unique(centres_rc[:, 0]))}
-  cols = {c: i for i, c in enumerate(np.unique(centres_rc[:, 1]))}
-  keep = [i for i, (r, c) in enumerate(centres_rc) if rows[r] % every == 0 and cols[c] % every == 0]
-  return np.asarray(keep, dtype=np.int64)
+  _, row = np.unique(centres_rc[:, 0], return_inverse=True)  # each centre's row among the distinct rows
+  _, col = np.unique(centres_rc[:, 1], return_inverse=True)
+  return np.flatnonzero((row % every == 0) & (col % every == 0))
 
 
 def _lattice_step(centres_rc: np.ndarray) -> int:
@@ -106,7 +105,8 @@ def make_drill_down_sweep(
     apply_fn, patch_size, batch_size, score: as `occlusion.make_sweep`.
     coarse_every: stage 1 runs every `coarse_every`-th row and column of the given centres (>= 1; 1 runs the
       whole fine grid in stage 1).
-    fine_fraction: stage 2's budget as a share of the fine grid's patches, in [0, 1].
+    fine_fraction: stage 2's budget as a share of the fine grid's patches, in [0, 1] (at most the patches off
+      the coarse lattice).
     **sweep_kwargs: the other `make_sweep` settings (baseline, method, ...); `reduce` must stay "mean" (a sum
       over the patches that ran is not comparable between exact and coarse pixels).
 
@@ -125,41 +125,33 @@ def make_drill_down_sweep(
     raise ValueError("a drill-down sweep averages the drops of the patches covering a pixel: reduce must be 'mean'")
   patch_size = occlusion.resolve_patch_size(patch_size)
   half = patch_size // 2
-  make = lambda: occlusion.make_sweep(
+  # One sweep for both stages: its jit compiles one program per number of patches, and an incremental sweep
+  # plans its windows once.
+  stage_sweep = occlusion.make_sweep(
     apply_fn, patch_size=patch_size, batch_size=batch_size, score=score, **sweep_kwargs
   )
-  coarse_sweep, fine_sweep = make(), make()
-
-  def spread(drops, centres_rc, valid, reach: int, shape):
-    """Mean of the drops of the patches within `reach` pixels of each pixel (row and column), and their count."""
-    height, width = shape
-    rows = (jnp.abs(jnp.arange(height)[None, :] - centres_rc[:, :1]) <= reach).astype(drops.dtype)
-    cols = (jnp.abs(jnp.arange(width)[None, :] - centres_rc[:, 1:]) <= reach).astype(drops.dtype)
-    hi = jax.lax.Precision.HIGHEST
-    total = jnp.matmul((rows * jnp.where(valid, drops, 0.0)[:, None]).T, cols, precision=hi)
-    count = jnp.matmul((rows * valid[:, None]).T, cols, precision=hi)
-    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0), count
 
   @functools.partial(jax.jit, static_argnames="reach")
   def coarse_map(coarse: occlusion.SweepResult, coarse_centres, coarse_valid, reach: int):
     """The coarse drops spread over the lattice's cells: each patch stands for the pixels up to half the lattice
     step around it (a patch smaller than the step would leave holes)."""
-    return spread(coarse.drops, coarse_centres, coarse_valid, reach, coarse.heatmap.shape)[0]
+    total, count = occlusion.coverage(coarse_centres, reach, coarse.heatmap.shape, coarse.drops, coarse_valid)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
-  @jax.jit
-  def select(salience_map, centres_rc, valid, is_coarse, budget_like):
+  @functools.partial(jax.jit, static_argnames="budget")
+  def select(salience_map, centres_rc, valid, is_coarse, budget: int):
     """The stage-2 patches: the `budget` fine candidates with the most salient coarse surroundings."""
     salience = jnp.abs(salience_map)
     window = ((patch_size, patch_size), (1, 1), ((half, half), (half, half)))
     dilated = jax.lax.reduce_window(salience, -jnp.inf, jax.lax.max, *window)
     # Ties (the coarse map is blocky) are broken by the mean salience under the patch, which prefers centres
-    # nearer the salient spot: the key is the max, then the mean, both from the same window.
+    # nearer the salient spot. The mean is at most the max, so 1e-3 of it reorders only maxima that differ by
+    # less than 1e-3 of themselves.
     mean = jax.lax.reduce_window(salience, 0.0, jax.lax.add, *window) / (patch_size * patch_size)
-    scale = jnp.maximum(jnp.max(salience), jnp.finfo(salience.dtype).tiny)
-    at_centre = (dilated + 1e-3 * mean)[centres_rc[:, 0], centres_rc[:, 1]] / scale
+    at_centre = (dilated + 1e-3 * mean)[centres_rc[:, 0], centres_rc[:, 1]]
     candidate = valid & ~is_coarse
     key = jnp.where(candidate, at_centre, -jnp.inf)
-    _, chosen = jax.lax.top_k(key, budget_like.shape[0])
+    _, chosen = jax.lax.top_k(key, budget)
     return chosen, candidate[chosen]
 
   @jax.jit
@@ -174,12 +166,7 @@ def make_drill_down_sweep(
       .at[fine_idx]
       .add(jnp.where(fine_valid, fine.drops, 0.0))
     )
-    rows = (jnp.abs(jnp.arange(height)[None, :] - centres_rc[:, :1]) <= half).astype(drops.dtype)
-    cols = (jnp.abs(jnp.arange(width)[None, :] - centres_rc[:, 1:]) <= half).astype(drops.dtype)
-    hi = jax.lax.Precision.HIGHEST
-    total = jnp.matmul((rows * drops[:, None]).T, cols, precision=hi)
-    count = jnp.matmul((rows * ran[:, None]).T, cols, precision=hi)
-    every = jnp.matmul((rows * valid[:, None]).T, cols, precision=hi)
+    total, count, every = occlusion.coverage(centres_rc, half, (height, width), drops, ran, valid)
     exact = (every > 0) & (count == every)
     heatmap = jnp.where(exact, total / jnp.maximum(count, 1.0), coarse_spread)
     return drops, heatmap, jnp.rint(count).astype(jnp.int32), exact, ran
@@ -191,8 +178,9 @@ def make_drill_down_sweep(
     coarse_idx = coarse_subset(centres_rc, coarse_every)
     is_coarse = np.zeros(n, bool)
     is_coarse[coarse_idx] = True
-    budget = min(math.ceil(float(fine_fraction) * n), n)
-    coarse = coarse_sweep(params, image, centres_rc[coarse_idx], valid[coarse_idx], target)
+    # Only patches off the lattice can be chosen: a budget beyond them would run padding through the model.
+    budget = min(math.ceil(float(fine_fraction) * n), n - len(coarse_idx))
+    coarse = stage_sweep(params, image, centres_rc[coarse_idx], valid[coarse_idx], target)
     reach = max(half, _lattice_step(centres_rc[coarse_idx]) // 2)
     coarse_spread = coarse_map(coarse, centres_rc[coarse_idx], valid[coarse_idx], reach)
     if budget == 0:
@@ -200,8 +188,8 @@ def make_drill_down_sweep(
       fine_valid = jnp.zeros(0, bool)
       fine = occlusion.SweepResult(jnp.zeros(0), None, None, None, None, None, jnp.asarray(0))
     else:
-      fine_idx, fine_valid = select(coarse_spread, centres_rc, valid, is_coarse, np.zeros(budget, bool))
-      fine = fine_sweep(params, image, jnp.asarray(centres_rc)[fine_idx], fine_valid, coarse.target)
+      fine_idx, fine_valid = select(coarse_spread, centres_rc, valid, is_coarse, budget)
+      fine = stage_sweep(params, image, jnp.asarray(centres_rc)[fine_idx], fine_valid, coarse.target)
     drops, heatmap, count, exact, ran = combine(
       coarse, coarse_spread, fine, centres_rc, valid, coarse_idx, fine_idx, fine_valid
     )

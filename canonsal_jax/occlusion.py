@@ -47,6 +47,7 @@ __all__ = [
   "Score",
   "SweepResult",
   "check_finite",
+  "coverage",
   "grid_centres",
   "make_sweep",
   "occlusion_map",
@@ -357,6 +358,22 @@ def _positive_int(name: str, value: Any) -> int:
   return int(value)
 
 
+def coverage(centres_rc: jax.Array, reach: int, shape: tuple[int, int], *weights: jax.Array) -> tuple[jax.Array, ...]:
+  """Per pixel, the sum of each of `weights` (`[N]` each) over the patches within `reach` pixels of it along
+  both axes (a square patch of side `2 * reach + 1` centred at `centres_rc[N, 2]`): `[H, W]` each.
+
+  Square patches are separable, so each sum is one matmul of row and column indicators, at the highest precision
+  (exact sums of small integers and drops; no TF32 on GPUs). With weights `drops` and `valid` these are the
+  heatmap's numerator and the coverage count.
+  """
+  height, width = shape
+  dtype = jnp.result_type(*[w.dtype for w in weights], jnp.float32)
+  rows = (jnp.abs(jnp.arange(height)[None, :] - centres_rc[:, :1]) <= reach).astype(dtype)  # [N, H]
+  cols = (jnp.abs(jnp.arange(width)[None, :] - centres_rc[:, 1:]) <= reach).astype(dtype)  # [N, W]
+  hi = jax.lax.Precision.HIGHEST
+  return tuple(jnp.matmul((rows * w.astype(dtype)[:, None]).T, cols, precision=hi) for w in weights)
+
+
 def make_sweep(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
   *,
@@ -537,12 +554,7 @@ def make_sweep(
 
     finite = jnp.isfinite(occluded)
     drops = jnp.where(valid_p & finite, original - occluded, 0.0)
-    rows, cols = indicators(centres_p, height, width)
-    rows = rows.astype(drops.dtype)
-    cols = cols.astype(drops.dtype)
-    hi = jax.lax.Precision.HIGHEST  # exact sums of small integers and drops (no TF32 on GPUs)
-    total = jnp.matmul((rows * drops[:, None]).T, cols, precision=hi)
-    count = jnp.matmul((rows * valid_p[:, None]).T, cols, precision=hi)
+    total, count = coverage(centres_p, half, (height, width), drops, valid_p)
     heatmap = total if reduce == "sum" else jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
     return SweepResult(
       drops=drops[:n],

@@ -43,6 +43,8 @@ def test_a_full_budget_is_the_fine_sweep(setting):
   assert bool(np.all(result.exact[np.asarray(full.count) > 0]))
   chex.assert_trees_all_close(result.heatmap, full.heatmap, rtol=0, atol=1e-6)
   chex.assert_trees_all_close(result.drops, full.drops, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(result.count, full.count)
+  assert bool(np.all(result.ran))
 
 
 def test_exact_where_the_fine_stage_ran_coarse_elsewhere(setting):
@@ -65,6 +67,32 @@ def test_the_budget_goes_where_the_coarse_map_is_salient(setting):
   result = _drill(setting, 3, 0.2)
   top = np.asarray(np.abs(full.heatmap)) >= np.quantile(np.abs(full.heatmap), 0.95)
   assert np.asarray(result.exact)[top].mean() == 1.0  # the top 5% of the exact map is exact
+
+
+def test_a_lattice_wider_than_the_patch_leaves_no_holes(setting):
+  """Every 4th centre with 3 px patches: the coarse patches cover a quarter of the rows and columns; off the exact
+  region each pixel gets the mean of the coarse patches within half a lattice step, so no covered pixel is 0."""
+  full = setting[-1]
+  result = _drill(setting, 4, 0.1)
+  coarse_holes = (np.asarray(result.coarse.count) == 0) & (np.asarray(full.count) > 0)
+  assert coarse_holes.sum() > 0  # the coarse sweep's own map has holes here
+  heatmap, exact = np.asarray(result.heatmap), np.asarray(result.exact)
+  assert np.all(heatmap[coarse_holes & ~exact] != 0)
+  chex.assert_trees_all_close(heatmap[exact], np.asarray(full.heatmap)[exact], rtol=0, atol=1e-6)
+
+
+def test_no_budget_is_the_coarse_stage_alone(setting):
+  centres = setting[2]
+  result = _drill(setting, 3, 0.0)
+  np.testing.assert_array_equal(np.flatnonzero(result.ran), drill_down.coarse_subset(centres, 3))
+  # 3 px patches on a lattice of 3 cover every pixel once: the map is the coarse sweep's.
+  np.testing.assert_array_equal(result.heatmap, result.coarse.heatmap)
+
+
+def test_coarse_subset_takes_every_kth_distinct_row_and_column():
+  centres = occlusion.grid_centres(10, 10, patch_size=3, stride=1)  # rows and columns 1..8
+  picked = centres[drill_down.coarse_subset(centres, 3)]
+  assert sorted({int(r) for r in picked[:, 0]}) == [1, 4, 7] and len(picked) == 9
 
 
 def test_bad_settings():
