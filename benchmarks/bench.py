@@ -1387,7 +1387,7 @@ def imported_vs_port(
   side_params = {k: subjects[k.split("_")[0]].params for k in compiled}
   fns = {k: (lambda c=c, p=side_params[k]: c(p, image, centres, valid)) for k, c in compiled.items()}
   times = interleaved_seconds(fns, repeats=repeats)
-  scale = float(np.abs(drops["imported_full"]).max())
+  _, errors, _, _ = _drop_errors(drops, "imported_full")  # relative to the imported full sweep's largest drop
   result: dict[str, Any] = {
     "model": name,
     "num_patches": len(centres),
@@ -1405,12 +1405,10 @@ def imported_vs_port(
     if f"{side}_incremental" in times:
       result["speedup"][side] = median_ratio(times[f"{side}_full"], times[f"{side}_incremental"])
   if "imported_incremental" in drops:
-    result["drop_error"]["incremental_vs_full"] = float(
-      np.abs(drops["imported_incremental"] - drops["imported_full"]).max() / scale
-    )
+    result["drop_error"]["incremental_vs_full"] = errors["imported_incremental"]
   if port is not None:
     result["import_over_port"] = median_ratio(times["port_full"], times["imported_full"])
-    result["drop_error"]["import_vs_port"] = float(np.abs(drops["imported_full"] - drops["port_full"]).max() / scale)
+    result["drop_error"]["import_vs_port"] = errors["port_full"]
   return result
 
 
@@ -1437,7 +1435,7 @@ def drill_down_vs_fine(
 
   The reference is the exact fine sweep by the model's default method (incremental where it has a layer graph)
   and, for the speed ratio, the full-forward fine sweep too. Fidelity per photo: the share of the exact map's
-  top-10% pixels (by |value|) that are in the drill-down map's top 10%, Pearson r over covered pixels, the
+  top-10% pixels (by |value|) that are in the drill-down map's top 10%, Pearson r over all pixels, the
   largest |difference| relative to the largest |value|, and the share of pixels that are exact.
 
   Returns:

@@ -3,8 +3,8 @@
 Krypton (Nakandala, Kumar and Papakonstantinou, "Incremental and Approximate Inference for Faster
 Occlusion-based Deep CNN Explanations", SIGMOD 2019) gets most of its approximate speed-up this way. Stage 1
 runs the patches of the fine grid that lie on a coarser lattice (every `coarse_every`-th row and column of
-candidate centres). Stage 2 runs a fixed budget of the remaining fine patches, `ceil(fine_fraction * N)`,
-those whose centre sees the largest |coarse heatmap| within the patch around it (the coarse map dilated by
+candidate centres). Stage 2 runs a fixed budget of the remaining fine patches, `ceil(fine_fraction * N)` (at
+most the patches off the lattice), those whose centre sees the largest |coarse heatmap| within the patch around it (the coarse map dilated by
 the patch; ties broken by the mean under the patch), so that the fine stage spends its budget where the coarse
 map is salient. Both stages are
 `occlusion.make_sweep` programs (incremental where the model has a layer graph), each compiled once: the
