@@ -4,11 +4,11 @@ Krypton (Nakandala, Kumar and Papakonstantinou, "Incremental and Approximate Inf
 Occlusion-based Deep CNN Explanations", SIGMOD 2019) gets most of its approximate speed-up this way. Stage 1
 runs the patches of the fine grid that lie on a coarser lattice (every `coarse_every`-th row and column of
 candidate centres). Stage 2 runs a fixed budget of the remaining fine patches, `ceil(fine_fraction * N)` (at
-most the patches off the lattice), those whose centre sees the largest |coarse heatmap| within the patch around it (the coarse map dilated by
-the patch; ties broken by the mean under the patch), so that the fine stage spends its budget where the coarse
-map is salient. Both stages are
-`occlusion.make_sweep` programs (incremental where the model has a layer graph), each compiled once: the
-budget is static, the unused part of it padded with the validity mask.
+most the patches off the lattice), those whose centre sees the largest |coarse heatmap| within the patch
+around it (the coarse map dilated by the patch; ties broken by the mean under the patch), so that the fine
+stage spends its budget where the coarse map is salient. Both stages run one `occlusion.make_sweep` program
+(incremental where the model has a layer graph), compiled once per stage: the budget is static, the unused
+part of it padded with the validity mask.
 
 The map: a pixel every one of whose fine patches ran (in either stage) gets exactly the fine sweep's value;
 every other pixel gets the coarse map: the mean drop of the coarse patches within half a lattice step of it (a
