@@ -153,12 +153,35 @@ class FaceDetector:
     if kind not in DETECTOR_KINDS:
       raise ValueError(f"unknown face detector {kind!r}; known detectors: {DETECTOR_KINDS}")
     self.kind = kind
-    if self.cnn:
-      self._detector = dlib.cnn_face_detection_model_v1(str(assets.path(CNN_DETECTOR)))
-    else:
-      self._detector = dlib.get_frontal_face_detector()
-    self._predictor68 = dlib.shape_predictor(str(assets.path(PREDICTOR_68)))
-    self._predictor5 = dlib.shape_predictor(str(assets.path(PREDICTOR_5)))
+    self._lock = threading.Lock()
+    self._loaded: tuple[Any, Any, Any] | None = None
+
+  def _models(self) -> tuple[Any, Any, Any]:
+    """dlib's detector and the 68- and 5-point predictors, read on first use rather than in `__init__`:
+    reading the 68-point predictor takes 1-2 s, which a run whose detections all come from the
+    `DetectionCache` (a second run over the same photos) never needs to spend."""
+    if self._loaded is None:
+      with self._lock:
+        if self._loaded is None:
+          if self.cnn:
+            detector = dlib.cnn_face_detection_model_v1(str(assets.path(CNN_DETECTOR)))
+          else:
+            detector = dlib.get_frontal_face_detector()
+          predictor68 = dlib.shape_predictor(str(assets.path(PREDICTOR_68)))
+          self._loaded = (detector, predictor68, dlib.shape_predictor(str(assets.path(PREDICTOR_5))))
+    return self._loaded
+
+  @property
+  def _detector(self) -> Any:
+    return self._models()[0]
+
+  @property
+  def _predictor68(self) -> Any:
+    return self._models()[1]
+
+  @property
+  def _predictor5(self) -> Any:
+    return self._models()[2]
 
   @property
   def cnn(self) -> bool:

@@ -278,6 +278,14 @@ def test_detection_cache_detects_once_and_gives_what_detection_gives(astronaut, 
   assert _same([largest], want[:1]) and len(calls) == 1 and cache.hits == 1
 
 
+def test_a_detection_cache_hit_never_reads_dlibs_models(astronaut, detector, tmp_path):
+  want = faces.DetectionCache(tmp_path).detect(detector, astronaut, adjust_threshold=0.3)
+  fresh = faces.FaceDetector()  # a later run's detector: its models are read on first use, not when built
+  again = faces.DetectionCache(tmp_path).detect(fresh, astronaut, adjust_threshold=0.3)
+  assert _same(again, want) and fresh._loaded is None
+  assert _same(fresh.detect(astronaut, all_faces=True, adjust_threshold=0.3), want) and fresh._loaded is not None
+
+
 def test_detection_cache_keys_on_pixels_and_settings(astronaut, detector, tmp_path, monkeypatch):
   cache = faces.DetectionCache(tmp_path)
   calls = _counting(monkeypatch, detector)

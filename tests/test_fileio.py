@@ -186,6 +186,9 @@ def test_default_image_is_the_astronaut():
   image = fileio.default_image()
   assert image.shape == (512, 512, 3) and image.dtype == np.uint8
   np.testing.assert_array_equal(fileio.load_image(fileio.default_image_path()), image)
+  import skimage.data  # the independent reference: scikit-image's own loader
+
+  np.testing.assert_array_equal(image, skimage.data.astronaut())
 
 
 def _no_temp_files(directory):
