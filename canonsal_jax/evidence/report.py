@@ -961,28 +961,35 @@ def _tested_section(tested: Mapping[str, Any], numbers_key: str, rep: _Report) -
   header = [header[0], *((t, f"{u}; mean [interval]") for t, u in header[1:-1]), header[-1]]
   classes = ["control" if r.get("kind") == "control" else "" for r in rows]
   reference = _method_name(tested.get("reference", "cms"))
-  tests = [
-    [
-      _method_name(c["rival"]),
-      _TESTED_HEADERS.get(c["figure"], (_human(c["figure"]), ""))[0],
-      c.get("difference"),
-      c.get("p_value"),
-      c.get("p_holm"),
-      c["finding"].replace(str(tested.get("reference", "cms")), reference, 1)
-      if c["finding"].startswith(str(tested.get("reference", "cms")))
-      else c["finding"].replace(c["rival"], _method_name(c["rival"]), 1),
-    ]
-    for c in tested.get("comparisons") or []
-  ]
+  ref_id = str(tested.get("reference", "cms"))
+  found = {(c["rival"], c["figure"]): c for c in tested.get("comparisons") or []}
+  others = list(dict.fromkeys(c["rival"] for c in tested.get("comparisons") or []))
+
+  def cell(c: Mapping[str, Any] | None) -> str:
+    if c is None:
+      return "–"
+    text = f"{_fmt(c.get('difference'))}; p {_fmt(c.get('p_holm'), 2)}"
+    if c["finding"] == f"{ref_id} better":
+      return f"{text}: {reference} better"
+    if c["finding"] != "no difference shown":
+      return f"{text}: {_method_name(c['rival'])} better"
+    return text
+
+  tests = [[_method_name(o)] + [cell(found.get((o, f))) for f in figures] for o in others]
+  none = "no difference shown"
+  shown = lambda o: any(found.get((o, f), {}).get("finding", none) != none for f in figures)
+  classes_tests = ["significant" if shown(o) else "" for o in others]
   sentence = claim_sentence(tested)
   rep.numbers[numbers_key] = {"claims": tested.get("claims"), "sentence": sentence}
-  significant = ["significant" if c.get("finding") != "no difference shown" else "" for c in tested["comparisons"]]
   facts = " ".join(
     x
     for x in (
       f"Intervals: {tested['intervals']}." if tested.get("intervals") else "",
-      f"Tests of the {reference} against each other map: {tested['test']}." if tested.get("test") else "",
       f"Win: {tested['win']}." if tested.get("win") else "",
+      f"Below, each cell: the {reference}'s mean minus the other map's, and the corrected p-value of "
+      f"{tested['test']}; a finding is named where that p-value is at most the level (highlighted rows)."
+      if tested.get("test")
+      else "",
     )
     if x
   )
@@ -992,15 +999,11 @@ def _tested_section(tested: Mapping[str, Any], numbers_key: str, rep: _Report) -
     + f"<p>{_e(facts)}</p>"
     + _table(
       [
-        ("Against", ""),
-        ("Figure", ""),
-        (f"Difference, {reference} − other", "in the figure's unit"),
-        ("p", "two-sided, paired"),
-        ("p, Holm", "corrected over the table"),
-        ("Finding", "highlighted: corrected p ≤ level"),
+        (f"{reference} against", ""),
+        *((_TESTED_HEADERS.get(f, (_human(f), ""))[0], "difference; Holm p") for f in figures),
       ],
       tests,
-      significant,
+      classes_tests,
     )
   )
 
