@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from canonsal_jax import assets, canonical, cms, datasets, fileio, models, pipeline
-from canonsal_jax.evidence import faithfulness
+from canonsal_jax.evidence import faithfulness, metrics
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "faithfulness.py"
 
@@ -73,7 +73,7 @@ def test_faithfulness_script_writes_the_metric_table(tmp_path):
     "--max_images=3",
     "--config.occlusion.patch_size=3",
     "--config.occlusion.stride=2",
-    "--protocol=both",
+    "--protocol=all",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with (out / "metrics.csv").open() as f:
@@ -111,6 +111,22 @@ def test_faithfulness_script_writes_the_metric_table(tmp_path):
   assert sum(row["win_pct"] for row in paper["rows"]) == pytest.approx(100.0)
   assert len(paper["comparisons"]) == 9 and all(c["p_holm"] >= c["p_value"] for c in paper["comparisons"])
   assert len(paper["per_image"]["occluded_score"]["score_cam"]) == len(table["images"])
+  # The other variant of the paper's protocol, for the defect's effect: the same maps, the same CMS mass.
+  other = table["paper_other_variant"]
+  assert other["paper_as_published"] is True and [r["mean_mass"] for r in other["rows"]] == pytest.approx(masses)
+  # The headline: a blurred photo, every map (controls too) the same mass, five tested figures.
+  headline = table["headline"]
+  assert [row["method"] for row in headline["rows"]] == ["cms", "occlusion", "grad_cam", "face_mask", "gaussian"]
+  assert headline["blur_sigma_px"] == pytest.approx(2.0) and "pixel space" in headline["substitute"]
+  for row in headline["rows"]:
+    assert row["mean_mass"] == pytest.approx(0.1 * 32 * 32, rel=1e-3)
+    for figure in metrics.HEADLINE_FIGURES:
+      lo, hi = row[f"{figure}_ci"]
+      assert lo - 1e-9 <= row[figure] <= hi + 1e-9, (row["method"], figure)
+  assert len(headline["comparisons"]) == 4 * 5
+  with (out / "headline.csv").open() as f:
+    assert [row["method"] for row in csv.DictReader(f)] == [row["method"] for row in headline["rows"]]
+  assert "headline (hidden pixels become the crop blurred in pixel space" in proc.stdout
   with (out / "paper.csv").open() as f:
     paper_rows = list(csv.DictReader(f))
   assert [row["method"] for row in paper_rows] == list(faithfulness.PAPER_METHODS)

@@ -288,6 +288,97 @@ def test_paper_table_claims_only_what_the_corrected_tests_support():
   assert "rival" in table["claims"]["increase_in_confidence_pct"]["statement"]
 
 
+# ------------------------------------------------------------------------------------------ the headline protocol
+
+
+def test_pixel_blur_of_an_impulse_is_the_sampled_gaussian_by_hand():
+  crop = np.zeros((1, 33, 33, 3), np.uint8)
+  crop[0, 16, 16] = (255, 0, 100)
+  out = metrics.pixel_blur(crop, sigma=2.0)
+  assert out.dtype == np.uint8 and out.shape == crop.shape
+  # The kernel sampled at -8..8 (4 sigma) and normalised; separable, so the centre keeps w0 ** 2 of the impulse.
+  t = np.arange(-8, 9, dtype=np.float64)
+  w = np.exp(-(t**2) / 8.0)
+  w /= w.sum()
+  np.testing.assert_array_equal(out[0, 16, 16], np.rint(np.array([255, 0, 100]) * w[8] ** 2))  # 10, 0, 4
+  np.testing.assert_array_equal(out[0, 16, 18], np.rint(np.array([255, 0, 100]) * w[8] * w[10]))  # 6, 0, 2
+  assert out[0, 0, 0].tolist() == [0, 0, 0]  # 16 px away: nothing reaches it
+  # Each channel apart, a flat image stays flat, and the blur is not black: it is none of the baselines.
+  flat = np.full((2, 8, 8, 3), (30, 60, 90), np.uint8)
+  np.testing.assert_array_equal(metrics.pixel_blur(flat, sigma=1.5), flat)
+  assert metrics.headline_blur_sigma(32) == 2.0 and metrics.headline_blur_sigma(64) == 4.0
+  with pytest.raises(ValueError, match="uint8"):
+    metrics.pixel_blur(crop.astype(np.float32), sigma=1.0)
+  with pytest.raises(ValueError, match="positive sigma"):
+    metrics.pixel_blur(crop, sigma=0.0)
+
+
+def test_mass_protocol_and_curves_hide_with_the_given_substitute():
+  # The linear model's logit: hiding pixel p moves it by w_p * (s_p - x_p), s the substitute; by hand.
+  apply_fn, w = _linear_two_class()
+  x = _images(batch=2)
+  sub = np.random.default_rng(12).normal(size=x.shape).astype(np.float32)
+  maps = np.zeros((1, 2, _H, _W), np.float32)
+  maps[0, :, :2, :] = 1.0  # the top two rows: 16 of 64 pixels, a quarter
+  protocol = metrics.make_mass_protocol(apply_fn, score=occlusion.Score("logit"), mass=0.25)
+  result = protocol(w, x, maps, target=0, substitute=sub)
+  logit = lambda im: np.einsum("bhwc,hwc->b", np.asarray(im, np.float64), np.asarray(w, np.float64))
+  hidden = x.copy()
+  hidden[:, :2] = sub[:, :2]
+  np.testing.assert_allclose(np.asarray(result.occluded[0]), logit(hidden), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(result.mass), [[16, 16]])
+  # Without a substitute the baseline (0) is used: another answer.
+  plain = protocol(w, x, maps, target=0)
+  np.testing.assert_allclose(np.asarray(plain.occluded[0]), logit(np.where(maps[0][..., None] > 0, 0, x)), atol=1e-4)
+  curves = metrics.make_deletion_insertion(apply_fn, score=occlusion.Score("logit"), steps=4)
+  r = curves(w, x, maps[0], target=0, substitute=sub)
+  np.testing.assert_allclose(np.asarray(r.deletion[:, 1]), logit(hidden), rtol=1e-5, atol=1e-4)  # 1/4 deleted
+  np.testing.assert_allclose(np.asarray(r.deletion[:, -1]), logit(sub), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(r.insertion[:, 0]), logit(sub), rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="substitute image per input"):
+    protocol(w, x, maps, target=0, substitute=sub[:1])
+
+
+def test_headline_table_by_hand_tests_all_five_figures():
+  n = 12  # 2**12 sign patterns, enumerated: the smallest two-sided p-value is 2 / 4096
+  result = metrics.ProtocolResult(
+    original=np.full(n, 0.8),
+    occluded=np.stack([np.full(n, 0.2), np.linspace(0.4, 0.7, n)]),  # cms drops .75, the rival .125 to .5
+    target=np.zeros(n, np.int32),
+    mass=np.ones((2, n)),
+  )
+  fraction = np.linspace(0, 1, 3)
+
+  def curve(deletion_auc, insertion_auc):
+    return metrics.CurveResult(fraction, None, None, np.asarray(deletion_auc), np.asarray(insertion_auc), None)
+
+  cms = curve(np.full(n, 0.1), np.full(n, 0.7))
+  rival = curve(np.linspace(0.3, 0.5, n), np.linspace(0.5, 0.6, n))
+  table = metrics.headline_table(result, [cms, rival], ["cms", "rival"], reference="cms", num_resamples=200)
+  assert table["figures"] == list(metrics.HEADLINE_FIGURES)
+  rows = {row["method"]: row for row in table["rows"]}
+  np.testing.assert_allclose(rows["cms"]["average_drop_pct"], 75.0)
+  np.testing.assert_allclose(rows["rival"]["average_drop_pct"], 100 * np.mean(1 - np.linspace(0.4, 0.7, n) / 0.8))
+  np.testing.assert_allclose([rows["cms"]["win_pct"], rows["rival"]["win_pct"]], [100, 0])
+  np.testing.assert_allclose([rows["cms"]["deletion_auc"], rows["rival"]["deletion_auc"]], [0.1, 0.4])
+  np.testing.assert_allclose([rows["cms"]["insertion_auc"], rows["rival"]["insertion_auc"]], [0.7, 0.55])
+  found = {c["figure"]: c for c in table["comparisons"]}
+  # Four comparisons at 2 / 4096, one (no image raised) at 1: Holm multiplies the smallest by 5.
+  for figure in ("average_drop_pct", "win_pct", "deletion_auc", "insertion_auc"):
+    assert found[figure]["finding"] == "cms better", figure
+    np.testing.assert_allclose(found[figure]["p_holm"], 5 * 2 / 4096)
+  assert found["deletion_auc"]["difference"] == pytest.approx(-0.3)  # lower is better: the CMS's
+  assert found["increase_in_confidence_pct"]["finding"] == "no difference shown"
+  assert table["claims"]["deletion_auc"]["supported"] and not table["claims"]["increase_in_confidence_pct"]["supported"]
+  # Reversed curves: the rival is found better on them, and no claim for the CMS there.
+  table = metrics.headline_table(result, [rival, cms], ["cms", "rival"], reference="cms", num_resamples=200)
+  found = {c["figure"]: c for c in table["comparisons"]}
+  assert found["deletion_auc"]["finding"] == found["insertion_auc"]["finding"] == "rival better"
+  assert not table["claims"]["insertion_auc"]["supported"]
+  with pytest.raises(ValueError, match="2 names for 1 curve"):
+    metrics.headline_table(result, [cms], ["cms", "rival"], reference="cms")
+
+
 # ------------------------------------------------------------------------------------------ deletion, insertion
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from canonsal_jax import canonical, cms, datasets, fileio, morphable, outputs, pipeline, runs
 from canonsal_jax import config as config_lib
-from canonsal_jax.evidence import faithfulness, report, stats
+from canonsal_jax.evidence import faithfulness, metrics, report, stats
 
 _T = 64  # texture side of the synthetic runs: small, so region labels and renders are quick
 _A, _B = "label_A<b>", "label_B&x"  # group names that need escaping in HTML and in file names
@@ -376,8 +376,37 @@ def _wide_metrics_table(folder: pathlib.Path) -> pathlib.Path:
     "deletion_steps": 32,
   }
   table = {"rows": rows, "images": [f"t{i}" for i in range(40)], "skipped": [], "settings": settings}
+  table |= _tested_tables(40)
   faithfulness.write_evaluation(table, folder)
   return folder
+
+
+def _tested_tables(n: int) -> dict:
+  """The headline and the paper's tables (both variants) of `metrics` on made-up scores of n faces: the CMS's
+  drops are large and every rival's small, so the CMS is found better on Average Drop and Win only."""
+  rng = np.random.default_rng(3)
+  names = [*_METHODS, *_CONTROLS]
+  original = np.full(n, 0.9)
+  occluded = np.stack([np.full(n, 0.2)] + [rng.uniform(0.5, 0.95, n) for _ in names[1:]])
+  result = metrics.ProtocolResult(original, occluded, np.zeros(n, np.int32), np.full((len(names), n), 102.4))
+  fraction = np.linspace(0, 1, 3)
+  curves = [
+    metrics.CurveResult(fraction, None, None, rng.uniform(0.2, 0.4, n), rng.uniform(0.5, 0.7, n), None) for _ in names
+  ]
+  headline = metrics.headline_table(result, curves, names, reference="cms", num_resamples=50)
+  for row in headline["rows"]:
+    row["kind"] = "control" if row["method"] in _CONTROLS else "method"
+  headline |= {"substitute": "the crop blurred in pixel space, Gaussian sigma 2 px", "mass": 0.1, "score": "p"}
+  paper_names = ["cms", "grad_cam", "grad_cam_plus_plus", "score_cam"]
+  paper_result = result._replace(occluded=occluded[:4], mass=result.mass[:4])
+  paper = metrics.paper_table(paper_result, paper_names, reference="cms", num_resamples=50)
+  wrapped = paper_result._replace(occluded=np.concatenate([occluded[:1], occluded[1:4] * 0.5]))
+  other = metrics.paper_table(wrapped, paper_names, reference="cms", num_resamples=50)
+  return {
+    "headline": headline,
+    "paper": paper | {"paper_as_published": False, "score": "p"},
+    "paper_other_variant": other | {"paper_as_published": True, "score": "p"},
+  }
 
 
 @pytest.fixture(scope="module")
@@ -470,6 +499,29 @@ def test_each_group_has_its_own_coverage_scale(small_report):
     # The legend under the group's heading ends at the group's own count.
     assert re.search(rf"coverage of {re.escape(group)} \(images of its {top}\): 0 <img [^>]*> {top};", page), group
     assert f"coverage: {group} (0 to {top} images)" in page
+
+
+def test_headline_and_paper_tables_claim_only_what_their_tests_support(small_report):
+  page = html.unescape((small_report / "index.html").read_text(encoding="utf-8"))
+  numbers = json.loads((small_report / "report.json").read_text())
+  # The headline first, then the paper's table, then the extended one.
+  assert page.index('id="headline"') < page.index('id="paper"') < page.index('id="metrics"')
+  sentence = numbers["headline"]["sentence"]
+  assert sentence.startswith("On these 40 faces the tests support that the CMS beats every other map on Average Drop")
+  assert "Win" in sentence.split(", and do not show it on")[0] and "Deletion AUC" in sentence.split("do not show")[1]
+  assert sentence in page and numbers["paper"]["sentence"] in page
+  assert "blurred in pixel space" in page and "75.6 [75.6, 75.6]" not in page  # intervals are shown as [low, high]
+  cms_drop = 100 * (0.9 - 0.2) / 0.9
+  assert f"{cms_drop:.3g} [{cms_drop:.3g}, {cms_drop:.3g}]" in page  # the CMS's drop, the same on every face
+  # The defect's effect: the as-published rivals' occluded scores were halved, so their drops grew.
+  defect = {(r[0], r[1]): r[2:] for r in numbers["paper_defect"]}
+  corrected, published, change = defect[("Grad-CAM", "Average Drop")]
+  assert published > corrected and change == pytest.approx(published - corrected)
+  assert defect[("CMS", "Average Drop")][2] == 0
+  assert "What the published wrap-around changes" in page
+  assert report.claim_sentence({"reference": "cms", "num_images": 3, "figures": [], "comparisons": []}).startswith(
+    "On these 3 faces the tests do not show the CMS better"
+  )
 
 
 @pytest.mark.slow  # two browser starts: over 8 s on a shared 2-core machine

@@ -12,8 +12,13 @@ and the controls: "face_mask" (uniform on the mesh's pixels), "gaussian" (centre
 same architecture with re-initialised weights
 (`scripts/cms.py --model=canonsal_jax.evidence.faithfulness:randomised_gender`), "cms_random".
 
-Two protocols (`PROTOCOLS`, `metrics` explains both):
+Three protocols (`PROTOCOLS`, `metrics` explains them):
 
+* "blur" (the headline, no method's home ground): every map, methods and controls, hides the same mass
+  (`metrics.HEADLINE_MASS` of the crop), and hidden pixels become a copy of the photo blurred in pixel space
+  (`metrics.pixel_blur`, sigma `metrics.HEADLINE_BLUR_SHARE` of the crop side), which no method uses as its
+  own baseline; deletion and insertion run on the same blurred photo. `metrics.headline_table` gives the five
+  figures with bootstrap intervals and Holm-corrected paired tests of the CMS against every other map.
 * "mass" (ours, the extended table): all maps are scored by `metrics.make_mass_protocol` (Average Drop %,
   % Increase in Confidence, Win %, every map hiding the same mass) and by deletion/insertion AUC on both
   substrates; each method's per-image Average Drop and blurred deletion AUC are tested against each control
@@ -24,7 +29,13 @@ Two protocols (`PROTOCOLS`, `metrics` explains both):
   Score-CAM (`PAPER_METHODS`, whatever `methods` says) by `metrics.make_paper_protocol`, with bootstrap
   intervals and Holm-corrected paired tests of the CMS against each rival (`metrics.paper_table`); the
   published 8-bit wrap-around only with `paper_as_published`.
-* "both".
+* "both": "mass" and "paper" (the pair the first version offered); "all": the three.
+
+The score is the softmax probability of the class predicted on the unaltered crop; for an embedding model
+(score "cosine", the identity model) it is the cosine similarity of the embedding to the unaltered crop's own
+(1 unaltered), so a drop is ``max(0, 1 - cos)``. With the paper's protocol both variants are computed: the
+corrected one (or the published one, with `paper_as_published`) as "paper", the other as
+"paper_other_variant", so a report can say how much the published wrap-around changes the table.
 
 Example:
   Lines marked +SKIP are not run as doctests: it needs a CMS run and test photos (minutes).
@@ -59,11 +70,13 @@ __all__ = [
   "OverlapError",
   "check_disjoint",
   "load_cms",
+  "protocol_score",
   "randomised",
   "randomised_age",
   "randomised_expression",
   "randomised_gender",
   "run_protocol",
+  "summary_text",
   "write_evaluation",
 ]
 
@@ -71,11 +84,13 @@ METHODS = ("cms", "occlusion", *attribution.METHODS)
 CONTROLS = ("face_mask", "gaussian", "cms_random")
 # The methods of the paper's table (John et al. 2021), the CMS first (the reference of its tests).
 PAPER_METHODS = ("cms", "grad_cam", "grad_cam_plus_plus", "score_cam")
-PROTOCOLS = (*metrics.PROTOCOLS, "both")
+PROTOCOLS = (*metrics.PROTOCOLS, "both", "all")
+# Which drop protocols each `protocol` setting runs.
+_RUNS = {**{p: {p} for p in metrics.PROTOCOLS}, "both": {"mass", "paper"}, "all": set(metrics.PROTOCOLS)}
 # Level of the per-image tests against the controls (`beats_controls`).
 ALPHA = 0.05
 _FORMAT = "canonsal_jax.faithfulness"
-_VERSION = 2  # 2: the "paper" table; "rows" empty when only the paper's protocol ran
+_VERSION = 3  # 2: the "paper" table; "rows" empty when only the paper's protocol ran; 3: "headline"
 # Columns of the CSV table, in order.
 _COLUMNS = (
   "method",
@@ -99,10 +114,20 @@ _COLUMNS = (
   "num_images",
   "num_excluded",
 )
+_PARTS = ("", "_low", "_high", "_p_holm", "_finding")
 # Columns of the paper's CSV table, in order.
 _PAPER_COLUMNS = (
   "method",
-  *(f"{figure}{part}" for figure in metrics.PAPER_FIGURES for part in ("", "_low", "_high", "_p_holm", "_finding")),
+  *(f"{figure}{part}" for figure in metrics.PAPER_FIGURES for part in _PARTS),
+  "mean_mass",
+  "num_images",
+  "num_excluded",
+)
+# Columns of the headline CSV table, in order.
+_HEADLINE_COLUMNS = (
+  "method",
+  "kind",
+  *(f"{figure}{part}" for figure in metrics.HEADLINE_FIGURES for part in _PARTS),
   "mean_mass",
   "num_images",
   "num_excluded",
@@ -236,7 +261,7 @@ def run_protocol(
   protocol_baseline: Any = 0.0,
   steps: int = metrics.DEFAULT_STEPS,
   method_settings: dict[str, dict[str, Any]] | None = None,
-  protocol: str = "mass",
+  protocol: str = "all",
   paper_as_published: bool = False,
   seed: int = 0,
   progress: Callable[[int, int, str], None] | None = None,
@@ -263,7 +288,9 @@ def run_protocol(
 
   Returns:
     {"rows": one dict per method and control (the CSV's columns; empty without the mass protocol), "per_image":
-    {...}, "paper": `metrics.paper_table`'s dict with "per_image" scores (with the paper's protocol), "images":
+    {...}, "headline": `metrics.headline_table`'s dict with "per_image" values (with the "blur" protocol),
+    "paper" and "paper_other_variant": `metrics.paper_table`'s dicts with "per_image" scores (with the paper's
+    protocol: the variant `paper_as_published` chose, and the other), "images":
     [...], "skipped": [...], "settings": {...}}.
 
   Raises:
@@ -275,8 +302,9 @@ def run_protocol(
     raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
-  run_mass, run_paper = protocol in ("mass", "both"), protocol in ("paper", "both")
-  methods = list(methods) if run_mass else []
+  runs = _RUNS[protocol]
+  run_blur, run_mass, run_paper = "blur" in runs, "mass" in runs, "paper" in runs
+  methods = list(methods) if (run_mass or run_blur) else []
   settings = dict(method_settings or {})
   acc = load_cms(cms_path)
   if isinstance(images, str) and images.startswith("builtin:"):
@@ -297,6 +325,7 @@ def run_protocol(
   _check_made_with(cms_path, acc, config, model, model3d)
   if cms_random_path is not None:
     _check_made_with(cms_random_path, random_acc, config, model, model3d, randomised_control=True)
+  score = protocol_score(model)
   triangles, uv = np.asarray(model3d.triangles), np.asarray(model3d.uv)
   size = model.crop.size
   sweep, patch_size, _ = pipeline.model_sweep(model, config.occlusion)
@@ -349,8 +378,9 @@ def run_protocol(
     "morphable_model": model3d.name,
     "method_settings": settings,
     "seed": seed,
+    "score": _SCORE_TEXT[score.kind],
   }
-  if run_mass:
+  if run_mass or run_blur:
     maps: dict[str, np.ndarray] = {}
     valid: dict[str, np.ndarray] = {}
     if "cms" in methods:
@@ -363,6 +393,11 @@ def run_protocol(
       valid["cms_random"] = np.stack(crop_valid["cms_random"])
     for name in maps:
       valid.setdefault(name, np.ones(x.shape[:3], bool))
+  if run_blur:
+    table["headline"] = _headline_evaluation(
+      model, np.stack(crops), x, maps, valid, names, score=score, steps=steps, seed=seed
+    )
+  if run_mass:
     found, mass_settings = _mass_evaluation(
       config,
       model,
@@ -372,6 +407,7 @@ def run_protocol(
       names,
       sweep_fn,
       settings,
+      score=score,
       mass=mass,
       baseline=protocol_baseline,
       steps=steps,
@@ -381,9 +417,10 @@ def run_protocol(
     run_settings.update(mass_settings)
   if run_paper:
     paper_maps = {"cms": cms_map, **{m: made[m] for m in PAPER_METHODS if m != "cms"}}
-    table["paper"] = _paper_evaluation(
-      model, np.stack(crops), paper_maps, cms_valid, names, paper_as_published=paper_as_published, seed=seed
-    )
+    for key, as_published in (("paper", paper_as_published), ("paper_other_variant", not paper_as_published)):
+      table[key] = _paper_evaluation(
+        model, np.stack(crops), paper_maps, cms_valid, names, score=score, paper_as_published=as_published, seed=seed
+      )
   table.update(images=names, skipped=skipped, settings={**run_settings, "seconds": time.perf_counter() - start})
   return table
 
@@ -398,6 +435,7 @@ def _mass_evaluation(
   sweep_fn: Callable,
   settings: dict,
   *,
+  score: occlusion.Score,
   mass: float,
   baseline: Any,
   steps: int,
@@ -407,7 +445,7 @@ def _mass_evaluation(
   order = list(maps)
   others = [m for m in order if m not in CONTROLS and m != "cms"]
   # Drop protocol.
-  protocol = metrics.make_mass_protocol(model.apply_fn, baseline=baseline, mass=mass)
+  protocol = metrics.make_mass_protocol(model.apply_fn, score=score, baseline=baseline, mass=mass)
   result = protocol(model.params, x, np.stack([maps[m] for m in order]), np.stack([valid[m] for m in order]))
   summary = metrics.protocol_summary(result, order)
   original = np.asarray(result.original, np.float64)
@@ -418,8 +456,10 @@ def _mass_evaluation(
   # Deletion / insertion on both substrates.
   constant = pipeline.model_baseline(model, config.occlusion.baseline)
   curves = {
-    "constant": metrics.make_deletion_insertion(model.apply_fn, steps=steps, substrate="constant", constant=constant),
-    "blur": metrics.make_deletion_insertion(model.apply_fn, steps=steps, substrate="blur"),
+    "constant": metrics.make_deletion_insertion(
+      model.apply_fn, score=score, steps=steps, substrate="constant", constant=constant
+    ),
+    "blur": metrics.make_deletion_insertion(model.apply_fn, score=score, steps=steps, substrate="blur"),
   }
   auc: dict[str, dict[str, np.ndarray]] = {m: {} for m in order}
   for substrate, fn in curves.items():
@@ -479,7 +519,6 @@ def _mass_evaluation(
     },
   }
   return entries, {
-    "score": "probability of the target class (each image's prediction)",
     "direction": "higher average drop and win %, lower increase in confidence and deletion AUC, higher "
     "insertion AUC: the map found what the model needs",
     "mass": mass,
@@ -490,6 +529,70 @@ def _mass_evaluation(
   }
 
 
+def protocol_score(model: models.FaceModel) -> occlusion.Score:
+  """What the protocols measure on `model`: the predicted class's probability, or an embedding's self-similarity.
+
+  A classifier (any score kind but "cosine", the age model's expected value included: its classes are age bins)
+  is scored by the softmax probability of the class predicted on the unaltered crop, as the paper does; an
+  embedding model by the cosine similarity to the unaltered crop's own embedding (`Score("cosine")`, target
+  the unaltered output: 1 unaltered).
+  """
+  return occlusion.Score("cosine" if model.score == "cosine" else "probability")
+
+
+# What each protocol score is, in words (tables and reports).
+_SCORE_TEXT = {
+  "probability": "softmax probability of the class predicted on the unaltered crop",
+  "cosine": "cosine similarity of the embedding to the unaltered crop's own (1 unaltered)",
+}
+
+
+def _headline_evaluation(
+  model: models.FaceModel,
+  crops: np.ndarray,
+  x: np.ndarray,
+  maps: dict[str, np.ndarray],
+  valid: dict[str, np.ndarray],
+  names: list[str],
+  *,
+  score: occlusion.Score,
+  steps: int,
+  seed: int,
+) -> dict[str, Any]:
+  """The headline table (`metrics.headline_table`) of `maps` (methods, then controls; [B, S, S] each)."""
+  order = list(maps)
+  sigma = metrics.headline_blur_sigma(crops.shape[1])
+  blurred = metrics.pixel_blur(crops, sigma=sigma)
+  substitute = np.stack([np.asarray(model.preprocess(c), np.float32) for c in blurred])
+  protocol = metrics.make_mass_protocol(model.apply_fn, score=score, mass=metrics.HEADLINE_MASS)
+  result = protocol(
+    model.params, x, np.stack([maps[m] for m in order]), np.stack([valid[m] for m in order]), substitute=substitute
+  )
+  curves_fn = metrics.make_deletion_insertion(model.apply_fn, score=score, steps=steps)
+  curves = [curves_fn(model.params, x, maps[m], valid[m], substitute=substitute) for m in order]
+  reference = "cms" if "cms" in order else order[0]
+  table = metrics.headline_table(result, curves, order, reference=reference, seed=seed)
+  for row in table["rows"]:
+    row["kind"] = "control" if row["method"] in CONTROLS else "method"
+  occluded = np.asarray(result.occluded, np.float64)
+  table.update(
+    score=_SCORE_TEXT[score.kind],
+    substitute=f"the crop blurred in pixel space, Gaussian sigma {sigma:.3g} px ({metrics.HEADLINE_BLUR_SHARE:g} "
+    "of the crop side), 8-bit, read through the model's preprocessing",
+    blur_sigma_px=sigma,
+    mass=metrics.HEADLINE_MASS,
+    deletion_steps=steps,
+    per_image={
+      "names": names,
+      "original_score": np.asarray(result.original, np.float64).tolist(),
+      "occluded_score": {m: occluded[i].tolist() for i, m in enumerate(order)},
+      "deletion_auc": {m: np.asarray(c.deletion_auc, np.float64).tolist() for m, c in zip(order, curves)},
+      "insertion_auc": {m: np.asarray(c.insertion_auc, np.float64).tolist() for m, c in zip(order, curves)},
+    },
+  )
+  return table
+
+
 def _paper_evaluation(
   model: models.FaceModel,
   crops: np.ndarray,
@@ -497,19 +600,22 @@ def _paper_evaluation(
   cms_valid: np.ndarray,
   names: list[str],
   *,
+  score: occlusion.Score,
   paper_as_published: bool,
   seed: int,
 ) -> dict[str, Any]:
   """The paper's table (`metrics.paper_table`) of the `PAPER_METHODS` maps [B, S, S] on uint8 crops [B, S, S, 3]."""
   order = list(PAPER_METHODS)
   valid = np.stack([cms_valid if m == "cms" else np.ones(cms_valid.shape, bool) for m in order])
-  protocol = metrics.make_paper_protocol(model.apply_fn, model.preprocess, paper_as_published=paper_as_published)
+  protocol = metrics.make_paper_protocol(
+    model.apply_fn, model.preprocess, score=score, paper_as_published=paper_as_published
+  )
   result = protocol(model.params, crops, np.stack([maps[m] for m in order]), valid)
   table = metrics.paper_table(result, order, reference="cms", seed=seed)
   occluded = np.asarray(result.occluded, np.float64)
   table.update(
     paper_as_published=paper_as_published,
-    score="softmax probability of the class predicted on the unaltered crop",
+    score=_SCORE_TEXT[score.kind],
     per_image={
       "names": names,
       "original_score": np.asarray(result.original, np.float64).tolist(),
@@ -519,6 +625,40 @@ def _paper_evaluation(
     },
   )
   return table
+
+
+def _tested_lines(tested: dict[str, Any], digits: int) -> list[str]:
+  lines = []
+  for row in tested["rows"]:
+    figures = "  ".join(
+      f"{k} {row[k]:.{digits}g} [{row[k + '_ci'][0]:.{digits}g}, {row[k + '_ci'][1]:.{digits}g}]"
+      for k in tested["figures"]
+    )
+    kind = f" ({row['kind']})" if "kind" in row else ""
+    lines.append(f"{row['method']:>22}{kind}: {figures}")
+  lines += [f"  {figure}: {claim['statement']}" for figure, claim in tested["claims"].items()]
+  return lines
+
+
+def summary_text(table: dict[str, Any]) -> str:
+  """The tables of `run_protocol` as lines of text: the headline, the extended table, the paper's."""
+  lines = []
+  if "headline" in table:
+    lines.append(f"headline (hidden pixels become {table['headline']['substitute']}):")
+    lines += _tested_lines(table["headline"], 3)
+  if table["rows"]:
+    lines.append("extended (every map the same mass, a constant substitute):")
+  for row in table["rows"]:
+    lines.append(
+      f"{row['method']:>22} ({row['kind']}): drop {row['average_drop_pct']:6.2f}%  increase "
+      f"{row['increase_in_confidence_pct']:5.1f}%  win {row['win_pct']:5.1f}%  deletion(blur) "
+      f"{row['deletion_auc_blur']:.3f}  insertion(blur) {row['insertion_auc_blur']:.3f}"
+    )
+  if "paper" in table:
+    published = table["paper"]["paper_as_published"]
+    lines.append("the paper's protocol" + (", as published (8-bit wrap-around):" if published else ":"))
+    lines += _tested_lines(table["paper"], 4)
+  return "\n".join(lines)
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> bytes:
@@ -531,12 +671,13 @@ def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> bytes:
 
 
 def _paper_rows(paper: dict[str, Any]) -> list[dict[str, Any]]:
-  """The paper's table flattened for its CSV: intervals as low/high, each rival's corrected test and finding."""
+  """A tested table (the paper's, the headline) flattened for its CSV: intervals as low/high, each rival's
+  corrected test and finding."""
   tests = {(c["rival"], c["figure"]): c for c in paper["comparisons"]}
   rows = []
   for row in paper["rows"]:
     flat = {k: v for k, v in row.items() if not k.endswith("_ci")}
-    for figure in metrics.PAPER_FIGURES:
+    for figure in paper.get("figures", metrics.PAPER_FIGURES):
       flat[f"{figure}_low"], flat[f"{figure}_high"] = row[f"{figure}_ci"]
       test = tests.get((row["method"], figure))
       if test is not None:
@@ -548,6 +689,8 @@ def _paper_rows(paper: dict[str, Any]) -> list[dict[str, Any]]:
 def write_evaluation(table: dict[str, Any], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
   """Writes the evaluation's tables atomically and returns the files written.
 
+  `headline.csv`: the headline (blurred photo) table, one row per method and control: the five figures with their
+  interval ends, each other map's Holm-corrected test against the CMS and the finding (when it ran).
   `metrics.csv`: the mass protocol's table, one row per method and control (when it ran). `paper.csv`: the
   paper's table, one row per method: the figures with their interval ends, and for each rival the
   Holm-corrected p-value of its test against the CMS and the finding (when it ran). `metrics.json`: everything.
@@ -557,6 +700,9 @@ def write_evaluation(table: dict[str, Any], out_dir: str | pathlib.Path) -> list
   if table["rows"]:
     fileio.write_atomic(out / "metrics.csv", _csv_text(_COLUMNS, table["rows"]))
     written.append(out / "metrics.csv")
+  if "headline" in table:
+    fileio.write_atomic(out / "headline.csv", _csv_text(_HEADLINE_COLUMNS, _paper_rows(table["headline"])))
+    written.append(out / "headline.csv")
   if "paper" in table:
     fileio.write_atomic(out / "paper.csv", _csv_text(_PAPER_COLUMNS, _paper_rows(table["paper"])))
     written.append(out / "paper.csv")

@@ -35,6 +35,18 @@ exceeds 1, ``1 - m`` is negative, and the published 8-bit cast wraps around modu
 that defect, the default clips to [0, 1] before the cast. Win % is the lowest `O` ("lowest_score").
 `paper_table` adds bootstrap intervals and paired tests of the reference method against each rival.
 
+**The headline protocol** (no method's home ground). Both protocols above replace hidden pixels with something
+one of the compared methods uses itself: 0 in model input space, or black in pixel space, is the occlusion
+sweep's and so the CMS's default baseline, and Integrated Gradients', Score-CAM's and RISE's fill; a method
+scored with its own baseline has a home advantage. The headline protocol hides with a copy of the photo
+blurred in pixel space (`pixel_blur`, a Gaussian of `HEADLINE_BLUR_SHARE` of the crop side, read back through
+the model's preprocessing), which is none of the methods' baselines; every map is given the same mass
+(`HEADLINE_MASS` of the crop, the mass protocol's "clipped" rule), and the deletion and insertion curves use
+the same blurred photo as their substrate. `headline_table` tests the CMS against every other map on all five
+figures, as `paper_table` does. The substitute is passed at call time (`substitute=` of the mass protocol and of
+the curves), blended in model input space, which is the pixel-space blend wherever the preprocessing is a
+per-pixel affine map (every built-in model's normalisation).
+
 **Mass rule** of the mass protocol (`MASS_RULES`). "clipped" (the default): each map is multiplied by the one
 factor ``s >= 0`` for which ``sum(min(s * m, 1)) = mass * H * W``, so every method hides exactly the same amount
 of the image after the clip to [0, 1] (a peaky map scaled before clipping would lose mass to the clip and hide
@@ -83,6 +95,9 @@ from canonsal_jax.evidence import stats
 __all__ = [
   "DEFAULT_MASS",
   "DEFAULT_STEPS",
+  "HEADLINE_BLUR_SHARE",
+  "HEADLINE_FIGURES",
+  "HEADLINE_MASS",
   "MASS_RULES",
   "PAPER_FIGURES",
   "PROTOCOLS",
@@ -92,9 +107,12 @@ __all__ = [
   "ProtocolResult",
   "centred_gaussian",
   "compare_with_controls",
+  "comparison_table",
   "curve_summary",
   "explanation_images",
   "face_mask",
+  "headline_blur_sigma",
+  "headline_table",
   "make_deletion_insertion",
   "make_mass_protocol",
   "make_paper_protocol",
@@ -102,6 +120,7 @@ __all__ = [
   "paper_scale",
   "paper_table",
   "per_image_outcomes",
+  "pixel_blur",
   "protocol_summary",
   "randomise_params",
   "scale_to_mass",
@@ -114,14 +133,24 @@ __all__ = [
 # does not state one; a tenth of a 32 px crop (~100 px) is about the eyes and brows, or the mouth.
 DEFAULT_MASS = 0.1
 MASS_RULES = ("clipped", "before_clip")
-# The drop protocols (module docstring): ours, every map the same mass; the paper's, as its released code.
-PROTOCOLS = ("mass", "paper")
+# The drop protocols (module docstring): the headline (a blurred photo, no method's own baseline); ours, every
+# map the same mass with a constant substitute; the paper's, as its released code.
+PROTOCOLS = ("blur", "mass", "paper")
 # Who wins an image among the methods compared: the largest drop (mass protocol) or the lowest occluded score
 # (the paper's code).
 WIN_RULES = ("largest_drop", "lowest_score")
 # The paper's table, in its order, and the direction in which each figure is better (+1: higher).
 PAPER_FIGURES = ("average_drop_pct", "increase_in_confidence_pct", "win_pct")
 _BETTER = {"average_drop_pct": 1.0, "increase_in_confidence_pct": -1.0, "win_pct": 1.0}
+# The headline protocol's curve figures and their directions (+1: higher is better).
+_CURVE_BETTER = {"deletion_auc": -1.0, "insertion_auc": 1.0}
+HEADLINE_FIGURES = (*PAPER_FIGURES, *_CURVE_BETTER)
+# The headline protocol (module docstring): every map hides this share of the crop, and hidden pixels become a
+# copy of the photo blurred in pixel space with a Gaussian of this share of the crop side (2 px on the 32 px
+# gender crop, 4 px at 64 px, 9.4 px at 150 px: eyes, brows and mouth lose their shape, the face's layout and
+# colours stay). Our choice: strong enough to remove a feature, unlike `DEFAULT_BLUR_SHARE`'s 0.7 px at 32 px.
+HEADLINE_MASS = DEFAULT_MASS
+HEADLINE_BLUR_SHARE = 1.0 / 16.0
 # Explanation images per forward pass of the paper's protocol (bounds memory; one program per pass shape).
 _PAPER_BATCH = 64
 # The paper's 8-bit images: pixels in [0, 1] times this, cast to uint8.
@@ -234,6 +263,13 @@ def _baseline_images(x: jax.Array, baseline: Any, blur_sigma: float) -> jax.Arra
   return jax.vmap(lambda image: occlusion._baseline_image(image, baseline, blur_sigma))(x)
 
 
+def _given_substitute(substitute: Any, x: jax.Array) -> jax.Array:
+  sub = jnp.asarray(substitute, jnp.float32)
+  if sub.shape != x.shape:
+    raise ValueError(f"need a substitute image per input, {x.shape}, got {sub.shape}")
+  return sub
+
+
 def _resolve_baseline(baseline: Any, blur_sigma: float | None, size: int) -> tuple[Any, float]:
   baseline = occlusion._check_baseline(baseline)
   if baseline == "blur":
@@ -265,9 +301,11 @@ def make_mass_protocol(
     rule: one of `MASS_RULES`.
 
   Returns:
-    ``protocol(params, images[B, H, W, C], maps[M, B, H, W], valid=None, target=None) -> ProtocolResult``.
-    `valid` ([M, B, H, W] or [B, H, W] bool) marks pixels with data; `target` is one target for the batch or
-    one per image (default: each image's own prediction).
+    ``protocol(params, images[B, H, W, C], maps[M, B, H, W], valid=None, target=None, substitute=None) ->
+    ProtocolResult``. `valid` ([M, B, H, W] or [B, H, W] bool) marks pixels with data; `target` is one target
+    for the batch or one per image (default: each image's own prediction); `substitute` ([B, H, W, C], model
+    input space) replaces `baseline`: what each image's hidden pixels become (the headline protocol's blurred
+    photo, `pixel_blur`).
   """
   score = occlusion.Score("probability") if score is None else score
   if not isinstance(score, occlusion.Score):
@@ -278,17 +316,20 @@ def make_mass_protocol(
     raise ValueError(f"mass must be in (0, 1], got {mass}")
 
   @jax.jit
-  def protocol(params, images, maps, valid=None, target=None) -> ProtocolResult:
+  def protocol(params, images, maps, valid=None, target=None, substitute=None) -> ProtocolResult:
     x = jnp.asarray(images, jnp.float32)
     maps = jnp.asarray(maps, jnp.float32)
     if x.ndim != 4 or maps.ndim != 4 or maps.shape[1:] != x.shape[:3]:
       raise ValueError(f"need images [B, H, W, C] and maps [M, B, H, W], got {x.shape} and {maps.shape}")
-    base, sigma = _resolve_baseline(baseline, blur_sigma, x.shape[1])
     scaled = scale_to_mass(maps, valid, mass=mass, rule=rule)
     outputs = apply_fn(params, x)
     targets = _per_image_targets(score, jax.lax.stop_gradient(outputs), target)
     original = jax.vmap(lambda o, t: score(o[None], t)[0])(outputs, targets)
-    b = _baseline_images(x, base, sigma)
+    b = (
+      _given_substitute(substitute, x)
+      if substitute is not None
+      else _baseline_images(x, *_resolve_baseline(baseline, blur_sigma, x.shape[1]))
+    )
 
     def one_method(m):  # [B, H, W] -> [B]
       return _scores(apply_fn, score, params, x * (1.0 - m[..., None]) + b * m[..., None], targets)
@@ -460,6 +501,41 @@ def make_paper_protocol(
   return protocol
 
 
+# ------------------------------------------------------------------------------------------ the headline substitute
+
+
+def headline_blur_sigma(side: int) -> float:
+  """The headline protocol's blur, in pixels of a crop `side` pixels wide: `HEADLINE_BLUR_SHARE` of the side."""
+  return HEADLINE_BLUR_SHARE * float(side)
+
+
+def pixel_blur(crops: npt.ArrayLike, *, sigma: float) -> np.ndarray:
+  """The headline protocol's substitute: each crop blurred in pixel space, as an 8-bit image.
+
+  A Gaussian of `sigma` pixels over rows and columns (`scipy.ndimage.gaussian_filter`, edges reflected, 4 sigma
+  each side), each channel apart, on the 8-bit pixels, rounded back to uint8: a blurred copy of the photo, which
+  the model then reads through its own preprocessing. It is none of the methods' own occlusion baselines (black
+  or a constant in model input space, the crop's mean, or `occlusion`'s light "blur" of the model input).
+
+  Args:
+    crops: [..., H, W, C] uint8.
+    sigma: the Gaussian's standard deviation in pixels, > 0.
+
+  Returns:
+    uint8 [..., H, W, C].
+  """
+  crops = np.asarray(crops)
+  if crops.dtype != np.uint8 or crops.ndim < 3:
+    raise ValueError(f"pixel_blur needs uint8 crops [..., H, W, C], got {crops.dtype} {crops.shape}")
+  if not sigma > 0:
+    raise ValueError(f"pixel_blur needs a positive sigma, got {sigma!r}")
+  import scipy.ndimage
+
+  sigmas = (0.0,) * (crops.ndim - 3) + (float(sigma), float(sigma), 0.0)
+  blurred = scipy.ndimage.gaussian_filter(crops.astype(np.float64), sigmas, mode="reflect", truncate=4.0)
+  return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
+
+
 # ------------------------------------------------------------------------------------------ summaries
 
 
@@ -536,29 +612,31 @@ def protocol_summary(
   return out
 
 
-def paper_table(
-  result: ProtocolResult,
+def comparison_table(
+  values: Mapping[str, npt.ArrayLike],
   names: Sequence[str],
   *,
   reference: str,
+  better: Mapping[str, float] | None = None,
   confidence: float = 0.95,
   alpha: float = 0.05,
   num_resamples: int = 2000,
   num_permutations: int = 9999,
   seed: int = 0,
 ) -> dict[str, Any]:
-  """The paper's table with intervals and the tests behind any claim that the reference method is better.
+  """Per-image figures as a table with intervals, and the tests behind any claim that the reference is better.
 
-  Each figure (`PAPER_FIGURES`, Win % by the lowest occluded score) is the mean over images of a per-image value
-  (`per_image_outcomes`), given with a bootstrap percentile interval over images (`stats.bootstrap_ci`). The
-  reference method is compared with each rival on each figure by a two-sided paired sign-flip test of the
-  per-image differences (`stats.paired_permutation_test`), Holm-corrected over all the comparisons
-  (`stats.holm`); a finding names a winner only where the corrected p-value is at most `alpha`.
+  Each figure is the mean over images of a per-image value, given with a bootstrap percentile interval over
+  images (`stats.bootstrap_ci`). The reference method is compared with every other on each figure by a two-sided
+  paired sign-flip test of the per-image differences (`stats.paired_permutation_test`), Holm-corrected over all
+  the comparisons (`stats.holm`); a finding names a winner only where the corrected p-value is at most `alpha`,
+  and a claim that the reference is better on a figure holds only where it is found better than every other.
 
   Args:
-    result: a `ProtocolResult` of the paper's protocol (`make_paper_protocol`).
-    names: the M methods' names, in the order of the maps.
+    values: figure -> [M, n] the per-image values of the M methods on the same n images (no NaN).
+    names: the M methods' names, in order.
     reference: the name of the method compared with every other (the CMS).
+    better: figure -> +1 (higher is better) or -1; default `_BETTER` (the drop figures).
     confidence: the intervals' coverage.
     alpha: the family-wise level of the findings.
     num_resamples: bootstrap resamples.
@@ -566,58 +644,50 @@ def paper_table(
     seed: seeds the bootstrap and the tests.
 
   Returns:
-    {"rows": one dict per method: the three figures, each with "<figure>_ci" [low, high] (NaN with fewer than
-    2 images), "mean_mass", "num_images", "num_excluded"; "comparisons": one dict per rival and figure:
-    "difference" (reference - rival, in the figure's units), "p_value", "p_holm", "finding" ("<reference>
-    better", "<rival> better" or "no difference shown"); "claims": figure -> {"supported": whether the
-    reference is better than every rival, "statement"}; and the settings.}
+    {"rows": one dict per method: each figure's mean and "<figure>_ci" [low, high] (NaN with fewer than 2
+    images), "num_images"; "comparisons": one dict per other method and figure: "difference" (reference - other,
+    in the figure's units), "p_value", "p_holm", "finding" ("<reference> better", "<other> better" or "no
+    difference shown"); "claims": figure -> {"supported", "statement"}; and the settings.}
   """
   names = list(names)
   if reference not in names:
     raise ValueError(f"reference {reference!r} is not one of the methods {names}")
-  summary = protocol_summary(result, names, win="lowest_score")
-  per = per_image_outcomes(result, win="lowest_score")
-  ok = per["ok"]
-  n = int(ok.sum())
-  values = {
-    "average_drop_pct": 100.0 * per["drop"][:, ok],
-    "increase_in_confidence_pct": 100.0 * per["increase"][:, ok],
-    "win_pct": 100.0 * per["win"][:, ok],
-  }  # figure -> [M, n]
-  intervals = {}
+  better = dict(_BETTER if better is None else better)
+  values = {f: np.asarray(v, np.float64) for f, v in values.items()}
+  unknown = [f for f in values if f not in better]
+  if unknown:
+    raise ValueError(f"figures {unknown} have no direction in `better`")
+  n = next(iter(values.values())).shape[1] if values else 0
+  rows = [{"method": name} for name in names]
   for figure, v in values.items():
+    if v.shape != (len(names), n):
+      raise ValueError(f"figure {figure!r}: need values [{len(names)}, {n}], got {v.shape}")
     if n >= 2:
       _, lo, hi = stats.bootstrap_ci(v.T, confidence=confidence, num_resamples=num_resamples, seed=seed)
     else:
       lo = hi = np.full(len(names), np.nan)
-    intervals[figure] = (lo, hi)
-  rows = []
-  for i, name in enumerate(names):
-    row: dict[str, Any] = {"method": name}
-    for figure in PAPER_FIGURES:
-      row[figure] = summary[name][figure]
-      row[f"{figure}_ci"] = [float(intervals[figure][0][i]), float(intervals[figure][1][i])]
-    row.update({k: summary[name][k] for k in ("mean_mass", "num_images", "num_excluded")})
-    rows.append(row)
+    for i, row in enumerate(rows):
+      row[figure] = float(v[i].mean()) if n else float("nan")
+      row[f"{figure}_ci"] = [float(lo[i]), float(hi[i])]
+  for row in rows:
+    row["num_images"] = n
   r = names.index(reference)
   comparisons = []
   for j, rival in enumerate(names):
     if j == r:
       continue
-    for figure in PAPER_FIGURES:
-      diff, p = stats.paired_permutation_test(
-        values[figure][r] - values[figure][j], num_permutations=num_permutations, seed=seed
-      )
+    for figure, v in values.items():
+      diff, p = stats.paired_permutation_test(v[r] - v[j], num_permutations=num_permutations, seed=seed)
       comparisons.append({"rival": rival, "figure": figure, "difference": diff, "p_value": p})
   p_holm = stats.holm([c["p_value"] for c in comparisons])
   for c, q in zip(comparisons, p_holm):
     c["p_holm"] = float(q)
     if np.isfinite(q) and q <= alpha and c["difference"] != 0:
-      c["finding"] = f"{reference if _BETTER[c['figure']] * c['difference'] > 0 else c['rival']} better"
+      c["finding"] = f"{reference if better[c['figure']] * c['difference'] > 0 else c['rival']} better"
     else:
       c["finding"] = "no difference shown"
   claims = {}
-  for figure in PAPER_FIGURES:
+  for figure in values:
     mine = [c for c in comparisons if c["figure"] == figure]
     not_beaten = [c["rival"] for c in mine if c["finding"] != f"{reference} better"]
     supported = bool(mine) and not not_beaten
@@ -632,14 +702,92 @@ def paper_table(
     "comparisons": comparisons,
     "claims": claims,
     "reference": reference,
-    "win": "lowest occluded score among the methods compared (ties share the win)",
-    "direction": "higher average drop and win %, lower increase in confidence: the map found what the model needs",
+    "figures": list(values),
+    "better": {f: better[f] for f in values},
     "intervals": f"{100 * confidence:g}% bootstrap percentile over images ({num_resamples} resamples)",
     "test": "two-sided paired sign-flip permutation test of the per-image differences, Holm-corrected over "
     f"the {len(comparisons)} comparisons, level {alpha:g}",
+    "alpha": alpha,
     "num_images": n,
     "seed": seed,
   }
+
+
+def _drop_figures(result: ProtocolResult, names: Sequence[str], win: str) -> tuple[dict[str, np.ndarray], Any]:
+  """The drop figures' per-image values (figure -> [M, n], in %) over the images kept, and the summary."""
+  summary = protocol_summary(result, names, win=win)
+  per = per_image_outcomes(result, win=win)
+  ok = per["ok"]
+  values = {
+    "average_drop_pct": 100.0 * per["drop"][:, ok],
+    "increase_in_confidence_pct": 100.0 * per["increase"][:, ok],
+    "win_pct": 100.0 * per["win"][:, ok],
+  }
+  return values, (summary, ok)
+
+
+def paper_table(result: ProtocolResult, names: Sequence[str], *, reference: str, **options: Any) -> dict[str, Any]:
+  """The paper's table with intervals and the tests behind any claim that the reference method is better.
+
+  `comparison_table` of the three drop figures (`PAPER_FIGURES`, Win % by the lowest occluded score, the
+  paper's rule) over the images with a positive unoccluded score.
+
+  Args:
+    result: a `ProtocolResult` of the paper's protocol (`make_paper_protocol`).
+    names: the M methods' names, in the order of the maps.
+    reference: the name of the method compared with every other (the CMS).
+    **options: `comparison_table`'s confidence, alpha, num_resamples, num_permutations, seed.
+
+  Returns:
+    `comparison_table`'s dict; each row also has "mean_mass" and "num_excluded".
+  """
+  values, (summary, _) = _drop_figures(result, names, "lowest_score")
+  table = comparison_table(values, names, reference=reference, **options)
+  for row in table["rows"]:
+    row.update({k: summary[row["method"]][k] for k in ("mean_mass", "num_excluded")})
+  table["win"] = "lowest occluded score among the methods compared (ties share the win)"
+  table["direction"] = "higher average drop and win %, lower increase in confidence: the map found what the model needs"
+  return table
+
+
+def headline_table(
+  result: ProtocolResult,
+  curves: Sequence[CurveResult],
+  names: Sequence[str],
+  *,
+  reference: str,
+  **options: Any,
+) -> dict[str, Any]:
+  """The headline protocol's table: the three drop figures and the deletion and insertion AUCs, all tested.
+
+  `comparison_table` of Average Drop, Increase in Confidence, Win % (the largest drop) of a mass protocol run
+  with the blurred photo as substitute (`make_mass_protocol(...)(..., substitute=pixel_blur(...))`), and of the
+  deletion and insertion AUCs on the same substitute, over the images with a positive unoccluded score.
+
+  Args:
+    result: the drop protocol's `ProtocolResult` of the M methods.
+    curves: one `CurveResult` per method, in the same order, on the same images and substitute.
+    names: the M methods' names.
+    reference: the method compared with every other (the CMS).
+    **options: `comparison_table`'s confidence, alpha, num_resamples, num_permutations, seed.
+
+  Returns:
+    `comparison_table`'s dict; each row also has "mean_mass" and "num_excluded".
+  """
+  if len(curves) != len(names):
+    raise ValueError(f"{len(names)} names for {len(curves)} curve results")
+  values, (summary, ok) = _drop_figures(result, names, "largest_drop")
+  values["deletion_auc"] = np.stack([np.asarray(c.deletion_auc, np.float64)[ok] for c in curves])
+  values["insertion_auc"] = np.stack([np.asarray(c.insertion_auc, np.float64)[ok] for c in curves])
+  table = comparison_table(values, names, reference=reference, better={**_BETTER, **_CURVE_BETTER}, **options)
+  for row in table["rows"]:
+    row.update({k: summary[row["method"]][k] for k in ("mean_mass", "num_excluded")})
+  table["win"] = "largest drop among the methods compared (ties share the win)"
+  table["direction"] = (
+    "higher average drop, win % and insertion AUC, lower increase in confidence and deletion AUC: the map found "
+    "what the model needs"
+  )
+  return table
 
 
 # ------------------------------------------------------------------------------------------ deletion, insertion
@@ -699,9 +847,10 @@ def make_deletion_insertion(
     batch_size: steps per forward pass (each of B images), bounding memory to ``B * batch_size`` inputs.
 
   Returns:
-    ``curves(params, images[B, H, W, C], maps[B, H, W], valid=None, target=None, key=None) -> CurveResult``;
-    `key` seeds the tie-breaking permutation (default `jax.random.key(0)`, the same for every method, so
-    equal maps give equal curves).
+    ``curves(params, images[B, H, W, C], maps[B, H, W], valid=None, target=None, key=None, substitute=None) ->
+    CurveResult``; `key` seeds the tie-breaking permutation (default `jax.random.key(0)`, the same for every
+    method, so equal maps give equal curves); `substitute` ([B, H, W, C], model input space) replaces the
+    substrate (the headline protocol's blurred photo, `pixel_blur`).
   """
   score = occlusion.Score("probability") if score is None else score
   if substrate not in SUBSTRATES:
@@ -712,7 +861,7 @@ def make_deletion_insertion(
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
   @jax.jit
-  def curves(params, images, maps, valid=None, target=None, key=None) -> CurveResult:
+  def curves(params, images, maps, valid=None, target=None, key=None, substitute=None) -> CurveResult:
     x = jnp.asarray(images, jnp.float32)
     maps = jnp.nan_to_num(jnp.asarray(maps, jnp.float32), nan=-jnp.inf)
     batch, height, width, _ = x.shape
@@ -724,11 +873,12 @@ def make_deletion_insertion(
     tiebreak = jax.random.permutation(key_, n)
     ranks = jax.vmap(lambda m, v: _ranks(m.reshape(-1), v.reshape(-1), tiebreak))(maps, valid_)
     ranks = ranks.reshape(batch, height, width)
-    if substrate == "blur":
-      base, sigma = _resolve_baseline("blur", blur_sigma, height)
+    if substitute is not None:
+      sub = _given_substitute(substitute, x)
+    elif substrate == "blur":
+      sub = _baseline_images(x, *_resolve_baseline("blur", blur_sigma, height))
     else:
-      base, sigma = _resolve_baseline(constant, None, height)
-    sub = _baseline_images(x, base, sigma)
+      sub = _baseline_images(x, *_resolve_baseline(constant, None, height))
     outputs = apply_fn(params, x)
     targets = _per_image_targets(score, jax.lax.stop_gradient(outputs), target)
     counts = (jnp.arange(steps + 1) * n) // steps  # exact integers: 0 ... n

@@ -22,10 +22,13 @@ Statistics (all seeded by `seed`, so the report is the same file for the same in
   with a bootstrap interval over images (`stats.bootstrap_ci`), next to the group CMS's own share and the
   region's share of the UV layout (a region as salient as its size sits at its area share); in percent, on an
   axis that ends at a round number above every mark.
-* The metric table of `scripts/faithfulness.py` (with `metrics`): its scores, then its tests against the
-  controls. Units: Average Drop in % of each image's score; Increase in Confidence and Win in % of the images;
-  AUCs in score units; "Area hidden" (the table's `mean_mass`) in pixels, what a map scaled to the setting
-  `mass` (a share of the crop's pixels, 0.1 = 10%) hid per image.
+* The faithfulness tables of `scripts/faithfulness.py` (with `metrics`), in this order: the headline (a photo
+  blurred in pixel space as substitute: no method's home ground), the paper's (with what the published 8-bit
+  wrap-around changes), each figure with its bootstrap interval, the CMS's Holm-corrected paired tests against
+  every other map, and the one sentence those tests allow (`claim_sentence`); then the extended table: its scores,
+  then its tests against the controls. Units: Average Drop in % of each image's score; Increase in Confidence
+  and Win in % of the images; AUCs in score units; "Area hidden" (the table's `mean_mass`) in pixels, what a
+  map scaled to the setting `mass` (a share of the crop's pixels, 0.1 = 10%) hid per image.
 * Group pairs (`comparisons`): per region, `stats.region_permutation_test` (difference of mean shares, label
   permutations), Holm-adjusted over the regions of the pair and, more strictly, over all pairs and regions.
 * Texel level, where the run saved per-image textures: `stats.cluster_permutation_test` on the normalised
@@ -57,9 +60,11 @@ __all__ = [
   "METRIC_HEADERS",
   "REGION_COLUMNS",
   "ReportOptions",
+  "claim_sentence",
   "comparisons",
   "load_metrics",
   "metric_header",
+  "metrics_figures",
   "vertex_values",
   "write_report",
 ]
@@ -884,6 +889,194 @@ def metric_header(column: str) -> tuple[str, str]:
   return _human(column), ""
 
 
+# Headers of the tested tables' figures (`metrics.comparison_table`): the headline's and the paper's.
+_TESTED_HEADERS: dict[str, tuple[str, str]] = {
+  "average_drop_pct": METRIC_HEADERS["average_drop_pct"],
+  "increase_in_confidence_pct": METRIC_HEADERS["increase_in_confidence_pct"],
+  "win_pct": ("Win", "% of images; higher = better"),
+  "deletion_auc": ("Deletion AUC", "score units; lower = more faithful"),
+  "insertion_auc": ("Insertion AUC", "score units; higher = more faithful"),
+}
+
+
+def _with_interval(value: Any, interval: Sequence[Any]) -> str:
+  lo, hi = (_as_float(v) for v in interval)
+  if not (math.isfinite(lo) and math.isfinite(hi)):
+    return _fmt(value)
+  return f"{_fmt(value)} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def claim_sentence(tested: Mapping[str, Any]) -> str:
+  """One plain sentence of what a tested table (`metrics.comparison_table`) supports about its reference.
+
+  It claims that the reference beats the others on a figure only where the Holm-corrected tests found it better
+  than every other map there, names any map found better than the reference, and otherwise says that the tests
+  do not show a difference.
+
+  >>> table = {"reference": "cms", "num_images": 4, "figures": ["win_pct"],
+  ...          "claims": {"win_pct": {"supported": False}}, "comparisons": []}
+  >>> claim_sentence(table)[:60]
+  'On these 4 faces the tests do not show the CMS better than e'
+  """
+  reference = _method_name(tested.get("reference", "cms"))
+  figures = list(tested.get("figures") or tested.get("claims") or [])
+  title = lambda f: _TESTED_HEADERS.get(f, (_human(f), ""))[0]
+  won = [f for f in figures if (tested.get("claims") or {}).get(f, {}).get("supported")]
+  lost = sorted(
+    {(c["rival"], c["figure"]) for c in tested.get("comparisons") or [] if c.get("finding") == f"{c['rival']} better"},
+    key=lambda rc: (figures.index(rc[1]) if rc[1] in figures else 0, rc[0]),
+  )
+  n = tested.get("num_images")
+  head = f"On these {n} faces" if n is not None else "Here"
+  if won:
+    text = f"{head} the tests support that the {reference} beats every other map on {', '.join(map(title, won))}"
+    rest = [f for f in figures if f not in won]
+    text += f", and do not show it on {', '.join(map(title, rest))}" if rest else ""
+  else:
+    text = (
+      f"{head} the tests do not show the {reference} better than every other map on any figure: the table does "
+      "not support a claim that it outperforms them"
+    )
+  if lost:
+    text += (
+      "; found better than the " + reference + ": " + ", ".join(f"{_method_name(r)} ({title(f)})" for r, f in lost)
+    )
+  return text + "."
+
+
+def _tested_section(tested: Mapping[str, Any], numbers_key: str, rep: _Report) -> str:
+  """A tested table: each figure with its interval, the reference's corrected tests, and the sentence they allow."""
+  figures = list(tested.get("figures") or [])
+  rows = tested.get("rows") or []
+  names = [_method_name(r.get("method")) for r in rows]
+  body = [
+    [name] + [_with_interval(r.get(f), r.get(f"{f}_ci") or ()) for f in figures] + [r.get("mean_mass")]
+    for name, r in zip(names, rows)
+  ]
+  header = [
+    METRIC_HEADERS["method"],
+    *(_TESTED_HEADERS.get(f, (_human(f), "")) for f in figures),
+    ("Area hidden", "pixels per image (mean)"),
+  ]
+  header = [header[0], *((t, f"{u}; mean [interval]") for t, u in header[1:-1]), header[-1]]
+  classes = ["control" if r.get("kind") == "control" else "" for r in rows]
+  reference = _method_name(tested.get("reference", "cms"))
+  ref_id = str(tested.get("reference", "cms"))
+  found = {(c["rival"], c["figure"]): c for c in tested.get("comparisons") or []}
+  others = list(dict.fromkeys(c["rival"] for c in tested.get("comparisons") or []))
+
+  def cell(c: Mapping[str, Any] | None) -> str:
+    if c is None:
+      return "–"
+    text = f"{_fmt(c.get('difference'))}; p {_fmt(c.get('p_holm'), 2)}"
+    if c["finding"] == f"{ref_id} better":
+      return f"{text}: {reference} better"
+    if c["finding"] != "no difference shown":
+      return f"{text}: {_method_name(c['rival'])} better"
+    return text
+
+  tests = [[_method_name(o)] + [cell(found.get((o, f))) for f in figures] for o in others]
+  none = "no difference shown"
+  shown = lambda o: any(found.get((o, f), {}).get("finding", none) != none for f in figures)
+  classes_tests = ["significant" if shown(o) else "" for o in others]
+  sentence = claim_sentence(tested)
+  rep.numbers[numbers_key] = {"claims": tested.get("claims"), "sentence": sentence}
+  facts = " ".join(
+    x
+    for x in (
+      f"Intervals: {tested['intervals']}." if tested.get("intervals") else "",
+      f"Win: {tested['win']}." if tested.get("win") else "",
+      f"Below, each cell: the {reference}'s mean minus the other map's, and the corrected p-value of "
+      f"{tested['test']}; a finding is named where that p-value is at most the level (highlighted rows)."
+      if tested.get("test")
+      else "",
+    )
+    if x
+  )
+  return (
+    f'<p class="note">{_e(sentence)}</p>'
+    + _table(header, body, classes)
+    + f"<p>{_e(facts)}</p>"
+    + _table(
+      [
+        (f"{reference} against", ""),
+        *((_TESTED_HEADERS.get(f, (_human(f), ""))[0], "difference; Holm p") for f in figures),
+      ],
+      tests,
+      classes_tests,
+    )
+  )
+
+
+def _headline_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
+  if metrics is None:
+    return '<p class="missing">No metrics table was given.</p>'
+  headline = metrics.get("headline")
+  if not headline:
+    return (
+      '<p class="missing">The metrics table has no headline protocol (run scripts/faithfulness.py with '
+      "--protocol=blur or all).</p>"
+    )
+  intro = (
+    f"No method's home ground: every map (methods and, in italics, controls that know nothing about the model) "
+    f"hides {_fmt(100 * _as_float(headline.get('mass')))}% of the face crop, and the hidden pixels become "
+    f"{headline.get('substitute')}: none of the methods uses that as its own baseline (the occlusion sweep "
+    "behind the CMS, Integrated Gradients, Score-CAM and RISE all fill with black, and the paper's protocol and "
+    "the extended one below substitute black or 0). Deletion and insertion curves run on the same blurred photo. "
+    f"Score: {headline.get('score')}. Direction: {headline.get('direction')}."
+  )
+  return f"<p>{_e(intro)}</p>" + _tested_section(headline, "headline", rep)
+
+
+def _paper_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
+  if metrics is None:
+    return '<p class="missing">No metrics table was given.</p>'
+  paper = metrics.get("paper")
+  if not paper:
+    return (
+      '<p class="missing">The metrics table has no paper\'s protocol (run scripts/faithfulness.py with '
+      "--protocol=paper or all).</p>"
+    )
+  published = bool(paper.get("paper_as_published"))
+  intro = (
+    "As the paper's released code computes it: every map clipped at 0 and min-max scaled to [0, 1], the CMS "
+    "carried onto each face, Grad-CAM, Grad-CAM++ and Score-CAM rescaled to the CMS's sum on that face (so every "
+    "map hides the CMS's own mass, and a rescaled map can exceed 1), the crop's pixels times 1 − map written as "
+    "an 8-bit image and read back through the model's preprocessing (hidden pixels become black, the CMS's own "
+    f"occlusion baseline). Score: {paper.get('score')}. "
+    + (
+      "This table keeps the published defect: where a map exceeds 1 the negative pixels wrap around in the 8-bit cast."
+      if published
+      else "This table clips before the 8-bit cast (the published code wraps negative pixels around instead)."
+    )
+  )
+  out = f"<p>{_e(intro)}</p>" + _tested_section(paper, "paper", rep)
+  other = metrics.get("paper_other_variant")
+  if other:
+    mine = {r["method"]: r for r in paper["rows"]}
+    rows = []
+    for r in other.get("rows") or []:
+      m = mine.get(r["method"])
+      if m is None:
+        continue
+      for f in metrics_figures(paper):
+        a, b = _as_float(m.get(f)), _as_float(r.get(f))
+        corrected, as_published = (b, a) if published else (a, b)
+        name, title = _method_name(r["method"]), _TESTED_HEADERS[f][0]
+        rows.append([name, title, corrected, as_published, as_published - corrected])
+    rep.numbers["paper_defect"] = rows
+    out += "<h4>What the published wrap-around changes</h4>" + _table(
+      [("Method", ""), ("Figure", ""), ("Corrected", "clipped"), ("As published", "wrapped"), ("Change", "")], rows
+    )
+    out += f"<p>{_e('As published: ' + claim_sentence(other if not published else paper))}</p>"
+  return out
+
+
+def metrics_figures(tested: Mapping[str, Any]) -> list[str]:
+  """The figures of a tested table, in order (`metrics.comparison_table`'s "figures")."""
+  return [f for f in tested.get("figures") or [] if f in _TESTED_HEADERS]
+
+
 def _metrics_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
   if metrics is None:
     return (
@@ -891,7 +1084,7 @@ def _metrics_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
     )
   rows = metrics.get("rows") or []
   if not rows:
-    return '<p class="missing">The metrics table has no rows.</p>'
+    return '<p class="missing">The metrics table has no extended table (--protocol=mass or all).</p>'
   alpha = rep.options.alpha
   columns = list(dict.fromkeys(k for row in rows for k in row))
   # Tests against controls that were run (a CSV keeps empty columns for controls that were not given).
@@ -1125,7 +1318,9 @@ def write_report(
     ("regions", "Regions", _region_section(rep)),
     ("tests", "Region permutation tests", _tests_section(rep, pairs)),
     ("clusters", "Texel cluster test", _cluster_section(rep, pairs)),
-    ("metrics", "Faithfulness against rivals and controls", _metrics_section(rep, table)),
+    ("headline", "Faithfulness: a blurred photo, no method's home ground", _headline_section(rep, table)),
+    ("paper", "Faithfulness: the paper's protocol and table", _paper_section(rep, table)),
+    ("metrics", "Faithfulness: the extended table, controls and randomisation", _metrics_section(rep, table)),
     ("examples", "Example CIS per group", _examples_section(rep)),
     ("off-mesh", "Saliency off the mesh", _off_mesh_section(rep)),
     ("settings", "Settings and hashes", _settings_section(rep)),
