@@ -213,10 +213,12 @@ def run_cms(
 _SWEEP_SETTINGS = ("mode", "coarse_every", "fine_fraction")  # what makes two maps comparable (not the counts)
 
 
-def _sweep_settings(record: dict[str, Any]) -> dict[str, Any]:
-  """The settings part of a record's `sweep` (a record without one, from before it was recorded: exact)."""
-  sweep = record.get("sweep") or {"mode": "exact"}
-  return {k: sweep[k] for k in _SWEEP_SETTINGS if k in sweep}
+def _sweep_settings(record: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:
+  """The settings part of a record's `sweep`. A record without one comes from before it was recorded, when every
+  map was the explainer's own (no drill-down): taken as `want` unless that is a drill-down."""
+  if "sweep" not in record:
+    return want if want["mode"] != "drill_down" else {"mode": "not drill-down (recorded before drill-down was)"}
+  return {k: record["sweep"][k] for k in _SWEEP_SETTINGS if k in record["sweep"]}
 
 
 def _check_sweep_mode(acc: cms.CMSAccumulator, config: ml_collections.ConfigDict, checkpoint: pathlib.Path) -> None:
@@ -232,9 +234,9 @@ def _check_sweep_mode(acc: cms.CMSAccumulator, config: ml_collections.ConfigDict
     drill = pipeline.drill_down_settings(config.occlusion)
     want = {"mode": "exact"} if drill is None else dict(zip(_SWEEP_SETTINGS, ("drill_down", *drill), strict=True))
   for record in acc.records():
-    if record["status"] != "ok" or _sweep_settings(record) == want:
+    have = _sweep_settings(record, want)
+    if record["status"] != "ok" or have == want:
       continue
-    have = _sweep_settings(record)
     key = "explainer" if "drill_down" not in (have["mode"], want["mode"]) else "occlusion.drill_down.enabled"
     if have["mode"] == want["mode"] == "drill_down":
       key = next(f"occlusion.drill_down.{k}" for k in _SWEEP_SETTINGS[1:] if have.get(k) != want.get(k))

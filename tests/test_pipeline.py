@@ -216,3 +216,16 @@ def test_cms_records_the_drill_down_and_refuses_to_mix_maps(dataset, tmp_path):
       runs.run_cms(change, tmp_path / "batched", dataset=str(dataset))
     assert "\n" not in str(e.value)
   runs.run_cms(config, tmp_path / "batched", dataset=str(dataset))  # the same settings resume
+
+
+def test_a_checkpoint_from_before_sweeps_were_recorded_resumes_only_without_drill_down(tmp_path):
+  """Records written before `sweep` was recorded hold the explainer's own maps: an exact or rival run resumes
+  them, a drill-down run does not."""
+  acc = cms.CMSAccumulator(cms.CMSSettings(4))
+  acc.add(0, "a.png", np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), record={"score": 1.0})
+  runs._check_sweep_mode(acc, _fast_config(), tmp_path / "cms.npz")
+  rival = _fast_config()
+  rival.explainer = "grad_cam"
+  runs._check_sweep_mode(acc, rival, tmp_path / "cms.npz")
+  with pytest.raises(config_lib.ConfigError, match=r"^--config\.occlusion\.drill_down\.enabled=True: .*cms\.npz"):
+    runs._check_sweep_mode(acc, _drill_config(), tmp_path / "cms.npz")
