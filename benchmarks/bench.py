@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import platform
@@ -30,6 +31,7 @@ _REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 __all__ = [
   "cms_child",
   "cms_e2e",
+  "drill_down_cms",
   "drill_down_vs_fine",
   "environment",
   "fit_scaling_vs_eos",
@@ -39,6 +41,7 @@ __all__ = [
   "imported_vs_port",
   "incremental_vs_full",
   "interleaved_seconds",
+  "map_fidelity",
   "median_ratio",
   "median_seconds",
   "precision_vs_highest",
@@ -1436,79 +1439,189 @@ def _real_crop(model: models.FaceModel, photo: str) -> np.ndarray:
   return model.preprocess(crop)
 
 
+def _temp_bytes(compiled: Any) -> int:
+  """A compiled program's temporaries (XLA's `memory_analysis`): its peak working memory beside arguments and
+  outputs; 0 where the backend does not say."""
+  analysis = compiled.memory_analysis()
+  return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
+
+
+def map_fidelity(exact: np.ndarray, approx: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
+  """An approximate map against the exact one over `valid` (default all): the share of the exact map's top-10%
+  (by |value|) in the approximation's top 10%, Pearson r, and the largest |difference| relative to the largest
+  |value|."""
+  valid = np.ones(exact.shape, bool) if valid is None else valid
+  a, b = np.asarray(exact, np.float64)[valid], np.asarray(approx, np.float64)[valid]
+  top = lambda m: np.abs(m) >= np.quantile(np.abs(m), 0.9)
+  return {
+    "top10_overlap": float((top(a) & top(b)).sum() / top(a).sum()),
+    "pearson_r": float(np.corrcoef(a, b)[0, 1]),
+    "max_error": float(np.abs(b - a).max() / np.abs(a).max()),
+  }
+
+
 def drill_down_vs_fine(
   model: models.FaceModel,
   *,
   patch_size: int | float,
-  coarse_every: int,
-  fine_fraction: float,
+  settings: Sequence[tuple[int, float]],
   photos: Sequence[str],
+  stride: int = 1,
   batch_size: int = 16,
-  repeats: int = 3,
+  repeats: int = 1,
+  full_photos: int = 1,
+  images: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-  """The drill-down sweep against the exact fine sweep (stride 1) on real face crops: speed and fidelity.
+  """Drill-down sweeps against the exact fine sweep on real face crops: speed, fidelity and peak memory.
 
-  The reference is the exact fine sweep by the model's default method (incremental where it has a layer graph)
-  and, for the speed ratio, the full-forward fine sweep too. Fidelity per photo: the share of the exact map's
-  top-10% pixels (by |value|) that are in the drill-down map's top 10%, Pearson r over all pixels, the
-  largest |difference| relative to the largest |value|, and the share of pixels that are exact.
+  The fine grid is the `stride` grid of patches wholly inside the crop. The reference is the exact fine sweep
+  by the model's default method (incremental where it has a layer graph, "exact" below); "full" is the
+  full-forward fine sweep, timed on the first `full_photos` photos only (at stride 1 on the identity network one
+  call takes minutes): the speed-up over it is the drill-down's over the exact sweep (all photos) times the exact
+  sweep's over full (those photos). Each drill-down setting `(coarse_every, fine_fraction)` runs on every photo;
+  the methods are timed in interleaved rounds, ratios are medians of per-round ratios. Fidelity per photo
+  (`map_fidelity`, and the share of pixels that are exact). Peak memory: XLA's compiled temporaries of each
+  exact sweep, and for a drill-down the larger of its two stage programs (the same `make_sweep` at the coarse
+  lattice's and the budget's numbers of patches).
+
+  Args:
+    images: model inputs to use instead of the photos' crops (a network without a face crop of its own, such
+      as the VGG-16-sized one); `photos` then names them.
 
   Returns:
-    A dict with per-photo fidelity, their worst and mean, seconds per sweep (medians over photos and repeats)
-    and the speed-ups of the drill-down sweep over both fine sweeps.
+    A dict with, per setting, per-photo fidelity, the worst over photos, seconds (median), the speed-ups over
+    the exact and the full sweep and the peak temporaries; the exact and full sweeps' seconds and temporaries.
   """
   from canonsal_jax import drill_down
 
   size = model.crop.size
   patch_px = occlusion.resolve_patch_size(patch_size, model.crop.face_width)
-  centres = occlusion.grid_centres(size, size, patch_size=patch_px, stride=1)
-  valid = np.ones(len(centres), bool)
+  centres = occlusion.grid_centres(size, size, patch_size=patch_px, stride=stride)
+  n = len(centres)
+  valid = np.ones(n, bool)
   score = occlusion.Score.for_model(model)
-  sweeps: dict[str, Callable] = {
-    "fine_full": occlusion.make_sweep(
-      model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, method="full"
-    ),
-    "fine": occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score),
-    "drill_down": drill_down.make_drill_down_sweep(
+  images = list(images) if images is not None else [_real_crop(model, photo) for photo in photos]
+  exact_sweeps = {
+    name: occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, method=method)
+    for name, method in (("full", "full"), ("exact", "auto"))
+  }
+  compiled, temp_bytes, compile_s = {}, {}, {}
+  for name, sweep in exact_sweeps.items():
+    start = time.perf_counter()
+    with jax.default_matmul_precision("highest"):
+      compiled[name] = sweep.lower(model.params, images[0], centres, valid).compile()
+    compile_s[name] = time.perf_counter() - start
+    temp_bytes[name] = _temp_bytes(compiled[name])
+  drills = {}
+  for every, fraction in settings:
+    key = f"every{every}_{fraction:g}"
+    drills[key] = drill_down.make_drill_down_sweep(
       model.apply_fn,
       patch_size=patch_px,
       batch_size=batch_size,
       score=score,
-      coarse_every=coarse_every,
-      fine_fraction=fine_fraction,
-    ),
-  }
-  rows, times = [], {name: [] for name in sweeps}
-  for photo in photos:
-    image = _real_crop(model, photo)
-    calls = {name: (lambda s=s, image=image: s(model.params, image, centres, valid)) for name, s in sweeps.items()}
-    for name, seconds in interleaved_seconds(calls, repeats=repeats).items():
-      times[name].extend(seconds)
-    exact = np.asarray(calls["fine"]().heatmap)
-    approx = calls["drill_down"]()
-    got = np.asarray(approx.heatmap)
-    top = lambda m: np.abs(m) >= np.quantile(np.abs(m), 0.9)
-    rows.append(
-      {
-        "photo": pathlib.Path(photo).name,
-        "top10_overlap": float((top(exact) & top(got)).sum() / top(exact).sum()),
-        "pearson_r": float(np.corrcoef(exact.ravel(), got.ravel())[0, 1]),
-        "max_error": float(np.abs(got - exact).max() / np.abs(exact).max()),
-        "exact_share": float(np.asarray(approx.exact).mean()),
-        "patches_run": int(np.asarray(approx.ran).sum()),
-      }
+      coarse_every=every,
+      fine_fraction=fraction,
     )
-  seconds = {name: statistics.median(v) for name, v in times.items()}
+    m = len(drill_down.coarse_subset(centres, every))
+    budget = min(math.ceil(fraction * n), n - m)
+    stage = exact_sweeps["exact"]
+    temp_bytes[key] = max(
+      _temp_bytes(stage.lower(model.params, images[0], centres[:k], valid[:k]).compile()) for k in (m, budget) if k
+    )
+  times: dict[str, list[float]] = {name: [] for name in ("full", "exact", *drills)}
+  paired: dict[str, list[float]] = {name: [] for name in drills}  # exact's time in the drill-down's rounds
+  full_pairs: list[tuple[float, float]] = []
+  rows: dict[str, list[dict[str, Any]]] = {name: [] for name in drills}
+  for k, (photo, image) in enumerate(zip(photos, images, strict=True)):
+    calls = {"exact": lambda image=image: compiled["exact"](model.params, image, centres, valid)}
+    if k < full_photos:
+      calls["full"] = lambda image=image: compiled["full"](model.params, image, centres, valid)
+    for name, sweep in drills.items():
+      calls[name] = lambda sweep=sweep, image=image: sweep(model.params, image, centres, valid)
+      jax.block_until_ready(calls[name]())  # compiles its stages
+    results = {}
+    for _ in range(repeats):
+      seconds = {}
+      for name, fn in calls.items():
+        start = time.perf_counter()
+        results[name] = jax.block_until_ready(fn())
+        seconds[name] = time.perf_counter() - start
+        times[name].append(seconds[name])
+      for name in drills:
+        paired[name].append(seconds["exact"])
+      if "full" in seconds:
+        full_pairs.append((seconds["full"], seconds["exact"]))
+    exact = np.asarray(results["exact"].heatmap)
+    covered = np.asarray(results["exact"].count) > 0
+    for name in drills:
+      got = results[name]
+      rows[name].append(
+        {
+          "photo": pathlib.Path(photo).name,
+          **map_fidelity(exact, np.asarray(got.heatmap), covered),
+          "exact_share": float(np.asarray(got.exact)[covered].mean()),
+          "patches_run": int(np.asarray(got.ran).sum()),
+        }
+      )
+  full_over_exact = statistics.median(f / e for f, e in full_pairs)
+  per_setting = {}
+  for (every, fraction), name in zip(settings, drills, strict=True):
+    over_exact = median_ratio(paired[name], times[name])
+    per_setting[name] = {
+      "coarse_every": every,
+      "fine_fraction": fraction,
+      "photos": rows[name],
+      "worst": {k: min(r[k] for r in rows[name]) for k in ("top10_overlap", "pearson_r", "exact_share")}
+      | {"max_error": max(r["max_error"] for r in rows[name])},
+      "patches_run": statistics.median(r["patches_run"] for r in rows[name]),
+      "seconds": statistics.median(times[name]),
+      "speedup_over_exact": over_exact,
+      "speedup_over_full": over_exact * full_over_exact,
+      "temp_bytes": temp_bytes[name],
+    }
   return {
     "model": model.name,
     "patch_size": patch_px,
-    "num_patches": len(centres),
-    "coarse_every": coarse_every,
-    "fine_fraction": fine_fraction,
-    "photos": rows,
-    "worst": {k: min(r[k] for r in rows) for k in ("top10_overlap", "pearson_r", "exact_share")}
-    | {"max_error": max(r["max_error"] for r in rows)},
-    "seconds": seconds,
-    "speedup_over_fine": median_ratio(times["fine"], times["drill_down"]),
-    "speedup_over_full": median_ratio(times["fine_full"], times["drill_down"]),
+    "stride": stride,
+    "num_patches": n,
+    "batch_size": batch_size,
+    "seconds": {name: statistics.median(times[name]) for name in ("full", "exact")},
+    "full_over_exact": full_over_exact,
+    "compile_s": compile_s,
+    "temp_bytes": {name: temp_bytes[name] for name in ("full", "exact")},
+    "settings": per_setting,
   }
+
+
+def drill_down_cms(
+  config: Any, settings: Sequence[tuple[int, float]], *, dataset: str, out_dir: str | pathlib.Path
+) -> dict[str, Any]:
+  """The CMS of `config` over `dataset` with the exact sweep and with each drill-down setting: wall seconds of
+  each run (`runs.run_cms`, one after the other in this process, compiled programs shared) and each drill-down
+  CMS's fidelity to the exact one (`map_fidelity` of the "all" group's mean over the texels valid in both)."""
+  import copy
+
+  out = pathlib.Path(out_dir)
+  results: dict[str, Any] = {"model": config.model, "stride": config.occlusion.stride, "dataset": dataset}
+  maps = {}
+  for every, fraction in [(0, 0.0), *settings]:  # 0: the exact sweep
+    cfg = copy.deepcopy(config)
+    cfg.occlusion.drill_down.enabled = every > 0
+    if every:
+      cfg.occlusion.drill_down.coarse_every, cfg.occlusion.drill_down.fine_fraction = every, fraction
+    name = f"every{every}_{fraction:g}" if every else "exact"
+    folder = out / name
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.perf_counter()
+    acc = runs.run_cms(cfg, folder, dataset=dataset)
+    seconds = time.perf_counter() - start
+    maps[name] = acc.mean("all")
+    results[name] = {"seconds": seconds, "images": acc.num_images("all")}
+    if every:
+      (want, ok_a), (got, ok_b) = maps["exact"], maps[name]
+      results[name].update(map_fidelity(want, got, ok_a & ok_b))
+      records = [r for r in acc.records() if r["status"] == "ok"]
+      results[name]["exact_share"] = statistics.mean(r["sweep"]["exact_share"] for r in records)
+      results[name]["speedup_over_exact"] = results["exact"]["seconds"] / seconds
+  return results

@@ -10,7 +10,8 @@ python -m benchmarks.benchmark --suite=forward --models=age --batch_sizes=8,16,3
 python -m benchmarks.benchmark --suite=torch --models=gender,age,expression,vgg16 --strides=1,4,8 --vgg_positions=32
 python -m benchmarks.benchmark --suite=incremental --models=age,vgg16 --incremental_patches=5 --batch_sizes=16
 python -m benchmarks.benchmark --suite=imported --imported_models=gender,age,onet,mobilefacenet,iresnet50
-python -m benchmarks.benchmark --suite=drill_down --models=gender,age,expression --drill_down_every=4
+python -m benchmarks.benchmark --suite=drill_down --models=age,identity --drill_down_settings=2:0.3,3:0.2
+python -m benchmarks.benchmark --suite=drill_down_cms --models=age --drill_down_settings=2:0.3
 """
 
 import json
@@ -36,6 +37,7 @@ _SUITE = flags.DEFINE_enum(
     "startup",
     "imported",
     "drill_down",
+    "drill_down_cms",
   ],
   "sweep: occlusion sweep vs plain batched forward; fit: batched 3DMM fitting vs eos's full fit per face at "
   "several batch sizes, with held-out landmark errors; fit_accuracy: one batch, pose and dense errors against "
@@ -48,8 +50,9 @@ _SUITE = flags.DEFINE_enum(
   "per-image scripts run twice as a user starts them, with the persistent compilation cache empty, warm and off; "
   "imported: ONNX and PyTorch networks through models.from_onnx / from_torch, import time and full and "
   "incremental sweeps, against the hand ports where there are some; drill_down: the drill-down sweep (coarse "
-  "lattice, then a budget of fine patches where the coarse map is salient) against the exact stride-1 sweep on "
-  "real faces, speed and fidelity.",
+  "lattice, then a budget of fine patches where the coarse map is salient) against the exact sweep on real "
+  "faces, speed, fidelity and compiled temporaries; drill_down_cms: the CMS over builtin:photos with drill-down "
+  "against the exact sweep's, wall time and fidelity.",
 )
 _MODELS = flags.DEFINE_list("models", ["gender", "age", "expression"], "Face models to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32"], "Batch sizes to try for both sides.")
@@ -505,34 +508,91 @@ def _imported_suite() -> list[dict]:
   return results
 
 
-_DD_EVERY = flags.DEFINE_integer("drill_down_every", 4, "drill_down suite: the coarse lattice, in fine-grid steps.")
-_DD_FRACTION = flags.DEFINE_float("drill_down_fraction", 0.2, "drill_down suite: the fine stage's budget share.")
+_DD_SETTINGS = flags.DEFINE_list(
+  "drill_down_settings",
+  ["2:0.3"],
+  "drill_down and drill_down_cms suites: drill-down settings to measure, each coarse_every:fine_fraction.",
+)
 _DD_PHOTOS = flags.DEFINE_integer("drill_down_photos", 3, "drill_down suite: the first N built-in photos.")
+_DD_FULL_PHOTOS = flags.DEFINE_integer(
+  "drill_down_full_photos", 1, "drill_down suite: time the full-forward fine sweep on the first N photos only."
+)
+_DD_STRIDES = flags.DEFINE_list(
+  "drill_down_strides",
+  [],
+  "drill_down suite: the fine grid's stride per model as name@stride (e.g. vgg16@8); the others get --stride.",
+)
+
+
+def _drill_settings() -> list[tuple[int, float]]:
+  try:
+    return [(int(e), float(f)) for e, f in (item.split(":") for item in _DD_SETTINGS.value)]
+  except ValueError:
+    given = ",".join(_DD_SETTINGS.value)
+    raise app.UsageError(f"--drill_down_settings={given}: give coarse_every:fine_fraction, ...") from None
 
 
 def _drill_down_suite() -> list[dict]:
   from benchmarks import bench
+  from benchmarks.baselines import vgg
   from canonsal_jax import datasets, models
 
   photos = datasets.files_of("builtin:photos")[: _DD_PHOTOS.value]
+  strides = {k: int(v) for k, v in (item.split("@") for item in _DD_STRIDES.value)}
   results = []
   for name in _MODELS.value:
     res = bench.drill_down_vs_fine(
-      models.load(name),
+      vgg.load_vgg16() if name == "vgg16" else models.load(name),
       patch_size=_PATCH.value,
-      coarse_every=_DD_EVERY.value,
-      fine_fraction=_DD_FRACTION.value,
+      settings=_drill_settings(),
       photos=photos,
+      stride=strides.get(name, _STRIDE.value),
+      batch_size=_batch_size(name == "vgg16"),
       repeats=_REPEATS.value,
+      full_photos=_DD_FULL_PHOTOS.value,
     )
     results.append(res)
-    w = res["worst"]
+    mib = lambda b: b / 2**20
+    sec, mem = res["seconds"], res["temp_bytes"]
     print(
-      f"{name:10s} {res['num_patches']} patches of {res['patch_size']} px, every {res['coarse_every']}, budget "
-      f"{res['fine_fraction']:.0%}: {res['speedup_over_fine']:.2f}x over the exact sweep, "
-      f"{res['speedup_over_full']:.2f}x over the full sweep; worst top-10% overlap {w['top10_overlap']:.3f}, "
-      f"r {w['pearson_r']:.4f}, max error {w['max_error']:.3f}, exact pixels {w['exact_share']:.0%}"
+      f"{name:10s} {res['num_patches']} patches of {res['patch_size']} px at stride {res['stride']}: exact "
+      f"{sec['exact']:.2f} s ({mib(mem['exact']):.0f} MiB temporaries), full {sec['full']:.2f} s "
+      f"({mib(mem['full']):.0f} MiB), full/exact {res['full_over_exact']:.2f}x"
     )
+    for key, r in res["settings"].items():
+      w = r["worst"]
+      print(
+        f"  {key:14s} {r['seconds']:.2f} s ({mib(r['temp_bytes']):.0f} MiB), {r['patches_run']:.0f} patches: "
+        f"{r['speedup_over_exact']:.2f}x over exact, {r['speedup_over_full']:.2f}x over full; worst top-10% "
+        f"overlap {w['top10_overlap']:.3f}, r {w['pearson_r']:.4f}, max error {w['max_error']:.3f}, exact pixels "
+        f"{w['exact_share']:.0%}"
+      )
+  return results
+
+
+_DD_CMS_OUT = flags.DEFINE_string("drill_down_cms_out", "/tmp/canonsal_drill_down_cms", "drill_down_cms: run folders.")
+
+
+def _drill_down_cms_suite() -> list[dict]:
+  from benchmarks import bench
+  from canonsal_jax import config as config_lib
+
+  results = []
+  for name in _MODELS.value:
+    config = config_lib.default_config()
+    config.model = name
+    config.occlusion.stride = _STRIDE.value
+    config.occlusion.patch_size = _PATCH.value
+    res = bench.drill_down_cms(config, _drill_settings(), dataset="builtin:photos", out_dir=_DD_CMS_OUT.value)
+    results.append(res)
+    print(f"{name:10s} stride {_STRIDE.value}: exact CMS {res['exact']['seconds']:.1f} s")
+    for key, r in res.items():
+      if isinstance(r, dict) and key != "exact":
+        print(
+          f"  {key:14s} {r['seconds']:.1f} s ({r['speedup_over_exact']:.2f}x), {r['images']} images: CMS top-10% "
+          f"overlap {r['top10_overlap']:.3f}, r {r['pearson_r']:.4f}, max error {r['max_error']:.3f}; mean exact "
+          f"pixels {r['exact_share']:.0%}"
+        )
   return results
 
 
@@ -555,6 +615,7 @@ def main(argv):
     "startup": _startup_suite,
     "imported": _imported_suite,
     "drill_down": _drill_down_suite,
+    "drill_down_cms": _drill_down_cms_suite,
   }
   results = suites[_SUITE.value]()
   if _JSON_OUT.value:

@@ -33,12 +33,20 @@ class FaceOutcome:
   weight: np.ndarray  # [T, T] float32
   outside_mesh_share: float
   region_mass: dict[str, float]
+  sweep: dict[str, Any] = dataclasses.field(default_factory=lambda: {"mode": "exact"})  # `pipeline.sweep_record`
 
   @classmethod
   def from_cis(cls, result: pipeline.CISResult) -> FaceOutcome:
     occ = result.occlusion
     return cls(
-      occ.label, occ.score, occ.score_kind, result.texture, result.weight, result.outside_mesh_share, result.region_mass
+      occ.label,
+      occ.score,
+      occ.score_kind,
+      result.texture,
+      result.weight,
+      result.outside_mesh_share,
+      result.region_mass,
+      occ.sweep,
     )
 
 
@@ -59,21 +67,39 @@ def _over_faces(fn: Callable, devices: tuple[jax.Device, ...], batched: tuple[bo
 
 @functools.lru_cache(maxsize=16)
 def _batched_sweep(
-  apply_fn: Callable, patch_size: int, batch_size: int, baseline, score, reduce: str, devices: tuple, has_target: bool
+  apply_fn: Callable,
+  patch_size: int,
+  batch_size: int,
+  baseline,
+  score,
+  reduce: str,
+  devices: tuple,
+  has_target: bool,
+  drill: tuple[int, float, int, int] | None = None,
 ) -> Callable:
   """`sweep(params, images[B, S, S, C], centres, valid, *target) -> SweepResult` with a leading face axis: the
-  per-image sweep of `occlusion.make_sweep` (on one device: faces, not patches, are split) vmapped over faces."""
-  single = occlusion.make_sweep(
-    apply_fn,
-    patch_size=patch_size,
-    batch_size=batch_size,
-    baseline=baseline,
-    score=score,
-    reduce=reduce,
-    devices=devices[:1],
-  )
+  per-image sweep of `occlusion.make_sweep` (on one device: faces, not patches, are split) vmapped over faces.
+
+  With `drill` = `(coarse_every, fine_fraction, crop side, stride)`, the per-image sweep is
+  `drill_down.make_drill_down_sweep`'s (a `DrillDownResult` per face): its lattice is found on the host from
+  the grid of that crop side and stride (the `centres` and `valid` given must be that grid's), and each face's
+  fine stage runs the patches its own coarse map picks."""
+  kwargs = {"patch_size": patch_size, "batch_size": batch_size, "baseline": baseline, "score": score}
+  if drill is None:
+    single = occlusion.make_sweep(apply_fn, reduce=reduce, devices=devices[:1], **kwargs)
+  else:
+    from canonsal_jax import drill_down
+
+    every, fraction, size, stride = drill
+    single = drill_down.make_drill_down_sweep(
+      apply_fn, coarse_every=every, fine_fraction=fraction, devices=devices[:1], **kwargs
+    )
+    grid = occlusion.grid_centres(size, size, patch_size=patch_size, stride=stride)
 
   def sweep(params, images, centres, valid, *target):
+    if drill is not None:  # the grid as host constants: the drill-down finds its lattice in numpy
+      del centres, valid
+      centres, valid = grid, np.ones(len(grid), bool)
     one = lambda image: single(params, image, centres, valid, target[0] if target else None)
     return jax.vmap(one)(images)
 
@@ -125,7 +151,10 @@ class FaceBatcher:
     self.batch = self.per_device * len(self.devices)
     baseline = pipeline.model_baseline(self.model, occ.baseline)
     args = (self.model.apply_fn, self.plan.patch_size, int(occ.batch_size), baseline, self.plan.score, occ.reduce)
-    self.sweep = _batched_sweep(*args, self.devices, self.plan.target is not None)
+    drill = None
+    if self.plan.drill_down is not None:
+      drill = (*self.plan.drill_down, self.model.crop.size, self.plan.stride)
+    self.sweep = _batched_sweep(*args, self.devices, self.plan.target is not None, drill)
     self.texture_size = config.cis.texture_size or canonical.default_texture_size(self.model.crop.size, self.model3d)
     self.uv_raster = canonical.model_uv_raster(self.model3d, self.texture_size)
     self.regions = canonical.region_labels(self.model3d, self.texture_size)
@@ -170,14 +199,16 @@ class FaceBatcher:
     images = _pad_rows([np.asarray(model.preprocess(crops[i][0]), np.float32) for i in ok], self.batch)
     target = () if plan.target is None else (plan.target,)
     swept = jax.device_get(self.sweep(model.params, images, plan.centres, plan.valid, *target))
-    predicted: dict[int, tuple[int, str, float]] = {}  # face -> (row in the batch, label, unoccluded score)
+    # face -> (row in the batch, label, unoccluded score, how its heatmap was made)
+    predicted: dict[int, tuple[int, str, float, dict[str, Any]]] = {}
     for j, i in enumerate(ok):
       try:
         one = occlusion.check_finite(jax.tree.map(lambda a, j=j: a[j], swept), faces_in[i][0])
       except ValueError as e:
         outcomes[i] = f"{type(e).__name__}: {e}"
       else:
-        predicted[i] = (j, pipeline.predicted_label(model, plan.score, one)[0], float(one.score))
+        label = pipeline.predicted_label(model, plan.score, one)[0]
+        predicted[i] = (j, label, float(one.score), pipeline.sweep_record(plan, one))
     clock.lap("sweep")
 
     ok = list(predicted)
@@ -216,9 +247,9 @@ class FaceBatcher:
         outcomes[i] = f"{type(e).__name__}: {e}"
         continue
       tex, wgt = np.asarray(texture[m], np.float32), np.asarray(weight[m], np.float32)
-      _, label, score = predicted[i]
+      _, label, score, how = predicted[i]
       outcomes[i] = FaceOutcome(
-        label, score, kind, tex, wgt, float(outside[m]), canonical.region_shares(tex, wgt, self.regions)
+        label, score, kind, tex, wgt, float(outside[m]), canonical.region_shares(tex, wgt, self.regions), how
       )
     clock.lap("texture")
     return outcomes

@@ -129,6 +129,14 @@ def default_config() -> ml_collections.ConfigDict:
   # what makes the face this person rather than that one.
   config.occlusion.reference = ""
   config.occlusion.impostor = ""
+  # Adaptive drill-down (`canonsal_jax.drill_down`): a coarse sweep over every `coarse_every`-th row and column
+  # of the patch grid, then the fine grid's patches where the coarse map is salient, `fine_fraction` of the grid
+  # at most. Pixels all of whose patches ran get exactly the fine sweep's value, the rest the coarse map; the
+  # outputs say which and how many. Off (the exact sweep) by default: BENCHMARKS.md gives its speed and fidelity.
+  config.occlusion.drill_down = ml_collections.ConfigDict()
+  config.occlusion.drill_down.enabled = False
+  config.occlusion.drill_down.coarse_every = 2  # the coarse lattice: every 2nd row and column of patch centres
+  config.occlusion.drill_down.fine_fraction = 0.3  # the fine stage's budget, a share of the grid's patches
 
   # What makes the crop heatmap: "occlusion" (the paper's method), or a rival from canonsal_jax.attribution
   # ("vanilla_gradient", "integrated_gradients", "grad_cam", "grad_cam_plus_plus", "score_cam", "rise"), carried
@@ -367,6 +375,15 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "occlusion.contrast": _integer(-1, " (a second class index; -1: none)"),
   "occlusion.reference": _text,
   "occlusion.impostor": _text,
+  "occlusion.drill_down.enabled": _flag,
+  "occlusion.drill_down.coarse_every": _integer(
+    1, " (the coarse lattice: every n-th row and column of patch centres; 1 runs the whole grid in stage 1)"
+  ),
+  "occlusion.drill_down.fine_fraction": lambda v: (
+    None
+    if _is_number(v) and 0 <= v <= 1
+    else "must be a number in [0, 1] (the fine stage's budget, a share of the grid's patches)"
+  ),
   "explainer": _one_of(("occlusion", *ATTRIBUTION_METHODS)),
   "attribution.baseline": _baseline,
   "attribution.steps": _integer(1),
@@ -414,6 +431,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   reason = _patch_size(values["occlusion.patch_size"], values["model"])
   if reason is not None:
     raise ConfigError("occlusion.patch_size", values["occlusion.patch_size"], reason)
+  if values["occlusion.drill_down.enabled"] and values["occlusion.reduce"] != "mean":
+    raise ConfigError(
+      "occlusion.reduce",
+      values["occlusion.reduce"],
+      "must be mean with --config.occlusion.drill_down.enabled=True (a sum over the patches that ran is not "
+      "comparable between exact and coarse pixels)",
+    )
   if values["occlusion.impostor"] and not values["occlusion.reference"]:
     raise ConfigError(
       "occlusion.impostor", values["occlusion.impostor"], "needs --config.occlusion.reference (the genuine photo) too"

@@ -3,17 +3,18 @@
 Krypton (Nakandala, Kumar and Papakonstantinou, "Incremental and Approximate Inference for Faster
 Occlusion-based Deep CNN Explanations", SIGMOD 2019) gets most of its approximate speed-up this way. Stage 1
 runs the patches of the fine grid that lie on a coarser lattice (every `coarse_every`-th row and column of
-candidate centres). Stage 2 runs a fixed budget of the remaining fine patches, `ceil(fine_fraction * N)` (at
-most the patches off the lattice), those whose centre sees the largest |coarse heatmap| within the patch
-around it (the coarse map dilated by the patch; ties broken by the mean under the patch), so that the fine
-stage spends its budget where the coarse map is salient. Both stages run one `occlusion.make_sweep` program
-(incremental where the model has a layer graph), compiled once per stage: the budget is static, the unused
-part of it padded with the validity mask.
+candidate centres, and the last row and column, so that the coarse map reaches every pixel the fine grid
+covers). Stage 2 runs a fixed budget of the remaining fine patches, `ceil(fine_fraction * N)` (at most the
+patches off the lattice), those whose centre sees the largest |coarse heatmap| within the patch around it
+(the coarse map dilated by the patch; ties broken by the mean under the patch), so that the fine stage spends
+its budget where the coarse map is salient. Both stages run one `occlusion.make_sweep` program (incremental
+where the model has a layer graph), compiled once per stage: the budget is static, the unused part of it
+padded with the validity mask.
 
 The map: a pixel every one of whose fine patches ran (in either stage) gets exactly the fine sweep's value;
-every other pixel gets the coarse map: the mean drop of the coarse patches within half a lattice step of it (a
-patch smaller than the lattice step would otherwise leave holes). `DrillDownResult.exact` says which pixels
-are which.
+every other pixel the fine grid covers gets the coarse map: the mean drop of the coarse patches within half a
+lattice step of it (a patch smaller than the lattice step would otherwise leave holes). `DrillDownResult.exact`
+says which pixels are which; `count` is the fine grid's, as the exact sweep's (0: no data).
 
 Example:
   >>> import jax.numpy as jnp, numpy as np
@@ -49,7 +50,8 @@ class DrillDownResult(NamedTuple):
   Attributes:
     drops: `[N]` drops of the fine grid's patches that ran (either stage), 0 for the others.
     heatmap: `[H, W]` the fine sweep's mean drop where `exact`, the coarse map elsewhere.
-    count: `[H, W]` fine patches that ran covering each pixel.
+    count: `[H, W]` the fine grid's (valid) patches covering each pixel, ran or not: the exact sweep's count, so
+      that 0 means no data as it does there (the heatmap has a value wherever count > 0).
     score, outputs, target, num_nonfinite: as `SweepResult` (the unoccluded image's; non-finite of both stages).
     exact: `[H, W]` bool: every fine patch covering the pixel ran, so `heatmap` is the fine sweep's there.
     ran: `[N]` bool: which fine patches ran.
@@ -69,17 +71,21 @@ class DrillDownResult(NamedTuple):
 
 
 def coarse_subset(centres_rc: np.ndarray, every: int) -> np.ndarray:
-  """Indices of the centres on every `every`-th distinct row and every `every`-th distinct column of the grid
-  (the first row and column included), as numpy `[M]` int.
+  """Indices of the centres on every `every`-th distinct row and every `every`-th distinct column of the grid,
+  the first and the last row and column included, as numpy `[M]` int.
 
   Example:
     >>> coarse_subset(np.array([[1, 1], [1, 2], [1, 3], [2, 1], [3, 1], [3, 3]]), 2).tolist()
     [0, 2, 4, 5]
+    >>> coarse_subset(np.array([[1, 1], [1, 2], [1, 3], [1, 4]]), 2).tolist()  # columns 1, 3 and the last, 4
+    [0, 2, 3]
   """
   centres_rc = np.asarray(centres_rc)
-  _, row = np.unique(centres_rc[:, 0], return_inverse=True)  # each centre's row among the distinct rows
-  _, col = np.unique(centres_rc[:, 1], return_inverse=True)
-  return np.flatnonzero((row % every == 0) & (col % every == 0))
+  rows, row = np.unique(centres_rc[:, 0], return_inverse=True)  # each centre's row among the distinct rows
+  cols, col = np.unique(centres_rc[:, 1], return_inverse=True)
+  on_row = (row % every == 0) | (row == len(rows) - 1)
+  on_col = (col % every == 0) | (col == len(cols) - 1)
+  return np.flatnonzero(on_row & on_col)
 
 
 def _lattice_step(centres_rc: np.ndarray) -> int:
@@ -168,8 +174,8 @@ def make_drill_down_sweep(
     )
     total, count, every = occlusion.coverage(centres_rc, half, (height, width), drops, ran, valid)
     exact = (every > 0) & (count == every)
-    heatmap = jnp.where(exact, total / jnp.maximum(count, 1.0), coarse_spread)
-    return drops, heatmap, jnp.rint(count).astype(jnp.int32), exact, ran
+    heatmap = jnp.where(exact, total / jnp.maximum(count, 1.0), jnp.where(every > 0, coarse_spread, 0.0))
+    return drops, heatmap, jnp.rint(every).astype(jnp.int32), exact, ran
 
   def sweep(params, image, centres_rc, valid, target=None) -> DrillDownResult:
     centres_rc = np.asarray(centres_rc, np.int32)
@@ -181,7 +187,8 @@ def make_drill_down_sweep(
     # Only patches off the lattice can be chosen: a budget beyond them would run padding through the model.
     budget = min(math.ceil(float(fine_fraction) * n), n - len(coarse_idx))
     coarse = stage_sweep(params, image, centres_rc[coarse_idx], valid[coarse_idx], target)
-    reach = max(half, _lattice_step(centres_rc[coarse_idx]) // 2)
+    # Half the regular lattice's step (the last row and column may lie closer to the one before).
+    reach = max(half, coarse_every * _lattice_step(centres_rc) // 2)
     coarse_spread = coarse_map(coarse, centres_rc[coarse_idx], valid[coarse_idx], reach)
     if budget == 0:
       fine_idx = jnp.zeros(0, jnp.int32)

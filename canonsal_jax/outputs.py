@@ -67,7 +67,12 @@ def _what(result: pipeline.OcclusionResult) -> str:
 
 
 def _how(result: pipeline.OcclusionResult) -> str:
-  return f"patch {result.patch_size} px, stride {result.stride}" if result.method == "occlusion" else result.method
+  if result.method != "occlusion":
+    return result.method
+  how = f"patch {result.patch_size} px, stride {result.stride}"
+  if result.sweep["mode"] == "drill_down":
+    how += f", drill-down ({result.sweep['exact_share']:.0%} exact)"
+  return how
 
 
 def _scale_of(results: Sequence[pipeline.OcclusionResult], textures: Sequence[tuple[np.ndarray, np.ndarray]] = ()):
@@ -146,6 +151,7 @@ def occlusion_summary(result: pipeline.OcclusionResult) -> dict[str, Any]:
     stride_px=result.stride,
     num_patches=result.num_patches,
     method=result.method,
+    sweep=result.sweep,
     uncovered_crop_pixels=int(np.sum(result.count == 0)),
   )
   return summary
@@ -191,7 +197,8 @@ def write_occlusion(
   heatmap_image: bool = False,
 ) -> dict[str, Any]:
   """Writes `heatmap.npy`, `count.npy`, `crop.png`, `overlay.png` (`occlusion_figure`, in `settings.format`:
-  `overlay.svg` / `.pdf` on request), `result.json` (`occlusion_summary`) and, with `heatmap_image`
+  `overlay.svg` / `.pdf` on request), `result.json` (`occlusion_summary`), for a drill-down sweep `exact.npy`
+  (bool `[S, S]`: the pixels whose value is the exact sweep's) and, with `heatmap_image`
   (`config.outputs.heatmap_image`), `heatmap_image.npy`: the heatmap at the photo's size.
 
   Every file is written atomically. Returns the JSON summary.
@@ -200,6 +207,8 @@ def write_occlusion(
   summary = occlusion_summary(result)
   fileio.save_npy(out / "heatmap.npy", result.heatmap)
   fileio.save_npy(out / "count.npy", result.count)
+  if result.sweep["mode"] == "drill_down":
+    fileio.save_npy(out / "exact.npy", np.asarray(result.exact, bool))
   if heatmap_image:
     fileio.save_npy(out / "heatmap_image.npy", result.heatmap_image)
   fileio.save_png(out / "crop.png", result.crop)

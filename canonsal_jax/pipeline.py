@@ -43,6 +43,7 @@ __all__ = [
   "detect_face",
   "detect_faces",
   "detection_cache",
+  "drill_down_settings",
   "embed_face",
   "embed_image",
   "explain_face",
@@ -54,6 +55,7 @@ __all__ = [
   "model_sweep",
   "predicted_label",
   "sweep_plan",
+  "sweep_record",
 ]
 
 # Pixel colours that the "black" and "white" baselines stand for, before the model's preprocessing.
@@ -87,6 +89,9 @@ class OcclusionResult:
     detection: every face found in the photo and which one is `face` (None when the caller gave the face).
     distances: an embedding model's (cosine score) Euclidean descriptor distances to the references explained
       against (one, or genuine and impostor); empty for classifiers. 0 for self-similarity.
+    exact: `[S, S]` bool: pixels where `heatmap` is the exact sweep's (all True but for a drill-down sweep).
+    sweep: how the heatmap was made (`sweep_record`): `{"mode": "exact"}`, or the drill-down's settings, the
+      patches it ran and the share of covered pixels that are exact; `{"mode": <rival method>}` for a rival.
   """
 
   name: str
@@ -110,6 +115,8 @@ class OcclusionResult:
   method: str = "occlusion"
   detection: faces.Detection | None = None
   distances: tuple[float, ...] = ()
+  exact: np.ndarray | None = None
+  sweep: dict[str, Any] = dataclasses.field(default_factory=lambda: {"mode": "exact"})
 
   @property
   def is_embedding(self) -> bool:
@@ -132,17 +139,29 @@ def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tupl
   return tuple(baseline) if isinstance(baseline, list) else baseline
 
 
+def drill_down_settings(occ: ml_collections.ConfigDict) -> tuple[int, float] | None:
+  """`(coarse_every, fine_fraction)` of `config.occlusion.drill_down` when it is enabled, else None."""
+  dd = occ.drill_down
+  return (int(dd.coarse_every), float(dd.fine_fraction)) if dd.enabled else None
+
+
 @functools.lru_cache(maxsize=16)
-def _cached_sweep(apply_fn: Callable, patch_size: int, batch_size: int, baseline, score, reduce: str):
-  return occlusion.make_sweep(
-    apply_fn, patch_size=patch_size, batch_size=batch_size, baseline=baseline, score=score, reduce=reduce
-  )
+def _cached_sweep(
+  apply_fn: Callable, patch_size: int, batch_size: int, baseline, score, reduce: str, drill: tuple | None = None
+):
+  kwargs = {"patch_size": patch_size, "batch_size": batch_size, "baseline": baseline, "score": score}
+  if drill is None:
+    return occlusion.make_sweep(apply_fn, reduce=reduce, **kwargs)
+  from canonsal_jax import drill_down
+
+  return drill_down.make_drill_down_sweep(apply_fn, coarse_every=drill[0], fine_fraction=drill[1], **kwargs)
 
 
 def model_sweep(
   model: models.FaceModel, occ: ml_collections.ConfigDict, *, contrast: bool | None = None
 ) -> tuple[Callable, int, occlusion.Score]:
-  """The compiled sweep for a model and the `config.occlusion` settings, shared by every image of a run.
+  """The compiled sweep for a model and the `config.occlusion` settings, shared by every image of a run: a
+  `drill_down.make_drill_down_sweep` with `config.occlusion.drill_down.enabled`, else `occlusion.make_sweep`.
 
   `contrast` overrides what the settings say (a contrast class or an impostor photo).
 
@@ -160,7 +179,12 @@ def model_sweep(
     baseline = model_baseline(model, occ.baseline)
   except ValueError as e:
     raise config_lib.ConfigError("occlusion.baseline", occ.baseline, str(e)) from None
-  sweep = _cached_sweep(model.apply_fn, patch_size, int(occ.batch_size), baseline, score, occ.reduce)
+  drill = drill_down_settings(occ)
+  if drill is not None and occ.reduce != "mean":
+    raise config_lib.ConfigError(
+      "occlusion.reduce", occ.reduce, "must be mean with --config.occlusion.drill_down.enabled=True"
+    )
+  sweep = _cached_sweep(model.apply_fn, patch_size, int(occ.batch_size), baseline, score, occ.reduce, drill)
   return sweep, patch_size, score
 
 
@@ -312,6 +336,25 @@ class SweepPlan:
   centres: np.ndarray  # [N, 2] int32 (row, col)
   valid: np.ndarray  # [N] bool
   target: np.ndarray | None
+  drill_down: tuple[int, float] | None = None  # (coarse_every, fine_fraction) of a drill-down sweep
+
+
+def sweep_record(plan: SweepPlan, result: Any) -> dict[str, Any]:
+  """How a heatmap was made, as the outputs record it: `{"mode": "exact"}`, or for a drill-down sweep its
+  lattice and budget, the fine patches that ran (of the grid's) and `exact_share`, the share of the covered
+  pixels whose value is the exact sweep's (the rest hold the coarse map)."""
+  if plan.drill_down is None:
+    return {"mode": "exact"}
+  covered = np.asarray(result.count) > 0
+  exact = np.asarray(result.exact)
+  return {
+    "mode": "drill_down",
+    "coarse_every": plan.drill_down[0],
+    "fine_fraction": plan.drill_down[1],
+    "patches_run": int(np.sum(result.ran)),
+    "num_patches": len(plan.centres),
+    "exact_share": float(exact[covered].mean()) if covered.any() else 0.0,
+  }
 
 
 def sweep_plan(config: ml_collections.ConfigDict, model: models.FaceModel, target: Any = None) -> SweepPlan:
@@ -343,7 +386,8 @@ def sweep_plan(config: ml_collections.ConfigDict, model: models.FaceModel, targe
     target = np.stack(refs) if score.contrast else refs[0]
   elif not override:
     target = configured
-  return SweepPlan(sweep, patch_size, int(occ.stride), score, centres, np.ones(len(centres), bool), target)
+  valid = np.ones(len(centres), bool)
+  return SweepPlan(sweep, patch_size, int(occ.stride), score, centres, valid, target, drill_down_settings(occ))
 
 
 def embed_face(model: models.FaceModel, pixels: np.ndarray, face: faces.Face, name: str) -> np.ndarray:
@@ -449,11 +493,15 @@ def explain_face(
   crop, crop_from_image = faces.crop_face(pixels, face, model.crop)
   plan = sweep_plan(config, model, target)
   if config.explainer == "occlusion":
-    result = plan.sweep(model.params, model.preprocess(crop), plan.centres, plan.valid, plan.target)
+    result = occlusion.check_finite(
+      jax.device_get(plan.sweep(model.params, model.preprocess(crop), plan.centres, plan.valid, plan.target)), name
+    )
+    how = sweep_record(plan, result)
   else:
     result = _attribution_result(config, model, plan, model.preprocess(crop))
+    result = occlusion.check_finite(jax.device_get(result), name)
     plan = dataclasses.replace(plan, patch_size=0, stride=0, centres=plan.centres[:0])
-  result = occlusion.check_finite(jax.device_get(result), name)
+    how = {"mode": config.explainer}
   outputs = np.asarray(result.outputs, np.float64)
   if plan.score.kind == "cosine":  # a descriptor, not class scores: no probabilities; distances to the references
     probabilities = np.zeros((0,), np.float64)
@@ -487,6 +535,8 @@ def explain_face(
     face_width=float(model.crop.face_width),
     method=config.explainer,
     distances=distances,
+    exact=np.asarray(result.exact) if how["mode"] == "drill_down" else np.ones(heatmap.shape, bool),
+    sweep=how,
   )
 
 

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, outputs, pipeline, viz
+from canonsal_jax import config as config_lib
 
 __all__ = ["run_cms"]
 
@@ -77,6 +78,7 @@ def run_cms(
   settings = cms.CMSSettings(texture_size, normalisation=config.cms.normalisation, on_invalid="skip")
   checkpoint = outputs.checkpoint_path(out, process_index, num_processes)
   acc = cms.CMSAccumulator.load(checkpoint, settings=settings) if checkpoint.exists() else cms.CMSAccumulator(settings)
+  _check_sweep_mode(acc, config, checkpoint)
   resumed_with = len(acc.done_indices())
   detections = pipeline.detection_cache() if config.detection_cache else None
   counted_before = (detections.hits, detections.misses) if detections is not None else None
@@ -208,6 +210,45 @@ def run_cms(
   return acc
 
 
+_SWEEP_SETTINGS = ("mode", "coarse_every", "fine_fraction")  # what makes two maps comparable (not the counts)
+
+
+def _sweep_settings(record: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:
+  """The settings part of a record's `sweep`. A record without one comes from before it was recorded, when every
+  map was the explainer's own (no drill-down): taken as `want` unless that is a drill-down."""
+  if "sweep" not in record:
+    return want if want["mode"] != "drill_down" else {"mode": "not drill-down (recorded before drill-down was)"}
+  return {k: record["sweep"][k] for k in _SWEEP_SETTINGS if k in record["sweep"]}
+
+
+def _check_sweep_mode(acc: cms.CMSAccumulator, config: ml_collections.ConfigDict, checkpoint: pathlib.Path) -> None:
+  """Refuses to resume a checkpoint whose maps were made another way (exact, drill-down with another lattice or
+  budget, a rival method): their sum would mix maps of different fidelity.
+
+  Raises:
+    config.ConfigError: naming the `--config.occlusion.drill_down` key that differs.
+  """
+  if config.explainer != "occlusion":
+    want = {"mode": config.explainer}
+  else:
+    drill = pipeline.drill_down_settings(config.occlusion)
+    want = {"mode": "exact"} if drill is None else dict(zip(_SWEEP_SETTINGS, ("drill_down", *drill), strict=True))
+  for record in acc.records():
+    have = _sweep_settings(record, want)
+    if record["status"] != "ok" or have == want:
+      continue
+    key = "explainer" if "drill_down" not in (have["mode"], want["mode"]) else "occlusion.drill_down.enabled"
+    if have["mode"] == want["mode"] == "drill_down":
+      key = next(f"occlusion.drill_down.{k}" for k in _SWEEP_SETTINGS[1:] if have.get(k) != want.get(k))
+    value = config_lib.flat_items(config)
+    raise config_lib.ConfigError(
+      key,
+      dict(value)[key],
+      f"{checkpoint} holds maps made with {have} (image {record['index']}, {record['name']}); this run's would be "
+      f"{want}, and the CMS would mix them: give the checkpoint's settings, another folder, or --overwrite",
+    )
+
+
 def _accumulate(
   acc: cms.CMSAccumulator,
   index: int,
@@ -249,6 +290,7 @@ def _accumulate(
       "score_kind": outcome.score_kind,
       "outside_mesh_share": outcome.outside_mesh_share,
       "region_mass": outcome.region_mass,
+      "sweep": outcome.sweep,
       **record,
     },
   )

@@ -87,6 +87,18 @@ _PATCH = "or a fraction of the face width below 1 (the paper's 0.07)"
     ("face", "1,2,3", _FACE),
     ("face", "10,10,5,20", "a box x0,y0,x1,y1 needs x1 > x0 and y1 > y0 (left, top, right, bottom in photo pixels)"),
     ("outputs.heatmap_image", "yes", "must be True or False"),
+    ("occlusion.drill_down.enabled", 1, "must be True or False"),
+    (
+      "occlusion.drill_down.coarse_every",
+      0,
+      "must be an integer >= 1 (the coarse lattice: every n-th row and column of patch centres; 1 runs the whole "
+      "grid in stage 1)",
+    ),
+    (
+      "occlusion.drill_down.fine_fraction",
+      1.5,
+      "must be a number in [0, 1] (the fine stage's budget, a share of the grid's patches)",
+    ),
   ],
 )
 def test_a_bad_value_names_its_key_and_what_it_takes(key, value, message):
@@ -142,3 +154,14 @@ def test_face_accepts_a_rule_an_index_or_a_box():
   ]:
     config_lib.validate(_config("face", value))
     assert config_lib.parse_face(value) == parsed
+
+
+def test_drill_down_needs_the_mean_of_the_covering_patches():
+  config = _config("occlusion.reduce", "sum")
+  config_lib.validate(config)  # a sum is fine for the exact sweep
+  config.occlusion.drill_down.enabled = True
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"^--config.occlusion.reduce=sum: must be mean with --config.occlusion.drill_down.enabled=True",
+  ):
+    config_lib.validate(config)

@@ -85,14 +85,14 @@ def test_no_budget_is_the_coarse_stage_alone(setting):
   centres = setting[2]
   result = _drill(setting, 3, 0.0)
   np.testing.assert_array_equal(np.flatnonzero(result.ran), drill_down.coarse_subset(centres, 3))
-  # 3 px patches on a lattice of 3 cover every pixel once: the map is the coarse sweep's.
+  # 3 px patches on a lattice of 3 (and the last row and column) cover every pixel: the map is the coarse sweep's.
   np.testing.assert_array_equal(result.heatmap, result.coarse.heatmap)
 
 
 def test_coarse_subset_takes_every_kth_distinct_row_and_column():
   centres = occlusion.grid_centres(10, 10, patch_size=3, stride=1)  # rows and columns 1..8
   picked = centres[drill_down.coarse_subset(centres, 3)]
-  assert sorted({int(r) for r in picked[:, 0]}) == [1, 4, 7] and len(picked) == 9
+  assert sorted({int(r) for r in picked[:, 0]}) == [1, 4, 7, 8] and len(picked) == 16  # the last row and column too
 
 
 def test_bad_settings():
@@ -109,3 +109,21 @@ def test_bad_settings():
     drill_down.make_drill_down_sweep(
       _spot_model, patch_size=3, batch_size=4, score=score, coarse_every=2, fine_fraction=0.1, reduce="sum"
     )
+
+
+def test_the_coarse_map_reaches_every_pixel_the_fine_grid_covers(setting):
+  """Centres 1..18, every 2nd: the lattice's last row and column (17) sit one step short of the grid's (18), so
+  the lattice takes the grid's last row and column too; every covered pixel has a value, and `count` is the fine
+  grid's (0: no data, as the exact sweep says)."""
+  full = setting[-1]
+  result = _drill(setting, 2, 0.05)
+  np.testing.assert_array_equal(result.count, full.count)
+  covered, exact = np.asarray(full.count) > 0, np.asarray(result.exact)
+  lattice = setting[2][drill_down.coarse_subset(setting[2], 2)]
+  coarse_drops = np.asarray(result.coarse.drops)
+  assert (covered & ~exact).sum() > 0
+  for i, j in zip(*np.nonzero(covered & ~exact), strict=True):  # a naive loop: the coarse patches reaching (i, j)
+    near = np.all(np.abs(lattice - [i, j]) <= 1, axis=1)
+    assert near.any(), (i, j)
+    np.testing.assert_allclose(result.heatmap[i, j], coarse_drops[near].mean(), rtol=1e-5, atol=1e-7)
+  assert {18} <= {int(r) for r in setting[2][np.asarray(result.ran)][:, 0]}

@@ -146,3 +146,86 @@ def test_a_second_model_over_the_same_photos_detects_nothing(dataset, tmp_path, 
   assert len(calls) == first + 4
   for group in detected.groups():
     np.testing.assert_array_equal(cached.mean(group)[0], detected.mean(group)[0])
+
+
+def _drill_config(enabled=True, every=2, fraction=0.3):
+  config = _fast_config()
+  config.occlusion.stride = 1
+  config.occlusion.drill_down.enabled = enabled
+  config.occlusion.drill_down.coarse_every = every
+  config.occlusion.drill_down.fine_fraction = fraction
+  return config
+
+
+def test_drill_down_heatmap_is_the_exact_sweeps_where_it_says_so(tmp_path):
+  """The astronaut through the gender model, 3 px patches at stride 1: the drill-down heatmap equals the exact
+  sweep's on its exact pixels, and result.json and exact.npy say which pixels those are and how they were made."""
+  from canonsal_jax import outputs, pipeline
+  from tests import tolerance
+
+  exact = pipeline.explain_image(_drill_config(enabled=False))
+  drill = pipeline.explain_image(_drill_config())
+  assert exact.sweep == {"mode": "exact"} and exact.exact.all()
+  where = drill.exact
+  assert 0 < where.sum() < where.size
+  atol = tolerance.rounding_atol(np.append(exact.heatmap, exact.score))
+  np.testing.assert_allclose(drill.heatmap[where], exact.heatmap[where], rtol=0, atol=atol)
+  assert np.abs(drill.heatmap[~where] - exact.heatmap[~where]).max() > 100 * atol  # the coarse map elsewhere
+  np.testing.assert_array_equal(drill.count > 0, exact.count > 0)
+  assert drill.score == exact.score and drill.label == exact.label
+  n = len(pipeline.sweep_plan(_drill_config(), pipeline.check_settings(_drill_config())).centres)
+  assert drill.sweep == {
+    "mode": "drill_down",
+    "coarse_every": 2,
+    "fine_fraction": 0.3,
+    "patches_run": drill.sweep["patches_run"],
+    "num_patches": n == drill.num_patches and n,
+    "exact_share": float(where[drill.count > 0].mean()),
+  }
+  assert n / 4 < drill.sweep["patches_run"] <= n / 4 + int(np.ceil(0.3 * n)) + 2 * np.sqrt(n)
+  summary = outputs.write_occlusion(drill, tmp_path)
+  assert json.loads((tmp_path / "result.json").read_text())["sweep"] == summary["sweep"] == drill.sweep
+  np.testing.assert_array_equal(np.load(tmp_path / "exact.npy"), where)
+
+
+@pytest.mark.slow
+def test_cms_records_the_drill_down_and_refuses_to_mix_maps(dataset, tmp_path):
+  """Per image, the CMS records say how its map was made; a resumed run with another drill-down setting is
+  refused in one line naming the key, before any photo is read; the batched run equals the per-image one."""
+  config = _drill_config()
+  config.cms.max_images = 2
+  per_image = _drill_config()
+  per_image.cms.face_batch = 0
+  per_image.cms.max_images = 2
+  acc = runs.run_cms(config, tmp_path / "batched", dataset=str(dataset))
+  ref = runs.run_cms(per_image, tmp_path / "per_image", dataset=str(dataset))
+  ok = [r for r in acc.records() if r["status"] == "ok"]
+  assert ok and all(r["sweep"]["mode"] == "drill_down" and r["sweep"]["coarse_every"] == 2 for r in ok)
+  assert all(0 < r["sweep"]["exact_share"] < 1 for r in ok)
+  want = {r["index"]: r["sweep"] for r in ref.records() if r["status"] == "ok"}
+  assert {r["index"]: r["sweep"]["patches_run"] for r in ok} == {i: s["patches_run"] for i, s in want.items()}
+  mean, valid = acc.mean("all")
+  mean_ref, valid_ref = ref.mean("all")
+  np.testing.assert_array_equal(valid, valid_ref)
+  np.testing.assert_allclose(mean[valid], mean_ref[valid], rtol=0, atol=5e-5 * np.abs(mean_ref[valid]).max())
+  for change, key in (
+    (_drill_config(enabled=False), "occlusion.drill_down.enabled=False"),
+    (_drill_config(fraction=0.2), "occlusion.drill_down.fine_fraction=0.2"),
+  ):
+    with pytest.raises(config_lib.ConfigError, match=rf"^--config\.{key}: .*cms\.npz holds maps made with") as e:
+      runs.run_cms(change, tmp_path / "batched", dataset=str(dataset))
+    assert "\n" not in str(e.value)
+  runs.run_cms(config, tmp_path / "batched", dataset=str(dataset))  # the same settings resume
+
+
+def test_a_checkpoint_from_before_sweeps_were_recorded_resumes_only_without_drill_down(tmp_path):
+  """Records written before `sweep` was recorded hold the explainer's own maps: an exact or rival run resumes
+  them, a drill-down run does not."""
+  acc = cms.CMSAccumulator(cms.CMSSettings(4))
+  acc.add(0, "a.png", np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), record={"score": 1.0})
+  runs._check_sweep_mode(acc, _fast_config(), tmp_path / "cms.npz")
+  rival = _fast_config()
+  rival.explainer = "grad_cam"
+  runs._check_sweep_mode(acc, rival, tmp_path / "cms.npz")
+  with pytest.raises(config_lib.ConfigError, match=r"^--config\.occlusion\.drill_down\.enabled=True: .*cms\.npz"):
+    runs._check_sweep_mode(acc, _drill_config(), tmp_path / "cms.npz")
