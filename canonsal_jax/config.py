@@ -102,6 +102,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (faces numbered left to right by box centre, as result.json lists them), or a box "x0,y0,x1,y1" in photo
   # pixels (the detected face that overlaps it most, by IoU).
   config.face = "largest"
+  # Annotated 68-point landmarks that replace detection (`datasets.read_landmarks`): a CSV of rows
+  # `image,x0,y0,...,x67,y67` (0-based image pixels), a 300-W `.pts` file or a folder of them named like the
+  # photos. Annotated photos are not detected; a CMS run detects the others. "" = detect every photo.
+  config.landmarks = ""
 
   # The 3D morphable model: "default" (built from CC0 MakeHuman assets at first use) or the folder of a
   # Surrey Face Model copy (sfm_shape_3448.bin and its companions; non-commercial licence, never bundled).
@@ -356,6 +360,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "detector_threshold": _number,
   "detection_cache": _flag,
   "face": _face,
+  "landmarks": _text,
   "morphable_model": lambda v: None if isinstance(v, str) and v else 'must be "default" or a Surrey Face Model folder',
   "occlusion.patch_size": lambda v: None,  # in `validate`: it depends on the model's crop
   "occlusion.stride": _integer(1, " (the patch grid's step, crop pixels)"),

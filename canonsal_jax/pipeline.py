@@ -47,6 +47,7 @@ __all__ = [
   "embed_image",
   "explain_face",
   "explain_image",
+  "find_detection",
   "fit_image",
   "load_input",
   "load_morphable",
@@ -210,14 +211,49 @@ def detect_faces(
   "largest", since the choice names a face of the photo explained). Logs one warning line when the chosen face
   may not be the one meant (`faces.Detection.warning`).
 
+  With `config.landmarks` set, the photo explained (`face` None) is not detected: its annotated 68 landmarks
+  (`datasets.read_landmarks`, matched by `name`) give its one face (`faces.annotated_detection`).
+
   Raises:
     faces.NoFaceError: no face was found (the message names `name`, the settings and the ones to try).
     faces.FaceChoiceError: `config.face` is an index or a box that matches none of the faces found.
+    ValueError: `config.landmarks` holds no annotation for `name`, or a malformed one (naming file and row).
   """
+  landmarks_xy = None
+  if face is None and config.landmarks:
+    from canonsal_jax import datasets
+
+    landmarks_xy = datasets.read_landmarks(config.landmarks, [name], every_row=False).get(name)
+    if landmarks_xy is None:
+      raise ValueError(f"{name}: --config.landmarks={config.landmarks} holds no landmarks for this photo")
+  detection = find_detection(config, pixels, name, detector, face=face, landmarks_xy=landmarks_xy)
+  warning = detection.warning(name)
+  if warning is not None:
+    logging.warning("%s", warning)
+  return detection
+
+
+def find_detection(
+  config,
+  pixels: np.ndarray,
+  name: str,
+  detector: faces.FaceDetector | None,
+  *,
+  face: str | None = None,
+  landmarks_xy: np.ndarray | None = None,
+  cache: faces.DetectionCache | str | None = "config",
+) -> faces.Detection:
+  """`detect_faces` without its look-up of `config.landmarks` and its warning: the annotated face when
+  `landmarks_xy` (`[68, 2]` image xy) is given, else detection with the config's settings. `cache` is the
+  detection cache to use ("config": the process's when `config.detection_cache` is on; None: none)."""
+  if landmarks_xy is not None:
+    return faces.annotated_detection(landmarks_xy, np.shape(pixels)[:2])
   detector = detector or faces.default_detector(config.detector)
   face = config.face if face is None else face
+  if isinstance(cache, str):
+    cache = detection_cache() if config.detection_cache else None
   try:
-    detection = faces.find_faces(
+    return faces.find_faces(
       pixels,
       name,
       choice=config_lib.parse_face(face),
@@ -225,14 +261,10 @@ def detect_faces(
       detector=detector,
       upsample=config.upsample,
       adjust_threshold=config.detector_threshold,
-      cache=detection_cache() if config.detection_cache else None,
+      cache=cache,
     )
   except faces.NoFaceError as e:
     raise faces.NoFaceError(f"{e}; {_no_face_hint(config)}") from None
-  warning = detection.warning(name)
-  if warning is not None:
-    logging.warning("%s", warning)
-  return detection
 
 
 def detect_face(

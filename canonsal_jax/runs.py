@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, outputs, pipeline, viz
 
@@ -72,6 +73,8 @@ def run_cms(
   spec = dataset if dataset is not None else (config.cms.dataset or datasets.default_dataset())
   files = datasets.files_of(spec)
   labels = datasets.read_labels(config.cms.labels_csv) if config.cms.labels_csv else None
+  # Annotated photos skip detection; a malformed file is refused here, before any photo is read.
+  annotations = datasets.read_landmarks(config.landmarks, files) if config.landmarks else {}
   model3d = pipeline.load_morphable(config.morphable_model)
   texture_size = config.cis.texture_size or canonical.default_texture_size(model.crop.size, model3d)
   settings = cms.CMSSettings(texture_size, normalisation=config.cms.normalisation, on_invalid="skip")
@@ -89,7 +92,7 @@ def run_cms(
     if not hasattr(local, "detector"):
       local.detector = faces.FaceDetector(config.detector)
     pixels = fileio.load_image(path)
-    detection = pipeline.detect_faces(config, pixels, path, local.detector)
+    detection = pipeline.find_detection(config, pixels, path, local.detector, landmarks_xy=annotations.get(path))
     with lock:  # host seconds, overlapped with the device stages by the prefetch threads
       timings["host_load_detect"] = timings.get("host_load_detect", 0.0) + time.perf_counter() - begin
     return pixels, detection
@@ -145,7 +148,14 @@ def run_cms(
         progress(k, mine, item.name)
 
   pending: list[datasets.Prefetched] = []
+  annotated = 0
   for item in items:
+    if item.error is None:
+      detection = item.value[1]
+      annotated += detection.choice == "landmarks"
+      warning = detection.warning(item.name)
+      if warning is not None:
+        logging.warning("%s", warning)
     if item.error is not None:
       record = {} if labels is None else {"true_label": datasets.true_label(labels, item.name)}
       acc.skip(item.index, item.name, f"{type(item.error).__name__}: {item.error}", record=record)
@@ -175,6 +185,7 @@ def run_cms(
     detection_cache=None
     if detections is None
     else {"hits": detections.hits - counted_before[0], "misses": detections.misses - counted_before[1]},
+    host={"annotated": annotated},
   )
   summary_name = "summary.json" if num_processes == 1 else f"summary.process{process_index}.json"
   if num_processes > 1:

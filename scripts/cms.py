@@ -4,6 +4,8 @@ python scripts/cms.py --out_dir=/tmp/cms                                  # defa
 python scripts/cms.py --images=photos/ --model=age --out_dir=out          # rerun the same command to resume
 python scripts/cms.py --images=photos/ --model=gender --out_dir=out --overwrite  # replace another run's outputs
 python scripts/cms.py --images=builtin:photos --config.cms.labels_csv=labels.csv --out_dir=out
+python scripts/cms.py --images=300w/ --landmarks=300w/ --out_dir=out  # annotated photos: no detection (.pts)
+python scripts/cms.py --images=photos/ --landmarks=points.csv --out_dir=out  # rows image,x0,y0,...,x67,y67
 python scripts/cms.py --list_models                                        # what --model accepts
 python scripts/cms.py --list_config                                        # every --config.<key> and its value
 
@@ -21,7 +23,7 @@ from absl import app, flags, logging
 from canonsal_jax import cli
 
 _CONFIG = cli.define_config()
-_OVERRIDES = cli.define_overrides()
+_OVERRIDES = cli.define_overrides(landmarks=True)
 _IMAGES = flags.DEFINE_string(
   "images", None, 'Folder, .txt list, glob, or "builtin:lfw" / "builtin:photos" (overrides config.cms.dataset).'
 )

