@@ -62,7 +62,8 @@ BUILTIN_MODELS = {
 }
 # The values the library accepts, here so that a config is checked before JAX or dlib is imported; each equals its
 # library home (tests/test_config.py): faces.DETECTOR_KINDS, models.SCORE_KINDS, occlusion.BASELINES and
-# REDUCTIONS (with "black" and "white", which `pipeline` resolves), attribution.METHODS, cms.NORMALISATIONS.
+# REDUCTIONS (with "black" and "white", which `pipeline` resolves), attribution.METHODS, cms.NORMALISATIONS,
+# datasets.HOST_POOLS.
 DETECTORS = ("hog", "cnn")
 SCORE_KINDS = ("logit", "log_softmax", "log_odds", "probability", "expected_value", "cosine")
 BASELINES = ("black", "white", "mean", "blur")
@@ -76,6 +77,7 @@ ATTRIBUTION_METHODS = (
   "rise",
 )
 NORMALISATIONS = ("none", "max_abs", "sum_abs")
+HOST_POOLS = ("processes", "threads")  # datasets.HOST_POOLS
 FIGURE_FORMATS = ("png", "svg", "pdf")  # what `viz.save_figure` writes (viz reads both from here)
 FIGURE_DPI = (20, 1200)  # the dots per inch a figure may have, inclusive
 
@@ -162,7 +164,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.cms.group_by_prediction = True  # also one CMS per predicted class (classifiers; not an expected age)
   config.cms.checkpoint_every = 8  # images between atomic checkpoints (a resumed run equals an uninterrupted one)
   config.cms.max_images = 0  # process at most this many new images in this run (0 = all); rerun to go on
-  config.cms.num_threads = 2  # host threads decoding and detecting ahead of the device work
+  # Host workers decoding photos and detecting faces ahead of the device stages: "processes" (spawned; dlib holds
+  # the GIL in places, so threads stop scaling) or "threads"; how many (0 = this host's cores); how many photos
+  # ahead of the device at most (0 = max(8, 2 x workers, 2 x the faces of one device batch); bounds host memory).
+  config.cms.host_pool = "processes"
+  config.cms.host_workers = 0
+  config.cms.prefetch = 0
   # Faces per device in the batched device programs (sweep, fit, rasterisation, texture sampling): a batch holds
   # face_batch x local devices faces, the last one padded. 0 = one face at a time through `cis_face`.
   config.cms.face_batch = 8
@@ -387,7 +394,9 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "cms.group_by_prediction": _flag,
   "cms.checkpoint_every": _integer(1, " (images)"),
   "cms.max_images": _integer(0, " (0: all)"),
-  "cms.num_threads": _integer(1),
+  "cms.host_pool": _one_of(HOST_POOLS, " (where photos are decoded and faces detected)"),
+  "cms.host_workers": _integer(0, " (0: this host's cores)"),
+  "cms.prefetch": _integer(0, " (photos ahead of the device; 0: automatic)"),
   "cms.face_batch": _integer(0, " (faces per device; 0: one at a time)"),
   "cms.labels_csv": _text,
   "cms.save_textures": _flag,

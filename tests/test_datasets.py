@@ -41,12 +41,44 @@ def test_prefetch_order_errors_skip_and_overlap():
       raise ValueError("bad image 4")
     return x * 10
 
-  out = list(datasets.prefetch(list(range(8)), work, num_threads=3, depth=4, skip={2}))
+  out = list(datasets.prefetch(list(range(8)), work, num_workers=3, depth=4, skip={2}))
   assert [o.index for o in out] == [0, 1, 3, 4, 5, 6, 7]
   assert [o.value for o in out if o.error is None] == [0, 10, 30, 50, 60, 70]
   (bad,) = [o for o in out if o.error is not None]
   assert bad.index == 4 and "bad image 4" in str(bad.error)
   assert peak[0] >= 2  # items really were prepared concurrently
+
+
+def test_processes_decode_as_this_process_does_and_an_error_is_an_item(tmp_path):
+  """Worker processes (spawned) return what decoding here returns, in order; a corrupt file comes back as that
+  item's error, and the items after it are still done."""
+  import numpy as np
+
+  from canonsal_jax import fileio
+
+  files = datasets.builtin_dataset("lfw")[:4]
+  corrupt = tmp_path / "corrupt.jpg"
+  corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  items = [files[0], str(corrupt), *files[1:]]
+  with datasets.prefetch(items, fileio.load_image, num_workers=2, pool="processes", depth=3) as prefetched:
+    out = list(prefetched)
+  assert [o.index for o in out] == list(range(5))
+  assert isinstance(out[1].error, fileio.ImageError) and "corrupt.jpg" in str(out[1].error)
+  for o in (o for o in out if o.index != 1):
+    assert o.error is None
+    np.testing.assert_array_equal(o.value, fileio.load_image(items[o.index]))
+  with pytest.raises(ValueError, match="host pool is one of processes, threads"):
+    datasets.host_executor("fibres", 2)
+
+
+def test_a_worker_process_that_dies_is_replaced():
+  """`os._exit` in a worker (as a crash in native code would) breaks the pool: the items in flight go again in
+  a new one, and the item that kills its worker every time is recorded, not raised."""
+  import os
+
+  out = list(datasets.prefetch([0, 1, 2, 3], os._exit, num_workers=1, pool="processes", depth=1, skip={1, 2, 3}))
+  (item,) = out
+  assert item.index == 0 and isinstance(item.error, RuntimeError) and "died on this item twice" in str(item.error)
 
 
 # ------------------------------------------------------------------ annotated landmarks (config.landmarks)

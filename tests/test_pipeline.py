@@ -1,5 +1,6 @@
 """The CIS and CMS drivers end to end on real photos: outputs, skipped inputs, and exact resume."""
 
+import functools
 import json
 import pathlib
 import shutil
@@ -131,6 +132,7 @@ def test_a_second_model_over_the_same_photos_detects_nothing(dataset, tmp_path, 
   real = faces.FaceDetector.detect
   monkeypatch.setattr(faces.FaceDetector, "detect", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
   config = _fast_config()
+  config.cms.host_pool = "threads"  # the counting detector lives in this process
   runs.run_cms(config, tmp_path / "gender", dataset=str(dataset))
   first = len(calls)
   assert first == 4  # the four decodable photos; the corrupt file never reaches detection
@@ -189,6 +191,7 @@ def test_cms_detects_only_the_photos_without_annotations(tmp_path, monkeypatch):
   monkeypatch.setattr(faces.FaceDetector, "detect", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
   config = _fast_config()
   config.detection_cache = False
+  config.cms.host_pool = "threads"  # the counting detector lives in this process
   config.landmarks = str(tmp_path / "photos")
   acc = runs.run_cms(config, tmp_path / "out", dataset=str(tmp_path / "photos"))
   assert len(calls) == 1
@@ -200,3 +203,52 @@ def test_cms_detects_only_the_photos_without_annotations(tmp_path, monkeypatch):
   assert all(r["status"] == "ok" for r in records.values())
   summary = json.loads((tmp_path / "out" / "summary.json").read_text())
   assert summary["host_this_run"]["annotated"] == 3
+
+
+@pytest.mark.slow
+def test_worker_processes_detect_what_this_process_detects(tmp_path):
+  """The dataset run's host work in spawned worker processes, on real photos (the built-in colour photos: one,
+  two and three faces): the same faces, landmarks and choice as `find_detection` here, bit for bit; the second
+  pass over a shared detection cache reads every entry; a photo that cannot be read is an item's error."""
+  from canonsal_jax import pipeline
+
+  files = datasets.builtin_dataset("photos")[:6]
+  corrupt = tmp_path / "corrupt.jpg"
+  corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  files.insert(2, str(corrupt))
+  config = _fast_config()
+  config.face = "central"
+  host = pipeline.HostSettings(config, str(tmp_path / "detections"))
+  tasks = [(f, None) for f in files]
+
+  def run():
+    with datasets.prefetch(
+      tasks,
+      functools.partial(pipeline.load_and_detect, host),
+      num_workers=2,
+      pool="processes",
+      initializer=pipeline.start_host_worker,
+      initargs=(host,),
+    ) as items:
+      return list(items)
+
+  cold, warm = run(), run()
+  assert isinstance(cold[2].value.error, fileio.ImageError) and cold[2].value.cache_hit is None
+  assert all(o.error is None for o in cold + warm)
+  assert [o.value.cache_hit for o in cold if o.value.error is None] == [False] * 6
+  assert [o.value.cache_hit for o in warm if o.value.error is None] == [True] * 6
+  config.detection_cache = False
+  for path, got, again in zip(files, cold, warm):
+    if got.value.error is not None:
+      continue
+    pixels = fileio.load_image(path)
+    want = pipeline.find_detection(config, pixels, path, None)
+    np.testing.assert_array_equal(got.value.pixels, pixels)
+    for found in (got.value.detection, again.value.detection):
+      assert (found.index, found.choice, found.image_size) == (want.index, want.choice, want.image_size)
+      assert len(found.faces) == len(want.faces)
+      for a, b in zip(found.faces, want.faces):
+        np.testing.assert_array_equal(a.box_xyxy, b.box_xyxy)
+        np.testing.assert_array_equal(a.landmarks_xy, b.landmarks_xy)
+        np.testing.assert_array_equal(a.landmarks5_xy, b.landmarks5_xy)
+        assert a.score == b.score
