@@ -27,14 +27,16 @@ import math
 import os
 import pathlib
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dlib
 import numpy as np
 from PIL import Image
 
 from canonsal_jax import assets, fileio
-from canonsal_jax.models.base import CropSpec
+
+if TYPE_CHECKING:  # an annotation only: importing models loads JAX, which a host worker process does not need
+  from canonsal_jax.models.base import CropSpec
 
 __all__ = [
   "DETECTOR_KINDS",

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, outputs, pipeline, viz
+from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, host, outputs, pipeline, viz
 
 __all__ = ["run_cms"]
 
@@ -102,14 +102,14 @@ def run_cms(
   # Decoding and detection run in host workers, started now so that they overlap building the device programs;
   # the device stages below take their results in order, a bounded number of photos ahead.
   workers = config.cms.host_workers or datasets.default_workers()
-  host = pipeline.HostSettings(config, str(detections.folder) if detections is not None else None)
+  host_settings = host.HostSettings(config, str(detections.folder) if detections is not None else None)
   items = datasets.prefetch(
     [(path, annotations.get(path)) for path in files],
-    functools.partial(pipeline.load_and_detect, host),
+    functools.partial(host.load_and_detect, host_settings),
     num_workers=workers,
     pool=config.cms.host_pool,
-    initializer=pipeline.start_host_worker,
-    initargs=(host,),
+    initializer=host.start_host_worker,
+    initargs=(host_settings,),
     depth=config.cms.prefetch or max(8, 2 * workers, 2 * group),
     skip=skip,
     name_fn=lambda task: task[0],

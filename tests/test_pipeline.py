@@ -208,9 +208,9 @@ def test_cms_detects_only_the_photos_without_annotations(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_worker_processes_detect_what_this_process_detects(tmp_path):
   """The dataset run's host work in spawned worker processes, on real photos (the built-in colour photos: one,
-  two and three faces): the same faces, landmarks and choice as `find_detection` here, bit for bit; the second
+  two and three faces): the same faces, landmarks and choice as `host.find_detection` here, bit for bit; the second
   pass over a shared detection cache reads every entry; a photo that cannot be read is an item's error."""
-  from canonsal_jax import pipeline
+  from canonsal_jax import host
 
   files = datasets.builtin_dataset("photos")[:6]
   corrupt = tmp_path / "corrupt.jpg"
@@ -218,17 +218,17 @@ def test_worker_processes_detect_what_this_process_detects(tmp_path):
   files.insert(2, str(corrupt))
   config = _fast_config()
   config.face = "central"
-  host = pipeline.HostSettings(config, str(tmp_path / "detections"))
+  host_settings = host.HostSettings(config, str(tmp_path / "detections"))
   tasks = [(f, None) for f in files]
 
   def run():
     with datasets.prefetch(
       tasks,
-      functools.partial(pipeline.load_and_detect, host),
+      functools.partial(host.load_and_detect, host_settings),
       num_workers=2,
       pool="processes",
-      initializer=pipeline.start_host_worker,
-      initargs=(host,),
+      initializer=host.start_host_worker,
+      initargs=(host_settings,),
     ) as items:
       return list(items)
 
@@ -242,7 +242,7 @@ def test_worker_processes_detect_what_this_process_detects(tmp_path):
     if got.value.error is not None:
       continue
     pixels = fileio.load_image(path)
-    want = pipeline.find_detection(config, pixels, path, None)
+    want = host.find_detection(config, pixels, path, None)
     np.testing.assert_array_equal(got.value.pixels, pixels)
     for found in (got.value.detection, again.value.detection):
       assert (found.index, found.choice, found.image_size) == (want.index, want.choice, want.image_size)
