@@ -908,7 +908,9 @@ def _host_task(settings: Any, task: tuple[str, Any]) -> Any:
 
 
 def host_detection_rate(
-  files: Sequence[str], *, pools: Sequence[tuple[str, int]] = (("processes", 1), ("processes", 2), ("threads", 2))
+  files: Sequence[str],
+  *,
+  pools: Sequence[tuple[str, int]] = (("processes", 1), ("processes", 2), ("threads", 1), ("threads", 2)),
 ) -> list[dict[str, Any]]:
   """Decoding + detection alone (no device work): `runs.run_cms`'s host work over `files` in each pool, with no
   detection cache (every photo detected).
@@ -974,18 +976,18 @@ def host_pipeline(
   timeout_s: float = 900.0,
 ) -> dict[str, Any]:
   """The host side of the main job (`datasets.default_dataset()`, the first `max_images` photos), measured in one
-  run: detection alone in 1 and 2 worker processes and 2 threads (`host_detection_rate`), then whole CMS runs
+  run: detection alone in 1 and 2 worker processes and threads (`host_detection_rate`), then whole CMS runs
   (`cms_child`, each in its own process, programs compiled by a warm-up first), with their images/s and the
   share of wall time the device stages waited on the host:
 
-  * cold: an empty detection cache, host work in 1 process, 2 processes, 2 threads;
-  * warm: the cache the 2-process cold run filled, the same model again;
+  * cold: an empty detection cache, host work in 1 thread, 2 threads, 2 processes;
+  * warm: the cache the 2-thread cold run filled, the same model again;
   * second model: `second_model` (stride `second_stride`) over the same warm cache, as an auditor's next run.
 
   Returns:
     "detection" (`host_detection_rate`'s rows), "runs" (`cms_child`'s results, each with "label"), and the
-    ratios: "detect_2_over_1_processes", "warm_over_cold" (images/s, 2 processes). `dataset` (a folder, list
-    or glob) replaces the main job's photos.
+    ratios: "detect_2_over_1_processes", "detect_2_over_1_threads", "warm_over_cold" (images/s, 2 threads).
+    `dataset` (a folder, list or glob) replaces the main job's photos.
   """
   files = (datasets.list_images(dataset) if dataset else datasets.default_dataset())[:max_images]
   root = pathlib.Path(out_dir)
@@ -994,11 +996,11 @@ def host_pipeline(
   detection = host_detection_rate(files)
   rate = {(r["pool"], r["workers"]): r["images_per_s"] for r in detection}
   plan = [
-    ("cold, 1 process", model, 0, "processes", 1, "cold1"),
-    ("cold, 2 processes", model, 0, "processes", 2, "cold2"),
-    ("cold, 2 threads", model, 0, "threads", 2, "cold_threads"),
-    ("warm, 2 processes", model, 0, "processes", 2, "cold2"),
-    (f"warm, 2 processes, second model ({second_model})", second_model, second_stride, "processes", 2, "cold2"),
+    ("cold, 1 thread", model, 0, "threads", 1, "cold1"),
+    ("cold, 2 threads", model, 0, "threads", 2, "cold2"),
+    ("cold, 2 processes", model, 0, "processes", 2, "cold_processes"),
+    ("warm, 2 threads", model, 0, "threads", 2, "cold2"),
+    (f"warm, 2 threads, second model ({second_model})", second_model, second_stride, "threads", 2, "cold2"),
   ]
   results = []
   for label, name, stride, pool, workers, cache in plan:
@@ -1020,8 +1022,8 @@ def host_pipeline(
     code = f"import json; from benchmarks import bench; print({_CHILD_MARK!r} + json.dumps(bench.cms_child({spec!r})))"
     result = _child_result(code, dict(os.environ), timeout_s, f"cms run: {label}")
     results.append({"label": label, "pool": pool, "workers": workers, **result})
-  cold2 = next(r for r in results if r["label"] == "cold, 2 processes")
-  warm = next(r for r in results if r["label"] == "warm, 2 processes")
+  cold2 = next(r for r in results if r["label"] == "cold, 2 threads")
+  warm = next(r for r in results if r["label"] == "warm, 2 threads")
   return {
     "images": len(files),
     "model": model,
@@ -1029,6 +1031,7 @@ def host_pipeline(
     "detection": detection,
     "runs": results,
     "detect_2_over_1_processes": rate[("processes", 2)] / rate[("processes", 1)],
+    "detect_2_over_1_threads": rate[("threads", 2)] / rate[("threads", 1)],
     "detect_processes_over_threads": rate[("processes", 2)] / rate[("threads", 2)],
     "warm_over_cold": warm["images_per_s"] / cold2["images_per_s"],
   }
