@@ -164,13 +164,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.cms.group_by_prediction = True  # also one CMS per predicted class (classifiers; not an expected age)
   config.cms.checkpoint_every = 8  # images between atomic checkpoints (a resumed run equals an uninterrupted one)
   config.cms.max_images = 0  # process at most this many new images in this run (0 = all); rerun to go on
-  # Host workers decoding photos and detecting faces ahead of the device stages: "threads" or "processes"
-  # (spawned; each result is copied back). dlib's HOG detector and landmark predictors release the GIL for their
-  # work: on this project's 2-core machine 2 threads detect 1.9x as fast as 1, 2 processes 1.4x (a process pays
-  # ~10 ms per photo to send it back; BENCHMARKS.md, "The host pipeline"), so threads are the default; try
-  # processes on many-core hosts. How many (0 = the cores this process may use); how many photos ahead of the
-  # device at most (0 = max(8, 2 x workers, 2 x the faces of one device batch); bounds host memory).
-  config.cms.host_pool = "threads"
+  # Host workers decoding photos and detecting faces ahead of the device stages: "processes" (spawned; each photo
+  # is copied back) or "threads" (dlib releases the GIL while it detects). On the 2-core machine of BENCHMARKS.md
+  # ("The host pipeline") 2 processes detect 1.84x as fast as 1, 2 threads 1.47x as fast as 1, and a whole run
+  # with 2 processes beats one with 2 threads. How many (0 = the cores this process may use); how many photos
+  # ahead of the device at most (0 = max(8, 2 x workers, 2 x the faces of one device batch); bounds host memory).
+  config.cms.host_pool = "processes"
   config.cms.host_workers = 0
   config.cms.prefetch = 0
   # Faces per device in the batched device programs (sweep, fit, rasterisation, texture sampling): a batch holds

@@ -270,10 +270,10 @@ def prefetch(
   the item's `error`, so a dataset run can record and skip a bad input without losing the rest; a worker
   process that dies (native code crashing) is replaced, and the items it may have held go again once.
 
-  Threads share the process: Pillow and dlib release the GIL for most of their work (2 threads detect 1.9x as
-  fast as one on a 2-core machine), but the Python between their calls holds it. Processes hold no lock in
-  common; they cost a start-up per worker (an interpreter, the imports, `initializer`) and a copy of each result
-  through a pipe (about 10 ms a photo there).
+  Threads share the process: Pillow and dlib release the GIL for most of their work, but the Python between
+  their calls holds it (on a 2-core machine 2 threads detect 1.47x as fast as one, 2 processes 1.84x).
+  Processes hold no lock in common; they cost a start-up per worker (an interpreter, the imports,
+  `initializer`) and a copy of each result through a pipe (about 10 ms a photo there).
 
   Args:
     items: the dataset (e.g. file paths); item i gets index i. With processes, items, `fn`, its results and

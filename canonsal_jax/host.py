@@ -1,8 +1,8 @@
 """A dataset run's host work on one photo: decode it, then its annotated face or its detections.
 
 `run_cms` runs `load_and_detect` in worker processes (or threads) ahead of the device stages
-(`datasets.prefetch`). This module imports no JAX, so a spawned worker starts in about a second: an
-interpreter, numpy, Pillow, dlib and its landmark models (`start_host_worker`, once per worker).
+(`datasets.prefetch`). This module imports no JAX, so a spawned worker loads only an interpreter, numpy,
+Pillow, dlib and its landmark models (`start_host_worker`, once per worker).
 """
 
 from __future__ import annotations
