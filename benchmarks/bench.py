@@ -794,22 +794,31 @@ def cms_child(spec: dict[str, Any]) -> dict[str, Any]:
 
   assets.enable_compilation_cache()  # the warm-up's compilations persist between runs, as the scripts' do
 
+  from canonsal_jax import pipeline
+
   config = config_lib.default_config()
   config.model = spec["model"]
   config.morphable_model = spec["morphable_model"]
+  config.occlusion.stride = spec.get("stride", config.occlusion.stride)
   config.cms.face_batch = spec["face_batch"]
-  config.cms.num_threads = spec["num_threads"]
+  config.cms.host_workers = spec["num_threads"]
+  config.cms.host_pool = spec.get("host_pool", "threads")
   config.cms.checkpoint_every = spec["checkpoint_every"]
   out = pathlib.Path(spec["out_dir"])
   files = list(spec["files"])
-  # run_cms builds one detector per prefetch thread and run (dlib's are not shared between threads); its
+  # run_cms starts one detector per host worker and run (dlib's are not shared between threads); its
   # 68-landmark predictor is a 100 MB file, so this set-up is part of "host_load_detect": measure it apart.
   start = time.perf_counter()
   faces.FaceDetector(config.detector)
   detector_init_s = time.perf_counter() - start
+  # The detection cache of each run: the warm-up's own (it must not warm the timed run's), then the one given.
+  folders = [spec.get("warmup_detections_dir"), spec.get("detections_dir")]
+  caches = [faces.DetectionCache(f) if f else pipeline.detection_cache() for f in folders]
   start = time.perf_counter()
+  pipeline.detection_cache = lambda: caches[0]
   runs.run_cms(config, out / "warmup", dataset=files[: spec["warmup_images"]])
   warmup_s = time.perf_counter() - start
+  pipeline.detection_cache = lambda: caches[1]
   start = time.perf_counter()
   runs.run_cms(config, out / "timed", dataset=files)
   wall_s = time.perf_counter() - start
@@ -829,6 +838,11 @@ def cms_child(spec: dict[str, Any]) -> dict[str, Any]:
     "detector_init_s": detector_init_s,
     # Thread-seconds of decoding + detection per image, less one detector set-up per prefetch thread.
     "detect_s_per_image": (stages.get("host_load_detect", 0.0) - spec["num_threads"] * detector_init_s) / len(files),
+    # Main-thread seconds the device stages waited for decoded, detected photos: the host on the critical path.
+    "host_wait_s": stages.get("host_wait", 0.0),
+    "host_share_of_wall": stages.get("host_wait", 0.0) / summary["seconds_this_run"],
+    "detection_cache": summary["detection_cache_this_run"],
+    "host": summary["host_this_run"],
     # run_cms's seconds not in a main-thread stage: set-up (models, programs from the process cache), waiting
     # for the prefetch threads (decoding + detection), the final checkpoint.
     "unattributed_s": summary["seconds_this_run"] - main,
@@ -885,6 +899,160 @@ def cms_e2e(
     code = f"import json; from benchmarks import bench; print({_CHILD_MARK!r} + json.dumps(bench.cms_child({spec!r})))"
     results.append(_child_result(code, env, timeout_s, f"cms run with {d} devices, face_batch {fb}"))
   return {"model": model, "morphable_model": morphable_model, "num_threads": num_threads, "runs": results}
+
+
+# The longest a warm-up task waits for the pool's other workers to start.
+_WARMUP_TIMEOUT_S = 120.0
+
+
+def _host_task(settings: Any, task: tuple[str, Any]) -> Any:
+  """`host.load_and_detect`, or a warm-up `("warmup", folder, workers)`: it checks in (a file named after its
+  worker) and waits until `workers` workers have, so no worker takes two warm-ups and every worker has started
+  (its dlib models loaded) before the timed photos are handed out."""
+  import threading
+
+  from canonsal_jax import host
+
+  if task[0] != "warmup":
+    return host.load_and_detect(settings, task)
+  _, folder, workers = task
+  (pathlib.Path(folder) / f"{os.getpid()}_{threading.get_ident()}").touch()
+  deadline = time.perf_counter() + _WARMUP_TIMEOUT_S
+  while len(os.listdir(folder)) < workers:
+    if time.perf_counter() > deadline:
+      raise TimeoutError(f"{workers} host workers did not all start within {_WARMUP_TIMEOUT_S:.0f} s")
+    time.sleep(0.005)
+  return None
+
+
+def host_detection_rate(
+  files: Sequence[str],
+  *,
+  pools: Sequence[tuple[str, int]] = (("processes", 1), ("processes", 2), ("threads", 1), ("threads", 2)),
+) -> list[dict[str, Any]]:
+  """Decoding + detection alone (no device work): `runs.run_cms`'s host work over `files` in each pool, with no
+  detection cache (every photo detected).
+
+  Each pool first runs one warm-up task per worker (`_host_task`), so every worker has started and loaded
+  dlib's models before the clock starts; then the photos are timed.
+
+  Returns:
+    Per pool: "startup_s" (the pool started to every worker ready), "seconds" and "images_per_s" over the photos.
+  """
+  import functools
+  import tempfile
+
+  from canonsal_jax import config as config_lib
+  from canonsal_jax import host
+
+  config = config_lib.default_config()
+  host_settings = host.HostSettings(config, None)
+  rows = []
+  for kind, workers in pools:
+    checked_in = tempfile.mkdtemp(prefix="canonsal_warmup_")
+    tasks = [("warmup", checked_in, workers)] * workers + [(f, None) for f in files]
+    start = time.perf_counter()
+    with datasets.prefetch(
+      tasks,
+      functools.partial(_host_task, host_settings),
+      num_workers=workers,
+      pool=kind,
+      initializer=host.start_host_worker,
+      initargs=(host_settings,),
+      depth=max(8, 2 * workers),
+    ) as items:
+      ready, failed = None, 0
+      for item in items:
+        if item.index == workers - 1:
+          ready = time.perf_counter()
+        failed += item.error is not None or (item.value is not None and item.value.error is not None)
+    end = time.perf_counter()
+    shutil.rmtree(checked_in)
+    rows.append(
+      {
+        "pool": kind,
+        "workers": workers,
+        "images": len(files),
+        "failed": failed,
+        "startup_s": ready - start,
+        "seconds": end - ready,
+        "images_per_s": len(files) / (end - ready),
+      }
+    )
+  return rows
+
+
+def host_pipeline(
+  *,
+  max_images: int = 101,
+  model: str = "gender",
+  second_model: str = "age",
+  second_stride: int = 4,
+  face_batch: int = 8,
+  out_dir: str | os.PathLike[str],
+  dataset: str | None = None,
+  timeout_s: float = 900.0,
+) -> dict[str, Any]:
+  """The host side of the main job (`datasets.default_dataset()`, the first `max_images` photos), measured in one
+  run: detection alone in 1 and 2 worker processes and threads (`host_detection_rate`), then whole CMS runs
+  (`cms_child`, each in its own process, programs compiled by a warm-up first), with their images/s and the
+  share of wall time the device stages waited on the host:
+
+  * cold: an empty detection cache, host work in 1 thread, 2 threads, 2 processes;
+  * warm: the cache the 2-thread cold run filled, the same model again;
+  * second model: `second_model` (stride `second_stride`) over the same warm cache, as an auditor's next run.
+
+  Returns:
+    "detection" (`host_detection_rate`'s rows), "runs" (`cms_child`'s results, each with "label"), and the
+    ratios: "detect_2_over_1_processes", "detect_2_over_1_threads", "warm_over_cold" (images/s, 2 threads).
+    `dataset` (a folder, list or glob) replaces the main job's photos.
+  """
+  files = (datasets.list_images(dataset) if dataset else datasets.default_dataset())[:max_images]
+  root = pathlib.Path(out_dir)
+  shutil.rmtree(root, ignore_errors=True)
+  root.mkdir(parents=True)
+  detection = host_detection_rate(files)
+  rate = {(r["pool"], r["workers"]): r["images_per_s"] for r in detection}
+  plan = [
+    ("cold, 1 thread", model, 0, "threads", 1, "cold1"),
+    ("cold, 2 threads", model, 0, "threads", 2, "cold2"),
+    ("cold, 2 processes", model, 0, "processes", 2, "cold_processes"),
+    ("warm, 2 threads", model, 0, "threads", 2, "cold2"),
+    (f"warm, 2 threads, second model ({second_model})", second_model, second_stride, "threads", 2, "cold2"),
+  ]
+  results = []
+  for label, name, stride, pool, workers, cache in plan:
+    run_dir = root / label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    spec = {
+      "model": name,
+      "morphable_model": "default",
+      "face_batch": face_batch,
+      "num_threads": workers,
+      "host_pool": pool,
+      "checkpoint_every": max_images,
+      "out_dir": str(run_dir),
+      "files": files,
+      "warmup_images": face_batch,
+      "warmup_detections_dir": str(run_dir / "warmup_detections"),
+      "detections_dir": str(root / f"detections_{cache}"),
+      **({"stride": stride} if stride else {}),
+    }
+    code = f"import json; from benchmarks import bench; print({_CHILD_MARK!r} + json.dumps(bench.cms_child({spec!r})))"
+    result = _child_result(code, dict(os.environ), timeout_s, f"cms run: {label}")
+    results.append({"label": label, "pool": pool, "workers": workers, **result})
+  cold2 = next(r for r in results if r["label"] == "cold, 2 threads")
+  warm = next(r for r in results if r["label"] == "warm, 2 threads")
+  return {
+    "images": len(files),
+    "model": model,
+    "second_model": second_model,
+    "detection": detection,
+    "runs": results,
+    "detect_2_over_1_processes": rate[("processes", 2)] / rate[("processes", 1)],
+    "detect_2_over_1_threads": rate[("threads", 2)] / rate[("threads", 1)],
+    "detect_processes_over_threads": rate[("processes", 2)] / rate[("threads", 2)],
+    "warm_over_cold": warm["images_per_s"] / cold2["images_per_s"],
+  }
 
 
 # ------------------------------------------------------------------------------------------ fit vs eos, scaling

@@ -4,6 +4,7 @@
 #
 #   here:  CANONSAL_CACHE_DIR=/tmp/cs_cache benchmarks/gpu_bench.sh prepare   # -> gpu_cache/ (weights, wheels, VGG positions)
 #   there: benchmarks/gpu_bench.sh run OUT_DIR [SECONDS]                     # JSON and one log -> OUT_DIR
+#   there: benchmarks/gpu_bench.sh host OUT_DIR [SECONDS]                    # the end_to_end suite (host pipeline)
 #   smoke: GPU_BENCH_SMOKE=1 benchmarks/gpu_bench.sh run /tmp/smoke 900      # the same parts, tiny, on this CPU
 #
 # gpu_cache/ holds the converted .npz weights and the age/gender manifest (the models load from it; nothing is
@@ -29,6 +30,19 @@ case "${1:-run}" in
       mkdir -p "$d" && cp "$f" "$d/"
     done
     python -m pip download -q --no-deps --only-binary=:all: -d "$cache/whl" captum==0.9.0 trimesh==4.5.3 flax==0.12.8
+    # The host pipeline (`host`): dlib's landmark models, the main job's photos as files (no scikit-image there),
+    # and a binary dlib for the GPU machine's Python 3.12 (the same dlib version as here, so detection-cache keys
+    # agree); without that wheel the `host` part says it is skipped.
+    for f in "$src"/assets/*/shape_predictor_68_face_landmarks.dat "$src"/assets/*/shape_predictor_5_face_landmarks.dat; do
+      d="$cache/assets/$(basename "$(dirname "$f")")"
+      mkdir -p "$d" && cp "$f" "$d/"
+    done
+    mkdir -p "$cache/host_photos"
+    python -c 'import shutil, sys; from canonsal_jax import datasets
+for i, f in enumerate(datasets.default_dataset()): shutil.copy(f, f"{sys.argv[1]}/{i:03d}_" + f.rsplit("/", 1)[1])' \
+      "$cache/host_photos"
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+      -d "$cache/whl" dlib-bin==20.0.1.post1 || echo "no dlib-bin wheel for Python 3.12: the host part will be skipped"
     python - "$cache" <<'EOF'
 import sys
 
@@ -44,7 +58,7 @@ print(f"{len(centres)} vertex-centred positions on {vgg.INPUT_SIZE} px")
 EOF
     du -sh "$cache"
     ;;
-  run | followup)
+  run | followup | host)
     mode=$1
     out=${2:-${OUT:-/tmp/gpu_bench}}
     budget=${3:-560}
@@ -57,6 +71,7 @@ EOF
     if [ -z "${GPU_BENCH_SMOKE:-}" ]; then
       # Wheels: captum and trimesh always; flax only where the machine's is older than ours (nnx API).
       wheels=("$cache"/whl/captum-*.whl "$cache"/whl/trimesh-*.whl)
+      [ "$mode" = host ] && wheels=("$cache"/whl/dlib_bin-*.whl)
       if ! "$py" -c 'import flax, sys; sys.exit(tuple(map(int, flax.__version__.split(".")[:2])) < (0, 12))'; then
         wheels+=("$cache"/whl/flax-*.whl)
       fi
@@ -99,7 +114,18 @@ EOF
       "$py" -c 'import jax, jaxlib, torch, flax, sys; print(sys.version); print("jax", jax.__version__, "jaxlib",
 jaxlib.__version__, "flax", flax.__version__, "torch", torch.__version__, jax.devices())'
     } 2>&1 | tee -a "$log"
-    if [ "$mode" = run ]; then
+    if [ "$mode" = host ]; then
+      # Images/s of the main job and the share of wall time the device waits on the host (decoding, dlib),
+      # cold and warm detection cache, 1 and 2 worker processes, 2 threads, a second model (BENCHMARKS.md).
+      if "$py" -c 'import dlib' 2>>"$log"; then
+        host_args=(--host_images=101)
+        [ -n "${GPU_BENCH_SMOKE:-}" ] && host_args=(--host_images=12)
+        part end_to_end 500 "$py" -m benchmarks.benchmark --suite=end_to_end "${host_args[@]}" \
+          --host_dataset="$cache/host_photos" --host_out_dir="$out/host_runs" --json_out="$out/end_to_end.json"
+      else
+        echo "=== end_to_end: skipped (no dlib on this machine)" | tee -a "$log"
+      fi
+    elif [ "$mode" = run ]; then
       part torch_faces 170 "${bm[@]}" --suite=torch --models=gender,age,expression "${face[@]}" \
         --perturbations_per_eval=16,64,256 --json_out="$out/torch_faces.json"
       part torch_vgg_vertices 100 "${bm[@]}" --suite=torch --models=vgg16 "${vgg[@]}" \
@@ -130,10 +156,11 @@ jaxlib.__version__, "flax", flax.__version__, "torch", torch.__version__, jax.de
       part model_graphs 60 "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider -k "not identity" \
         tests/test_incremental_models.py
     fi
-    grep -E "^(gender|age|expression|vgg16) |speed-up|^=== |passed|failed|FAILED|ERROR" "$log" || true
+    grep -E "^(gender|age|expression|vgg16) |speed-up|^=== |^detection alone|^cold|^warm|^ratios|passed|failed|FAILED|ERROR" \
+      "$log" || true
     ;;
   *)
-    echo "usage: $0 prepare | run [OUT_DIR [SECONDS]] | followup [OUT_DIR [SECONDS]]" >&2
+    echo "usage: $0 prepare | run [OUT_DIR [SECONDS]] | followup [OUT_DIR [SECONDS]] | host [OUT_DIR [SECONDS]]" >&2
     exit 2
     ;;
 esac

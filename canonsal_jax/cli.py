@@ -127,10 +127,10 @@ def define_config(default: str = "default.py") -> flags.FlagHolder:
 
 
 def define_overrides(
-  *, model: bool = True, morphable_model: bool = True, face: bool = False
+  *, model: bool = True, morphable_model: bool = True, face: bool = False, landmarks: bool = False
 ) -> dict[str, flags.FlagHolder]:
-  """`--model` (with `--list_models`), `--morphable_model` and/or `--face`, shortcuts for `--config.model`,
-  `--config.morphable_model` and `--config.face`."""
+  """`--model` (with `--list_models`), `--morphable_model`, `--face` and/or `--landmarks`, shortcuts for
+  `--config.model`, `--config.morphable_model`, `--config.face` and `--config.landmarks`."""
   holders = {}
   if model:
     holders["model"] = flags.DEFINE_string(
@@ -150,6 +150,14 @@ def define_overrides(
       "Which detected face to explain (overrides config.face): largest (default), central (nearest the photo's "
       "centre), an index (0, 1, ...: faces numbered left to right, as result.json lists them) or a box "
       "x0,y0,x1,y1 in photo pixels (the face overlapping it most).",
+    )
+  if landmarks:
+    holders["landmarks"] = flags.DEFINE_string(
+      "landmarks",
+      None,
+      "Annotated 68-point landmarks that replace face detection (overrides config.landmarks): a CSV of rows "
+      "image,x0,y0,x1,y1,...,x67,y67 (0-based pixels; an optional header), a 300-W .pts file, or a folder of "
+      ".pts files named like the photos.",
     )
   if morphable_model:
     holders["morphable_model"] = flags.DEFINE_string(
@@ -377,6 +385,7 @@ def run_inputs(config: ml_collections.ConfigDict, photos: Mapping[str, Any] = ()
     "model_file": model_file if model_file.endswith((".onnx", ".py")) or model.startswith("onnx:") else "",
     "model_card": config.model_card,
     "labels_csv": config.cms.labels_csv,
+    "landmarks": config.landmarks,
   }
   found = {}
   for role, path in named.items():

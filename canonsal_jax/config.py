@@ -62,7 +62,8 @@ BUILTIN_MODELS = {
 }
 # The values the library accepts, here so that a config is checked before JAX or dlib is imported; each equals its
 # library home (tests/test_config.py): faces.DETECTOR_KINDS, models.SCORE_KINDS, occlusion.BASELINES and
-# REDUCTIONS (with "black" and "white", which `pipeline` resolves), attribution.METHODS, cms.NORMALISATIONS.
+# REDUCTIONS (with "black" and "white", which `pipeline` resolves), attribution.METHODS, cms.NORMALISATIONS,
+# datasets.HOST_POOLS.
 DETECTORS = ("hog", "cnn")
 SCORE_KINDS = ("logit", "log_softmax", "log_odds", "probability", "expected_value", "cosine")
 BASELINES = ("black", "white", "mean", "blur")
@@ -76,6 +77,7 @@ ATTRIBUTION_METHODS = (
   "rise",
 )
 NORMALISATIONS = ("none", "max_abs", "sum_abs")
+HOST_POOLS = ("processes", "threads")  # datasets.HOST_POOLS
 FIGURE_FORMATS = ("png", "svg", "pdf")  # what `viz.save_figure` writes (viz reads both from here)
 FIGURE_DPI = (20, 1200)  # the dots per inch a figure may have, inclusive
 
@@ -102,6 +104,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (faces numbered left to right by box centre, as result.json lists them), or a box "x0,y0,x1,y1" in photo
   # pixels (the detected face that overlaps it most, by IoU).
   config.face = "largest"
+  # Annotated 68-point landmarks that replace detection (`datasets.read_landmarks`): a CSV of rows
+  # `image,x0,y0,...,x67,y67` (0-based image pixels), a 300-W `.pts` file or a folder of them named like the
+  # photos. Annotated photos are not detected; a CMS run detects the others. "" = detect every photo.
+  config.landmarks = ""
 
   # The 3D morphable model: "default" (built from CC0 MakeHuman assets at first use) or the folder of a
   # Surrey Face Model copy (sfm_shape_3448.bin and its companions; non-commercial licence, never bundled).
@@ -166,7 +172,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.cms.group_by_prediction = True  # also one CMS per predicted class (classifiers; not an expected age)
   config.cms.checkpoint_every = 8  # images between atomic checkpoints (a resumed run equals an uninterrupted one)
   config.cms.max_images = 0  # process at most this many new images in this run (0 = all); rerun to go on
-  config.cms.num_threads = 2  # host threads decoding and detecting ahead of the device work
+  # Host workers decoding photos and detecting faces ahead of the device stages: "processes" (spawned; each photo
+  # is copied back) or "threads" (dlib releases the GIL while it detects). On the 2-core machine of BENCHMARKS.md
+  # ("The host pipeline") 2 processes detect 1.84x as fast as 1, 2 threads 1.47x as fast as 1, and a whole run
+  # with 2 processes beats one with 2 threads. How many (0 = the cores this process may use); how many photos
+  # ahead of the device at most (0 = max(8, 2 x workers, 2 x the faces of one device batch); bounds host memory).
+  config.cms.host_pool = "processes"
+  config.cms.host_workers = 0
+  config.cms.prefetch = 0
   # Faces per device in the batched device programs (sweep, fit, rasterisation, texture sampling): a batch holds
   # face_batch x local devices faces, the last one padded. 0 = one face at a time through `cis_face`.
   config.cms.face_batch = 8
@@ -364,6 +377,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "detector_threshold": _number,
   "detection_cache": _flag,
   "face": _face,
+  "landmarks": _text,
   "morphable_model": lambda v: None if isinstance(v, str) and v else 'must be "default" or a Surrey Face Model folder',
   "occlusion.patch_size": lambda v: None,  # in `validate`: it depends on the model's crop
   "occlusion.stride": _integer(1, " (the patch grid's step, crop pixels)"),
@@ -399,7 +413,9 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "cms.group_by_prediction": _flag,
   "cms.checkpoint_every": _integer(1, " (images)"),
   "cms.max_images": _integer(0, " (0: all)"),
-  "cms.num_threads": _integer(1),
+  "cms.host_pool": _one_of(HOST_POOLS, " (where photos are decoded and faces detected)"),
+  "cms.host_workers": _integer(0, " (0: this host's cores)"),
+  "cms.prefetch": _integer(0, " (photos ahead of the device; 0: automatic)"),
   "cms.face_batch": _integer(0, " (faces per device; 0: one at a time)"),
   "cms.labels_csv": _text,
   "cms.save_textures": _flag,

@@ -53,7 +53,9 @@ _FORMAT, _VERSION = "canonsal_jax.run_manifest", 1
 # CMS run may change them (a time-boxed run's max_images, more threads, another batch size).
 RUN_INVARIANT_KEYS = (
   "cms.max_images",
-  "cms.num_threads",
+  "cms.host_pool",
+  "cms.host_workers",
+  "cms.prefetch",
   "cms.checkpoint_every",
   "cms.face_batch",
   "occlusion.batch_size",

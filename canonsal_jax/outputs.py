@@ -460,9 +460,11 @@ def run_summary(
   num_batches: int,
   face_batch: int,
   detection_cache: dict[str, int] | None = None,
+  host: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """A CMS run's `summary.json`: counts, every skipped input with its reason, per-stage times, and the detection
-  cache's hits and misses this run (`{"hits": h, "misses": m}`; None when the cache is off)."""
+  """A CMS run's `summary.json`: counts, every skipped input with its reason, per-stage times, the detection
+  cache's hits and misses this run (`{"hits": h, "misses": m}`; None when the cache is off), and the host side
+  (`host`: images whose annotated landmarks replaced detection, the decoding and detecting workers)."""
   records = acc.records()
   skipped = [{"index": r["index"], "name": r["name"], "reason": r["reason"]} for r in records if r["status"] != "ok"]
   device_stages = ("sweep", "fit", "texture")
@@ -485,6 +487,7 @@ def run_summary(
     "stage_seconds_per_batch": {k: timings[k] / num_batches for k in device_stages if k in timings and num_batches},
     "groups": {group: acc.num_images(group) for group in acc.groups()},
     "detection_cache_this_run": detection_cache,
+    "host_this_run": host,
   }
 
 
@@ -510,7 +513,13 @@ def with_reproducibility(
   }
 
 
-_PER_PROCESS_KEYS = ("processed_this_run", "seconds_this_run", "images_per_second_this_run", "stage_seconds_this_run")
+_PER_PROCESS_KEYS = (
+  "processed_this_run",
+  "seconds_this_run",
+  "images_per_second_this_run",
+  "stage_seconds_this_run",
+  "host_this_run",
+)
 
 
 def merge_processes(
@@ -538,6 +547,7 @@ def merge_processes(
     num_batches=sum(s["batches_this_run"] for s in summaries),
     face_batch=face_batch,
     detection_cache=_summed([s["detection_cache_this_run"] for s in summaries]),
+    host={"annotated": sum((s.get("host_this_run") or {}).get("annotated", 0) for s in summaries)},
   )
   summary.update(num_processes=num_processes, per_process=[{k: s[k] for k in _PER_PROCESS_KEYS} for s in summaries])
   return merged, summary

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from canonsal_jax import canonical, faces, fileio, models, morphable, occlusion, raster
+from canonsal_jax import canonical, faces, fileio, host, models, morphable, occlusion, raster
 from canonsal_jax import config as config_lib
 
 __all__ = [
@@ -234,25 +234,23 @@ def detect_faces(
   "largest", since the choice names a face of the photo explained). Logs one warning line when the chosen face
   may not be the one meant (`faces.Detection.warning`).
 
+  With `config.landmarks` set, the photo explained (`face` None) is not detected: its annotated 68 landmarks
+  (`datasets.read_landmarks`, matched by `name`) give its one face (`faces.annotated_detection`).
+
   Raises:
     faces.NoFaceError: no face was found (the message names `name`, the settings and the ones to try).
     faces.FaceChoiceError: `config.face` is an index or a box that matches none of the faces found.
+    ValueError: `config.landmarks` holds no annotation for `name`, or a malformed one (naming file and row).
   """
-  detector = detector or faces.default_detector(config.detector)
-  face = config.face if face is None else face
-  try:
-    detection = faces.find_faces(
-      pixels,
-      name,
-      choice=config_lib.parse_face(face),
-      choice_text=str(face).strip(),
-      detector=detector,
-      upsample=config.upsample,
-      adjust_threshold=config.detector_threshold,
-      cache=detection_cache() if config.detection_cache else None,
-    )
-  except faces.NoFaceError as e:
-    raise faces.NoFaceError(f"{e}; {_no_face_hint(config)}") from None
+  landmarks_xy = None
+  if face is None and config.landmarks:
+    from canonsal_jax import datasets
+
+    landmarks_xy = datasets.read_landmarks(config.landmarks, [name], every_row=False).get(name)
+    if landmarks_xy is None:
+      raise ValueError(f"{name}: --config.landmarks={config.landmarks} holds no landmarks for this photo")
+  cache = detection_cache() if config.detection_cache else None
+  detection = host.find_detection(config, pixels, name, detector, face=face, landmarks_xy=landmarks_xy, cache=cache)
   warning = detection.warning(name)
   if warning is not None:
     logging.warning("%s", warning)
@@ -264,16 +262,6 @@ def detect_face(
 ) -> faces.Face:
   """The face `face` (default `config.face`) chooses (`detect_faces(...).face`)."""
   return detect_faces(config, pixels, name, detector, face=face).face
-
-
-def _no_face_hint(config: ml_collections.ConfigDict) -> str:
-  """The settings that find harder faces, as command-line overrides."""
-  tries = [f"--config.upsample={config.upsample + 1} (smaller faces)"]
-  if config.detector != "cnn":
-    tries.append("--config.detector=cnn (harder faces, slower)")
-  lower = 0.0 if config.detector_threshold > 0 else config.detector_threshold - 0.5
-  tries.append(f"a lower --config.detector_threshold (now {config.detector_threshold:g}; e.g. {lower:g})")
-  return "try " + ", ".join(tries)
 
 
 @functools.cache

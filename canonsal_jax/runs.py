@@ -9,16 +9,17 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import pathlib
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
-from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, outputs, pipeline, viz
+from canonsal_jax import batched, canonical, cms, datasets, faces, fileio, host, outputs, pipeline, viz
 from canonsal_jax import config as config_lib
 
 __all__ = ["run_cms"]
@@ -37,7 +38,8 @@ def run_cms(
 
   Every image of the list gets its index; images already in the checkpoint are not redone; a bad image
   (unreadable, no face, NaN scores, diverged fit) is skipped and recorded with its reason, and nothing already
-  computed is lost. Decoding and face detection run on host threads ahead of the device work; faces go through
+  computed is lost. Decoding and face detection run in host workers ahead of the device work (`config.cms.host_pool`,
+  `host_workers`, `prefetch`; annotated photos, `config.landmarks`, are decoded only); faces go through
   the device in batches of `config.cms.face_batch` per local device (one compiled program per stage). Killed
   and run again, the result equals an uninterrupted run exactly (`cms` sums are exact and order-independent).
 
@@ -73,6 +75,8 @@ def run_cms(
   spec = dataset if dataset is not None else (config.cms.dataset or datasets.default_dataset())
   files = datasets.files_of(spec)
   labels = datasets.read_labels(config.cms.labels_csv) if config.cms.labels_csv else None
+  # Annotated photos skip detection; a malformed file is refused here, before any photo is read.
+  annotations = datasets.read_landmarks(config.landmarks, files) if config.landmarks else {}
   model3d = pipeline.load_morphable(config.morphable_model)
   texture_size = config.cis.texture_size or canonical.default_texture_size(model.crop.size, model3d)
   settings = cms.CMSSettings(texture_size, normalisation=config.cms.normalisation, on_invalid="skip")
@@ -80,22 +84,14 @@ def run_cms(
   acc = cms.CMSAccumulator.load(checkpoint, settings=settings) if checkpoint.exists() else cms.CMSAccumulator(settings)
   _check_sweep_mode(acc, config, checkpoint)
   resumed_with = len(acc.done_indices())
+  foreign = sorted(i for i in acc.done_indices() if i % num_processes != process_index)
+  if foreign:  # the merge would meet these images twice: refuse now, not after the work
+    raise ValueError(
+      f"{checkpoint} holds image {foreign[0]}, which process {process_index} of {num_processes} does not take (a "
+      "job with another number of processes wrote it); resume with that number of processes"
+    )
   detections = pipeline.detection_cache() if config.detection_cache else None
-  counted_before = (detections.hits, detections.misses) if detections is not None else None
-  local = threading.local()  # dlib's detectors are not safe to share between threads: one per thread
   timings: dict[str, float] = {}
-  lock = threading.Lock()
-
-  def host_work(path: str):
-    begin = time.perf_counter()
-    if not hasattr(local, "detector"):
-      local.detector = faces.FaceDetector(config.detector)
-    pixels = fileio.load_image(path)
-    detection = pipeline.detect_faces(config, pixels, path, local.detector)
-    with lock:  # host seconds, overlapped with the device stages by the prefetch threads
-      timings["host_load_detect"] = timings.get("host_load_detect", 0.0) + time.perf_counter() - begin
-    return pixels, detection
-
   skip = set(acc.done_indices()) | {i for i in range(len(files)) if i % num_processes != process_index}
   if config.cms.max_images > 0:  # a time-boxed run: the rest is left to the next run (resume)
     todo = [i for i in range(len(files)) if i not in skip]
@@ -104,16 +100,32 @@ def run_cms(
   done, processed, since_checkpoint, num_batches = len(acc.done_indices()), 0, 0, 0
   # The batched device programs run the occlusion sweep; a rival explainer goes one face at a time (cis_face).
   face_batch = int(config.cms.face_batch) if config.explainer == "occlusion" else 0
-  batcher = batched.FaceBatcher(config, timings) if face_batch > 0 else None
-  group = batcher.batch if batcher is not None else 1  # faces per device call
+  group = face_batch * jax.local_device_count() if face_batch > 0 else 1  # faces per device call (FaceBatcher's)
+  # Decoding and detection run in host workers, started now so that they overlap building the device programs;
+  # the device stages below take their results in order, a bounded number of photos ahead.
+  workers = config.cms.host_workers or datasets.default_workers()
+  host_settings = host.HostSettings(config, str(detections.folder) if detections is not None else None)
   items = datasets.prefetch(
-    files, host_work, num_threads=config.cms.num_threads, depth=max(8, 2 * group), skip=skip, name_fn=str
+    [(path, annotations.get(path)) for path in files],
+    functools.partial(host.load_and_detect, host_settings),
+    num_workers=workers,
+    pool=config.cms.host_pool,
+    initializer=host.start_host_worker,
+    initargs=(host_settings,),
+    depth=config.cms.prefetch or max(8, 2 * workers, 2 * group),
+    skip=skip,
+    name_fn=lambda task: task[0],
   )
+  try:
+    batcher = batched.FaceBatcher(config, timings) if face_batch > 0 else None
+  except BaseException:
+    items.close()
+    raise
 
   def per_image(batch: list[datasets.Prefetched]) -> list[batched.FaceOutcome | str]:
     found = []
     for item in batch:
-      pixels, detection = item.value
+      pixels, detection = item.value.pixels, item.value.detection
       try:
         cis = pipeline.cis_face(config, pixels, detection.face, item.name, timings=timings)
         found.append(batched.FaceOutcome.from_cis(cis))
@@ -125,12 +137,12 @@ def run_cms(
     nonlocal done, processed, since_checkpoint, num_batches
     num_batches += 1 if batcher is not None else len(batch)
     if batcher is not None:
-      found = batcher([(item.name, pixels, detection.face) for item in batch for pixels, detection in [item.value]])
+      found = batcher([(item.name, item.value.pixels, item.value.detection.face) for item in batch])
     else:
       found = per_image(batch)
     clock = pipeline.StageClock(timings)
     for item, outcome in zip(batch, found):
-      detection = item.value[1]
+      detection = item.value.detection
       added = _accumulate(acc, item.index, item.name, outcome, config, labels, detection)
       if added and config.cms.save_textures:  # before the checkpoint that records the image
         fileio.save_npz(outputs.texture_path(out, item.index), texture=outcome.texture, weight=outcome.weight)
@@ -147,22 +159,39 @@ def run_cms(
         progress(k, mine, item.name)
 
   pending: list[datasets.Prefetched] = []
-  for item in items:
-    if item.error is not None:
-      record = {} if labels is None else {"true_label": datasets.true_label(labels, item.name)}
-      acc.skip(item.index, item.name, f"{type(item.error).__name__}: {item.error}", record=record)
-      done += 1
-      processed += 1
-      since_checkpoint += 1
-      if progress is not None:
-        progress(done, mine, item.name)
-      continue
-    pending.append(item)
-    if len(pending) == group:
+  host_counts = {"annotated": 0, "hits": 0, "misses": 0}
+  with items:
+    while True:
+      waiting = time.perf_counter()
+      item = next(items, None)  # the device stages wait here when the host workers fall behind
+      timings["host_wait"] = timings.get("host_wait", 0.0) + time.perf_counter() - waiting
+      if item is None:
+        break
+      host_item = item.value
+      if host_item is not None:
+        timings["host_load_detect"] = timings.get("host_load_detect", 0.0) + host_item.seconds
+        if host_item.cache_hit is not None:
+          host_counts["hits" if host_item.cache_hit else "misses"] += 1
+      error = item.error if item.error is not None else host_item.error
+      if error is not None:
+        record = {} if labels is None else {"true_label": datasets.true_label(labels, item.name)}
+        acc.skip(item.index, item.name, f"{type(error).__name__}: {error}", record=record)
+        done += 1
+        processed += 1
+        since_checkpoint += 1
+        if progress is not None:
+          progress(done, mine, item.name)
+        continue
+      host_counts["annotated"] += host_item.detection.choice == "landmarks"
+      warning = host_item.detection.warning(item.name)
+      if warning is not None:
+        logging.warning("%s", warning)
+      pending.append(item)
+      if len(pending) == group:
+        flush(pending)
+        pending = []
+    if pending:
       flush(pending)
-      pending = []
-  if pending:
-    flush(pending)
   acc.save(checkpoint)
   elapsed = time.perf_counter() - start
   summary = outputs.run_summary(
@@ -174,9 +203,8 @@ def run_cms(
     timings=timings,
     num_batches=num_batches,
     face_batch=face_batch,
-    detection_cache=None
-    if detections is None
-    else {"hits": detections.hits - counted_before[0], "misses": detections.misses - counted_before[1]},
+    detection_cache=None if detections is None else {"hits": host_counts["hits"], "misses": host_counts["misses"]},
+    host={"annotated": host_counts["annotated"], "pool": config.cms.host_pool, "workers": workers},
   )
   summary_name = "summary.json" if num_processes == 1 else f"summary.process{process_index}.json"
   if num_processes > 1:

@@ -3,6 +3,7 @@ r"""Canonical Image Saliency of one face: occlusion heatmap, 3DMM fit, the map o
 python scripts/cis.py --out_dir=/tmp/cis                               # astronaut, gender, embedded 3DMM
 python scripts/cis.py --image=face.jpg --model=age --morphable_model=path/to/sfm --out_dir=out
 python scripts/cis.py --config=configs/identity.py --config.occlusion.stride=8 --out_dir=/tmp/cis_identity
+python scripts/cis.py --image=face.jpg --landmarks=face.pts --out_dir=out  # its annotated 68 points, no detection
 python scripts/cis.py --list_models                                    # what --model accepts
 python scripts/cis.py --list_config                                    # every --config.<key> and its value
 """
@@ -12,7 +13,7 @@ from absl import flags
 from canonsal_jax import cli
 
 _CONFIG = cli.define_config()
-_OVERRIDES = cli.define_overrides(face=True)
+_OVERRIDES = cli.define_overrides(face=True, landmarks=True)
 _IMAGE = flags.DEFINE_string("image", None, "Photo to explain (default: scikit-image's astronaut).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", required=True)
 _OVERWRITE = cli.define_overwrite()

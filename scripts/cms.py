@@ -4,6 +4,8 @@ python scripts/cms.py --out_dir=/tmp/cms                                  # defa
 python scripts/cms.py --images=photos/ --model=age --out_dir=out          # rerun the same command to resume
 python scripts/cms.py --images=photos/ --model=gender --out_dir=out --overwrite  # replace another run's outputs
 python scripts/cms.py --images=builtin:photos --config.cms.labels_csv=labels.csv --out_dir=out
+python scripts/cms.py --images=300w/ --landmarks=300w/ --out_dir=out  # annotated photos: no detection (.pts)
+python scripts/cms.py --images=photos/ --landmarks=points.csv --out_dir=out  # rows image,x0,y0,...,x67,y67
 python scripts/cms.py --list_models                                        # what --model accepts
 python scripts/cms.py --list_config                                        # every --config.<key> and its value
 
@@ -12,6 +14,11 @@ writing to the same out_dir; process 0 merges the processes' checkpoints into th
 
 python scripts/cms.py --out_dir=out --num_processes=2 --process_id=0 --coordinator=127.0.0.1:12345 &
 python scripts/cms.py --out_dir=out --num_processes=2 --process_id=1 --coordinator=127.0.0.1:12345
+
+On a cluster JAX finds the job itself (SLURM, a Cloud TPU pod slice, Open MPI): every process runs the same command
+with --distributed, and out_dir must be a folder every host shares (docs/DISTRIBUTED.md):
+
+srun --ntasks=8 python scripts/cms.py --images=/shared/photos --out_dir=/shared/cms --distributed
 """
 
 import time
@@ -21,7 +28,7 @@ from absl import app, flags, logging
 from canonsal_jax import cli
 
 _CONFIG = cli.define_config()
-_OVERRIDES = cli.define_overrides()
+_OVERRIDES = cli.define_overrides(landmarks=True)
 _IMAGES = flags.DEFINE_string(
   "images", None, 'Folder, .txt list, glob, or "builtin:lfw" / "builtin:photos" (overrides config.cms.dataset).'
 )
@@ -30,6 +37,12 @@ _OVERWRITE = cli.define_overwrite()
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a jax.distributed job (1: no job).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in the job, 0 .. num_processes - 1.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0's coordination service.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Join a jax.distributed job that JAX finds from the environment (SLURM, Cloud TPU pod slice, Open MPI): "
+  "jax.distributed.initialize() without arguments; instead of --num_processes, --process_id, --coordinator.",
+)
 
 
 def main(argv):
@@ -37,6 +50,9 @@ def main(argv):
   cli.start(argv, out_dirs=[_OUT_DIR])
   if _NUM_PROCESSES.value > 1 and not _COORDINATOR.value:
     raise app.UsageError("--num_processes > 1 needs --coordinator=host:port")
+  if _DISTRIBUTED.value and _NUM_PROCESSES.value > 1:
+    raise app.UsageError("--distributed finds the job from the environment: leave out --num_processes")
+  distributed = _DISTRIBUTED.value or _NUM_PROCESSES.value > 1
   import jax
 
   from canonsal_jax import datasets, manifest, runs
@@ -50,13 +66,17 @@ def main(argv):
     _OUT_DIR, _OVERWRITE, config, kind="cms", inputs=cli.run_inputs(config, {"images": images})
   )
   folder.write()  # now: a killed run's folder is still its own, and resumes
-  if _NUM_PROCESSES.value > 1:
+  if distributed:
     if "jax_cpu_collectives_implementation" in jax.config.values:  # gloo: the barrier's collective on CPUs
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (jax 0.10.2's default; said explicitly)
-    jax.distributed.initialize(
-      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
-    )
-  logging.info("process %d of %d; local devices: %s", jax.process_index(), jax.process_count(), jax.local_devices())
+    if _DISTRIBUTED.value:
+      jax.distributed.initialize()  # SLURM_*, the TPU VM's metadata, or Open MPI's variables say the job
+    else:
+      jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+      )
+  process_index = jax.process_index()
+  logging.info("process %d of %d; local devices: %s", process_index, jax.process_count(), jax.local_devices())
   start = time.perf_counter()
 
   def progress(done, total, name):
@@ -67,11 +87,11 @@ def main(argv):
     with cli.user_errors() as failed:
       acc = runs.run_cms(config, _OUT_DIR.value, progress=progress)
   finally:
-    if _NUM_PROCESSES.value > 1:
+    if distributed:
       jax.distributed.shutdown()
   if failed:
     return 1
-  if _PROCESS_ID.value == 0:  # process 0 writes the merged outputs last
+  if process_index == 0:  # process 0 writes the merged outputs last
     folder.finish()
   skipped = [r for r in acc.records() if r["status"] != "ok"]
   print(

