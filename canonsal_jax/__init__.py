@@ -26,6 +26,7 @@ _SUBMODULES = (
   "drill_down",
   "faces",
   "fileio",
+  "host",
   "incremental",
   "manifest",
   "models",
