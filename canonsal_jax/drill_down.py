@@ -47,6 +47,9 @@ __all__ = ["DrillDownResult", "coarse_subset", "make_drill_down_sweep"]
 class DrillDownResult(NamedTuple):
   """A drill-down sweep's result: `occlusion.SweepResult`'s fields over the fine grid, and where it is exact.
 
+  The first seven fields repeat `SweepResult`'s, names and order, on purpose: code that reads a sweep's result
+  (the pipeline, the batched runs, `occlusion.check_finite`) reads this one unchanged.
+
   Attributes:
     drops: `[N]` drops of the fine grid's patches that ran (either stage), 0 for the others.
     heatmap: `[H, W]` the fine sweep's mean drop where `exact`, the coarse map elsewhere.
