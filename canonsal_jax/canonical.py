@@ -112,6 +112,7 @@ _HATCH_PERIOD, _HATCH_DARKEN = 4, 0.65
 _BACKGROUND = 255
 
 
+@jax.jit  # host callers get one program, not an eager op per line
 def mesh_to_crop(vertices_xyd: jax.typing.ArrayLike, crop_from_image: jax.typing.ArrayLike) -> jax.Array:
   """Maps mesh vertices from image to crop coordinates.
 
@@ -504,11 +505,12 @@ def sample_canonical(
   geometry = _canonical_geometry(model, size, margin)
   t = texture.shape[0]
   xy = geometry.texel_xy * t - 0.5
-  ones = jnp.ones(texture.shape, jnp.float32)
-  x, y = jnp.asarray(xy[..., 0]), jnp.asarray(xy[..., 1])
-  # Weighted bilinear: value = sum(b w t) / sum(b w) over the four taps, weight = sum(b w).
-  num, _ = _bilinear_jit(jnp.asarray(np.where(weight > 0, texture * weight, 0.0)), ones, x, y)
-  w, _ = _bilinear_jit(jnp.asarray(np.maximum(weight, 0.0)), ones, x, y)
+  ones = np.ones(texture.shape, np.float32)
+  x, y = np.asarray(xy[..., 0], np.float32), np.asarray(xy[..., 1], np.float32)
+  # Weighted bilinear: value = sum(b w t) / sum(b w) over the four taps, weight = sum(b w). Numpy arguments go
+  # to the compiled program as they are (no eager op per conversion).
+  num, _ = _bilinear_jit(np.where(weight > 0, texture * weight, 0.0).astype(np.float32), ones, x, y)
+  w, _ = _bilinear_jit(np.maximum(weight, 0.0).astype(np.float32), ones, x, y)
   num, w = np.asarray(num), np.asarray(w)
   mean = np.where(w > 0, num / np.where(w > 0, w, 1.0), 0.0)
   seen = geometry.face & ~geometry.cap

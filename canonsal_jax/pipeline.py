@@ -385,7 +385,7 @@ def embed_face(model: models.FaceModel, pixels: np.ndarray, face: faces.Face, na
     ValueError: the outputs are not finite (naming `name`).
   """
   crop, _ = faces.crop_face(pixels, face, model.crop)
-  outputs = np.asarray(model.apply_fn(model.params, model.preprocess(crop)[None]), np.float64)[0]
+  outputs = np.asarray(model.logits(model.preprocess(crop)[None]), np.float64)[0]
   if not np.all(np.isfinite(outputs)):
     raise ValueError(f"{name}: the {model.name} model's outputs are not finite")
   return outputs
@@ -443,7 +443,7 @@ def _attribution_result(
       "batch_size": att.batch_size,
     },
   }.get(config.explainer, {})
-  outputs = model.apply_fn(model.params, x[None])
+  outputs = model.logits(x[None])
   target = plan.score.default_target(outputs[0]) if plan.target is None else jnp.asarray(plan.target)
   heatmap = attribution.attribute(config.explainer, model, model.params, x[None], plan.score, target, **settings)[0]
   heatmap = jnp.asarray(heatmap, jnp.float32)

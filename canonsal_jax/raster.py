@@ -350,6 +350,7 @@ def rasterize(
   )
 
 
+@jax.jit  # host callers get one program, not an eager op per line
 def uv_to_texel_xy(uv: jax.typing.ArrayLike, size: int) -> jax.Array:
   """Maps UVs [..., 2] (u right, v up, in [0, 1]) to texel `xy` [..., 2] of a size x size texture.
 
@@ -392,6 +393,7 @@ def rasterize_uv(
   return rasterize(xyd, triangles, size, size, max_box=max_box, max_oversized=max_oversized, chunk_size=chunk_size)
 
 
+@jax.jit  # host callers get one program, not an eager op per line
 def interpolate(
   fragments: Fragments,
   vertex_attrs: jax.typing.ArrayLike,

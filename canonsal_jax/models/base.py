@@ -101,6 +101,9 @@ class FaceModel:
       raise ValueError("an expected_value score needs output_values")
     if self.crop.size != self.input_shape[0] or self.input_shape[0] != self.input_shape[1]:
       raise ValueError(f"crop size {self.crop.size} does not match input shape {self.input_shape}")
+    # One compiled forward pass per model for `logits` (an eager `apply_fn` call dispatches, and at a process's
+    # first call compiles, every layer's ops one by one: ~50 small programs for the identity network).
+    object.__setattr__(self, "_jitted_apply", jax.jit(self.apply_fn))
 
   @property
   def num_outputs(self) -> int:
@@ -117,8 +120,8 @@ class FaceModel:
     return self.apply_fn(params, x)
 
   def logits(self, x: jax.typing.ArrayLike) -> jax.Array:
-    """Forward pass with the model's own weights: `x[B, H, W, C]` -> `[B, num_outputs]`."""
-    return self.apply_fn(self.params, x)
+    """Forward pass with the model's own weights, one compiled program: `x[B, H, W, C]` -> `[B, num_outputs]`."""
+    return self._jitted_apply(self.params, x)
 
   def preprocess(self, face_rgb_uint8: np.ndarray) -> np.ndarray:
     """Crop image (`uint8 [h, w, 3]` RGB) -> model input `float32 [H, W, C]`.

@@ -85,7 +85,7 @@ class Multiply(nnx.Module):
   """dlib's `multiply` layer: a constant factor (its dropout at inference, `1 - drop_rate`)."""
 
   def __init__(self, weights: Weights, layer: str):
-    self.factor = nnx.Param(jnp.asarray(weights[f"{layer}_scalar"]))  # []
+    self.factor = nnx.Param(jax.device_put(weights[f"{layer}_scalar"]))  # []
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x * self.factor[...]
@@ -95,8 +95,8 @@ class Linear(nnx.Module):
   """Fully connected layer (ONNX `Flatten` + `Gemm`); flattens NHWC input in the NHWC order of its kernel."""
 
   def __init__(self, weights: Weights, layer: str):
-    self.kernel = nnx.Param(jnp.asarray(weights[f"{layer}_weights"]))  # [D_in, D_out]
-    self.bias = nnx.Param(jnp.asarray(weights[f"{layer}_bias"]))  # [D_out]
+    self.kernel = nnx.Param(jax.device_put(weights[f"{layer}_weights"]))  # [D_in, D_out]
+    self.bias = nnx.Param(jax.device_put(weights[f"{layer}_bias"]))  # [D_out]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, ...]` with `prod(...) == D_in` -> `[B, D_out]`."""

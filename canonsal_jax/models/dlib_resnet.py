@@ -483,7 +483,7 @@ class FaceDescriptorNet(nnx.Module):
     self.blocks = nnx.List(
       [ResidualBlock(weights, f"block{b:02d}", downsample=down) for b, (_, down) in enumerate(_BLOCKS)]
     )
-    self.fc = nnx.Param(jnp.asarray(weights["fc/kernel"]))  # [256, 128]
+    self.fc = nnx.Param(jax.device_put(weights["fc/kernel"]))  # [256, 128]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[B, 150, 150, 3]` -> `[B, 128]`."""

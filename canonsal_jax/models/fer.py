@@ -482,7 +482,7 @@ def load_params(
     if key not in arrays or arrays[key].shape != var.shape:
       got = arrays[key].shape if key in arrays else "missing"
       raise ValueError(f"converted fer weights: {key} is {got}, the module needs {var.shape}")
-    flat.append((path, var.replace(jnp.asarray(arrays[key], dtype=jnp.float32))))
+    flat.append((path, var.replace(jax.device_put(np.asarray(arrays[key], np.float32)))))
     used.add(key)
   if extra := sorted(set(arrays) - used):
     raise ValueError(f"converted fer weights: arrays the module does not use: {extra}")

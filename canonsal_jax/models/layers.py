@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from canonsal_jax import incremental
@@ -34,8 +35,8 @@ class Conv(nnx.Module):
   """dlib's `con_`: 2-D cross-correlation with bias, NHWC, symmetric zero padding."""
 
   def __init__(self, kernel: jax.typing.ArrayLike, bias: jax.typing.ArrayLike, *, stride: int = 1, padding: int = 0):
-    self.kernel = nnx.Param(jnp.asarray(kernel))  # [kh, kw, C_in, C_out]
-    self.bias = nnx.Param(jnp.asarray(bias))  # [C_out]
+    self.kernel = nnx.Param(jax.device_put(np.asarray(kernel)))  # [kh, kw, C_in, C_out]
+    self.bias = nnx.Param(jax.device_put(np.asarray(bias)))  # [C_out]
     self.stride = stride
     self.padding = padding
 
@@ -55,8 +56,8 @@ class Affine(nnx.Module):
   """dlib's `affine_` (its batch norms at inference): per-channel `x * scale + offset`, kept unfolded."""
 
   def __init__(self, scale: jax.typing.ArrayLike, offset: jax.typing.ArrayLike):
-    self.scale = nnx.Param(jnp.asarray(scale))  # [C]
-    self.offset = nnx.Param(jnp.asarray(offset))  # [C]
+    self.scale = nnx.Param(jax.device_put(np.asarray(scale)))  # [C]
+    self.offset = nnx.Param(jax.device_put(np.asarray(offset)))  # [C]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`x[..., C]` -> `[..., C]`."""

@@ -52,7 +52,7 @@ import pathlib
 import zipfile
 from typing import NamedTuple
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from canonsal_jax import assets, fileio
@@ -638,8 +638,9 @@ def default_model(*, fetch: bool = True) -> MorphableModel:
   shape_names = tuple(str(s) for s in arrays.pop("shape_names"))
   # Derived from the triangles at load time (cheap), so the cached arrays keep their format.
   arrays["edge_vertex_ids"], arrays["edge_face_ids"] = edge_topology_from_triangles(arrays["triangles"])
+  # device_put, not jnp.asarray: no program compiled (and cached) per array shape at every start.
   model = MorphableModel(
-    **{k: jnp.asarray(v) for k, v in arrays.items()},
+    **{k: jax.device_put(v) for k, v in arrays.items()},
     name="default",
     shape_names=shape_names,
     expression_names=EXPRESSION_NAMES,

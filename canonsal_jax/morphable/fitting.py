@@ -471,14 +471,14 @@ def _build_silhouette_mesh(model: MorphableModel) -> _SilhouetteMesh | None:
     valid = columns[None, :] < counts[ids][:, None]
     position = np.minimum(starts[ids][:, None] + columns[None, :], ends.size - 1)
     padded = np.where(valid, edge_of_end[position], num_edges)
-    return _SilhouetteSide(
-      jnp.asarray(ids, jnp.int32), jnp.asarray(local_vertex[ids], jnp.int32), jnp.asarray(padded, jnp.int32)
-    )
+    return _SilhouetteSide(*(jax.device_put(np.asarray(a, np.int32)) for a in (ids, local_vertex[ids], padded)))
 
   return _SilhouetteMesh(
-    vertex_ids=jnp.asarray(vertex_ids, jnp.int32),
-    triangles=jnp.asarray(local_vertex[concrete.triangles[tri_ids]], jnp.int32),
-    edge_faces=jnp.asarray(np.where(edge_faces >= 0, local_tri[np.maximum(edge_faces, 0)], -1), jnp.int32),
+    vertex_ids=jax.device_put(np.asarray(vertex_ids, np.int32)),
+    triangles=jax.device_put(np.asarray(local_vertex[concrete.triangles[tri_ids]], np.int32)),
+    edge_faces=jax.device_put(
+      np.asarray(np.where(edge_faces >= 0, local_tri[np.maximum(edge_faces, 0)], -1), np.int32)
+    ),
     right=side(right),
     left=side(left),
   )
