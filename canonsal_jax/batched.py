@@ -83,7 +83,7 @@ def _batched_sweep(
   With `drill` = `(coarse_every, fine_fraction, crop side, stride)`, the per-image sweep is
   `drill_down.make_drill_down_sweep`'s (a `DrillDownResult` per face): its lattice is found on the host from
   the grid of that crop side and stride (the `centres` and `valid` given must be that grid's), and each face's
-  fine stage runs the patches its own coarse map picks."""
+  fine stage runs the patches its own coarse map picks, the faces one after another (`lax.map`)."""
   kwargs = {"patch_size": patch_size, "batch_size": batch_size, "baseline": baseline, "score": score}
   if drill is None:
     single = occlusion.make_sweep(apply_fn, reduce=reduce, devices=devices[:1], **kwargs)
@@ -101,6 +101,10 @@ def _batched_sweep(
       del centres, valid
       centres, valid = grid, np.ones(len(grid), bool)
     one = lambda image: single(params, image, centres, valid, target[0] if target else None)
+    if drill is not None:
+      # One face after another: each face's fine stage occludes its own patches, and under vmap those positions
+      # become a batch axis that turns the incremental sweep's windows into gathers.
+      return jax.lax.map(one, images)
     return jax.vmap(one)(images)
 
   return _over_faces(sweep, devices, (False, True, False, False) + (False,) * has_target)

@@ -5,16 +5,22 @@ Occlusion-based Deep CNN Explanations", SIGMOD 2019) gets most of its approximat
 runs the patches of the fine grid that lie on a coarser lattice (every `coarse_every`-th row and column of
 candidate centres, and the last row and column, so that the coarse map reaches every pixel the fine grid
 covers). Stage 2 runs a fixed budget of the remaining fine patches, `ceil(fine_fraction * N)` (at most the
-patches off the lattice), those whose centre sees the largest |coarse heatmap| within the patch around it
-(the coarse map dilated by the patch; ties broken by the mean under the patch), so that the fine stage spends
-its budget where the coarse map is salient. Both stages run one `occlusion.make_sweep` program (incremental
-where the model has a layer graph), compiled once per stage: the budget is static, the unused part of it
-padded with the validity mask.
+patches off the lattice), those whose centre sees the largest |estimated heatmap| within the patch around it
+(stage 1's map with every other drop estimated, as below, dilated by the patch; ties broken by the mean under
+the patch), so that the fine stage spends its budget where the coarse map is salient. Both stages run one
+`occlusion.make_sweep` program (incremental where the model has a layer graph), compiled once per stage: the
+budget is static, the unused part of it padded with the validity mask.
 
-The map: a pixel every one of whose fine patches ran (in either stage) gets exactly the fine sweep's value;
-every other pixel the fine grid covers gets the coarse map: the mean drop of the coarse patches within half a
-lattice step of it (a patch smaller than the lattice step would otherwise leave holes). `DrillDownResult.exact`
-says which pixels are which; `count` is the fine grid's, as the exact sweep's (0: no data).
+The map: a pixel every one of whose fine patches ran (in either stage) gets exactly the fine sweep's value.
+Every other pixel the fine grid covers gets the fine sweep's formula, the mean drop of the patches covering it,
+over drops that ran where they ran and estimated ones elsewhere: each patch that did not run takes the mean of
+the drops that ran (coarse and fine) near it on the grid, weighted by a tent of radius 3/4 of the lattice step
+along rows and columns (`estimate_drops`). A patch between two lattice patches leans on the nearer one, and fine
+patches that ran next to it count most. On the stride-1 sweeps of the identity, age and expression models this
+estimate keeps the top-10% overlap and Pearson r of the exact map at budgets where spreading the coarse drops
+alone does not (and a tent of the whole step, bilinear interpolation, does less well on these peaked maps;
+BENCHMARKS.md, "Drill-down occlusion"). `DrillDownResult.exact` says which pixels are exact; `count` is the fine
+grid's, as the exact sweep's (0: no data).
 
 Example:
   >>> import jax.numpy as jnp, numpy as np
@@ -41,7 +47,7 @@ import numpy as np
 
 from canonsal_jax import occlusion
 
-__all__ = ["DrillDownResult", "coarse_subset", "make_drill_down_sweep"]
+__all__ = ["TENT_RADIUS", "DrillDownResult", "coarse_subset", "estimate_drops", "make_drill_down_sweep"]
 
 
 class DrillDownResult(NamedTuple):
@@ -52,7 +58,8 @@ class DrillDownResult(NamedTuple):
 
   Attributes:
     drops: `[N]` drops of the fine grid's patches that ran (either stage), 0 for the others.
-    heatmap: `[H, W]` the fine sweep's mean drop where `exact`, the coarse map elsewhere.
+    heatmap: `[H, W]` the fine sweep's mean drop where `exact`; elsewhere the mean over the covering patches of
+      their drops, estimated for the patches that did not run (`estimate_drops`).
     count: `[H, W]` the fine grid's (valid) patches covering each pixel, ran or not: the exact sweep's count, so
       that 0 means no data as it does there (the heatmap has a value wherever count > 0).
     score, outputs, target, num_nonfinite: as `SweepResult` (the unoccluded image's; non-finite of both stages).
@@ -83,12 +90,61 @@ def coarse_subset(centres_rc: np.ndarray, every: int) -> np.ndarray:
     >>> coarse_subset(np.array([[1, 1], [1, 2], [1, 3], [1, 4]]), 2).tolist()  # columns 1, 3 and the last, 4
     [0, 2, 3]
   """
-  centres_rc = np.asarray(centres_rc)
-  rows, row = np.unique(centres_rc[:, 0], return_inverse=True)  # each centre's row among the distinct rows
-  cols, col = np.unique(centres_rc[:, 1], return_inverse=True)
-  on_row = (row % every == 0) | (row == len(rows) - 1)
-  on_col = (col % every == 0) | (col == len(cols) - 1)
+  row, col, num_rows, num_cols = grid_index(np.asarray(centres_rc))
+  on_row = (row % every == 0) | (row == num_rows - 1)
+  on_col = (col % every == 0) | (col == num_cols - 1)
   return np.flatnonzero(on_row & on_col)
+
+
+TENT_RADIUS = 0.75
+"""The estimate's tent radius, as a share of the lattice step (`coarse_every` grid positions)."""
+
+
+def grid_index(centres_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+  """Each centre's row and column among the distinct rows and columns (numpy `[N]` int each), and their numbers."""
+  rows, row = np.unique(centres_rc[:, 0], return_inverse=True)
+  cols, col = np.unique(centres_rc[:, 1], return_inverse=True)
+  return row.reshape(-1), col.reshape(-1), len(rows), len(cols)
+
+
+def estimate_drops(
+  drops: jax.Array, ran: jax.Array, row: jax.Array, col: jax.Array, shape: tuple[int, int], radius: float
+) -> tuple[jax.Array, jax.Array]:
+  """Drops of the patches that did not run, estimated from those that did: jittable.
+
+  On the grid of distinct rows and columns, each patch gets the mean of the drops that ran, weighted by
+  `max(0, 1 - |dr| / radius) * max(0, 1 - |dc| / radius)` for grid offsets `dr`, `dc` (a separable tent); a
+  patch that ran keeps its drop.
+
+  Args:
+    drops: `[N]` the drops (any value where not `ran`).
+    ran: `[N]` bool.
+    row, col: `[N]` int each centre's grid row and column (`grid_index`).
+    shape: the grid's (rows, columns).
+    radius: the tent's radius in grid steps (> 0).
+
+  Returns:
+    `([N] drops, [N] bool known)`: the drop that ran or its estimate, and whether any ran patch lies within the
+    radius (where not, the estimate is 0).
+
+  Example:
+    >>> row, col = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 2, 0, 1, 2])
+    >>> ran = np.array([True, False, True, True, False, True])
+    >>> est, known = estimate_drops(np.array([1.0, 9, 3, 1, 9, 3]), ran, row, col, (2, 3), 2.0)
+    >>> np.asarray(est).tolist(), bool(known.all())
+    ([1.0, 2.0, 3.0, 1.0, 2.0, 3.0], True)
+  """
+  hi = jax.lax.Precision.HIGHEST
+  num_rows, num_cols = shape
+  tent = lambda n: jnp.maximum(0.0, 1.0 - jnp.abs(jnp.arange(n)[:, None] - jnp.arange(n)[None, :]) / radius)
+  grid = lambda v: jnp.zeros(shape, jnp.float32).at[row, col].add(v.astype(jnp.float32))
+  weight = ran.astype(jnp.float32)
+  smooth = lambda g: jnp.matmul(jnp.matmul(tent(num_rows), g, precision=hi), tent(num_cols), precision=hi)
+  num, den = smooth(grid(jnp.where(ran, drops, 0.0) * weight)), smooth(grid(weight))
+  num, den = num[row, col], den[row, col]
+  known = den > 0
+  estimate = jnp.where(known, num / jnp.where(known, den, 1.0), 0.0)
+  return jnp.where(ran, drops, estimate), ran | known
 
 
 def _lattice_step(centres_rc: np.ndarray) -> int:
@@ -143,19 +199,33 @@ def make_drill_down_sweep(
   @functools.partial(jax.jit, static_argnames="reach")
   def coarse_map(coarse: occlusion.SweepResult, coarse_centres, coarse_valid, reach: int):
     """The coarse drops spread over the lattice's cells: each patch stands for the pixels up to half the lattice
-    step around it (a patch smaller than the step would leave holes)."""
+    step around it. The map's fallback where no covering patch has a drop or an estimate (only where invalid
+    centres leave the estimate nothing within its radius)."""
     total, count = occlusion.coverage(coarse_centres, reach, coarse.heatmap.shape, coarse.drops, coarse_valid)
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
+  @functools.partial(jax.jit, static_argnames=("grid_shape", "radius"))
+  def estimated_map(drops, ran, centres_rc, valid, row, col, coarse_spread, grid_shape, radius):
+    """The fine sweep's map with the drops that did not run estimated (`estimate_drops`): `[H, W]` mean over the
+    covering patches (the coarse spread where no covering patch has a drop or an estimate), and `[H, W]` the
+    number of valid patches covering each pixel."""
+    filled, known = estimate_drops(drops, ran, row, col, grid_shape, radius)
+    known = known & valid
+    total, count, every = occlusion.coverage(
+      centres_rc, half, coarse_spread.shape, jnp.where(known, filled, 0.0), known, valid
+    )
+    heatmap = jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.where(every > 0, coarse_spread, 0.0))
+    return heatmap, every
+
   @functools.partial(jax.jit, static_argnames="budget")
   def select(salience_map, centres_rc, valid, is_coarse, budget: int):
-    """The stage-2 patches: the `budget` fine candidates with the most salient coarse surroundings."""
+    """The stage-2 patches: the `budget` fine candidates with the most salient estimated surroundings."""
     salience = jnp.abs(salience_map)
     window = ((patch_size, patch_size), (1, 1), ((half, half), (half, half)))
     dilated = jax.lax.reduce_window(salience, -jnp.inf, jax.lax.max, *window)
-    # Ties (the coarse map is blocky) are broken by the mean salience under the patch, which prefers centres
-    # nearer the salient spot. The mean is at most the max, so 1e-3 of it reorders only maxima that differ by
-    # less than 1e-3 of themselves.
+    # Ties (flat stretches of the estimate) are broken by the mean salience under the patch, which prefers
+    # centres nearer the salient spot. The mean is at most the max, so 1e-3 of it reorders only maxima that
+    # differ by less than 1e-3 of themselves.
     mean = jax.lax.reduce_window(salience, 0.0, jax.lax.add, *window) / (patch_size * patch_size)
     at_centre = (dilated + 1e-3 * mean)[centres_rc[:, 0], centres_rc[:, 1]]
     candidate = valid & ~is_coarse
@@ -163,8 +233,10 @@ def make_drill_down_sweep(
     _, chosen = jax.lax.top_k(key, budget)
     return chosen, candidate[chosen]
 
-  @jax.jit
-  def combine(coarse, coarse_spread, fine, centres_rc, valid, coarse_idx, fine_idx, fine_valid):
+  @functools.partial(jax.jit, static_argnames=("grid_shape", "radius"))
+  def combine(
+    coarse, coarse_spread, fine, centres_rc, valid, coarse_idx, fine_idx, fine_valid, row, col, grid_shape, radius
+  ):
     height, width = coarse.heatmap.shape
     n = centres_rc.shape[0]
     ran = jnp.zeros(n, bool).at[coarse_idx].set(valid[coarse_idx]).at[fine_idx].max(fine_valid)
@@ -177,7 +249,9 @@ def make_drill_down_sweep(
     )
     total, count, every = occlusion.coverage(centres_rc, half, (height, width), drops, ran, valid)
     exact = (every > 0) & (count == every)
-    heatmap = jnp.where(exact, total / jnp.maximum(count, 1.0), jnp.where(every > 0, coarse_spread, 0.0))
+    estimate, _ = estimated_map(drops, ran, centres_rc, valid, row, col, coarse_spread, grid_shape, radius)
+    # Exact pixels keep the exact sweep's own arithmetic (the ran drops' sum over their count).
+    heatmap = jnp.where(exact, total / jnp.maximum(count, 1.0), estimate)
     return drops, heatmap, jnp.rint(every).astype(jnp.int32), exact, ran
 
   def sweep(params, image, centres_rc, valid, target=None) -> DrillDownResult:
@@ -193,15 +267,21 @@ def make_drill_down_sweep(
     # Half the regular lattice's step (the last row and column may lie closer to the one before).
     reach = max(half, coarse_every * _lattice_step(centres_rc) // 2)
     coarse_spread = coarse_map(coarse, centres_rc[coarse_idx], valid[coarse_idx], reach)
+    row, col, num_rows, num_cols = grid_index(centres_rc)
+    grid = {"row": row, "col": col, "grid_shape": (num_rows, num_cols), "radius": TENT_RADIUS * coarse_every}
     if budget == 0:
       fine_idx = jnp.zeros(0, jnp.int32)
       fine_valid = jnp.zeros(0, bool)
       fine = occlusion.SweepResult(jnp.zeros(0), None, None, None, None, None, jnp.asarray(0))
     else:
-      fine_idx, fine_valid = select(coarse_spread, centres_rc, valid, is_coarse, budget)
+      drops = jnp.zeros(n, coarse.drops.dtype).at[coarse_idx].set(coarse.drops)
+      stage1, _ = estimated_map(
+        drops, jnp.asarray(is_coarse & valid), centres_rc, valid, coarse_spread=coarse_spread, **grid
+      )
+      fine_idx, fine_valid = select(stage1, centres_rc, valid, is_coarse, budget)
       fine = stage_sweep(params, image, jnp.asarray(centres_rc)[fine_idx], fine_valid, coarse.target)
     drops, heatmap, count, exact, ran = combine(
-      coarse, coarse_spread, fine, centres_rc, valid, coarse_idx, fine_idx, fine_valid
+      coarse, coarse_spread, fine, centres_rc, valid, coarse_idx, fine_idx, fine_valid, **grid
     )
     return DrillDownResult(
       drops=drops,

@@ -1,5 +1,5 @@
-"""Drill-down occlusion: exact where the fine stage ran, the coarse map elsewhere, the budget spent where the
-coarse map is salient."""
+"""Drill-down occlusion: exact where the fine stage ran, the mean of ran and estimated drops elsewhere, the budget
+spent where the coarse map is salient."""
 
 from __future__ import annotations
 
@@ -47,17 +47,54 @@ def test_a_full_budget_is_the_fine_sweep(setting):
   assert bool(np.all(result.ran))
 
 
-def test_exact_where_the_fine_stage_ran_coarse_elsewhere(setting):
+def _naive_map(centres, valid, drops, ran, every, half, shape):
+  """The drill-down's map off the exact pixels, by loops: each patch that did not run takes the tent-weighted
+  mean of the ran drops (grid offsets in distinct rows and columns), each pixel the mean over its covering
+  patches."""
+  rows = {r: i for i, r in enumerate(sorted({int(r) for r in centres[:, 0]}))}
+  cols = {c: i for i, c in enumerate(sorted({int(c) for c in centres[:, 1]}))}
+  grid = np.array([[rows[int(r)], cols[int(c)]] for r, c in centres], float)
+  radius = drill_down.TENT_RADIUS * every
+  filled = np.array(drops, np.float64)
+  for n in np.flatnonzero(~ran):
+    w = np.prod(np.maximum(0.0, 1.0 - np.abs(grid[ran] - grid[n]) / radius), axis=1)
+    filled[n] = (w * drops[ran]).sum() / w.sum()
+  out = np.zeros(shape)
+  for i in range(shape[0]):
+    for j in range(shape[1]):
+      near = valid & np.all(np.abs(centres - [i, j]) <= half, axis=1)
+      out[i, j] = filled[near].mean() if near.any() else 0.0
+  return out
+
+
+def test_exact_where_the_fine_stage_ran_estimated_elsewhere(setting):
   full = setting[-1]
   result = _drill(setting, 3, 0.15)
   exact = np.asarray(result.exact)
   assert 0 < exact.sum() < exact.size
   chex.assert_trees_all_close(np.asarray(result.heatmap)[exact], np.asarray(full.heatmap)[exact], rtol=0, atol=1e-6)
-  coarse = np.asarray(result.coarse.heatmap)
-  np.testing.assert_array_equal(np.asarray(result.heatmap)[~exact], coarse[~exact])
-  # Ran patches: the coarse lattice plus at most the budget.
+  ran, drops = np.asarray(result.ran), np.asarray(result.drops, np.float64)
+  naive = _naive_map(setting[2], setting[3], drops, ran, 3, 1, exact.shape)
+  np.testing.assert_allclose(np.asarray(result.heatmap)[~exact], naive[~exact], rtol=1e-5, atol=1e-7)
+  # The ran drops are the fine sweep's; ran patches: the coarse lattice plus at most the budget.
+  chex.assert_trees_all_close(drops[ran], np.asarray(full.drops, np.float64)[ran], rtol=0, atol=1e-6)
   budget = int(np.ceil(0.15 * len(setting[2])))
   assert int(result.ran.sum()) <= len(drill_down.coarse_subset(setting[2], 3)) + budget
+
+
+def test_the_estimate_beats_spreading_the_coarse_drops(setting):
+  """Off the exact pixels, the map of estimated drops is nearer the exact map than the coarse drops spread over
+  the lattice's cells (what the map held before the estimate), on the spot model at every 3rd / 10%."""
+  full = np.asarray(setting[-1].heatmap)
+  result = _drill(setting, 3, 0.1)
+  off = ~np.asarray(result.exact) & (np.asarray(setting[-1].count) > 0)
+  lattice = setting[2][drill_down.coarse_subset(setting[2], 3)]
+  coarse_drops = np.asarray(result.coarse.drops)
+  spread = np.zeros_like(full)
+  for i, j in zip(*np.nonzero(off), strict=True):
+    spread[i, j] = coarse_drops[np.all(np.abs(lattice - [i, j]) <= 1, axis=1)].mean()
+  error = lambda m: np.abs(m[off] - full[off]).max()
+  assert error(np.asarray(result.heatmap)) < 0.5 * error(spread)
 
 
 def test_the_budget_goes_where_the_coarse_map_is_salient(setting):
@@ -71,7 +108,7 @@ def test_the_budget_goes_where_the_coarse_map_is_salient(setting):
 
 def test_a_lattice_wider_than_the_patch_leaves_no_holes(setting):
   """Every 4th centre with 3 px patches: the coarse patches cover a quarter of the rows and columns; off the exact
-  region each pixel gets the mean of the coarse patches within half a lattice step, so no covered pixel is 0."""
+  region each pixel gets the mean of its covering patches' ran or estimated drops, so no covered pixel is 0."""
   full = setting[-1]
   result = _drill(setting, 4, 0.1)
   coarse_holes = (np.asarray(result.coarse.count) == 0) & (np.asarray(full.count) > 0)
@@ -85,8 +122,10 @@ def test_no_budget_is_the_coarse_stage_alone(setting):
   centres = setting[2]
   result = _drill(setting, 3, 0.0)
   np.testing.assert_array_equal(np.flatnonzero(result.ran), drill_down.coarse_subset(centres, 3))
-  # 3 px patches on a lattice of 3 (and the last row and column) cover every pixel: the map is the coarse sweep's.
-  np.testing.assert_array_equal(result.heatmap, result.coarse.heatmap)
+  ran, drops = np.asarray(result.ran), np.asarray(result.drops, np.float64)
+  naive = _naive_map(centres, setting[3], drops, ran, 3, 1, result.heatmap.shape)
+  exact = np.asarray(result.exact)
+  np.testing.assert_allclose(np.asarray(result.heatmap)[~exact], naive[~exact], rtol=1e-5, atol=1e-7)
 
 
 def test_coarse_subset_takes_every_kth_distinct_row_and_column():
@@ -111,7 +150,7 @@ def test_bad_settings():
     )
 
 
-def test_the_coarse_map_reaches_every_pixel_the_fine_grid_covers(setting):
+def test_the_map_reaches_every_pixel_the_fine_grid_covers(setting):
   """Centres 1..18, every 2nd: the lattice's last row and column (17) sit one step short of the grid's (18), so
   the lattice takes the grid's last row and column too; every covered pixel has a value, and `count` is the fine
   grid's (0: no data, as the exact sweep says)."""
@@ -119,11 +158,23 @@ def test_the_coarse_map_reaches_every_pixel_the_fine_grid_covers(setting):
   result = _drill(setting, 2, 0.05)
   np.testing.assert_array_equal(result.count, full.count)
   covered, exact = np.asarray(full.count) > 0, np.asarray(result.exact)
-  lattice = setting[2][drill_down.coarse_subset(setting[2], 2)]
-  coarse_drops = np.asarray(result.coarse.drops)
   assert (covered & ~exact).sum() > 0
-  for i, j in zip(*np.nonzero(covered & ~exact), strict=True):  # a naive loop: the coarse patches reaching (i, j)
-    near = np.all(np.abs(lattice - [i, j]) <= 1, axis=1)
-    assert near.any(), (i, j)
-    np.testing.assert_allclose(result.heatmap[i, j], coarse_drops[near].mean(), rtol=1e-5, atol=1e-7)
+  ran, drops = np.asarray(result.ran), np.asarray(result.drops, np.float64)
+  naive = _naive_map(setting[2], setting[3], drops, ran, 2, 1, exact.shape)
+  np.testing.assert_allclose(np.asarray(result.heatmap)[covered], naive[covered], rtol=1e-5, atol=1e-7)
   assert {18} <= {int(r) for r in setting[2][np.asarray(result.ran)][:, 0]}
+
+
+def test_estimate_drops_known_answers():
+  """A constant field stays constant; a patch midway between two ran ones takes their mean; a patch beyond the
+  radius of every ran one is unknown (0)."""
+  row, col = np.repeat(np.arange(4), 4), np.tile(np.arange(4), 4)
+  ran = (row % 2 == 0) & (col % 2 == 0)
+  est, known = drill_down.estimate_drops(np.full(16, 2.5), ran, row, col, (4, 4), 1.5)
+  np.testing.assert_allclose(np.asarray(est), 2.5, rtol=1e-6)
+  drops = np.where(col == 0, 1.0, np.where(col == 2, 3.0, 0.0))
+  est, _ = drill_down.estimate_drops(drops, ran, row, col, (4, 4), 1.5)
+  np.testing.assert_allclose(np.asarray(est)[(row == 0) & (col == 1)], 2.0, rtol=1e-6)
+  est, known = drill_down.estimate_drops(drops, ran, row, col, (4, 4), 0.9)
+  assert not bool(np.asarray(known)[(row == 1) & (col == 1)][0])
+  assert float(np.asarray(est)[(row == 1) & (col == 1)][0]) == 0.0
