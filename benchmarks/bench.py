@@ -1632,7 +1632,7 @@ def drill_down_vs_fine(
   model: models.FaceModel,
   *,
   patch_size: int | float,
-  settings: Sequence[tuple[int, float]],
+  settings: Sequence[tuple[int, float, int, float]],
   photos: Sequence[str],
   stride: int = 1,
   batch_size: int = 16,
@@ -1681,8 +1681,8 @@ def drill_down_vs_fine(
     compile_s[name] = time.perf_counter() - start
     temp_bytes[name] = _temp_bytes(compiled[name])
   drills = {}
-  for every, fraction in settings:
-    key = f"every{every}_{fraction:g}"
+  for every, fraction, middle, middle_fraction in settings:
+    key = drill_down_name((every, fraction, middle, middle_fraction))
     drills[key] = drill_down.make_drill_down_sweep(
       model.apply_fn,
       patch_size=patch_px,
@@ -1690,12 +1690,16 @@ def drill_down_vs_fine(
       score=score,
       coarse_every=every,
       fine_fraction=fraction,
+      middle_every=middle,
+      middle_fraction=middle_fraction,
     )
     m = len(drill_down.coarse_subset(centres, every))
-    budget = min(math.ceil(fraction * n), n - m)
+    sizes = [m, math.ceil(middle_fraction * n) if middle else 0, math.ceil(fraction * n)]
     stage = exact_sweeps["exact"]
     temp_bytes[key] = max(
-      _temp_bytes(stage.lower(model.params, images[0], centres[:k], valid[:k]).compile()) for k in (m, budget) if k
+      _temp_bytes(stage.lower(model.params, images[0], centres[:k], valid[:k]).compile())
+      for k in {min(k, n) for k in sizes}
+      if k
     )
   times: dict[str, list[float]] = {name: [] for name in ("full", "exact", *drills)}
   paired: dict[str, list[float]] = {name: [] for name in drills}  # exact's time in the drill-down's rounds
@@ -1734,11 +1738,13 @@ def drill_down_vs_fine(
       )
   full_over_exact = statistics.median(f / e for f, e in full_pairs)
   per_setting = {}
-  for (every, fraction), name in zip(settings, drills, strict=True):
+  for (every, fraction, middle, middle_fraction), name in zip(settings, drills, strict=True):
     over_exact = median_ratio(paired[name], times[name])
     per_setting[name] = {
       "coarse_every": every,
       "fine_fraction": fraction,
+      "middle_every": middle,
+      "middle_fraction": middle_fraction,
       "photos": rows[name],
       "worst": {k: min(r[k] for r in rows[name]) for k in ("top10_overlap", "pearson_r", "exact_share")}
       | {"max_error": max(r["max_error"] for r in rows[name])},
@@ -1762,8 +1768,14 @@ def drill_down_vs_fine(
   }
 
 
+def drill_down_name(setting: tuple[int, float, int, float]) -> str:
+  """A drill-down setting `(coarse_every, fine_fraction, middle_every, middle_fraction)` as a short name."""
+  every, fraction, middle, middle_fraction = setting
+  return f"every{every}_{middle}at{middle_fraction:g}_{fraction:g}" if middle else f"every{every}_{fraction:g}"
+
+
 def drill_down_cms(
-  config: Any, settings: Sequence[tuple[int, float]], *, dataset: str, out_dir: str | pathlib.Path
+  config: Any, settings: Sequence[tuple[int, float, int, float]], *, dataset: str, out_dir: str | pathlib.Path
 ) -> dict[str, Any]:
   """The CMS of `config` over `dataset` with the exact sweep and with each drill-down setting: wall seconds of
   each run (`runs.run_cms`, one after the other in this process, compiled programs shared) and each drill-down
@@ -1773,12 +1785,14 @@ def drill_down_cms(
   out = pathlib.Path(out_dir)
   results: dict[str, Any] = {"model": config.model, "stride": config.occlusion.stride, "dataset": dataset}
   maps = {}
-  for every, fraction in [(0, 0.0), *settings]:  # 0: the exact sweep
+  for setting in [(0, 0.0, 0, 0.0), *settings]:  # 0: the exact sweep
+    every = setting[0]
     cfg = copy.deepcopy(config)
-    cfg.occlusion.drill_down.enabled = every > 0
+    dd = cfg.occlusion.drill_down
+    dd.enabled = every > 0
     if every:
-      cfg.occlusion.drill_down.coarse_every, cfg.occlusion.drill_down.fine_fraction = every, fraction
-    name = f"every{every}_{fraction:g}" if every else "exact"
+      dd.coarse_every, dd.fine_fraction, dd.middle_every, dd.middle_fraction = setting
+    name = drill_down_name(setting) if every else "exact"
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()

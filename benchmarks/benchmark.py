@@ -555,7 +555,8 @@ def _imported_suite() -> list[dict]:
 _DD_SETTINGS = flags.DEFINE_list(
   "drill_down_settings",
   ["2:0.3"],
-  "drill_down and drill_down_cms suites: drill-down settings to measure, each coarse_every:fine_fraction.",
+  "drill_down and drill_down_cms suites: drill-down settings to measure, each coarse_every:fine_fraction, or "
+  "coarse_every:middle_every@middle_fraction:fine_fraction with a middle stage (e.g. 4:2@0.04:0.01).",
 )
 _DD_PHOTOS = flags.DEFINE_integer("drill_down_photos", 3, "drill_down suite: the first N built-in photos.")
 _DD_FULL_PHOTOS = flags.DEFINE_integer(
@@ -568,12 +569,23 @@ _DD_STRIDES = flags.DEFINE_list(
 )
 
 
-def _drill_settings() -> list[tuple[int, float]]:
+def _drill_settings() -> list[tuple[int, float, int, float]]:
+  """`(coarse_every, fine_fraction, middle_every, middle_fraction)` per --drill_down_settings item."""
+  settings = []
   try:
-    return [(int(e), float(f)) for e, f in (item.split(":") for item in _DD_SETTINGS.value)]
+    for item in _DD_SETTINGS.value:
+      parts = item.split(":")
+      middle, middle_fraction = parts[1].split("@") if len(parts) == 3 else (0, 0.0)
+      if len(parts) not in (2, 3):
+        raise ValueError(item)
+      settings.append((int(parts[0]), float(parts[-1]), int(middle), float(middle_fraction)))
   except ValueError:
     given = ",".join(_DD_SETTINGS.value)
-    raise app.UsageError(f"--drill_down_settings={given}: give coarse_every:fine_fraction, ...") from None
+    raise app.UsageError(
+      f"--drill_down_settings={given}: give coarse_every:fine_fraction or "
+      "coarse_every:middle_every@middle_fraction:fine_fraction, ..."
+    ) from None
+  return settings
 
 
 def _drill_down_suite() -> list[dict]:

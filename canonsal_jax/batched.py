@@ -75,24 +75,30 @@ def _batched_sweep(
   reduce: str,
   devices: tuple,
   has_target: bool,
-  drill: tuple[int, float, int, int] | None = None,
+  drill: tuple[int, float, int, float, int, int] | None = None,
 ) -> Callable:
   """`sweep(params, images[B, S, S, C], centres, valid, *target) -> SweepResult` with a leading face axis: the
   per-image sweep of `occlusion.make_sweep` (on one device: faces, not patches, are split) vmapped over faces.
 
-  With `drill` = `(coarse_every, fine_fraction, crop side, stride)`, the per-image sweep is
-  `drill_down.make_drill_down_sweep`'s (a `DrillDownResult` per face): its lattice is found on the host from
-  the grid of that crop side and stride (the `centres` and `valid` given must be that grid's), and each face's
-  fine stage runs the patches its own coarse map picks, the faces one after another (`lax.map`)."""
+  With `drill` = `(coarse_every, fine_fraction, middle_every, middle_fraction, crop side, stride)`, the per-image
+  sweep is `drill_down.make_drill_down_sweep`'s (a `DrillDownResult` per face): its lattice is found on the host
+  from the grid of that crop side and stride (the `centres` and `valid` given must be that grid's), and each
+  face's later stages run the patches its own estimated map picks, the faces one after another (`lax.map`)."""
   kwargs = {"patch_size": patch_size, "batch_size": batch_size, "baseline": baseline, "score": score}
   if drill is None:
     single = occlusion.make_sweep(apply_fn, reduce=reduce, devices=devices[:1], **kwargs)
   else:
     from canonsal_jax import drill_down
 
-    every, fraction, size, stride = drill
+    every, fraction, middle_every, middle_fraction, size, stride = drill
     single = drill_down.make_drill_down_sweep(
-      apply_fn, coarse_every=every, fine_fraction=fraction, devices=devices[:1], **kwargs
+      apply_fn,
+      coarse_every=every,
+      fine_fraction=fraction,
+      middle_every=middle_every,
+      middle_fraction=middle_fraction,
+      devices=devices[:1],
+      **kwargs,
     )
     grid = occlusion.grid_centres(size, size, patch_size=patch_size, stride=stride)
 

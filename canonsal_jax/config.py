@@ -137,12 +137,17 @@ def default_config() -> ml_collections.ConfigDict:
   config.occlusion.impostor = ""
   # Adaptive drill-down (`canonsal_jax.drill_down`): a coarse sweep over every `coarse_every`-th row and column
   # of the patch grid, then the fine grid's patches where the coarse map is salient, `fine_fraction` of the grid
-  # at most. Pixels all of whose patches ran get exactly the fine sweep's value, the rest the coarse map; the
-  # outputs say which and how many. Off (the exact sweep) by default: BENCHMARKS.md gives its speed and fidelity.
+  # at most. Pixels all of whose patches ran get exactly the fine sweep's value, the rest the mean of their
+  # patches' drops, estimated where a patch did not run; the outputs say which and how many. Off (the exact
+  # sweep) by default: BENCHMARKS.md gives its speed and fidelity.
   config.occlusion.drill_down = ml_collections.ConfigDict()
   config.occlusion.drill_down.enabled = False
   config.occlusion.drill_down.coarse_every = 2  # the coarse lattice: every 2nd row and column of patch centres
   config.occlusion.drill_down.fine_fraction = 0.3  # the fine stage's budget, a share of the grid's patches
+  # Optionally a middle stage between the two: `middle_fraction` of the grid on every `middle_every`-th row and
+  # column (0: none; else strictly between 1 and coarse_every), where the estimated map is salient.
+  config.occlusion.drill_down.middle_every = 0
+  config.occlusion.drill_down.middle_fraction = 0.0
 
   # What makes the crop heatmap: "occlusion" (the paper's method), or a rival from canonsal_jax.attribution
   # ("vanilla_gradient", "integrated_gradients", "grad_cam", "grad_cam_plus_plus", "score_cam", "rise"), carried
@@ -398,6 +403,14 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     if _is_number(v) and 0 <= v <= 1
     else "must be a number in [0, 1] (the fine stage's budget, a share of the grid's patches)"
   ),
+  "occlusion.drill_down.middle_every": _integer(
+    0, " (a middle stage's lattice, strictly between 1 and coarse_every; 0: no middle stage)"
+  ),
+  "occlusion.drill_down.middle_fraction": lambda v: (
+    None
+    if _is_number(v) and 0 <= v <= 1
+    else "must be a number in [0, 1] (the middle stage's budget, a share of the grid's patches)"
+  ),
   "explainer": _one_of(("occlusion", *ATTRIBUTION_METHODS)),
   "attribution.baseline": _baseline,
   "attribution.steps": _integer(1),
@@ -447,6 +460,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   reason = _patch_size(values["occlusion.patch_size"], values["model"])
   if reason is not None:
     raise ConfigError("occlusion.patch_size", values["occlusion.patch_size"], reason)
+  middle, coarse = values["occlusion.drill_down.middle_every"], values["occlusion.drill_down.coarse_every"]
+  if middle and not 1 < middle < coarse:
+    raise ConfigError(
+      "occlusion.drill_down.middle_every",
+      middle,
+      f"must be 0 (no middle stage) or lie strictly between 1 and occlusion.drill_down.coarse_every={coarse}",
+    )
   if values["occlusion.drill_down.enabled"] and values["occlusion.reduce"] != "mean":
     raise ConfigError(
       "occlusion.reduce",

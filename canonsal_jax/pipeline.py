@@ -139,10 +139,14 @@ def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tupl
   return tuple(baseline) if isinstance(baseline, list) else baseline
 
 
-def drill_down_settings(occ: ml_collections.ConfigDict) -> tuple[int, float] | None:
-  """`(coarse_every, fine_fraction)` of `config.occlusion.drill_down` when it is enabled, else None."""
+def drill_down_settings(occ: ml_collections.ConfigDict) -> tuple[int, float, int, float] | None:
+  """`(coarse_every, fine_fraction, middle_every, middle_fraction)` of `config.occlusion.drill_down` when it is
+  enabled (`middle_fraction` 0 without a middle stage), else None."""
   dd = occ.drill_down
-  return (int(dd.coarse_every), float(dd.fine_fraction)) if dd.enabled else None
+  if not dd.enabled:
+    return None
+  middle = int(dd.middle_every)
+  return (int(dd.coarse_every), float(dd.fine_fraction), middle, float(dd.middle_fraction) if middle else 0.0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -154,7 +158,15 @@ def _cached_sweep(
     return occlusion.make_sweep(apply_fn, reduce=reduce, **kwargs)
   from canonsal_jax import drill_down
 
-  return drill_down.make_drill_down_sweep(apply_fn, coarse_every=drill[0], fine_fraction=drill[1], **kwargs)
+  every, fraction, middle_every, middle_fraction = drill
+  return drill_down.make_drill_down_sweep(
+    apply_fn,
+    coarse_every=every,
+    fine_fraction=fraction,
+    middle_every=middle_every,
+    middle_fraction=middle_fraction,
+    **kwargs,
+  )
 
 
 def model_sweep(
@@ -324,13 +336,13 @@ class SweepPlan:
   centres: np.ndarray  # [N, 2] int32 (row, col)
   valid: np.ndarray  # [N] bool
   target: np.ndarray | None
-  drill_down: tuple[int, float] | None = None  # (coarse_every, fine_fraction) of a drill-down sweep
+  drill_down: tuple[int, float, int, float] | None = None  # a drill-down sweep's `drill_down_settings`
 
 
 def sweep_record(plan: SweepPlan, result: Any) -> dict[str, Any]:
   """How a heatmap was made, as the outputs record it: `{"mode": "exact"}`, or for a drill-down sweep its
-  lattice and budget, the fine patches that ran (of the grid's) and `exact_share`, the share of the covered
-  pixels whose value is the exact sweep's (the rest hold the coarse map)."""
+  lattices and budgets, the patches that ran (of the grid's) and `exact_share`, the share of the covered pixels
+  whose value is the exact sweep's (the rest hold the mean of ran and estimated drops)."""
   if plan.drill_down is None:
     return {"mode": "exact"}
   covered = np.asarray(result.count) > 0
@@ -339,6 +351,8 @@ def sweep_record(plan: SweepPlan, result: Any) -> dict[str, Any]:
     "mode": "drill_down",
     "coarse_every": plan.drill_down[0],
     "fine_fraction": plan.drill_down[1],
+    "middle_every": plan.drill_down[2],
+    "middle_fraction": plan.drill_down[3],
     "patches_run": int(np.sum(result.ran)),
     "num_patches": len(plan.centres),
     "exact_share": float(exact[covered].mean()) if covered.any() else 0.0,

@@ -238,7 +238,10 @@ def run_cms(
   return acc
 
 
-_SWEEP_SETTINGS = ("mode", "coarse_every", "fine_fraction")  # what makes two maps comparable (not the counts)
+# What makes two maps comparable (not the counts). Records from before the middle stage have no middle keys: they
+# had none (middle_every 0).
+_SWEEP_SETTINGS = ("mode", "coarse_every", "fine_fraction", "middle_every", "middle_fraction")
+_SWEEP_DEFAULTS = {"middle_every": 0, "middle_fraction": 0.0}
 
 
 def _sweep_settings(record: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +249,10 @@ def _sweep_settings(record: dict[str, Any], want: dict[str, Any]) -> dict[str, A
   map was the explainer's own (no drill-down): taken as `want` unless that is a drill-down."""
   if "sweep" not in record:
     return want if want["mode"] != "drill_down" else {"mode": "not drill-down (recorded before drill-down was)"}
-  return {k: record["sweep"][k] for k in _SWEEP_SETTINGS if k in record["sweep"]}
+  sweep = record["sweep"]
+  if sweep.get("mode") == "drill_down":
+    sweep = _SWEEP_DEFAULTS | sweep
+  return {k: sweep[k] for k in _SWEEP_SETTINGS if k in sweep}
 
 
 def _check_sweep_mode(acc: cms.CMSAccumulator, config: ml_collections.ConfigDict, checkpoint: pathlib.Path) -> None:

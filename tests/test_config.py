@@ -100,6 +100,21 @@ _PATCH = "or a fraction of the face width below 1 (the paper's 0.07)"
       1.5,
       "must be a number in [0, 1] (the fine stage's budget, a share of the grid's patches)",
     ),
+    (
+      "occlusion.drill_down.middle_every",
+      -1,
+      "must be an integer >= 0 (a middle stage's lattice, strictly between 1 and coarse_every; 0: no middle stage)",
+    ),
+    (
+      "occlusion.drill_down.middle_every",
+      2,  # the default coarse lattice is every 2nd: no room for a middle one
+      "must be 0 (no middle stage) or lie strictly between 1 and occlusion.drill_down.coarse_every=2",
+    ),
+    (
+      "occlusion.drill_down.middle_fraction",
+      "0.1",
+      "must be a number in [0, 1] (the middle stage's budget, a share of the grid's patches)",
+    ),
   ],
 )
 def test_a_bad_value_names_its_key_and_what_it_takes(key, value, message):

@@ -29,10 +29,10 @@ def setting():
   return spot, image, centres, valid, score, full
 
 
-def _drill(setting, every, fraction):
+def _drill(setting, every, fraction, **middle):
   spot, image, centres, valid, score, _ = setting
   sweep = drill_down.make_drill_down_sweep(
-    _spot_model, patch_size=3, batch_size=16, score=score, coarse_every=every, fine_fraction=fraction
+    _spot_model, patch_size=3, batch_size=16, score=score, coarse_every=every, fine_fraction=fraction, **middle
   )
   return sweep(spot, image, centres, valid, 0)
 
@@ -128,6 +128,25 @@ def test_no_budget_is_the_coarse_stage_alone(setting):
   np.testing.assert_allclose(np.asarray(result.heatmap)[~exact], naive[~exact], rtol=1e-5, atol=1e-7)
 
 
+def test_a_middle_stage_runs_its_budget_on_its_lattice(setting):
+  """Every 4th, then 5% of the grid on every 2nd row and column, then 5% anywhere: the middle stage's patches lie on
+  its lattice, where the spot is; the map is exact where everything ran and the estimate elsewhere."""
+  full, centres = setting[-1], setting[2]
+  result = _drill(setting, 4, 0.05, middle_every=2, middle_fraction=0.05)
+  ran = np.asarray(result.ran)
+  coarse, middle = (np.isin(np.arange(len(centres)), drill_down.coarse_subset(centres, k)) for k in (4, 2))
+  budget = int(np.ceil(0.05 * len(centres)))
+  assert int(ran.sum()) == coarse.sum() + 2 * budget
+  fine_only = ran & ~middle  # the fine stage's picks off the middle lattice
+  assert 0 < fine_only.sum() <= budget and (ran & middle & ~coarse).sum() >= budget
+  picked = centres[ran & ~coarse]
+  assert np.all(np.abs(picked - [6, 13]).max(axis=1) <= 5)  # all near the spot at (6, 13)
+  exact, heatmap = np.asarray(result.exact), np.asarray(result.heatmap)
+  chex.assert_trees_all_close(heatmap[exact], np.asarray(full.heatmap)[exact], rtol=0, atol=1e-6)
+  naive = _naive_map(centres, setting[3], np.asarray(result.drops, np.float64), ran, 4, 1, exact.shape)
+  np.testing.assert_allclose(heatmap[~exact], naive[~exact], rtol=1e-5, atol=1e-7)
+
+
 def test_coarse_subset_takes_every_kth_distinct_row_and_column():
   centres = occlusion.grid_centres(10, 10, patch_size=3, stride=1)  # rows and columns 1..8
   picked = centres[drill_down.coarse_subset(centres, 3)]
@@ -143,6 +162,21 @@ def test_bad_settings():
   with pytest.raises(ValueError, match=r"fine_fraction must be in \[0, 1\]"):
     drill_down.make_drill_down_sweep(
       _spot_model, patch_size=3, batch_size=4, score=score, coarse_every=2, fine_fraction=2
+    )
+  with pytest.raises(ValueError, match="middle_every must lie strictly between 1 and coarse_every=3"):
+    drill_down.make_drill_down_sweep(
+      _spot_model, patch_size=3, batch_size=4, score=score, coarse_every=3, fine_fraction=0.1, middle_every=3
+    )
+  with pytest.raises(ValueError, match=r"middle_fraction must be in \[0, 1\]"):
+    drill_down.make_drill_down_sweep(
+      _spot_model,
+      patch_size=3,
+      batch_size=4,
+      score=score,
+      coarse_every=4,
+      fine_fraction=0.1,
+      middle_every=2,
+      middle_fraction=-0.1,
     )
   with pytest.raises(ValueError, match="reduce must be 'mean'"):
     drill_down.make_drill_down_sweep(

@@ -172,7 +172,7 @@ def test_drill_down_heatmap_is_the_exact_sweeps_where_it_says_so(tmp_path):
   assert 0 < where.sum() < where.size
   atol = tolerance.rounding_atol(np.append(exact.heatmap, exact.score))
   np.testing.assert_allclose(drill.heatmap[where], exact.heatmap[where], rtol=0, atol=atol)
-  assert np.abs(drill.heatmap[~where] - exact.heatmap[~where]).max() > 100 * atol  # the coarse map elsewhere
+  assert np.abs(drill.heatmap[~where] - exact.heatmap[~where]).max() > 100 * atol  # the estimate elsewhere
   np.testing.assert_array_equal(drill.count > 0, exact.count > 0)
   assert drill.score == exact.score and drill.label == exact.label
   n = len(pipeline.sweep_plan(_drill_config(), pipeline.check_settings(_drill_config())).centres)
@@ -180,6 +180,8 @@ def test_drill_down_heatmap_is_the_exact_sweeps_where_it_says_so(tmp_path):
     "mode": "drill_down",
     "coarse_every": 2,
     "fine_fraction": 0.3,
+    "middle_every": 0,
+    "middle_fraction": 0.0,
     "patches_run": drill.sweep["patches_run"],
     "num_patches": n == drill.num_patches and n,
     "exact_share": float(where[drill.count > 0].mean()),
@@ -231,6 +233,20 @@ def test_a_checkpoint_from_before_sweeps_were_recorded_resumes_only_without_dril
   runs._check_sweep_mode(acc, rival, tmp_path / "cms.npz")
   with pytest.raises(config_lib.ConfigError, match=r"^--config\.occlusion\.drill_down\.enabled=True: .*cms\.npz"):
     runs._check_sweep_mode(acc, _drill_config(), tmp_path / "cms.npz")
+
+
+def test_a_drill_down_checkpoint_from_before_the_middle_stage_resumes_without_one(tmp_path):
+  """Drill-down records written before the middle stage existed have no middle keys: they had none, so a run
+  without a middle stage resumes them and one with a middle stage is refused, naming `middle_every`."""
+  acc = cms.CMSAccumulator(cms.CMSSettings(4))
+  old = {"mode": "drill_down", "coarse_every": 4, "fine_fraction": 0.3, "patches_run": 9, "exact_share": 0.5}
+  acc.add(0, "a.png", np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), record={"score": 1.0, "sweep": old})
+  runs._check_sweep_mode(acc, _drill_config(every=4), tmp_path / "cms.npz")
+  middle = _drill_config(every=4)
+  middle.occlusion.drill_down.middle_every = 2
+  middle.occlusion.drill_down.middle_fraction = 0.05
+  with pytest.raises(config_lib.ConfigError, match=r"^--config\.occlusion\.drill_down\.middle_every=2: .*cms\.npz"):
+    runs._check_sweep_mode(acc, middle, tmp_path / "cms.npz")
 
 
 def _menpo_folder(folder: pathlib.Path) -> list[str]:
