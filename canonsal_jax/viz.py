@@ -381,12 +381,24 @@ def set_title(fig: Figure, text: str) -> None:
 def save_figure(fig: Figure, out_dir: str | pathlib.Path, stem: str, settings: FigureSettings) -> pathlib.Path:
   """Writes `fig` as `<out_dir>/<stem>.<settings.format>` atomically at `settings.dpi`; returns the path."""
   path = pathlib.Path(out_dir) / f"{stem}.{settings.format}"
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format=settings.format, dpi=settings.dpi, facecolor="white")
-  if settings.format == "png":  # RGB like every other PNG the package writes (matplotlib writes RGBA)
-    with Image.open(buffer) as im:
-      fileio.save_png(path, np.asarray(im.convert("RGB")))
+  if settings.format == "png":
+    # Drawn on the Agg canvas and written once as RGB, like every other PNG the package writes: savefig would
+    # encode an RGBA PNG that then had to be decoded and encoded again (a second of a small script's run).
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+      FigureCanvasAgg(fig)
+    dpi, face = fig.get_dpi(), fig.get_facecolor()
+    fig.set_dpi(settings.dpi)
+    fig.set_facecolor("white")
+    try:
+      fig.canvas.draw()
+      rgba = np.asarray(fig.canvas.buffer_rgba())
+    finally:
+      fig.set_dpi(dpi)
+      fig.set_facecolor(face)
+    fileio.save_png(path, np.ascontiguousarray(rgba[..., :3]))
   else:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=settings.format, dpi=settings.dpi, facecolor="white")
     fileio.write_atomic(path, buffer.getvalue())
   return path
 
