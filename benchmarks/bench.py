@@ -700,13 +700,13 @@ _CHILD_MARK = "CANONSAL_BENCH_RESULT "
 
 def _first_run_cache(root: pathlib.Path) -> pathlib.Path:
   """A cache folder (`CANONSAL_CACHE_DIR`) as on a machine whose assets and converted weights are installed
-  but which has run nothing yet: every entry of the user's cache folder linked in, except the detections and
-  the compiled programs, which start empty."""
+  but which has run nothing yet: every entry of the user's cache folder linked in, except what a run leaves
+  behind (the detections, the compiled programs and the canonical face's rasterisations), which starts empty."""
   shutil.rmtree(root, ignore_errors=True)
   root.mkdir(parents=True)
   user_cache = assets.cache_dir()
   for entry in user_cache.iterdir() if user_cache.is_dir() else ():
-    if entry.name not in ("detections", "jax_compilation_cache"):
+    if entry.name not in ("detections", "jax_compilation_cache", "canonical"):
       (root / entry.name).symlink_to(entry)
   return root
 

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from canonsal_jax import raster, viz
+from canonsal_jax import assets, fileio, raster, viz
 from canonsal_jax.morphable.model import REGION_NAMES, MorphableModel
 
 __all__ = [
@@ -253,10 +253,41 @@ def _cached(cache: collections.OrderedDict, key, build):
   return value
 
 
+# The version of what `make_uv_raster` and `_canonical_geometry` compute: bump it whenever either changes, so
+# that the rasterisations kept in the cache folder are rebuilt.
+_ON_DISK_VERSION = 1
+
+
+def _on_disk(kind: str, key: tuple, build, fields: type, *, on_device: bool):
+  """`build()` (a NamedTuple of arrays), kept in the cache folder under a hash of `key` as well as in the process:
+  the canonical face's rasterisations are the same on every run of a model and size, and rebuilding them cost a
+  second run ~2 s of rasterising. A file that is missing, unreadable or of another version is rebuilt; one that
+  cannot be written is skipped. `on_device`: the fields are device arrays (as `build` makes them), else numpy."""
+  digest = hashlib.sha256(repr((kind, key)).encode()).hexdigest()[:32]
+  path = assets.cache_dir() / "canonical" / f"{kind}-{digest}.npz"
+  try:
+    arrays = fileio.load_npz_versioned(path, f"canonical_{kind}", _ON_DISK_VERSION)
+    return fields(**{name: jax.device_put(arrays[name]) if on_device else arrays[name] for name in fields._fields})
+  except (fileio.FormatError, KeyError):
+    pass
+  value = build()
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {name: np.asarray(getattr(value, name)) for name in fields._fields}
+    fileio.save_npz_versioned(path, f"canonical_{kind}", _ON_DISK_VERSION, **arrays)
+  except OSError:
+    pass
+  return value
+
+
 def model_uv_raster(model: MorphableModel, size: int) -> UVRaster:
-  """`make_uv_raster` of the model's UVs and triangles, cached per (model content, size) in this process."""
+  """`make_uv_raster` of the model's UVs and triangles, cached per (model content, size) in this process and in
+  the cache folder."""
   key = (_content_key(model.uv, model.triangles), int(size))
-  return _cached(_UV_CACHE, key, lambda: make_uv_raster(model.uv, model.triangles, size))
+  build = lambda: _on_disk(
+    "uv_raster", key, lambda: make_uv_raster(model.uv, model.triangles, size), UVRaster, on_device=True
+  )
+  return _cached(_UV_CACHE, key, build)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -471,7 +502,7 @@ def _canonical_geometry(model: MorphableModel, size: int, margin: float) -> _Geo
     )
 
   key = (_content_key(model.mean, model.triangles, model.uv), int(size), float(margin))
-  return _cached(_GEOMETRY_CACHE, key, build)
+  return _cached(_GEOMETRY_CACHE, key, lambda: _on_disk("geometry", key, build, _Geometry, on_device=False))
 
 
 def sample_canonical(

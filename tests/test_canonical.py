@@ -1,14 +1,16 @@
 """Tests for canonical maps: known answers on planar meshes, the Surrey model posed, eos's extract_texture, render."""
 
+import collections
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from canonsal_jax import canonical, faces, raster
+from canonsal_jax import canonical, faces, fileio, raster
 from canonsal_jax.morphable.model import REGION_NAMES
 from canonsal_jax.morphable.sfm import load_sfm
 
@@ -330,3 +332,35 @@ def test_render_canonical_marks_no_data_and_shares_the_scale(sfm):
   a = canonical.render_canonical(sfm, texture, weight, size, vmax=1.0)
   np.testing.assert_array_equal(a, canonical.render_canonical(sfm, 2 * texture, weight, size, vmax=2.0))
   assert not np.array_equal(a, canonical.render_canonical(sfm, 2 * texture, weight, size, vmax=1.0))
+
+
+def test_the_canonical_rasterisations_are_kept_in_the_cache_folder(sfm, tmp_path, monkeypatch):
+  """A new process (the in-process caches cleared) reads the UV raster and the canonical geometry back from the
+  cache folder, equal to what was built; a corrupt file is rebuilt, never trusted."""
+  monkeypatch.setenv("CANONSAL_CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(canonical, "_UV_CACHE", collections.OrderedDict())
+  monkeypatch.setattr(canonical, "_GEOMETRY_CACHE", collections.OrderedDict())
+  built_uv = canonical.model_uv_raster(sfm, 48)
+  built_geometry = canonical._canonical_geometry(sfm, 40, 0.05)
+  files = sorted((tmp_path / "canonical").iterdir())
+  assert [f.name.split("-")[0] for f in files] == ["geometry", "uv_raster"]
+
+  def fail(*args, **kwargs):
+    raise AssertionError("rebuilt although the cache folder holds it")
+
+  canonical._UV_CACHE.clear()
+  canonical._GEOMETRY_CACHE.clear()
+  with monkeypatch.context() as m:
+    m.setattr(canonical, "make_uv_raster", fail)
+    m.setattr(canonical.raster, "rasterize", fail)
+    read_uv = canonical.model_uv_raster(sfm, 48)
+    read_geometry = canonical._canonical_geometry(sfm, 40, 0.05)
+  chex.assert_trees_all_equal(tuple(read_uv), tuple(built_uv))
+  chex.assert_trees_all_equal(tuple(read_geometry), tuple(built_geometry))
+  assert isinstance(read_geometry.face, np.ndarray)  # host arrays, as built
+
+  files[0].write_bytes(b"not an npz")
+  canonical._GEOMETRY_CACHE.clear()
+  rebuilt = canonical._canonical_geometry(sfm, 40, 0.05)
+  chex.assert_trees_all_equal(tuple(rebuilt), tuple(built_geometry))
+  assert fileio.load_npz_versioned(files[0], "canonical_geometry", canonical._ON_DISK_VERSION)  # written again
