@@ -1693,13 +1693,14 @@ def drill_down_vs_fine(
       middle_every=middle,
       middle_fraction=middle_fraction,
     )
-    m = len(drill_down.coarse_subset(centres, every))
-    sizes = [m, math.ceil(middle_fraction * n) if middle else 0, math.ceil(fraction * n)]
+    # Each stage's program, at its number of patches (a budget is at most the grid's).
+    sizes = {len(drill_down.coarse_subset(centres, every)), math.ceil(fraction * n)}
+    sizes |= {math.ceil(middle_fraction * n)} if middle else set()
     stage = exact_sweeps["exact"]
     temp_bytes[key] = max(
-      _temp_bytes(stage.lower(model.params, images[0], centres[:k], valid[:k]).compile())
-      for k in {min(k, n) for k in sizes}
-      if k
+      _temp_bytes(stage.lower(model.params, images[0], centres[:size], valid[:size]).compile())
+      for size in {min(s, n) for s in sizes}
+      if size
     )
   times: dict[str, list[float]] = {name: [] for name in ("full", "exact", *drills)}
   paired: dict[str, list[float]] = {name: [] for name in drills}  # exact's time in the drill-down's rounds

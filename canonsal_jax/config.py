@@ -254,6 +254,13 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _share(meaning: str) -> Callable[[Any], str | None]:
+  def check(value: Any) -> str | None:
+    return None if _is_number(value) and 0 <= value <= 1 else f"must be a number in [0, 1]{meaning}"
+
+  return check
+
+
 def _integer(minimum: int, meaning: str = "") -> Callable[[Any], str | None]:
   def check(value: Any) -> str | None:
     return None if _is_int(value) and value >= minimum else f"must be an integer >= {minimum}{meaning}"
@@ -398,19 +405,11 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
   "occlusion.drill_down.coarse_every": _integer(
     1, " (the coarse lattice: every n-th row and column of patch centres; 1 runs the whole grid in stage 1)"
   ),
-  "occlusion.drill_down.fine_fraction": lambda v: (
-    None
-    if _is_number(v) and 0 <= v <= 1
-    else "must be a number in [0, 1] (the fine stage's budget, a share of the grid's patches)"
-  ),
+  "occlusion.drill_down.fine_fraction": _share(" (the fine stage's budget, a share of the grid's patches)"),
   "occlusion.drill_down.middle_every": _integer(
     0, " (a middle stage's lattice, strictly between 1 and coarse_every; 0: no middle stage)"
   ),
-  "occlusion.drill_down.middle_fraction": lambda v: (
-    None
-    if _is_number(v) and 0 <= v <= 1
-    else "must be a number in [0, 1] (the middle stage's budget, a share of the grid's patches)"
-  ),
+  "occlusion.drill_down.middle_fraction": _share(" (the middle stage's budget, a share of the grid's patches)"),
   "explainer": _one_of(("occlusion", *ATTRIBUTION_METHODS)),
   "attribution.baseline": _baseline,
   "attribution.steps": _integer(1),

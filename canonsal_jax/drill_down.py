@@ -142,9 +142,8 @@ def estimate_drops(
   num_rows, num_cols = shape
   tent = lambda n: jnp.maximum(0.0, 1.0 - jnp.abs(jnp.arange(n)[:, None] - jnp.arange(n)[None, :]) / radius)
   grid = lambda v: jnp.zeros(shape, jnp.float32).at[row, col].add(v.astype(jnp.float32))
-  weight = ran.astype(jnp.float32)
   smooth = lambda g: jnp.matmul(jnp.matmul(tent(num_rows), g, precision=hi), tent(num_cols), precision=hi)
-  num, den = smooth(grid(jnp.where(ran, drops, 0.0) * weight)), smooth(grid(weight))
+  num, den = smooth(grid(jnp.where(ran, drops, 0.0))), smooth(grid(ran))
   num, den = num[row, col], den[row, col]
   known = den > 0
   estimate = jnp.where(known, num / jnp.where(known, den, 1.0), 0.0)

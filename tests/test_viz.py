@@ -6,12 +6,14 @@ results on the embedded 3DMM, so no face model runs here.
 """
 
 import dataclasses
+import io
 import types
 
 import chex
 import numpy as np
 import pytest
 from matplotlib import colors
+from PIL import Image
 
 from canonsal_jax import canonical, faces, fileio, outputs, pipeline, verification, viz
 from canonsal_jax import config as config_lib
@@ -312,6 +314,10 @@ def test_png_figures_keep_their_names_and_dpi(tmp_path):
   rgb = fileio.load_image(path)
   fig = outputs.occlusion_figure(_occlusion())
   chex.assert_shape(rgb, (round(fig.get_figheight() * 80), round(fig.get_figwidth() * 80), 3))
+  # The pixels are matplotlib's own PNG of the figure on white, as RGB (drawn on the canvas, encoded once).
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=80, facecolor="white")
+  np.testing.assert_array_equal(rgb, np.asarray(Image.open(buffer).convert("RGB")))
 
 
 def test_figures_leave_no_pyplot_state():

@@ -1008,15 +1008,22 @@ def _tested_section(tested: Mapping[str, Any], numbers_key: str, rep: _Report) -
   )
 
 
-def _headline_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
+def _missing_protocol(metrics: Mapping[str, Any] | None, key: str, what: str, protocol: str) -> str | None:
+  """The "missing" paragraph when `metrics` has no `key` table (`what`, made by `--protocol=<protocol>`), else None."""
   if metrics is None:
     return '<p class="missing">No metrics table was given.</p>'
-  headline = metrics.get("headline")
-  if not headline:
-    return (
-      '<p class="missing">The metrics table has no headline protocol (run scripts/faithfulness.py with '
-      "--protocol=blur or all).</p>"
-    )
+  if metrics.get(key):
+    return None
+  return (
+    f'<p class="missing">The metrics table has no {what} (run scripts/faithfulness.py with '
+    f"--protocol={protocol} or all).</p>"
+  )
+
+
+def _headline_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
+  if (missing := _missing_protocol(metrics, "headline", "headline protocol", "blur")) is not None:
+    return missing
+  headline = metrics["headline"]
   intro = (
     f"No method's home ground: every map (methods and, in italics, controls that know nothing about the model) "
     f"hides {_fmt(100 * _as_float(headline.get('mass')))}% of the face crop, and the hidden pixels become "
@@ -1029,14 +1036,9 @@ def _headline_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
 
 
 def _paper_section(rep: _Report, metrics: Mapping[str, Any] | None) -> str:
-  if metrics is None:
-    return '<p class="missing">No metrics table was given.</p>'
-  paper = metrics.get("paper")
-  if not paper:
-    return (
-      '<p class="missing">The metrics table has no paper\'s protocol (run scripts/faithfulness.py with '
-      "--protocol=paper or all).</p>"
-    )
+  if (missing := _missing_protocol(metrics, "paper", "paper's protocol", "paper")) is not None:
+    return missing
+  paper = metrics["paper"]
   published = bool(paper.get("paper_as_published"))
   intro = (
     "As the paper's released code computes it: every map clipped at 0 and min-max scaled to [0, 1], the CMS "
