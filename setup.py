@@ -28,6 +28,9 @@ setup(
     "dlib-bin>=19.24",
     "absl-py>=2.1",
     "ml_collections>=1.0",
+    # JAX's dtype extension. 0.7.0's takes ~0.8 s to load on every import of jax (0.6.0's ~10 ms): a fifth of a
+    # script's run once its programs are cached (BENCHMARKS "Start-up").
+    "ml_dtypes>=0.5,!=0.7.0",
     "pillow>=10.0",
     "matplotlib>=3.8",  # figures (`viz`): colour bars, keys, contours, svg/pdf output
     "scikit-image>=0.22",  # the default image (astronaut) and the default dataset (lfw_subset)
