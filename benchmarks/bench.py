@@ -1638,7 +1638,9 @@ def drill_down_vs_fine(
   batch_size: int = 16,
   repeats: int = 1,
   full_photos: int = 1,
+  full_sample: int = 1,
   images: Sequence[np.ndarray] | None = None,
+  save_dir: str | pathlib.Path | None = None,
 ) -> dict[str, Any]:
   """Drill-down sweeps against the exact fine sweep on real face crops: speed, fidelity and peak memory.
 
@@ -1653,8 +1655,15 @@ def drill_down_vs_fine(
   lattice's and the budget's numbers of patches).
 
   Args:
+    full_sample: time the full sweep against the exact one on every `full_sample`-th patch of the fine grid
+      (raster order, so every part of the crop is in it) instead of the whole grid: both sweeps' cost is a sum
+      over their patches, so the ratio carries over, and the full sweep's whole-grid seconds are reported
+      scaled by the grid's patches over the sample's. For a grid whose full sweep takes hours (the VGG-16-sized
+      network at stride 1); 1 times the whole grid.
     images: model inputs to use instead of the photos' crops (a network without a face crop of its own, such
       as the VGG-16-sized one); `photos` then names them.
+    save_dir: where to keep each photo's exact sweep (`<model>_<k>.npz`: drops per patch, centres, heatmap,
+      coverage), so that other drill-down settings can be judged later without running the model again.
 
   Returns:
     A dict with, per setting, per-photo fidelity, the worst over photos, seconds (median), the speed-ups over
@@ -1673,11 +1682,14 @@ def drill_down_vs_fine(
     name: occlusion.make_sweep(model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, method=method)
     for name, method in (("full", "full"), ("exact", "auto"))
   }
+  sample = np.arange(0, n, max(1, full_sample))
+  programs = {"full": sample, "exact": np.arange(n)} | ({"exact_sample": sample} if len(sample) < n else {})
   compiled, temp_bytes, compile_s = {}, {}, {}
-  for name, sweep in exact_sweeps.items():
+  for name, rows in programs.items():
     start = time.perf_counter()
     with jax.default_matmul_precision("highest"):
-      compiled[name] = sweep.lower(model.params, images[0], centres, valid).compile()
+      sweep = exact_sweeps[name.removesuffix("_sample")]
+      compiled[name] = sweep.lower(model.params, images[0], centres[rows], valid[rows]).compile()
     compile_s[name] = time.perf_counter() - start
     temp_bytes[name] = _temp_bytes(compiled[name])
   drills = {}
@@ -1702,14 +1714,18 @@ def drill_down_vs_fine(
       for size in {min(s, n) for s in sizes}
       if size
     )
-  times: dict[str, list[float]] = {name: [] for name in ("full", "exact", *drills)}
+  times: dict[str, list[float]] = {name: [] for name in (*programs, *drills)}
   paired: dict[str, list[float]] = {name: [] for name in drills}  # exact's time in the drill-down's rounds
   full_pairs: list[tuple[float, float]] = []
   rows: dict[str, list[dict[str, Any]]] = {name: [] for name in drills}
+  full_pair = ("full", "exact_sample" if "exact_sample" in programs else "exact")
   for k, (photo, image) in enumerate(zip(photos, images, strict=True)):
     calls = {"exact": lambda image=image: compiled["exact"](model.params, image, centres, valid)}
     if k < full_photos:
-      calls["full"] = lambda image=image: compiled["full"](model.params, image, centres, valid)
+      for name in full_pair:
+        if name not in calls:
+          c, v = centres[programs[name]], valid[programs[name]]
+          calls[name] = lambda image=image, name=name, c=c, v=v: compiled[name](model.params, image, c, v)
     for name, sweep in drills.items():
       calls[name] = lambda sweep=sweep, image=image: sweep(model.params, image, centres, valid)
       jax.block_until_ready(calls[name]())  # compiles its stages
@@ -1724,9 +1740,21 @@ def drill_down_vs_fine(
       for name in drills:
         paired[name].append(seconds["exact"])
       if "full" in seconds:
-        full_pairs.append((seconds["full"], seconds["exact"]))
+        full_pairs.append((seconds["full"], seconds[full_pair[1]]))
     exact = np.asarray(results["exact"].heatmap)
     covered = np.asarray(results["exact"].count) > 0
+    if save_dir is not None:
+      pathlib.Path(save_dir).mkdir(parents=True, exist_ok=True)
+      np.savez(
+        pathlib.Path(save_dir) / f"{model.name}_{k}.npz",
+        drops=np.asarray(results["exact"].drops),
+        heatmap=exact,
+        count=np.asarray(results["exact"].count),
+        centres=centres,
+        patch=patch_px,
+        size=size,
+        photo=pathlib.Path(photo).name,
+      )
     for name in drills:
       got = results[name]
       rows[name].append(
@@ -1761,10 +1789,14 @@ def drill_down_vs_fine(
     "stride": stride,
     "num_patches": n,
     "batch_size": batch_size,
-    "seconds": {name: statistics.median(times[name]) for name in ("full", "exact")},
+    "seconds": {
+      "full": statistics.median(times["full"]) * n / len(sample),  # the sample's, scaled to the grid
+      "exact": statistics.median(times["exact"]),
+    },
+    "full_sample": len(sample),
     "full_over_exact": full_over_exact,
     "compile_s": compile_s,
-    "temp_bytes": {name: temp_bytes[name] for name in ("full", "exact")},
+    "temp_bytes": {name: temp_bytes[name] for name in ("full", "exact")},  # "full": at the sample's size
     "settings": per_setting,
   }
 

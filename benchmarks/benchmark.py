@@ -562,6 +562,15 @@ _DD_PHOTOS = flags.DEFINE_integer("drill_down_photos", 3, "drill_down suite: the
 _DD_FULL_PHOTOS = flags.DEFINE_integer(
   "drill_down_full_photos", 1, "drill_down suite: time the full-forward fine sweep on the first N photos only."
 )
+_DD_FULL_SAMPLE = flags.DEFINE_integer(
+  "drill_down_full_sample",
+  1,
+  "drill_down suite: time the full sweep (against the exact one) on every Nth patch of the fine grid, for a grid "
+  "whose full sweep takes hours; its whole-grid time is reported scaled.",
+)
+_DD_SAVE = flags.DEFINE_string(
+  "drill_down_save", None, "drill_down suite: a folder to keep each photo's exact sweep in (drops per patch)."
+)
 _DD_STRIDES = flags.DEFINE_list(
   "drill_down_strides",
   [],
@@ -606,6 +615,8 @@ def _drill_down_suite() -> list[dict]:
       batch_size=_batch_size(name == "vgg16"),
       repeats=_REPEATS.value,
       full_photos=_DD_FULL_PHOTOS.value,
+      full_sample=_DD_FULL_SAMPLE.value,
+      save_dir=_DD_SAVE.value,
     )
     results.append(res)
     mib = lambda b: b / 2**20
@@ -614,6 +625,7 @@ def _drill_down_suite() -> list[dict]:
       f"{name:10s} {res['num_patches']} patches of {res['patch_size']} px at stride {res['stride']}: exact "
       f"{sec['exact']:.2f} s ({mib(mem['exact']):.0f} MiB temporaries), full {sec['full']:.2f} s "
       f"({mib(mem['full']):.0f} MiB), full/exact {res['full_over_exact']:.2f}x"
+      + (f" (full timed on {res['full_sample']} patches, scaled)" if res["full_sample"] < res["num_patches"] else "")
     )
     for key, r in res["settings"].items():
       w = r["worst"]

@@ -110,3 +110,61 @@ def test_startup_suite(tmp_path):
   assert res["warm_over_cold"] == res["rounds"]["warm"][0] / res["rounds"]["cold"][0]
   assert any((tmp_path / "s" / "occlusion_cache0").iterdir())
   assert (tmp_path / "s" / "occlusion_off0" / "result.json").is_file()
+
+
+def _tiny_face_model():
+  """A 24 px, two-class convolutional face model whose drops vary across the crop."""
+  import jax
+  import jax.numpy as jnp
+
+  from canonsal_jax.models import CropSpec, FaceModel
+
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 3, 4))
+  head = jax.random.normal(jax.random.key(1), (4, 2))
+
+  def apply_fn(params, x):
+    h = jax.nn.relu(
+      jax.lax.conv_general_dilated(x, params["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    )
+    return jnp.mean(h, axis=(1, 2)) @ params["h"]
+
+  return FaceModel(
+    name="tiny",
+    labels=("a", "b"),
+    input_shape=(24, 24, 3),
+    apply_fn=apply_fn,
+    params={"k": kernel, "h": head},
+    preprocess_fn=lambda face: np.asarray(face, np.float32),
+    crop=CropSpec("dlib_chip", 24, 0.2),
+    score="log_odds",
+  )
+
+
+def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_drops(tmp_path):
+  model = _tiny_face_model()
+  rng = np.random.default_rng(0)
+  images = [rng.uniform(-1, 1, (24, 24, 3)).astype(np.float32) for _ in range(2)]
+  res = bench.drill_down_vs_fine(
+    model,
+    patch_size=3,
+    settings=[(2, 1.0, 0, 0.0), (3, 0.2, 0, 0.0)],
+    photos=["one.png", "two.png"],
+    images=images,
+    full_sample=5,
+    save_dir=tmp_path,
+  )
+  n = res["num_patches"]
+  assert n == 22 * 22 and res["full_sample"] == len(range(0, n, 5))
+  assert res["seconds"]["full"] > 0 and res["full_over_exact"] > 0
+  full_budget = res["settings"]["every2_1"]["worst"]
+  assert full_budget["top10_overlap"] == 1.0 and full_budget["max_error"] < 1e-5  # it ran every patch
+  for k in range(2):
+    saved = np.load(tmp_path / f"tiny_{k}.npz")
+    # What is kept rebuilds the exact map: each pixel is the mean drop of the patches covering it.
+    total, count = np.zeros((24, 24)), np.zeros((24, 24))
+    for (r, c), drop in zip(saved["centres"], saved["drops"], strict=True):
+      total[r - 1 : r + 2, c - 1 : c + 2] += drop
+      count[r - 1 : r + 2, c - 1 : c + 2] += 1
+    np.testing.assert_array_equal(count, saved["count"])
+    np.testing.assert_allclose(total / np.maximum(count, 1), saved["heatmap"], atol=1e-5)
+    assert str(saved["photo"]) == ["one.png", "two.png"][k]
