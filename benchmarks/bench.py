@@ -1641,6 +1641,8 @@ def drill_down_vs_fine(
   full_sample: int = 1,
   images: Sequence[np.ndarray] | None = None,
   save_dir: str | pathlib.Path | None = None,
+  reference_dir: str | pathlib.Path | None = None,
+  warmup: bool = True,
 ) -> dict[str, Any]:
   """Drill-down sweeps against the exact fine sweep on real face crops: speed, fidelity and peak memory.
 
@@ -1664,6 +1666,13 @@ def drill_down_vs_fine(
       as the VGG-16-sized one); `photos` then names them.
     save_dir: where to keep each photo's exact sweep (`<model>_<k>.npz`: drops per patch, centres, heatmap,
       coverage), so that other drill-down settings can be judged later without running the model again.
+    reference_dir: a `save_dir` of an earlier run: the fidelity is judged against the exact maps kept there
+      (same model, grid and photos, checked) instead of running the exact sweep over the whole grid again; the
+      exact sweep is then timed on the `full_sample` patches beside the full one, on every photo, and its
+      whole-grid seconds scaled like the full sweep's.
+    warmup: call each drill-down once before timing it (its stage programs compile on the first call). False
+      times the first call, compiling included (a few seconds against a drill-down of minutes): for runs too
+      long to make twice.
 
   Returns:
     A dict with, per setting, per-photo fidelity, the worst over photos, seconds (median), the speed-ups over
@@ -1683,7 +1692,10 @@ def drill_down_vs_fine(
     for name, method in (("full", "full"), ("exact", "auto"))
   }
   sample = np.arange(0, n, max(1, full_sample))
-  programs = {"full": sample, "exact": np.arange(n)} | ({"exact_sample": sample} if len(sample) < n else {})
+  if reference_dir is not None:  # the exact sweep is timed on the sample only
+    programs = {"full": sample, "exact_sample": sample}
+  else:
+    programs = {"full": sample, "exact": np.arange(n)} | ({"exact_sample": sample} if len(sample) < n else {})
   compiled, temp_bytes, compile_s = {}, {}, {}
   for name, rows in programs.items():
     start = time.perf_counter()
@@ -1719,16 +1731,17 @@ def drill_down_vs_fine(
   full_pairs: list[tuple[float, float]] = []
   rows: dict[str, list[dict[str, Any]]] = {name: [] for name in drills}
   full_pair = ("full", "exact_sample" if "exact_sample" in programs else "exact")
+  exact_key = "exact" if reference_dir is None else "exact_sample"  # what the drill-downs are timed against
   for k, (photo, image) in enumerate(zip(photos, images, strict=True)):
-    calls = {"exact": lambda image=image: compiled["exact"](model.params, image, centres, valid)}
-    if k < full_photos:
-      for name in full_pair:
-        if name not in calls:
-          c, v = centres[programs[name]], valid[programs[name]]
-          calls[name] = lambda image=image, name=name, c=c, v=v: compiled[name](model.params, image, c, v)
+    timed = {exact_key} | (set(full_pair) if k < full_photos else set())
+    calls = {}
+    for name in sorted(timed, key=list(programs).index):
+      c, v = centres[programs[name]], valid[programs[name]]
+      calls[name] = lambda image=image, name=name, c=c, v=v: compiled[name](model.params, image, c, v)
     for name, sweep in drills.items():
       calls[name] = lambda sweep=sweep, image=image: sweep(model.params, image, centres, valid)
-      jax.block_until_ready(calls[name]())  # compiles its stages
+      if warmup:
+        jax.block_until_ready(calls[name]())  # compiles its stages
     results = {}
     for _ in range(repeats):
       seconds = {}
@@ -1738,12 +1751,19 @@ def drill_down_vs_fine(
         seconds[name] = time.perf_counter() - start
         times[name].append(seconds[name])
       for name in drills:
-        paired[name].append(seconds["exact"])
+        paired[name].append(seconds[exact_key] * n / len(programs[exact_key]))
       if "full" in seconds:
         full_pairs.append((seconds["full"], seconds[full_pair[1]]))
-    exact = np.asarray(results["exact"].heatmap)
-    covered = np.asarray(results["exact"].count) > 0
-    if save_dir is not None:
+    if reference_dir is not None:
+      kept = np.load(pathlib.Path(reference_dir) / f"{model.name}_{k}.npz")
+      same = np.array_equal(kept["centres"], centres) and int(kept["patch"]) == patch_px
+      if not same or str(kept["photo"]) != pathlib.Path(photo).name:
+        raise ValueError(f"{reference_dir}: {model.name}_{k}.npz is not this grid's exact sweep of {photo}")
+      exact, covered = kept["heatmap"], kept["count"] > 0
+    else:
+      exact = np.asarray(results["exact"].heatmap)
+      covered = np.asarray(results["exact"].count) > 0
+    if save_dir is not None and reference_dir is None:
       pathlib.Path(save_dir).mkdir(parents=True, exist_ok=True)
       np.savez(
         pathlib.Path(save_dir) / f"{model.name}_{k}.npz",
@@ -1789,14 +1809,15 @@ def drill_down_vs_fine(
     "stride": stride,
     "num_patches": n,
     "batch_size": batch_size,
-    "seconds": {
-      "full": statistics.median(times["full"]) * n / len(sample),  # the sample's, scaled to the grid
-      "exact": statistics.median(times["exact"]),
+    "seconds": {  # a sample's seconds scaled to the grid
+      "full": statistics.median(times["full"]) * n / len(sample),
+      "exact": statistics.median(times[exact_key]) * n / len(programs[exact_key]),
     },
+    "exact_from": str(reference_dir) if reference_dir is not None else "this run",
     "full_sample": len(sample),
     "full_over_exact": full_over_exact,
     "compile_s": compile_s,
-    "temp_bytes": {name: temp_bytes[name] for name in ("full", "exact")},  # "full": at the sample's size
+    "temp_bytes": {"full": temp_bytes["full"], "exact": temp_bytes[exact_key]},  # at their programs' sizes
     "settings": per_setting,
   }
 

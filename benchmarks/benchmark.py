@@ -571,6 +571,18 @@ _DD_FULL_SAMPLE = flags.DEFINE_integer(
 _DD_SAVE = flags.DEFINE_string(
   "drill_down_save", None, "drill_down suite: a folder to keep each photo's exact sweep in (drops per patch)."
 )
+_DD_REFERENCE = flags.DEFINE_string(
+  "drill_down_reference",
+  None,
+  "drill_down suite: judge fidelity against the exact sweeps a --drill_down_save run kept in this folder instead of "
+  "running the exact sweep again (it is then timed on --drill_down_full_sample's patches, scaled).",
+)
+_DD_WARMUP = flags.DEFINE_bool(
+  "drill_down_warmup",
+  True,
+  "drill_down suite: call each drill-down once before timing it; --nodrill_down_warmup times the first call, "
+  "compiling included, for runs too long to make twice.",
+)
 _DD_STRIDES = flags.DEFINE_list(
   "drill_down_strides",
   [],
@@ -617,6 +629,8 @@ def _drill_down_suite() -> list[dict]:
       full_photos=_DD_FULL_PHOTOS.value,
       full_sample=_DD_FULL_SAMPLE.value,
       save_dir=_DD_SAVE.value,
+      reference_dir=_DD_REFERENCE.value,
+      warmup=_DD_WARMUP.value,
     )
     results.append(res)
     mib = lambda b: b / 2**20
@@ -625,7 +639,8 @@ def _drill_down_suite() -> list[dict]:
       f"{name:10s} {res['num_patches']} patches of {res['patch_size']} px at stride {res['stride']}: exact "
       f"{sec['exact']:.2f} s ({mib(mem['exact']):.0f} MiB temporaries), full {sec['full']:.2f} s "
       f"({mib(mem['full']):.0f} MiB), full/exact {res['full_over_exact']:.2f}x"
-      + (f" (full timed on {res['full_sample']} patches, scaled)" if res["full_sample"] < res["num_patches"] else "")
+      + (f" (timed on {res['full_sample']} patches, scaled)" if res["full_sample"] < res["num_patches"] else "")
+      + (f"; exact maps from {res['exact_from']}" if _DD_REFERENCE.value else "")
     )
     for key, r in res["settings"].items():
       w = r["worst"]

@@ -168,3 +168,21 @@ def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_d
     np.testing.assert_array_equal(count, saved["count"])
     np.testing.assert_allclose(total / np.maximum(count, 1), saved["heatmap"], atol=1e-5)
     assert str(saved["photo"]) == ["one.png", "two.png"][k]
+  # Judged again against the kept maps, without running the exact sweep over the grid: the same fidelity.
+  again = bench.drill_down_vs_fine(
+    model,
+    patch_size=3,
+    settings=[(2, 1.0, 0, 0.0), (3, 0.2, 0, 0.0)],
+    photos=["one.png", "two.png"],
+    images=images,
+    full_sample=5,
+    reference_dir=tmp_path,
+    warmup=False,
+  )
+  assert again["exact_from"] == str(tmp_path) and "exact" not in again["compile_s"]
+  for name, setting in res["settings"].items():
+    assert again["settings"][name]["photos"] == setting["photos"]
+  with pytest.raises(ValueError, match="not this grid's exact sweep"):
+    bench.drill_down_vs_fine(
+      model, patch_size=5, settings=[(2, 0.3, 0, 0.0)], photos=["one.png"], images=images[:1], reference_dir=tmp_path
+    )
