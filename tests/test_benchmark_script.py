@@ -144,15 +144,9 @@ def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_d
   model = _tiny_face_model()
   rng = np.random.default_rng(0)
   images = [rng.uniform(-1, 1, (24, 24, 3)).astype(np.float32) for _ in range(2)]
-  res = bench.drill_down_vs_fine(
-    model,
-    patch_size=3,
-    settings=[(2, 1.0, 0, 0.0), (3, 0.2, 0, 0.0)],
-    photos=["one.png", "two.png"],
-    images=images,
-    full_sample=5,
-    save_dir=tmp_path,
-  )
+  common = {"patch_size": 3, "photos": ["one.png", "two.png"], "images": images, "full_sample": 5}
+  settings = [(2, 1.0, 0, 0.0), (3, 0.2, 0, 0.0)]
+  res = bench.drill_down_vs_fine(model, settings=settings, save_dir=tmp_path, **common)
   n = res["num_patches"]
   assert n == 22 * 22 and res["full_sample"] == len(range(0, n, 5))
   assert res["seconds"]["full"] > 0 and res["full_over_exact"] > 0
@@ -169,16 +163,7 @@ def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_d
     np.testing.assert_allclose(total / np.maximum(count, 1), saved["heatmap"], atol=1e-5)
     assert str(saved["photo"]) == ["one.png", "two.png"][k]
   # Judged again against the kept maps, without running the exact sweep over the grid: the same fidelity.
-  again = bench.drill_down_vs_fine(
-    model,
-    patch_size=3,
-    settings=[(2, 1.0, 0, 0.0), (3, 0.2, 0, 0.0)],
-    photos=["one.png", "two.png"],
-    images=images,
-    full_sample=5,
-    reference_dir=tmp_path,
-    warmup=False,
-  )
+  again = bench.drill_down_vs_fine(model, settings=settings, reference_dir=tmp_path, warmup=False, **common)
   assert again["exact_from"] == str(tmp_path) and "exact" not in again["compile_s"]
   for name, setting in res["settings"].items():
     assert again["settings"][name]["photos"] == setting["photos"]
