@@ -7,6 +7,7 @@ PyTorch and eos comparisons need the `test` extra.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -1658,18 +1659,20 @@ def drill_down_vs_fine(
 
   Args:
     full_sample: time the full sweep against the exact one on every `full_sample`-th patch of the fine grid
-      (raster order, so every part of the crop is in it) instead of the whole grid: both sweeps' cost is a sum
-      over their patches, so the ratio carries over, and the full sweep's whole-grid seconds are reported
-      scaled by the grid's patches over the sample's. For a grid whose full sweep takes hours (the VGG-16-sized
-      network at stride 1); 1 times the whole grid.
+      in raster order (with a step that does not divide the grid's rows, every part of the crop), cut to whole
+      batches, instead of the whole grid: both sweeps' cost is a sum over their batches, so the ratio carries
+      over, and the full sweep's whole-grid seconds are reported scaled by the grid's patches over the
+      sample's. For a grid whose full sweep takes hours (the VGG-16-sized network at stride 1); 1 times the
+      whole grid.
     images: model inputs to use instead of the photos' crops (a network without a face crop of its own, such
       as the VGG-16-sized one); `photos` then names them.
     save_dir: where to keep each photo's exact sweep (`<model>_<k>.npz`: drops per patch, centres, heatmap,
-      coverage), so that other drill-down settings can be judged later without running the model again.
+      coverage, the input's hash), so that other drill-down settings can be judged later without running the
+      model again.
     reference_dir: a `save_dir` of an earlier run: the fidelity is judged against the exact maps kept there
-      (same model, grid and photos, checked) instead of running the exact sweep over the whole grid again; the
-      exact sweep is then timed on the `full_sample` patches beside the full one, on every photo, and its
-      whole-grid seconds scaled like the full sweep's.
+      (same model name, grid, photos and inputs, checked before anything runs); the exact sweep is then timed
+      only on the `full_sample` patches (the whole grid when that is 1), beside the full one, on every photo,
+      and its whole-grid seconds scaled like the full sweep's. Not with `save_dir`.
     warmup: call each drill-down once before timing it (its stage programs compile on the first call). False
       times the first call, compiling included (a few seconds against a drill-down of minutes): for runs too
       long to make twice.
@@ -1692,6 +1695,18 @@ def drill_down_vs_fine(
     for name, method in (("full", "full"), ("exact", "auto"))
   }
   sample = np.arange(0, n, max(1, full_sample))
+  if len(sample) < n and len(sample) > batch_size:  # whole batches: a padded last batch costs a whole one
+    sample = sample[: len(sample) // batch_size * batch_size]
+  if reference_dir is not None and save_dir is not None:
+    raise ValueError("give save_dir or reference_dir, not both: a reference run keeps no exact sweeps")
+  kept = (
+    [
+      _kept_sweep(reference_dir, model.name, k, photo, image, centres, patch_px)
+      for k, (photo, image) in enumerate(zip(photos, images, strict=True))
+    ]
+    if reference_dir is not None
+    else []
+  )
   if reference_dir is not None:  # the exact sweep is timed on the sample only
     programs = {"full": sample, "exact_sample": sample}
   else:
@@ -1755,11 +1770,7 @@ def drill_down_vs_fine(
       if "full" in seconds:
         full_pairs.append((seconds["full"], seconds[full_pair[1]]))
     if reference_dir is not None:
-      kept = np.load(pathlib.Path(reference_dir) / f"{model.name}_{k}.npz")
-      same = np.array_equal(kept["centres"], centres) and int(kept["patch"]) == patch_px
-      if not same or str(kept["photo"]) != pathlib.Path(photo).name:
-        raise ValueError(f"{reference_dir}: {model.name}_{k}.npz is not this grid's exact sweep of {photo}")
-      exact, covered = kept["heatmap"], kept["count"] > 0
+      exact, covered = kept[k]
     else:
       exact = np.asarray(results["exact"].heatmap)
       covered = np.asarray(results["exact"].count) > 0
@@ -1774,6 +1785,7 @@ def drill_down_vs_fine(
         patch=patch_px,
         size=size,
         photo=pathlib.Path(photo).name,
+        input_sha256=_array_sha256(image),
       )
     for name in drills:
       got = results[name]
@@ -1820,6 +1832,31 @@ def drill_down_vs_fine(
     "temp_bytes": {"full": temp_bytes["full"], "exact": temp_bytes[exact_key]},  # at their programs' sizes
     "settings": per_setting,
   }
+
+
+def _array_sha256(a: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
+
+
+def _kept_sweep(
+  folder: str | pathlib.Path, name: str, k: int, photo: str, image: np.ndarray, centres: np.ndarray, patch: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """`(exact map, covered)` of photo `k`'s kept exact sweep (`drill_down_vs_fine(save_dir=)`).
+
+  Raises:
+    ValueError: the file is missing or holds another grid's, photo's or input's sweep.
+  """
+  path = pathlib.Path(folder) / f"{name}_{k}.npz"
+  if not path.is_file():
+    raise ValueError(f"{path}: no kept exact sweep of {photo} (make one with save_dir)")
+  kept = np.load(path)
+  same = np.array_equal(kept["centres"], centres) and int(kept["patch"]) == patch
+  same = same and str(kept["photo"]) == pathlib.Path(photo).name
+  if "input_sha256" in kept:  # kept before inputs were hashed: checked by grid and photo name only
+    same = same and str(kept["input_sha256"]) == _array_sha256(image)
+  if not same:
+    raise ValueError(f"{path} is not this grid's exact sweep of {photo}")
+  return kept["heatmap"], kept["count"] > 0
 
 
 def drill_down_name(setting: tuple[int, float, int, float]) -> str:

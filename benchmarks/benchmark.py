@@ -574,8 +574,8 @@ _DD_SAVE = flags.DEFINE_string(
 _DD_REFERENCE = flags.DEFINE_string(
   "drill_down_reference",
   None,
-  "drill_down suite: judge fidelity against the exact sweeps a --drill_down_save run kept in this folder instead of "
-  "running the exact sweep again (it is then timed on --drill_down_full_sample's patches, scaled).",
+  "drill_down suite: judge fidelity against the exact sweeps a --drill_down_save run kept in this folder; the exact "
+  "sweep is then timed only on --drill_down_full_sample's patches, scaled.",
 )
 _DD_WARMUP = flags.DEFINE_bool(
   "drill_down_warmup",

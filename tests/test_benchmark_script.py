@@ -148,7 +148,7 @@ def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_d
   settings = [(2, 1.0, 0, 0.0), (3, 0.2, 0, 0.0)]
   res = bench.drill_down_vs_fine(model, settings=settings, save_dir=tmp_path, **common)
   n = res["num_patches"]
-  assert n == 22 * 22 and res["full_sample"] == len(range(0, n, 5))
+  assert n == 22 * 22 and res["full_sample"] == len(range(0, n, 5)) // 16 * 16  # whole batches of 16
   assert res["seconds"]["full"] > 0 and res["full_over_exact"] > 0
   full_budget = res["settings"]["every2_1"]["worst"]
   assert full_budget["top10_overlap"] == 1.0 and full_budget["max_error"] < 1e-5  # it ran every patch
@@ -167,6 +167,8 @@ def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_d
   assert again["exact_from"] == str(tmp_path) and "exact" not in again["compile_s"]
   for name, setting in res["settings"].items():
     assert again["settings"][name]["photos"] == setting["photos"]
+  with pytest.raises(ValueError, match="not this grid's exact sweep"):  # another input
+    bench.drill_down_vs_fine(model, settings=settings, reference_dir=tmp_path, **{**common, "images": images[::-1]})
   with pytest.raises(ValueError, match="not this grid's exact sweep"):
     bench.drill_down_vs_fine(
       model, patch_size=5, settings=[(2, 0.3, 0, 0.0)], photos=["one.png"], images=images[:1], reference_dir=tmp_path
