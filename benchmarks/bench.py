@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from canonsal_jax import assets, datasets, incremental, models, occlusion, runs
+from canonsal_jax import assets, datasets, fileio, incremental, models, occlusion, runs
 
 _REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 
@@ -1699,18 +1699,15 @@ def drill_down_vs_fine(
     sample = sample[: len(sample) // batch_size * batch_size]
   if reference_dir is not None and save_dir is not None:
     raise ValueError("give save_dir or reference_dir, not both: a reference run keeps no exact sweeps")
-  kept = (
-    [
-      _kept_sweep(reference_dir, model.name, k, photo, image, centres, patch_px)
-      for k, (photo, image) in enumerate(zip(photos, images, strict=True))
-    ]
+  kept = [  # checked before anything runs: a wrong folder should not cost a sweep of hours
+    _kept_sweep(reference_dir, model.name, k, photo, image, centres, patch_px)
+    for k, (photo, image) in enumerate(zip(photos, images, strict=True))
     if reference_dir is not None
-    else []
-  )
-  if reference_dir is not None:  # the exact sweep is timed on the sample only
-    programs = {"full": sample, "exact_sample": sample}
-  else:
-    programs = {"full": sample, "exact": np.arange(n)} | ({"exact_sample": sample} if len(sample) < n else {})
+  ]
+  # Programs timed by name. With a reference, the exact sweep runs on the sample only.
+  programs = {"full": sample} | ({"exact": np.arange(n)} if reference_dir is None else {})
+  if len(sample) < n or reference_dir is not None:
+    programs["exact_sample"] = sample
   compiled, temp_bytes, compile_s = {}, {}, {}
   for name, rows in programs.items():
     start = time.perf_counter()
@@ -1774,10 +1771,12 @@ def drill_down_vs_fine(
     else:
       exact = np.asarray(results["exact"].heatmap)
       covered = np.asarray(results["exact"].count) > 0
-    if save_dir is not None and reference_dir is None:
+    if save_dir is not None:
       pathlib.Path(save_dir).mkdir(parents=True, exist_ok=True)
-      np.savez(
+      fileio.save_npz_versioned(
         pathlib.Path(save_dir) / f"{model.name}_{k}.npz",
+        _KEPT_SWEEP,
+        _KEPT_SWEEP_VERSION,
         drops=np.asarray(results["exact"].drops),
         heatmap=exact,
         count=np.asarray(results["exact"].count),
@@ -1834,6 +1833,10 @@ def drill_down_vs_fine(
   }
 
 
+# What `drill_down_vs_fine(save_dir=)` keeps of an exact sweep, for `reference_dir=` (`fileio`'s versioned files).
+_KEPT_SWEEP, _KEPT_SWEEP_VERSION = "exact_sweep", 1
+
+
 def _array_sha256(a: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
 
@@ -1847,14 +1850,13 @@ def _kept_sweep(
     ValueError: the file is missing or holds another grid's, photo's or input's sweep.
   """
   path = pathlib.Path(folder) / f"{name}_{k}.npz"
-  if not path.is_file():
-    raise ValueError(f"{path}: no kept exact sweep of {photo} (make one with save_dir)")
-  kept = np.load(path)
+  try:
+    kept = fileio.load_npz_versioned(path, _KEPT_SWEEP, _KEPT_SWEEP_VERSION)
+  except fileio.FormatError as e:
+    raise ValueError(f"{e} (keep exact sweeps with save_dir)") from None
   same = np.array_equal(kept["centres"], centres) and int(kept["patch"]) == patch
   same = same and str(kept["photo"]) == pathlib.Path(photo).name
-  if "input_sha256" in kept:  # kept before inputs were hashed: checked by grid and photo name only
-    same = same and str(kept["input_sha256"]) == _array_sha256(image)
-  if not same:
+  if not same or str(kept["input_sha256"]) != _array_sha256(image):
     raise ValueError(f"{path} is not this grid's exact sweep of {photo}")
   return kept["heatmap"], kept["count"] > 0
 

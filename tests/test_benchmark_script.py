@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import bench
+from canonsal_jax import fileio
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,7 +154,7 @@ def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_d
   full_budget = res["settings"]["every2_1"]["worst"]
   assert full_budget["top10_overlap"] == 1.0 and full_budget["max_error"] < 1e-5  # it ran every patch
   for k in range(2):
-    saved = np.load(tmp_path / f"tiny_{k}.npz")
+    saved = fileio.load_npz_versioned(tmp_path / f"tiny_{k}.npz", "exact_sweep", 1)
     # What is kept rebuilds the exact map: each pixel is the mean drop of the patches covering it.
     total, count = np.zeros((24, 24)), np.zeros((24, 24))
     for (r, c), drop in zip(saved["centres"], saved["drops"], strict=True):
@@ -167,6 +168,10 @@ def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_d
   assert again["exact_from"] == str(tmp_path) and "exact" not in again["compile_s"]
   for name, setting in res["settings"].items():
     assert again["settings"][name]["photos"] == setting["photos"]
+  with pytest.raises(ValueError, match="keep exact sweeps with save_dir"):  # nothing kept there
+    bench.drill_down_vs_fine(model, settings=settings, reference_dir=tmp_path / "empty", **common)
+  with pytest.raises(ValueError, match="not both"):
+    bench.drill_down_vs_fine(model, settings=settings, reference_dir=tmp_path, save_dir=tmp_path, **common)
   with pytest.raises(ValueError, match="not this grid's exact sweep"):  # another input
     bench.drill_down_vs_fine(model, settings=settings, reference_dir=tmp_path, **{**common, "images": images[::-1]})
   with pytest.raises(ValueError, match="not this grid's exact sweep"):
