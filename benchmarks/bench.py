@@ -1717,21 +1717,15 @@ def drill_down_vs_fine(
     compile_s[name] = time.perf_counter() - start
     temp_bytes[name] = _temp_bytes(compiled[name])
   drills = {}
-  for every, fraction, middle, middle_fraction in settings:
-    key = drill_down_name((every, fraction, middle, middle_fraction))
+  settings = [drill_down.Settings(*s) for s in settings]
+  for s in settings:
+    key = drill_down_name(s)
     drills[key] = drill_down.make_drill_down_sweep(
-      model.apply_fn,
-      patch_size=patch_px,
-      batch_size=batch_size,
-      score=score,
-      coarse_every=every,
-      fine_fraction=fraction,
-      middle_every=middle,
-      middle_fraction=middle_fraction,
+      model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, **s._asdict()
     )
-    # Each stage's program, at its number of patches (a budget is at most the grid's).
-    sizes = {len(drill_down.coarse_subset(centres, every)), math.ceil(fraction * n)}
-    sizes |= {math.ceil(middle_fraction * n)} if middle else set()
+    # Each stage's program, at its number of patches (a budget is at most the grid's; every round has one).
+    sizes = {len(drill_down.coarse_subset(centres, s.coarse_every)), math.ceil(s.fine_fraction / s.fine_rounds * n)}
+    sizes |= {math.ceil(s.middle_fraction * n)} if s.middle_every else set()
     stage = exact_sweeps["exact"]
     temp_bytes[key] = max(
       _temp_bytes(stage.lower(model.params, images[0], centres[:size], valid[:size]).compile())
@@ -1798,13 +1792,10 @@ def drill_down_vs_fine(
       )
   full_over_exact = statistics.median(f / e for f, e in full_pairs)
   per_setting = {}
-  for (every, fraction, middle, middle_fraction), name in zip(settings, drills, strict=True):
+  for s, name in zip(settings, drills, strict=True):
     over_exact = median_ratio(paired[name], times[name])
     per_setting[name] = {
-      "coarse_every": every,
-      "fine_fraction": fraction,
-      "middle_every": middle,
-      "middle_fraction": middle_fraction,
+      **s._asdict(),
       "photos": rows[name],
       "worst": {k: min(r[k] for r in rows[name]) for k in ("top10_overlap", "pearson_r", "exact_share")}
       | {"max_error": max(r["max_error"] for r in rows[name])},
@@ -1861,15 +1852,16 @@ def _kept_sweep(
   return kept["heatmap"], kept["count"] > 0
 
 
-def drill_down_name(setting: tuple[int, float, int, float]) -> str:
-  """A drill-down setting `(coarse_every, fine_fraction, middle_every, middle_fraction)` as a short name."""
-  every, fraction, middle, middle_fraction = setting
-  return f"every{every}_{middle}at{middle_fraction:g}_{fraction:g}" if middle else f"every{every}_{fraction:g}"
+def drill_down_name(setting: Sequence) -> str:
+  """A drill-down setting (`drill_down.Settings`' fields in order) as a short name."""
+  from canonsal_jax import drill_down
+
+  every, fraction, middle, middle_fraction, rounds = drill_down.Settings(*setting)
+  name = f"every{every}_{middle}at{middle_fraction:g}_{fraction:g}" if middle else f"every{every}_{fraction:g}"
+  return name + (f"x{rounds}" if rounds > 1 else "")
 
 
-def drill_down_cms(
-  config: Any, settings: Sequence[tuple[int, float, int, float]], *, dataset: str, out_dir: str | pathlib.Path
-) -> dict[str, Any]:
+def drill_down_cms(config: Any, settings: Sequence, *, dataset: str, out_dir: str | pathlib.Path) -> dict[str, Any]:
   """The CMS of `config` over `dataset` with the exact sweep and with each drill-down setting: wall seconds of
   each run (`runs.run_cms`, one after the other in this process, compiled programs shared) and each drill-down
   CMS's fidelity to the exact one (`map_fidelity` of the "all" group's mean over the texels valid in both)."""
@@ -1878,13 +1870,15 @@ def drill_down_cms(
   out = pathlib.Path(out_dir)
   results: dict[str, Any] = {"model": config.model, "stride": config.occlusion.stride, "dataset": dataset}
   maps = {}
-  for setting in [(0, 0.0, 0, 0.0), *settings]:  # 0: the exact sweep
-    every = setting[0]
+  from canonsal_jax import drill_down
+
+  for setting in [drill_down.Settings(0, 0.0), *(drill_down.Settings(*s) for s in settings)]:  # 0: the exact sweep
+    every = setting.coarse_every
     cfg = copy.deepcopy(config)
     dd = cfg.occlusion.drill_down
     dd.enabled = every > 0
     if every:
-      dd.coarse_every, dd.fine_fraction, dd.middle_every, dd.middle_fraction = setting
+      dd.update(setting._asdict())
     name = drill_down_name(setting) if every else "exact"
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)

@@ -556,7 +556,8 @@ _DD_SETTINGS = flags.DEFINE_list(
   "drill_down_settings",
   ["2:0.3"],
   "drill_down and drill_down_cms suites: drill-down settings to measure, each coarse_every:fine_fraction, or "
-  "coarse_every:middle_every@middle_fraction:fine_fraction with a middle stage (e.g. 4:2@0.04:0.01).",
+  "coarse_every:middle_every@middle_fraction:fine_fraction with a middle stage (e.g. 4:2@0.04:0.01); "
+  "fine_fraction/R runs the fine budget in R rounds (e.g. 3:0.2/4).",
 )
 _DD_PHOTOS = flags.DEFINE_integer("drill_down_photos", 3, "drill_down suite: the first N built-in photos.")
 _DD_FULL_PHOTOS = flags.DEFINE_integer(
@@ -590,8 +591,9 @@ _DD_STRIDES = flags.DEFINE_list(
 )
 
 
-def _drill_settings() -> list[tuple[int, float, int, float]]:
-  """`(coarse_every, fine_fraction, middle_every, middle_fraction)` per --drill_down_settings item."""
+def _drill_settings() -> list[tuple[int, float, int, float, int]]:
+  """`drill_down.Settings` fields `(coarse_every, fine_fraction, middle_every, middle_fraction, fine_rounds)` per
+  --drill_down_settings item."""
   settings = []
   try:
     for item in _DD_SETTINGS.value:
@@ -599,12 +601,13 @@ def _drill_settings() -> list[tuple[int, float, int, float]]:
       middle, middle_fraction = parts[1].split("@") if len(parts) == 3 else (0, 0.0)
       if len(parts) not in (2, 3):
         raise ValueError(item)
-      settings.append((int(parts[0]), float(parts[-1]), int(middle), float(middle_fraction)))
+      fraction, rounds = parts[-1].split("/") if "/" in parts[-1] else (parts[-1], 1)
+      settings.append((int(parts[0]), float(fraction), int(middle), float(middle_fraction), int(rounds)))
   except ValueError:
     given = ",".join(_DD_SETTINGS.value)
     raise app.UsageError(
       f"--drill_down_settings={given}: give coarse_every:fine_fraction or "
-      "coarse_every:middle_every@middle_fraction:fine_fraction, ..."
+      "coarse_every:middle_every@middle_fraction:fine_fraction, each fine_fraction optionally /rounds, ..."
     ) from None
   return settings
 

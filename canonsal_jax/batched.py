@@ -75,12 +75,12 @@ def _batched_sweep(
   reduce: str,
   devices: tuple,
   has_target: bool,
-  drill: tuple[int, float, int, float, int, int] | None = None,
+  drill: tuple[Any, int, int] | None = None,
 ) -> Callable:
   """`sweep(params, images[B, S, S, C], centres, valid, *target) -> SweepResult` with a leading face axis: the
   per-image sweep of `occlusion.make_sweep` (on one device: faces, not patches, are split) vmapped over faces.
 
-  With `drill` = `(coarse_every, fine_fraction, middle_every, middle_fraction, crop side, stride)`, the per-image
+  With `drill` = `(drill_down.Settings, crop side, stride)`, the per-image
   sweep is `drill_down.make_drill_down_sweep`'s (a `DrillDownResult` per face): its lattice is found on the host
   from the grid of that crop side and stride (the `centres` and `valid` given must be that grid's), and each
   face's later stages run the patches its own estimated map picks, the faces one after another (`lax.map`)."""
@@ -90,16 +90,8 @@ def _batched_sweep(
   else:
     from canonsal_jax import drill_down
 
-    every, fraction, middle_every, middle_fraction, size, stride = drill
-    single = drill_down.make_drill_down_sweep(
-      apply_fn,
-      coarse_every=every,
-      fine_fraction=fraction,
-      middle_every=middle_every,
-      middle_fraction=middle_fraction,
-      devices=devices[:1],
-      **kwargs,
-    )
+    settings, size, stride = drill
+    single = drill_down.make_drill_down_sweep(apply_fn, **settings._asdict(), devices=devices[:1], **kwargs)
     grid = occlusion.grid_centres(size, size, patch_size=patch_size, stride=stride)
 
   def sweep(params, images, centres, valid, *target):
@@ -163,7 +155,7 @@ class FaceBatcher:
     args = (self.model.apply_fn, self.plan.patch_size, int(occ.batch_size), baseline, self.plan.score, occ.reduce)
     drill = None
     if self.plan.drill_down is not None:
-      drill = (*self.plan.drill_down, self.model.crop.size, self.plan.stride)
+      drill = (self.plan.drill_down, self.model.crop.size, self.plan.stride)
     self.sweep = _batched_sweep(*args, self.devices, self.plan.target is not None, drill)
     self.texture_size = config.cis.texture_size or canonical.default_texture_size(self.model.crop.size, self.model3d)
     self.uv_raster = canonical.model_uv_raster(self.model3d, self.texture_size)

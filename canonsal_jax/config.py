@@ -148,6 +148,8 @@ def default_config() -> ml_collections.ConfigDict:
   # column (0: none; else strictly between 1 and coarse_every), where the estimated map is salient.
   config.occlusion.drill_down.middle_every = 0
   config.occlusion.drill_down.middle_fraction = 0.0
+  # The fine budget in this many rounds, each picking on the map with the drops of the rounds before it.
+  config.occlusion.drill_down.fine_rounds = 1
 
   # What makes the crop heatmap: "occlusion" (the paper's method), or a rival from canonsal_jax.attribution
   # ("vanilla_gradient", "integrated_gradients", "grad_cam", "grad_cam_plus_plus", "score_cam", "rise"), carried
@@ -410,6 +412,9 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     0, " (a middle stage's lattice, strictly between 1 and coarse_every; 0: no middle stage)"
   ),
   "occlusion.drill_down.middle_fraction": _share(" (the middle stage's budget, a share of the grid's patches)"),
+  "occlusion.drill_down.fine_rounds": _integer(
+    1, " (the fine budget's rounds, each picking on the map with the drops of the rounds before it)"
+  ),
   "explainer": _one_of(("occlusion", *ATTRIBUTION_METHODS)),
   "attribution.baseline": _baseline,
   "attribution.steps": _integer(1),

@@ -51,7 +51,18 @@ import numpy as np
 
 from canonsal_jax import occlusion
 
-__all__ = ["TENT_RADIUS", "DrillDownResult", "coarse_subset", "estimate_drops", "make_drill_down_sweep"]
+__all__ = ["TENT_RADIUS", "DrillDownResult", "Settings", "coarse_subset", "estimate_drops", "make_drill_down_sweep"]
+
+
+class Settings(NamedTuple):
+  """A drill-down's lattices and budgets: `make_drill_down_sweep`'s arguments of the same names, as the config
+  (`config.occlusion.drill_down`), the outputs' records and the batched runs carry them."""
+
+  coarse_every: int
+  fine_fraction: float
+  middle_every: int = 0
+  middle_fraction: float = 0.0
+  fine_rounds: int = 1
 
 
 class DrillDownResult(NamedTuple):
@@ -167,6 +178,7 @@ def make_drill_down_sweep(
   fine_fraction: float,
   middle_every: int = 0,
   middle_fraction: float = 0.0,
+  fine_rounds: int = 1,
   **sweep_kwargs: Any,
 ) -> Callable[..., DrillDownResult]:
   """Builds a drill-down occlusion sweep; the returned function is called as `make_sweep`'s.
@@ -176,12 +188,17 @@ def make_drill_down_sweep(
     coarse_every: stage 1 runs every `coarse_every`-th row and column of the given centres (>= 1; 1 runs the
       whole fine grid in stage 1).
     fine_fraction: the fine stage's budget as a share of the fine grid's patches, in [0, 1] (at most the
-      patches off the coarse lattice, less the middle stage's budget).
+      patches off the coarse lattice, less the middle stage's budget). Every budget is rounded up to whole
+      batches (`occlusion.padded_size`): the stage's sweep would run padding in their place at the same cost.
     middle_every: 0 (no middle stage), or a lattice between the two, 1 < `middle_every` < `coarse_every`: a
       middle stage runs before the fine one, its budget of patches on every `middle_every`-th row and column,
       picked as the fine stage's are.
     middle_fraction: the middle stage's budget as a share of the fine grid's patches, in [0, 1] (at most its
       lattice's patches off the coarse one).
+    fine_rounds: the fine stage runs in this many rounds of `ceil(fine_fraction * N / fine_rounds)` patches each
+      (>= 1; whole batches), every round picking on the estimated map that holds the drops of the rounds before
+      it, so that a salient spot found by one round is followed up by the next. One compiled program serves every
+      round.
     **sweep_kwargs: the other `make_sweep` settings (baseline, method, ...); `reduce` must stay "mean" (a sum
       over the patches that ran is not comparable between exact and coarse pixels).
 
@@ -202,6 +219,8 @@ def make_drill_down_sweep(
     raise ValueError(f"middle_every must lie strictly between 1 and coarse_every={coarse_every}, got {middle_every}")
   if not 0.0 <= float(middle_fraction) <= 1.0:
     raise ValueError(f"middle_fraction must be in [0, 1], got {middle_fraction!r}")
+  if isinstance(fine_rounds, bool) or not isinstance(fine_rounds, (int, np.integer)) or fine_rounds < 1:
+    raise ValueError(f"fine_rounds must be a positive int, got {fine_rounds!r}")
   if sweep_kwargs.get("reduce", "mean") != "mean":
     raise ValueError("a drill-down sweep averages the drops of the patches covering a pixel: reduce must be 'mean'")
   patch_size = occlusion.resolve_patch_size(patch_size)
@@ -211,6 +230,8 @@ def make_drill_down_sweep(
   stage_sweep = occlusion.make_sweep(
     apply_fn, patch_size=patch_size, batch_size=batch_size, score=score, **sweep_kwargs
   )
+  devices = sweep_kwargs.get("devices")
+  num_devices = len(devices) if devices is not None else jax.local_device_count()
 
   @functools.partial(jax.jit, static_argnames="reach")
   def coarse_map(coarse: occlusion.SweepResult, coarse_centres, coarse_valid, reach: int):
@@ -261,7 +282,9 @@ def make_drill_down_sweep(
   def add_stage(drops, ran, chosen, chosen_valid, stage_drops):
     return drops.at[chosen].add(jnp.where(chosen_valid, stage_drops, 0.0)), ran.at[chosen].max(chosen_valid)
 
-  stages = ([(middle_every, float(middle_fraction))] if middle_every else []) + [(1, float(fine_fraction))]
+  # (lattice, budget as a share of the grid): the middle stage, then the fine stage's rounds.
+  stages = [(middle_every, float(middle_fraction))] if middle_every else []
+  stages += [(1, float(fine_fraction) / fine_rounds)] * fine_rounds
 
   def sweep(params, image, centres_rc, valid, target=None) -> DrillDownResult:
     centres_rc = np.asarray(centres_rc, np.int32)
@@ -283,9 +306,10 @@ def make_drill_down_sweep(
     for every, fraction in stages:
       on_lattice = np.zeros(n, bool)
       on_lattice[coarse_subset(centres_rc, every)] = True
-      # At most the stage's lattice off the coarse one, less what earlier stages may have taken from it: a budget
-      # beyond its candidates would run padding through the model.
-      budget = min(math.ceil(fraction * n), int(np.sum(on_lattice & ~is_coarse)) - spent)
+      # Whole batches: the stage sweep pads its patches to them, and padding costs as much as patches. At most
+      # the stage's lattice off the coarse one, less what earlier stages may have taken from it.
+      budget = occlusion.padded_size(math.ceil(fraction * n), batch_size, num_devices)
+      budget = min(budget, int(np.sum(on_lattice & ~is_coarse)) - spent)
       if budget <= 0:
         continue
       current, _ = estimated_map(drops, ran, centres_rc, valid, coarse_spread=coarse_spread, **grid)

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from canonsal_jax import canonical, faces, fileio, host, models, morphable, occlusion, raster
+from canonsal_jax import canonical, drill_down, faces, fileio, host, models, morphable, occlusion, raster
 from canonsal_jax import config as config_lib
 
 __all__ = [
@@ -139,34 +139,36 @@ def model_baseline(model: models.FaceModel, baseline: Any) -> float | str | tupl
   return tuple(baseline) if isinstance(baseline, list) else baseline
 
 
-def drill_down_settings(occ: ml_collections.ConfigDict) -> tuple[int, float, int, float] | None:
-  """`(coarse_every, fine_fraction, middle_every, middle_fraction)` of `config.occlusion.drill_down` when it is
-  enabled (`middle_fraction` 0 without a middle stage), else None."""
+def drill_down_settings(occ: ml_collections.ConfigDict) -> drill_down.Settings | None:
+  """The `drill_down.Settings` of `config.occlusion.drill_down` when it is enabled (`middle_fraction` 0 without a
+  middle stage), else None."""
   dd = occ.drill_down
   if not dd.enabled:
     return None
   middle = int(dd.middle_every)
-  return (int(dd.coarse_every), float(dd.fine_fraction), middle, float(dd.middle_fraction) if middle else 0.0)
+  return drill_down.Settings(
+    coarse_every=int(dd.coarse_every),
+    fine_fraction=float(dd.fine_fraction),
+    middle_every=middle,
+    middle_fraction=float(dd.middle_fraction) if middle else 0.0,
+    fine_rounds=int(dd.fine_rounds),
+  )
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_sweep(
-  apply_fn: Callable, patch_size: int, batch_size: int, baseline, score, reduce: str, drill: tuple | None = None
+  apply_fn: Callable,
+  patch_size: int,
+  batch_size: int,
+  baseline,
+  score,
+  reduce: str,
+  drill: drill_down.Settings | None = None,
 ):
   kwargs = {"patch_size": patch_size, "batch_size": batch_size, "baseline": baseline, "score": score}
   if drill is None:
     return occlusion.make_sweep(apply_fn, reduce=reduce, **kwargs)
-  from canonsal_jax import drill_down
-
-  every, fraction, middle_every, middle_fraction = drill
-  return drill_down.make_drill_down_sweep(
-    apply_fn,
-    coarse_every=every,
-    fine_fraction=fraction,
-    middle_every=middle_every,
-    middle_fraction=middle_fraction,
-    **kwargs,
-  )
+  return drill_down.make_drill_down_sweep(apply_fn, **drill._asdict(), **kwargs)
 
 
 def model_sweep(
@@ -336,7 +338,7 @@ class SweepPlan:
   centres: np.ndarray  # [N, 2] int32 (row, col)
   valid: np.ndarray  # [N] bool
   target: np.ndarray | None
-  drill_down: tuple[int, float, int, float] | None = None  # a drill-down sweep's `drill_down_settings`
+  drill_down: drill_down.Settings | None = None  # a drill-down sweep's `drill_down_settings`
 
 
 def sweep_record(plan: SweepPlan, result: Any) -> dict[str, Any]:
@@ -349,10 +351,7 @@ def sweep_record(plan: SweepPlan, result: Any) -> dict[str, Any]:
   exact = np.asarray(result.exact)
   return {
     "mode": "drill_down",
-    "coarse_every": plan.drill_down[0],
-    "fine_fraction": plan.drill_down[1],
-    "middle_every": plan.drill_down[2],
-    "middle_fraction": plan.drill_down[3],
+    **plan.drill_down._asdict(),
     "patches_run": int(np.sum(result.ran)),
     "num_patches": len(plan.centres),
     "exact_share": float(exact[covered].mean()) if covered.any() else 0.0,

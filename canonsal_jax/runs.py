@@ -238,10 +238,10 @@ def run_cms(
   return acc
 
 
-# What makes two maps comparable (not the counts). Records from before the middle stage have no middle keys: they
-# had none (middle_every 0).
-_SWEEP_SETTINGS = ("mode", "coarse_every", "fine_fraction", "middle_every", "middle_fraction")
-_SWEEP_DEFAULTS = {"middle_every": 0, "middle_fraction": 0.0}
+# What makes two maps comparable (not the counts). Records from before the middle stage or the fine rounds lack
+# their keys: they had none (middle_every 0, one fine round).
+_SWEEP_SETTINGS = ("mode", "coarse_every", "fine_fraction", "middle_every", "middle_fraction", "fine_rounds")
+_SWEEP_DEFAULTS = {"middle_every": 0, "middle_fraction": 0.0, "fine_rounds": 1}
 
 
 def _sweep_settings(record: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:

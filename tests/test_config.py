@@ -115,6 +115,12 @@ _PATCH = "or a fraction of the face width below 1 (the paper's 0.07)"
       "0.1",
       "must be a number in [0, 1] (the middle stage's budget, a share of the grid's patches)",
     ),
+    (
+      "occlusion.drill_down.fine_rounds",
+      0,
+      "must be an integer >= 1 (the fine budget's rounds, each picking on the map with the drops of the rounds "
+      "before it)",
+    ),
   ],
 )
 def test_a_bad_value_names_its_key_and_what_it_takes(key, value, message):

@@ -182,6 +182,7 @@ def test_drill_down_heatmap_is_the_exact_sweeps_where_it_says_so(tmp_path):
     "fine_fraction": 0.3,
     "middle_every": 0,
     "middle_fraction": 0.0,
+    "fine_rounds": 1,
     "patches_run": drill.sweep["patches_run"],
     "num_patches": n == drill.num_patches and n,
     "exact_share": float(where[drill.count > 0].mean()),
@@ -236,8 +237,9 @@ def test_a_checkpoint_from_before_sweeps_were_recorded_resumes_only_without_dril
 
 
 def test_a_drill_down_checkpoint_from_before_the_middle_stage_resumes_without_one(tmp_path):
-  """Drill-down records written before the middle stage existed have no middle keys: they had none, so a run
-  without a middle stage resumes them and one with a middle stage is refused, naming `middle_every`."""
+  """Drill-down records written before the middle stage and the fine rounds existed lack their keys: they had
+  neither, so a run without them resumes those records, and one with a middle stage or more rounds is refused,
+  naming the key."""
   acc = cms.CMSAccumulator(cms.CMSSettings(4))
   old = {"mode": "drill_down", "coarse_every": 4, "fine_fraction": 0.3, "patches_run": 9, "exact_share": 0.5}
   acc.add(0, "a.png", np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), record={"score": 1.0, "sweep": old})
@@ -247,6 +249,10 @@ def test_a_drill_down_checkpoint_from_before_the_middle_stage_resumes_without_on
   middle.occlusion.drill_down.middle_fraction = 0.05
   with pytest.raises(config_lib.ConfigError, match=r"^--config\.occlusion\.drill_down\.middle_every=2: .*cms\.npz"):
     runs._check_sweep_mode(acc, middle, tmp_path / "cms.npz")
+  rounds = _drill_config(every=4)
+  rounds.occlusion.drill_down.fine_rounds = 3
+  with pytest.raises(config_lib.ConfigError, match=r"^--config\.occlusion\.drill_down\.fine_rounds=3: .*cms\.npz"):
+    runs._check_sweep_mode(acc, rounds, tmp_path / "cms.npz")
 
 
 def _menpo_folder(folder: pathlib.Path) -> list[str]:
