@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import platform
@@ -1651,11 +1650,11 @@ def drill_down_vs_fine(
   by the model's default method (incremental where it has a layer graph, "exact" below); "full" is the
   full-forward fine sweep, timed on the first `full_photos` photos only (at stride 1 on the identity network one
   call takes minutes): the speed-up over it is the drill-down's over the exact sweep (all photos) times the exact
-  sweep's over full (those photos). Each drill-down setting `(coarse_every, fine_fraction)` runs on every photo;
+  sweep's over full (those photos). Each drill-down setting (`drill_down.Settings`' fields) runs on every photo;
   the methods are timed in interleaved rounds, ratios are medians of per-round ratios. Fidelity per photo
   (`map_fidelity`, and the share of pixels that are exact). Peak memory: XLA's compiled temporaries of each
-  exact sweep, and for a drill-down the larger of its two stage programs (the same `make_sweep` at the coarse
-  lattice's and the budget's numbers of patches).
+  exact sweep, and for a drill-down the largest of its stage programs (the same `make_sweep` at the coarse
+  lattice's, the middle budget's and a fine round's numbers of patches).
 
   Args:
     full_sample: time the full sweep against the exact one on every `full_sample`-th patch of the fine grid
@@ -1724,8 +1723,9 @@ def drill_down_vs_fine(
       model.apply_fn, patch_size=patch_px, batch_size=batch_size, score=score, **s._asdict()
     )
     # Each stage's program, at its number of patches (a budget is at most the grid's; every round has one).
-    sizes = {len(drill_down.coarse_subset(centres, s.coarse_every)), math.ceil(s.fine_fraction / s.fine_rounds * n)}
-    sizes |= {math.ceil(s.middle_fraction * n)} if s.middle_every else set()
+    sizes = {len(drill_down.coarse_subset(centres, s.coarse_every))}
+    sizes |= {drill_down.budget(s.fine_fraction / s.fine_rounds, n)}
+    sizes |= {drill_down.budget(s.middle_fraction, n)} if s.middle_every else set()
     stage = exact_sweeps["exact"]
     temp_bytes[key] = max(
       _temp_bytes(stage.lower(model.params, images[0], centres[:size], valid[:size]).compile())

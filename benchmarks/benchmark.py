@@ -557,7 +557,7 @@ _DD_SETTINGS = flags.DEFINE_list(
   ["2:0.3"],
   "drill_down and drill_down_cms suites: drill-down settings to measure, each coarse_every:fine_fraction, or "
   "coarse_every:middle_every@middle_fraction:fine_fraction with a middle stage (e.g. 4:2@0.04:0.01); "
-  "fine_fraction/R runs the fine budget in R rounds (e.g. 3:0.2/4).",
+  "fine_fraction/R runs the fine budget in R rounds (e.g. 3:0.1997/4).",
 )
 _DD_PHOTOS = flags.DEFINE_integer("drill_down_photos", 3, "drill_down suite: the first N built-in photos.")
 _DD_FULL_PHOTOS = flags.DEFINE_integer(
@@ -602,6 +602,8 @@ def _drill_settings() -> list[tuple[int, float, int, float, int]]:
       if len(parts) not in (2, 3):
         raise ValueError(item)
       fraction, rounds = parts[-1].split("/") if "/" in parts[-1] else (parts[-1], 1)
+      if int(rounds) < 1:
+        raise ValueError(item)
       settings.append((int(parts[0]), float(fraction), int(middle), float(middle_fraction), int(rounds)))
   except ValueError:
     given = ",".join(_DD_SETTINGS.value)

@@ -144,7 +144,6 @@ def default_config() -> ml_collections.ConfigDict:
   config.occlusion.drill_down.enabled = False
   config.occlusion.drill_down.coarse_every = 2  # the coarse lattice: every 2nd row and column of patch centres
   config.occlusion.drill_down.fine_fraction = 0.3  # the fine stage's budget, a share of the grid's patches
-  # (each stage's budget rounded up to whole batches of occlusion.batch_size: padding would cost as much)
   # Optionally a middle stage between the two: `middle_fraction` of the grid on every `middle_every`-th row and
   # column (0: none; else strictly between 1 and coarse_every), where the estimated map is salient.
   config.occlusion.drill_down.middle_every = 0

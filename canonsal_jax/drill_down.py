@@ -5,18 +5,19 @@ Occlusion-based Deep CNN Explanations", SIGMOD 2019) gets most of its approximat
 runs the patches of the fine grid that lie on a coarser lattice (every `coarse_every`-th row and column of
 candidate centres, and the last row and column, so that the coarse map reaches every pixel the fine grid
 covers). Stage 2 runs a fixed budget of the remaining fine patches, `ceil(fine_fraction * N)` (at most the
-patches off the lattice), those whose centre sees the largest |estimated heatmap| within the patch around it
-(stage 1's map with every other drop estimated, as below, dilated by the patch; ties broken by the mean under
-the patch), so that the fine stage spends its budget where the coarse map is salient. Optionally a middle
+patches off the lattice; in `fine_rounds` rounds, `ceil(fine_fraction * N / fine_rounds)` each), those whose
+centre sees the largest |estimated heatmap| within the patch around it (stage 1's map with every other drop
+estimated, as below, dilated by the patch; ties broken by the mean under the patch), so that the fine stage
+spends its budget where the coarse map is salient. Optionally a middle
 stage comes between (`middle_every`, `middle_fraction`): a budget of patches on an intermediate lattice, picked
 the same way, so that the salient areas are sampled more densely before the fine stage picks. On the identity
 network's 7 px patches at stride 1, every 4th, then 4% on every 2nd, then 1% anywhere keeps the top-10% overlap
 at 0.98 with 12% of the patches, where two stages need 17% for 0.95. The fine stage may run in rounds
 (`fine_rounds`), each picking on the map with the drops of the rounds before it: on age's 3 px patches, every
-3rd, then 19% in 4 rounds keeps the top-10% overlap at 0.954 where one round of the same budget keeps 0.949.
-Every stage runs one `occlusion.make_sweep` program (incremental where the model has a layer graph), compiled
-once per number of patches (rounds of one size share it): the budget is static, rounded up to whole batches
-(the sweep would run padding in their place at the same cost), the unused part of it masked as invalid.
+3rd, then 4 rounds of 192 patches (20% of the grid) keeps the top-10% overlap at 0.954 where one round of the
+same budget keeps 0.949. Every stage runs one `occlusion.make_sweep` program (incremental where the model has a
+layer graph), compiled once per number of patches (rounds of one size share it): the budget is static, padded
+to whole batches with the validity mask.
 
 The map: a pixel every one of whose fine patches ran (in either stage) gets exactly the fine sweep's value.
 Every other pixel the fine grid covers gets the fine sweep's formula, the mean drop of the patches covering it,
@@ -54,7 +55,15 @@ import numpy as np
 
 from canonsal_jax import occlusion
 
-__all__ = ["TENT_RADIUS", "DrillDownResult", "Settings", "coarse_subset", "estimate_drops", "make_drill_down_sweep"]
+__all__ = [
+  "TENT_RADIUS",
+  "DrillDownResult",
+  "Settings",
+  "budget",
+  "coarse_subset",
+  "estimate_drops",
+  "make_drill_down_sweep",
+]
 
 
 class Settings(NamedTuple):
@@ -96,6 +105,17 @@ class DrillDownResult(NamedTuple):
   exact: jax.Array
   ran: jax.Array
   coarse: occlusion.SweepResult
+
+
+def budget(fraction: float, num_patches: int) -> int:
+  """A stage's (or round's) number of patches for a share of the grid: ``ceil(fraction * num_patches)``, the
+  product rounded to 6 decimals first so that float error does not add a patch.
+
+  Example:
+    >>> 0.07 * 3200, budget(0.07, 3200), budget(0.1997 / 4, 3844)
+    (224.00000000000003, 224, 192)
+  """
+  return math.ceil(round(fraction * num_patches, 6))
 
 
 def coarse_subset(centres_rc: np.ndarray, every: int) -> np.ndarray:
@@ -191,17 +211,17 @@ def make_drill_down_sweep(
     coarse_every: stage 1 runs every `coarse_every`-th row and column of the given centres (>= 1; 1 runs the
       whole fine grid in stage 1).
     fine_fraction: the fine stage's budget as a share of the fine grid's patches, in [0, 1] (at most the
-      patches off the coarse lattice, less the middle stage's budget). Every budget is rounded up to whole
-      batches (`occlusion.padded_size`): the stage's sweep would run padding in their place at the same cost.
+      patches off the coarse lattice, less the middle stage's budget). A stage sweep pads its patches to whole
+      batches (`occlusion.padded_size`), and padding costs what a patch costs: budgets that fill their batches
+      waste nothing.
     middle_every: 0 (no middle stage), or a lattice between the two, 1 < `middle_every` < `coarse_every`: a
       middle stage runs before the fine one, its budget of patches on every `middle_every`-th row and column,
       picked as the fine stage's are.
     middle_fraction: the middle stage's budget as a share of the fine grid's patches, in [0, 1] (at most its
       lattice's patches off the coarse one).
     fine_rounds: the fine stage runs in this many rounds of `ceil(fine_fraction * N / fine_rounds)` patches each
-      (>= 1; whole batches), every round picking on the estimated map that holds the drops of the rounds before
-      it, so that a salient spot found by one round is followed up by the next. One compiled program serves every
-      round.
+      (>= 1), every round picking on the estimated map that holds the drops of the rounds before it, so that a
+      salient spot found by one round is followed up by the next. Rounds of one size share one compiled program.
     **sweep_kwargs: the other `make_sweep` settings (baseline, method, ...); `reduce` must stay "mean" (a sum
       over the patches that ran is not comparable between exact and coarse pixels).
 
@@ -233,8 +253,6 @@ def make_drill_down_sweep(
   stage_sweep = occlusion.make_sweep(
     apply_fn, patch_size=patch_size, batch_size=batch_size, score=score, **sweep_kwargs
   )
-  devices = sweep_kwargs.get("devices")
-  num_devices = len(devices) if devices is not None else jax.local_device_count()
 
   @functools.partial(jax.jit, static_argnames="reach")
   def coarse_map(coarse: occlusion.SweepResult, coarse_centres, coarse_valid, reach: int):
@@ -309,18 +327,17 @@ def make_drill_down_sweep(
     for every, fraction in stages:
       on_lattice = np.zeros(n, bool)
       on_lattice[coarse_subset(centres_rc, every)] = True
-      # Whole batches: the stage sweep pads its patches to them, and padding costs as much as patches. At most
-      # the stage's lattice off the coarse one, less what earlier stages may have taken from it.
-      budget = occlusion.padded_size(math.ceil(fraction * n), batch_size, num_devices)
-      budget = min(budget, int(np.sum(on_lattice & ~is_coarse)) - spent)
-      if budget <= 0:
+      # At most the stage's lattice off the coarse one, less what earlier stages may have taken from it: a budget
+      # beyond its candidates would run padding through the model.
+      size = min(budget(fraction, n), int(np.sum(on_lattice & ~is_coarse)) - spent)
+      if size <= 0:
         continue
       current, _ = estimated_map(drops, ran, centres_rc, valid, coarse_spread=coarse_spread, **grid)
-      chosen, chosen_valid = select(current, centres_rc, jnp.asarray(on_lattice & valid) & ~ran, budget)
+      chosen, chosen_valid = select(current, centres_rc, jnp.asarray(on_lattice & valid) & ~ran, size)
       stage = stage_sweep(params, image, jnp.asarray(centres_rc)[chosen], chosen_valid, coarse.target)
       drops, ran = add_stage(drops, ran, chosen, chosen_valid, stage.drops)
       num_nonfinite = num_nonfinite + stage.num_nonfinite
-      spent += budget
+      spent += size
     heatmap, count, exact = combine(drops, ran, coarse_spread, centres_rc, valid, **grid)
     return DrillDownResult(
       drops=drops,

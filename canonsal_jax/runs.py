@@ -266,7 +266,7 @@ def _check_sweep_mode(acc: cms.CMSAccumulator, config: ml_collections.ConfigDict
     want = {"mode": config.explainer}
   else:
     drill = pipeline.drill_down_settings(config.occlusion)
-    want = {"mode": "exact"} if drill is None else dict(zip(_SWEEP_SETTINGS, ("drill_down", *drill), strict=True))
+    want = {"mode": "exact"} if drill is None else {"mode": "drill_down", **drill._asdict()}
   for record in acc.records():
     have = _sweep_settings(record, want)
     if record["status"] != "ok" or have == want:

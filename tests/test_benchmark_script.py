@@ -146,10 +146,12 @@ def test_drill_down_against_the_fine_sweep_with_a_sampled_full_sweep_and_saved_d
   rng = np.random.default_rng(0)
   images = [rng.uniform(-1, 1, (24, 24, 3)).astype(np.float32) for _ in range(2)]
   common = {"patch_size": 3, "photos": ["one.png", "two.png"], "images": images, "full_sample": 5}
-  settings = [(2, 1.0, 0, 0.0), (3, 0.2, 0, 0.0)]
+  settings = [(2, 1.0, 0, 0.0), (3, 0.2, 0, 0.0, 2)]  # the second in 2 rounds
   res = bench.drill_down_vs_fine(model, settings=settings, save_dir=tmp_path, **common)
   n = res["num_patches"]
   assert n == 22 * 22 and res["full_sample"] == len(range(0, n, 5)) // 16 * 16  # whole batches of 16
+  assert set(res["settings"]) == {"every2_1", "every3_0.2x2"}
+  assert res["settings"]["every3_0.2x2"]["patches_run"] == 8 * 8 + 2 * 49  # the lattice, 2 rounds of ceil(48.4)
   assert res["seconds"]["full"] > 0 and res["full_over_exact"] > 0
   full_budget = res["settings"]["every2_1"]["worst"]
   assert full_budget["top10_overlap"] == 1.0 and full_budget["max_error"] < 1e-5  # it ran every patch
