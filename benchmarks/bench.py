@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from canonsal_jax import assets, datasets, fileio, incremental, models, occlusion, runs
+from canonsal_jax import assets, datasets, drill_down, fileio, incremental, models, occlusion, runs
 
 _REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 
@@ -1680,8 +1680,6 @@ def drill_down_vs_fine(
     A dict with, per setting, per-photo fidelity, the worst over photos, seconds (median), the speed-ups over
     the exact and the full sweep and the peak temporaries; the exact and full sweeps' seconds and temporaries.
   """
-  from canonsal_jax import drill_down
-
   size = model.crop.size
   patch_px = occlusion.resolve_patch_size(patch_size, model.crop.face_width)
   centres = occlusion.grid_centres(size, size, patch_size=patch_px, stride=stride)
@@ -1854,8 +1852,6 @@ def _kept_sweep(
 
 def drill_down_name(setting: Sequence) -> str:
   """A drill-down setting (`drill_down.Settings`' fields in order) as a short name."""
-  from canonsal_jax import drill_down
-
   every, fraction, middle, middle_fraction, rounds = drill_down.Settings(*setting)
   name = f"every{every}_{middle}at{middle_fraction:g}_{fraction:g}" if middle else f"every{every}_{fraction:g}"
   return name + (f"x{rounds}" if rounds > 1 else "")
@@ -1870,8 +1866,6 @@ def drill_down_cms(config: Any, settings: Sequence, *, dataset: str, out_dir: st
   out = pathlib.Path(out_dir)
   results: dict[str, Any] = {"model": config.model, "stride": config.occlusion.stride, "dataset": dataset}
   maps = {}
-  from canonsal_jax import drill_down
-
   for setting in [drill_down.Settings(0, 0.0), *(drill_down.Settings(*s) for s in settings)]:  # 0: the exact sweep
     every = setting.coarse_every
     cfg = copy.deepcopy(config)

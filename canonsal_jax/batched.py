@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from canonsal_jax import canonical, faces, models, morphable, occlusion, pipeline, raster
+from canonsal_jax import canonical, drill_down, faces, models, morphable, occlusion, pipeline, raster
 
 __all__ = ["FaceBatcher", "FaceOutcome"]
 
@@ -75,23 +75,19 @@ def _batched_sweep(
   reduce: str,
   devices: tuple,
   has_target: bool,
-  drill: tuple[Any, int, int] | None = None,
+  drill: tuple[drill_down.Settings, int, int] | None = None,
 ) -> Callable:
   """`sweep(params, images[B, S, S, C], centres, valid, *target) -> SweepResult` with a leading face axis: the
   per-image sweep of `occlusion.make_sweep` (on one device: faces, not patches, are split) vmapped over faces.
 
-  With `drill` = `(drill_down.Settings, crop side, stride)`, the per-image
-  sweep is `drill_down.make_drill_down_sweep`'s (a `DrillDownResult` per face): its lattice is found on the host
+  With `drill` = `(drill_down.Settings, crop side, stride)`, the per-image sweep is
+  `drill_down.make_drill_down_sweep`'s (a `DrillDownResult` per face): its lattice is found on the host
   from the grid of that crop side and stride (the `centres` and `valid` given must be that grid's), and each
   face's later stages run the patches its own estimated map picks, the faces one after another (`lax.map`)."""
-  kwargs = {"patch_size": patch_size, "batch_size": batch_size, "baseline": baseline, "score": score}
-  if drill is None:
-    single = occlusion.make_sweep(apply_fn, reduce=reduce, devices=devices[:1], **kwargs)
-  else:
-    from canonsal_jax import drill_down
-
-    settings, size, stride = drill
-    single = drill_down.make_drill_down_sweep(apply_fn, **settings._asdict(), devices=devices[:1], **kwargs)
+  settings = drill[0] if drill is not None else None
+  single = pipeline.cached_sweep(apply_fn, patch_size, batch_size, baseline, score, reduce, settings, devices[:1])
+  if drill is not None:
+    _, size, stride = drill
     grid = occlusion.grid_centres(size, size, patch_size=patch_size, stride=stride)
 
   def sweep(params, images, centres, valid, *target):

@@ -8,9 +8,9 @@ covers). Stage 2 runs a fixed budget of the remaining fine patches, `ceil(fine_f
 patches off the lattice; in `fine_rounds` rounds, `ceil(fine_fraction * N / fine_rounds)` each), those whose
 centre sees the largest |estimated heatmap| within the patch around it (stage 1's map with every other drop
 estimated, as below, dilated by the patch; ties broken by the mean under the patch), so that the fine stage
-spends its budget where the coarse map is salient. Optionally a middle
-stage comes between (`middle_every`, `middle_fraction`): a budget of patches on an intermediate lattice, picked
-the same way, so that the salient areas are sampled more densely before the fine stage picks. On the identity
+spends its budget where the coarse map is salient. Optionally a middle stage comes between (`middle_every`,
+`middle_fraction`): a budget of patches on an intermediate lattice, picked the same way, so that the salient
+areas are sampled more densely before the fine stage picks. On the identity
 network's 7 px patches at stride 1, every 4th, then 4% on every 2nd, then 1% anywhere keeps the top-10% overlap
 at 0.98 with 12% of the patches, where two stages need 17% for 0.95. The fine stage may run in rounds
 (`fine_rounds`), each picking on the map with the drops of the rounds before it: on age's 3 px patches, every
@@ -211,9 +211,8 @@ def make_drill_down_sweep(
     coarse_every: stage 1 runs every `coarse_every`-th row and column of the given centres (>= 1; 1 runs the
       whole fine grid in stage 1).
     fine_fraction: the fine stage's budget as a share of the fine grid's patches, in [0, 1] (at most the
-      patches off the coarse lattice, less the middle stage's budget). A stage sweep pads its patches to whole
-      batches (`occlusion.padded_size`), and padding costs what a patch costs: budgets that fill their batches
-      waste nothing.
+      patches off the coarse lattice, less the middle stage's budget). A stage's sweep pads its patches to whole
+      batches, and padding costs what a patch costs: budgets that fill their batches waste nothing.
     middle_every: 0 (no middle stage), or a lattice between the two, 1 < `middle_every` < `coarse_every`: a
       middle stage runs before the fine one, its budget of patches on every `middle_every`-th row and column,
       picked as the fine stage's are.
@@ -275,9 +274,9 @@ def make_drill_down_sweep(
     heatmap = jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.where(every > 0, coarse_spread, 0.0))
     return heatmap, every
 
-  @functools.partial(jax.jit, static_argnames="budget")
-  def select(salience_map, centres_rc, candidate, budget: int):
-    """A stage's patches: the `budget` candidates with the most salient estimated surroundings."""
+  @functools.partial(jax.jit, static_argnames="size")
+  def select(salience_map, centres_rc, candidate, size: int):
+    """A stage's patches: the `size` candidates with the most salient estimated surroundings."""
     salience = jnp.abs(salience_map)
     window = ((patch_size, patch_size), (1, 1), ((half, half), (half, half)))
     dilated = jax.lax.reduce_window(salience, -jnp.inf, jax.lax.max, *window)
@@ -287,7 +286,7 @@ def make_drill_down_sweep(
     mean = jax.lax.reduce_window(salience, 0.0, jax.lax.add, *window) / (patch_size * patch_size)
     at_centre = (dilated + 1e-3 * mean)[centres_rc[:, 0], centres_rc[:, 1]]
     key = jnp.where(candidate, at_centre, -jnp.inf)
-    _, chosen = jax.lax.top_k(key, budget)
+    _, chosen = jax.lax.top_k(key, size)
     return chosen, candidate[chosen]
 
   @functools.partial(jax.jit, static_argnames=("grid_shape", "radius"))

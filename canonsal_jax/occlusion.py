@@ -52,7 +52,6 @@ __all__ = [
   "make_sweep",
   "occlusion_map",
   "pad_centres",
-  "padded_size",
   "resolve_patch_size",
 ]
 
@@ -375,19 +374,6 @@ def coverage(centres_rc: jax.Array, reach: int, shape: tuple[int, int], *weights
   return tuple(jnp.matmul((rows * w.astype(dtype)[:, None]).T, cols, precision=hi) for w in weights)
 
 
-def padded_size(num_patches: int, batch_size: int, num_devices: int = 1) -> int:
-  """The number of patches a `make_sweep` call runs through the model for `num_patches` (the rest padding, masked
-  out): a multiple of ``batch_size * num_devices``, or when fewer, one chunk of ``ceil(num_patches /
-  num_devices)`` per device.
-
-  Example:
-    >>> padded_size(193, 32), padded_size(20, 32), padded_size(20, 8, 2)
-    (224, 20, 32)
-  """
-  multiple = max(1, min(batch_size, -(-num_patches // num_devices))) * num_devices
-  return -(-num_patches // multiple) * multiple
-
-
 def make_sweep(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
   *,
@@ -543,7 +529,8 @@ def make_sweep(
     if patch_size > min(height, width):
       raise ValueError(f"patch_size {patch_size} is larger than the image ({height}x{width})")
     n = centres_rc.shape[0]
-    padded = padded_size(n, batch_size, len(devices))
+    multiple = chunk_size(-(-n // len(devices))) * len(devices)
+    padded = -(-n // multiple) * multiple
     centres_p = jnp.pad(centres_rc.astype(jnp.int32), ((0, padded - n), (0, 0)))
     valid_p = jnp.pad(valid, (0, padded - n))
 

@@ -37,6 +37,7 @@ __all__ = [
   "OcclusionResult",
   "StageClock",
   "SweepPlan",
+  "cached_sweep",
   "check_settings",
   "cis_face",
   "cis_image",
@@ -156,16 +157,21 @@ def drill_down_settings(occ: ml_collections.ConfigDict) -> drill_down.Settings |
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_sweep(
+def cached_sweep(
   apply_fn: Callable,
   patch_size: int,
   batch_size: int,
   baseline,
-  score,
+  score: occlusion.Score,
   reduce: str,
   drill: drill_down.Settings | None = None,
-):
+  devices: tuple | None = None,
+) -> Callable:
+  """The per-image sweep of these settings, built once per process: `occlusion.make_sweep`, or with `drill`
+  `drill_down.make_drill_down_sweep` (whose `reduce` is always "mean"); `devices` as `make_sweep`'s (None: every
+  local device). The single-photo scripts and the batched runs (`batched`) both take their sweep from here."""
   kwargs = {"patch_size": patch_size, "batch_size": batch_size, "baseline": baseline, "score": score}
+  kwargs["devices"] = devices
   if drill is None:
     return occlusion.make_sweep(apply_fn, reduce=reduce, **kwargs)
   return drill_down.make_drill_down_sweep(apply_fn, **drill._asdict(), **kwargs)
@@ -198,7 +204,7 @@ def model_sweep(
     raise config_lib.ConfigError(
       "occlusion.reduce", occ.reduce, "must be mean with --config.occlusion.drill_down.enabled=True"
     )
-  sweep = _cached_sweep(model.apply_fn, patch_size, int(occ.batch_size), baseline, score, occ.reduce, drill)
+  sweep = cached_sweep(model.apply_fn, patch_size, int(occ.batch_size), baseline, score, occ.reduce, drill)
   return sweep, patch_size, score
 
 
